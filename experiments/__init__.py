@@ -1,0 +1,1 @@
+"""Drivers for the paper's studies: LR sweep, Post-Squeeze heatmap, protocol table, variance retention."""

@@ -1,0 +1,381 @@
+"""What every study driver shares: grid cells, the resumable runner, result rows, tables and plots.
+
+A study is a list of `Cell`s. A cell is one training run (one plan of the trainer) in its own folder
+`<workdir>/runs/<cell.name>/`; it carries the training-config overrides that make it, the study
+coordinates it stands for (`labels`: task, rank, lr, seed, ...) and, per evaluation tag of its plan,
+the coordinates that tag adds (`evals`: e.g. the target rank and squeeze method of a Post-Squeeze).
+
+    cells -> run_cells (skips finished cells, resumes half-finished ones, progress + ETA)
+          -> collect_rows (reads only the files under <workdir>/runs)
+          -> tables / plots (built from the rows, never recomputed)
+
+The trainer's files are read in exactly one place, `read_run_results`, and the trainer is called in
+exactly one place, `train_run`; nothing else here knows their formats.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import importlib.util
+import io
+import json
+import math
+import os
+import pathlib
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # Drivers run headless (CI, servers); must precede the pyplot import.
+import matplotlib.colors as mcolors  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+
+CELL_FILE = "cell.json"
+RUNS_DIR = "runs"
+
+Row = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Cell:
+  """One training run of a study.
+
+  Attributes:
+    name: folder of the run relative to `<workdir>/runs`, e.g. "boolq/direct_r8_lr0.01_s42".
+    overrides: dotted training-config keys -> values, applied on top of the study's base config.
+    labels: the study coordinates of the run (task, rank, lr, seed, protocol, ...); copied into
+      every result row of the cell.
+    evals: evaluation tag written by the trainer -> extra coordinates of that tag's row (e.g.
+      {"r_tgt": 4, "method": "qr_core"}); tags not listed here are ignored.
+    cost: relative cost of the run (e.g. its total training steps); weights the ETA.
+  """
+
+  name: str
+  overrides: Mapping[str, Any]
+  labels: Mapping[str, Any]
+  evals: Mapping[str, Mapping[str, Any]]
+  cost: float = 1.0
+
+  def record(self) -> dict[str, Any]:
+    """The JSON-able form stored as `cell.json` in the run folder (lists for tuples)."""
+    return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+# ---------------------------------------------------------------------------------------------
+# The two adapters to the trainer.
+
+
+def read_run_results(run_dir: pathlib.Path) -> dict[str, float] | None:
+  """Scores of a finished run: evaluation tag -> task score, or None while the run is not finished.
+
+  ADAPTER: the one function that knows the trainer's results file.
+  """
+  path = pathlib.Path(run_dir) / "results.json"
+  if not path.exists():
+    return None
+  with open(path) as f:
+    results = json.load(f)
+  if not results.get("complete", False):
+    return None
+  return {tag: float(ev["score"]) for tag, ev in results["evals"].items()}
+
+
+def train_run(config: ml_collections.ConfigDict, run_dir: pathlib.Path) -> None:
+  """Runs (or resumes from its last checkpoint) one training plan into `run_dir`.
+
+  ADAPTER: the one function that calls the trainer.
+  """
+  from lora_squeeze import train  # Imported late: aggregation-only use needs no JAX.
+
+  train.run(config, workdir=str(run_dir))
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs.
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """Loads `path/to/file.py[:arg]` the way `config_flags.DEFINE_config_file` does: `get_config(arg)`."""
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise ValueError(f"config file {path!r} does not exist (spec {spec!r}; expected 'file.py[:arg]')")
+  module_spec = importlib.util.spec_from_file_location(f"_study_config_{abs(hash(path))}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ValueError(f"config file {path!r} has no get_config(arg=None)")
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """A copy of `config` with dotted keys set, e.g. {"optim.lr": 0.01}. Unknown keys raise ValueError."""
+  config = copy.deepcopy(config)
+  for key, value in overrides.items():
+    *parents, leaf = key.split(".")
+    node = config
+    for i, part in enumerate(parents):
+      if part not in node:
+        raise ValueError(f"training config has no key {'.'.join(parents[: i + 1])!r} (override {key!r})")
+      node = node[part]
+    if leaf not in node:
+      raise ValueError(f"training config has no key {key!r}; {'.'.join(parents) or 'top level'} has {sorted(node.keys())}")
+    with node.ignore_type():
+      node[leaf] = tuple(value) if isinstance(value, list) else value
+  return config
+
+
+# ---------------------------------------------------------------------------------------------
+# Files.
+
+
+def atomic_write_text(path: pathlib.Path, text: str) -> None:
+  """Writes `text` to `path` through a temporary file and a rename, so readers never see half a file."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "w") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  except BaseException:
+    os.unlink(tmp)
+    raise
+
+
+def write_json(path: pathlib.Path, obj: Any) -> None:
+  atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def write_csv(path: pathlib.Path, rows: Sequence[Row], columns: Sequence[str] | None = None) -> None:
+  """Rows (dicts) as CSV; columns default to the union of keys in first-seen order."""
+  if columns is None:
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+  buf = io.StringIO()
+  writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+  writer.writeheader()
+  writer.writerows(rows)
+  atomic_write_text(path, buf.getvalue())
+
+
+def run_dir(workdir: pathlib.Path, cell: Cell) -> pathlib.Path:
+  return pathlib.Path(workdir) / RUNS_DIR / cell.name
+
+
+# ---------------------------------------------------------------------------------------------
+# The runner.
+
+
+def format_duration(seconds: float) -> str:
+  """62 -> '1m02s', 3725 -> '1h02m05s', NaN -> '?'."""
+  if not math.isfinite(seconds):
+    return "?"
+  seconds = int(round(seconds))
+  hours, rest = divmod(seconds, 3600)
+  minutes, secs = divmod(rest, 60)
+  if hours:
+    return f"{hours}h{minutes:02d}m{secs:02d}s"
+  if minutes:
+    return f"{minutes}m{secs:02d}s"
+  return f"{secs}s"
+
+
+def check_unique_names(cells: Sequence[Cell]) -> None:
+  seen = set()
+  for cell in cells:
+    if cell.name in seen:
+      raise ValueError(f"two cells share the folder name {cell.name!r}; every cell needs its own run folder")
+    seen.add(cell.name)
+
+
+def claim_run_dir(workdir: pathlib.Path, cell: Cell) -> pathlib.Path:
+  """Creates the run folder with its `cell.json`, or checks that an existing one was made by this cell.
+
+  A folder made by different overrides would silently mix two studies' results, so it is refused.
+  """
+  path = run_dir(workdir, cell)
+  cell_file = path / CELL_FILE
+  if cell_file.exists():
+    with open(cell_file) as f:
+      stored = json.load(f)
+    if stored["overrides"] != cell.record()["overrides"]:
+      raise ValueError(
+          f"run folder {str(path)!r} was made with overrides {stored['overrides']}, not {cell.record()['overrides']};"
+          " use another --workdir or delete that folder")
+  write_json(cell_file, cell.record())
+  return path
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GridSummary:
+  """What `run_cells` did: cell names already finished (skipped) and those it trained now."""
+
+  skipped: tuple[str, ...]
+  trained: tuple[str, ...]
+
+
+def run_cells(
+    cells: Sequence[Cell],
+    *,
+    workdir: pathlib.Path,
+    base_config: ml_collections.ConfigDict,
+    train_fn: Callable[[ml_collections.ConfigDict, pathlib.Path], None] = train_run,
+    log: Callable[[str], None] = print,
+    clock: Callable[[], float] = time.monotonic,
+) -> GridSummary:
+  """Trains every unfinished cell in order; finished ones (complete results file) are skipped.
+
+  A half-finished cell is handed to `train_fn` again with the same run folder, where the trainer
+  resumes from its last checkpoint. One progress line per cell, with an ETA from the seconds per
+  unit of `Cell.cost` measured so far in this session.
+  """
+  check_unique_names(cells)
+  todo = [c for c in cells if read_run_results(run_dir(workdir, c)) is None]
+  skipped = tuple(c.name for c in cells if c not in todo)
+  if skipped:
+    log(f"[grid] {len(skipped)}/{len(cells)} cells already finished, skipped")
+  total_cost = sum(c.cost for c in todo)
+  done_cost, spent = 0.0, 0.0
+  for i, cell in enumerate(todo):
+    path = claim_run_dir(workdir, cell)
+    config = apply_overrides(base_config, cell.overrides)
+    start = clock()
+    train_fn(config, path)
+    spent += clock() - start
+    done_cost += cell.cost
+    if read_run_results(path) is None:
+      raise RuntimeError(f"cell {cell.name!r} ran but left no complete results in {str(path)!r}")
+    eta = spent / done_cost * (total_cost - done_cost) if done_cost > 0 else math.nan
+    log(f"[grid {i + 1}/{len(todo)}] {cell.name} done in {format_duration(clock() - start)};"
+        f" {len(todo) - i - 1} left, ETA {format_duration(eta)}")
+  return GridSummary(skipped=skipped, trained=tuple(c.name for c in todo))
+
+
+# ---------------------------------------------------------------------------------------------
+# Results.
+
+
+def collect_rows(workdir: pathlib.Path) -> tuple[list[Row], list[str]]:
+  """Result rows of every finished cell under `<workdir>/runs`, and the names of unfinished ones.
+
+  One row per (cell, listed evaluation tag): the cell's labels, the tag's coordinates, `tag`, `cell`
+  and `score`. Built only from the files, so a report never depends on what is in memory.
+  """
+  rows, unfinished = [], []
+  root = pathlib.Path(workdir) / RUNS_DIR
+  for cell_file in sorted(root.rglob(CELL_FILE)):
+    with open(cell_file) as f:
+      cell = json.load(f)
+    scores = read_run_results(cell_file.parent)
+    if scores is None:
+      unfinished.append(cell["name"])
+      continue
+    for tag, coords in cell["evals"].items():
+      if tag not in scores:
+        raise ValueError(f"cell {cell['name']!r} finished without evaluation {tag!r}; it has {sorted(scores)}")
+      rows.append({**cell["labels"], **coords, "tag": tag, "cell": cell["name"], "score": scores[tag]})
+  return rows, unfinished
+
+
+def select(rows: Iterable[Row], **where: Any) -> list[Row]:
+  """Rows whose fields equal every `where` value (a missing field never matches)."""
+  missing = object()
+  return [r for r in rows if all(r.get(k, missing) == v for k, v in where.items())]
+
+
+def mean_score(rows: Iterable[Row], key: Callable[[Row], Any]) -> dict[Any, float]:
+  """Mean `score` per group: the average over tasks and seeds that the paper's figures report."""
+  groups: dict[Any, list[float]] = {}
+  for row in rows:
+    groups.setdefault(key(row), []).append(float(row["score"]))
+  return {k: float(np.mean(v)) for k, v in groups.items()}
+
+
+def markdown_table(header: Sequence[str], body: Sequence[Sequence[Any]], *, bold: set[tuple[int, int]] = frozenset(),
+                   float_format: str = "{:.1f}") -> str:
+  """A GitHub Markdown table; cells (row, col) in `bold` are wrapped in ** (e.g. best per row)."""
+
+  def fmt(i: int, j: int, value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+      text = "–"
+    elif isinstance(value, float):
+      text = float_format.format(value)
+    else:
+      text = str(value)
+    return f"**{text}**" if (i, j) in bold else text
+
+  lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+  lines += ["| " + " | ".join(fmt(i, j, v) for j, v in enumerate(row)) + " |" for i, row in enumerate(body)]
+  return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots.
+
+
+def save_figure(fig: plt.Figure, path: pathlib.Path) -> None:
+  """Saves a PNG atomically and closes the figure."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(f".{path.name}.tmp.png")
+  fig.savefig(tmp, dpi=120, bbox_inches="tight")
+  plt.close(fig)
+  os.replace(tmp, path)
+
+
+def plot_heatmap(values: np.ndarray, *, row_labels: Sequence[Any], col_labels: Sequence[Any], path: pathlib.Path,
+                 title: str, xlabel: str, ylabel: str, cbar_label: str, fmt: str = "{:+.1f}") -> None:
+  """An annotated diverging heatmap, red = positive, blue = negative, white = 0; NaN cells left blank.
+
+  values: (len(row_labels), len(col_labels)); rows are drawn top to bottom in the given order.
+  """
+  values = np.asarray(values, dtype=float)
+  if values.shape != (len(row_labels), len(col_labels)):
+    raise ValueError(f"heatmap values have shape {values.shape}, labels need {(len(row_labels), len(col_labels))}")
+  finite = values[np.isfinite(values)]
+  limit = float(np.max(np.abs(finite))) if finite.size else 1.0
+  limit = limit if limit > 0 else 1.0
+  fig, ax = plt.subplots(figsize=(1.0 + 0.8 * len(col_labels), 1.0 + 0.6 * len(row_labels)))
+  image = ax.imshow(np.ma.masked_invalid(values), cmap="RdBu_r", norm=mcolors.Normalize(-limit, limit), aspect="auto")
+  ax.set_xticks(range(len(col_labels)), [str(c) for c in col_labels])
+  ax.set_yticks(range(len(row_labels)), [str(r) for r in row_labels])
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
+  for i in range(values.shape[0]):
+    for j in range(values.shape[1]):
+      if np.isfinite(values[i, j]):
+        strong = abs(values[i, j]) > 0.6 * limit  # white text on the dark ends of the colormap
+        ax.text(j, i, fmt.format(values[i, j]), ha="center", va="center", fontsize=8,
+                color="white" if strong else "black")
+  fig.colorbar(image, ax=ax, label=cbar_label)
+  save_figure(fig, path)
+
+
+def plot_lines(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], *, path: pathlib.Path, title: str,
+               xlabel: str, ylabel: str, log2_x: bool = True) -> None:
+  """One line with markers per series name -> (xs, ys); ranks on a log2 x axis by default."""
+  fig, ax = plt.subplots(figsize=(5.5, 3.8))
+  for name, (xs, ys) in series.items():
+    ax.plot(xs, ys, marker="o", label=name)
+  if log2_x:
+    ax.set_xscale("log", base=2)
+    ticks = sorted({x for xs, _ in series.values() for x in xs})
+    ax.set_xticks(ticks, [str(int(t)) if float(t).is_integer() else str(t) for t in ticks])
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  save_figure(fig, path)
+
+
+def log_to_stderr(message: str) -> None:
+  print(message, file=sys.stderr, flush=True)
