@@ -1,7 +1,8 @@
 """What every study driver shares: grid cells, the resumable runner, result rows, tables and plots.
 
-A study is a list of `Cell`s. A cell is one training run (one plan of the trainer) in its own folder
-`<workdir>/runs/<cell.name>/`; it carries the training-config overrides that make it, the study
+A study is a list of `Cell`s. A cell is one training run in its own folder `<workdir>/runs/<cell.name>/`
+(`cell.json` there, the trainer's own run folder in `train/`): a plan of the trainer
+(lora_squeeze.protocols), the training-config overrides it runs under (task, seed, ...), the study
 coordinates it stands for (`labels`: task, rank, lr, seed, ...) and, per evaluation tag of its plan,
 the coordinates that tag adds (`evals`: e.g. the target rank and squeeze method of a Post-Squeeze).
 
@@ -38,8 +39,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
+from lora_squeeze import protocols  # noqa: E402
+
 CELL_FILE = "cell.json"
 RUNS_DIR = "runs"
+# The trainer refuses a non-empty workdir it did not make, so it gets a folder of its own.
+TRAIN_DIR = "train"
 
 Row = dict[str, Any]
 
@@ -50,6 +55,7 @@ class Cell:
 
   Attributes:
     name: folder of the run relative to `<workdir>/runs`, e.g. "boolq/direct_r8_lr0.01_s42".
+    plan: what the trainer runs (Stage/Squeeze/Evaluate/Branch items of lora_squeeze.protocols).
     overrides: dotted training-config keys -> values, applied on top of the study's base config.
     labels: the study coordinates of the run (task, rank, lr, seed, protocol, ...); copied into
       every result row of the cell.
@@ -59,6 +65,7 @@ class Cell:
   """
 
   name: str
+  plan: protocols.Plan
   overrides: Mapping[str, Any]
   labels: Mapping[str, Any]
   evals: Mapping[str, Mapping[str, Any]]
@@ -66,36 +73,67 @@ class Cell:
 
   def record(self) -> dict[str, Any]:
     """The JSON-able form stored as `cell.json` in the run folder (lists for tuples)."""
-    return json.loads(json.dumps(dataclasses.asdict(self)))
+    record = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+    record["plan"] = plan_record(self.plan)
+    return json.loads(json.dumps(record))
+
+
+def plan_record(plan: Sequence[protocols.PlanItem]) -> list[dict[str, Any]]:
+  """A plan as JSON-able data: [{"item": "Stage", "rank": 8, ...}, {"item": "Branch", "items": [...]}]."""
+  out = []
+  for item in plan:
+    if isinstance(item, protocols.Branch):
+      out.append({"item": "Branch", "items": plan_record(item.items)})
+    else:
+      out.append({"item": type(item).__name__, **dataclasses.asdict(item)})
+  return out
 
 
 # ---------------------------------------------------------------------------------------------
 # The two adapters to the trainer.
 
 
-def read_run_results(run_dir: pathlib.Path) -> dict[str, float] | None:
-  """Scores of a finished run: evaluation tag -> task score, or None while the run is not finished.
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunResults:
+  """What a finished run left on disk, in the drivers' terms.
 
-  ADAPTER: the one function that knows the trainer's results file.
+  Attributes:
+    scores: evaluation tag -> task score in percent (the first metric the evaluator returned).
+    squeezes: one record per squeeze the plan made: r_src, r_tgt, method, retention (Eq. 10 over
+      all modules of the adapter).
   """
-  path = pathlib.Path(run_dir) / "results.json"
+
+  scores: Mapping[str, float]
+  squeezes: tuple[Mapping[str, Any], ...]
+
+
+def read_run_results(train_dir: pathlib.Path) -> RunResults | None:
+  """The results of a finished run in `train_dir`, or None while it is missing or not finished.
+
+  ADAPTER: the one function that knows the trainer's results file (lora_squeeze.train:
+  results.json = {"complete", "evals": {tag: {"score", "metrics", ...}}, "squeezes": [...]}).
+  """
+  path = pathlib.Path(train_dir) / "results.json"
   if not path.exists():
     return None
   with open(path) as f:
     results = json.load(f)
   if not results.get("complete", False):
     return None
-  return {tag: float(ev["score"]) for tag, ev in results["evals"].items()}
+  scores = {tag: 100.0 * float(ev["score"]) for tag, ev in results["evals"].items() if ev.get("score") is not None}
+  squeezes = tuple({"r_src": s["r_src"], "r_tgt": s["r_tgt"], "method": s["method"],
+                    "retention": float(s["overall_retention"])} for s in results.get("squeezes", ()))
+  return RunResults(scores=scores, squeezes=squeezes)
 
 
-def train_run(config: ml_collections.ConfigDict, run_dir: pathlib.Path) -> None:
-  """Runs (or resumes from its last checkpoint) one training plan into `run_dir`.
+def train_run(config: ml_collections.ConfigDict, plan: protocols.Plan, run_dir: pathlib.Path) -> None:
+  """Runs (or resumes from its last checkpoint) `plan` under `config` into `run_dir`.
 
   ADAPTER: the one function that calls the trainer.
   """
   from lora_squeeze import train  # Imported late: aggregation-only use needs no JAX.
 
-  train.run(config, workdir=str(run_dir))
+  train.run_plan(plan, config=config, workdir=str(run_dir))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,6 +204,7 @@ def write_csv(path: pathlib.Path, rows: Sequence[Row], columns: Sequence[str] | 
 
 
 def run_dir(workdir: pathlib.Path, cell: Cell) -> pathlib.Path:
+  """The cell's folder: `cell.json` and the trainer's run folder `train/`."""
   return pathlib.Path(workdir) / RUNS_DIR / cell.name
 
 
@@ -205,10 +244,11 @@ def claim_run_dir(workdir: pathlib.Path, cell: Cell) -> pathlib.Path:
   if cell_file.exists():
     with open(cell_file) as f:
       stored = json.load(f)
-    if stored["overrides"] != cell.record()["overrides"]:
-      raise ValueError(
-          f"run folder {str(path)!r} was made with overrides {stored['overrides']}, not {cell.record()['overrides']};"
-          " use another --workdir or delete that folder")
+    for field in ("plan", "overrides"):
+      if stored[field] != cell.record()[field]:
+        raise ValueError(
+            f"run folder {str(path)!r} was made with {field} {stored[field]}, not {cell.record()[field]};"
+            " use another --workdir or delete that folder")
   write_json(cell_file, cell.record())
   return path
 
@@ -226,7 +266,7 @@ def run_cells(
     *,
     workdir: pathlib.Path,
     base_config: ml_collections.ConfigDict,
-    train_fn: Callable[[ml_collections.ConfigDict, pathlib.Path], None] = train_run,
+    train_fn: Callable[[ml_collections.ConfigDict, protocols.Plan, pathlib.Path], None] = train_run,
     log: Callable[[str], None] = print,
     clock: Callable[[], float] = time.monotonic,
 ) -> GridSummary:
@@ -237,7 +277,7 @@ def run_cells(
   unit of `Cell.cost` measured so far in this session.
   """
   check_unique_names(cells)
-  todo = [c for c in cells if read_run_results(run_dir(workdir, c)) is None]
+  todo = [c for c in cells if read_run_results(run_dir(workdir, c) / TRAIN_DIR) is None]
   skipped = tuple(c.name for c in cells if c not in todo)
   if skipped:
     log(f"[grid] {len(skipped)}/{len(cells)} cells already finished, skipped")
@@ -247,10 +287,10 @@ def run_cells(
     path = claim_run_dir(workdir, cell)
     config = apply_overrides(base_config, cell.overrides)
     start = clock()
-    train_fn(config, path)
+    train_fn(config, cell.plan, path / TRAIN_DIR)
     spent += clock() - start
     done_cost += cell.cost
-    if read_run_results(path) is None:
+    if read_run_results(path / TRAIN_DIR) is None:
       raise RuntimeError(f"cell {cell.name!r} ran but left no complete results in {str(path)!r}")
     eta = spent / done_cost * (total_cost - done_cost) if done_cost > 0 else math.nan
     log(f"[grid {i + 1}/{len(todo)}] {cell.name} done in {format_duration(clock() - start)};"
@@ -262,25 +302,40 @@ def run_cells(
 # Results.
 
 
+def _finished_cells(workdir: pathlib.Path) -> tuple[list[tuple[dict[str, Any], RunResults]], list[str]]:
+  """(cell record, results) of every finished cell under `<workdir>/runs`, and the unfinished names."""
+  finished, unfinished = [], []
+  for cell_file in sorted((pathlib.Path(workdir) / RUNS_DIR).rglob(CELL_FILE)):
+    with open(cell_file) as f:
+      cell = json.load(f)
+    results = read_run_results(cell_file.parent / TRAIN_DIR)
+    if results is None:
+      unfinished.append(cell["name"])
+    else:
+      finished.append((cell, results))
+  return finished, unfinished
+
+
 def collect_rows(workdir: pathlib.Path) -> tuple[list[Row], list[str]]:
-  """Result rows of every finished cell under `<workdir>/runs`, and the names of unfinished ones.
+  """Score rows of every finished cell under `<workdir>/runs`, and the names of unfinished ones.
 
   One row per (cell, listed evaluation tag): the cell's labels, the tag's coordinates, `tag`, `cell`
   and `score`. Built only from the files, so a report never depends on what is in memory.
   """
-  rows, unfinished = [], []
-  root = pathlib.Path(workdir) / RUNS_DIR
-  for cell_file in sorted(root.rglob(CELL_FILE)):
-    with open(cell_file) as f:
-      cell = json.load(f)
-    scores = read_run_results(cell_file.parent)
-    if scores is None:
-      unfinished.append(cell["name"])
-      continue
+  rows = []
+  finished, unfinished = _finished_cells(workdir)
+  for cell, results in finished:
     for tag, coords in cell["evals"].items():
-      if tag not in scores:
-        raise ValueError(f"cell {cell['name']!r} finished without evaluation {tag!r}; it has {sorted(scores)}")
-      rows.append({**cell["labels"], **coords, "tag": tag, "cell": cell["name"], "score": scores[tag]})
+      if tag not in results.scores:
+        raise ValueError(f"cell {cell['name']!r} finished without a score for {tag!r}; it has {sorted(results.scores)}")
+      rows.append({**cell["labels"], **coords, "tag": tag, "cell": cell["name"], "score": results.scores[tag]})
+  return rows, unfinished
+
+
+def collect_squeeze_rows(workdir: pathlib.Path) -> tuple[list[Row], list[str]]:
+  """One row per squeeze of every finished cell: the cell's labels, r_src, r_tgt, method, retention."""
+  finished, unfinished = _finished_cells(workdir)
+  rows = [{**cell["labels"], **squeeze, "cell": cell["name"]} for cell, results in finished for squeeze in results.squeezes]
   return rows, unfinished
 
 

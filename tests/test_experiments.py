@@ -9,6 +9,9 @@ import numpy as np
 import pytest
 
 from experiments import common
+from lora_squeeze import protocols
+
+_PLAN = protocols.direct(rank=2, steps=3, lr=0.01, warmup=1)
 
 
 def _base_config() -> ml_collections.ConfigDict:
@@ -19,11 +22,13 @@ def _base_config() -> ml_collections.ConfigDict:
   return config
 
 
-def _write_results(run_dir: pathlib.Path, scores: dict[str, float]) -> None:
-  """A finished run's results file, in the trainer's format (see common.read_run_results)."""
-  run_dir.mkdir(parents=True, exist_ok=True)
-  results = {"complete": True, "evals": {tag: {"score": s} for tag, s in scores.items()}}
-  (run_dir / "results.json").write_text(json.dumps(results))
+def _write_results(train_dir: pathlib.Path, scores: dict[str, float], squeezes=()) -> None:
+  """A finished run's results file in the trainer's format (lora_squeeze.train: results.json)."""
+  train_dir.mkdir(parents=True, exist_ok=True)
+  results = {"complete": True, "evals": {tag: {"tag": tag, "score": s, "metrics": {"accuracy": s}}
+                                         for tag, s in scores.items()},
+             "squeezes": [{"r_src": a, "r_tgt": b, "method": m, "overall_retention": v} for a, b, m, v in squeezes]}
+  (train_dir / "results.json").write_text(json.dumps(results))
 
 
 # --- configs -------------------------------------------------------------------------------------
@@ -65,39 +70,42 @@ def test_format_duration(seconds, text):
 
 
 def test_duplicate_cell_names_are_refused():
-  cell = common.Cell(name="a", overrides={}, labels={}, evals={})
+  cell = common.Cell(plan=_PLAN, name="a", overrides={}, labels={}, evals={})
   with pytest.raises(ValueError, match="two cells share the folder name 'a'"):
     common.check_unique_names([cell, cell])
 
 
 def test_claim_run_dir_refuses_a_folder_made_by_other_overrides(tmp_path):
-  common.claim_run_dir(tmp_path, common.Cell(name="x/y", overrides={"seed": 1}, labels={}, evals={}))
-  common.claim_run_dir(tmp_path, common.Cell(name="x/y", overrides={"seed": 1}, labels={"a": 1}, evals={}))
+  common.claim_run_dir(tmp_path, common.Cell(plan=_PLAN, name="x/y", overrides={"seed": 1}, labels={}, evals={}))
+  common.claim_run_dir(tmp_path, common.Cell(plan=_PLAN, name="x/y", overrides={"seed": 1}, labels={"a": 1}, evals={}))
   with pytest.raises(ValueError, match=r"was made with overrides \{'seed': 1\}, not \{'seed': 2\}"):
-    common.claim_run_dir(tmp_path, common.Cell(name="x/y", overrides={"seed": 2}, labels={}, evals={}))
+    common.claim_run_dir(tmp_path, common.Cell(plan=_PLAN, name="x/y", overrides={"seed": 2}, labels={}, evals={}))
 
 
 # --- aggregation ---------------------------------------------------------------------------------
 
 
 def test_collect_rows_reads_finished_cells_and_lists_unfinished(tmp_path):
-  done = common.Cell(name="boolq/r4", overrides={}, labels={"task": "boolq", "r_src": 4},
+  done = common.Cell(plan=_PLAN, name="boolq/r4", overrides={}, labels={"task": "boolq", "r_src": 4},
                      evals={"r4": {"r_tgt": 4}, "r4_to_r2": {"r_tgt": 2}})
-  half = common.Cell(name="boolq/r8", overrides={}, labels={"task": "boolq", "r_src": 8}, evals={"r8": {"r_tgt": 8}})
+  half = common.Cell(plan=_PLAN, name="boolq/r8", overrides={}, labels={"task": "boolq", "r_src": 8}, evals={"r8": {"r_tgt": 8}})
   for cell in (done, half):
     common.claim_run_dir(tmp_path, cell)
-  _write_results(common.run_dir(tmp_path, done), {"r4": 70.0, "r4_to_r2": 68.5, "unlisted": 1.0})
+  _write_results(common.run_dir(tmp_path, done) / common.TRAIN_DIR, {"r4": 0.7, "r4_to_r2": 0.685, "unlisted": 0.01},
+                 squeezes=[(4, 2, "qr_core", 0.9)])
   rows, unfinished = common.collect_rows(tmp_path)
   assert unfinished == ["boolq/r8"]
   assert sorted((r["r_tgt"], r["score"], r["tag"]) for r in rows) == [(2, 68.5, "r4_to_r2"), (4, 70.0, "r4")]
   assert all(r["task"] == "boolq" and r["r_src"] == 4 and r["cell"] == "boolq/r4" for r in rows)
+  squeezes, _ = common.collect_squeeze_rows(tmp_path)
+  assert squeezes == [{"task": "boolq", "r_src": 4, "r_tgt": 2, "method": "qr_core", "retention": 0.9, "cell": "boolq/r4"}]
 
 
 def test_collect_rows_names_a_missing_evaluation(tmp_path):
-  cell = common.Cell(name="c", overrides={}, labels={}, evals={"r4": {}})
+  cell = common.Cell(plan=_PLAN, name="c", overrides={}, labels={}, evals={"r4": {}})
   common.claim_run_dir(tmp_path, cell)
-  _write_results(common.run_dir(tmp_path, cell), {"r8": 1.0})
-  with pytest.raises(ValueError, match=r"finished without evaluation 'r4'; it has \['r8'\]"):
+  _write_results(common.run_dir(tmp_path, cell) / common.TRAIN_DIR, {"r8": 1.0})
+  with pytest.raises(ValueError, match=r"finished without a score for 'r4'; it has \['r8'\]"):
     common.collect_rows(tmp_path)
 
 
