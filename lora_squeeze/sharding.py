@@ -1,0 +1,133 @@
+"""Device mesh, shardings and multi-host start-up: one code path for 1 CPU, n GPUs or a TPU slice.
+
+The mesh has two axes:
+  "data": data parallelism; the batch is split over it.
+  "fsdp": fully-sharded data parallelism; the batch is split over it too, and every large
+          parameter (base weights, and LoRA/optimizer leaves when large) is split along its
+          largest dimension that the axis size divides. XLA inserts the all-gathers.
+With fsdp = 1 every parameter is replicated and the mesh is plain data parallelism.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+DATA_AXIS = "data"
+FSDP_AXIS = "fsdp"
+BATCH_AXES = (DATA_AXIS, FSDP_AXIS)
+
+# Environment variables that only exist when a launcher started several processes.
+_MULTIPROCESS_COUNTS = ("JAX_NUM_PROCESSES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
+
+
+def multiprocess_env(environ: Mapping[str, str] | None = None) -> bool:
+  """True when the environment says this is one process of a multi-process (multi-host) job."""
+  environ = os.environ if environ is None else environ
+  if environ.get("JAX_COORDINATOR_ADDRESS"):
+    return True
+  for name in _MULTIPROCESS_COUNTS:
+    value = environ.get(name, "")
+    if value.isdigit() and int(value) > 1:
+      return True
+  return "," in environ.get("TPU_WORKER_HOSTNAMES", "")
+
+
+def maybe_initialize_distributed(
+    *,
+    enabled: bool | None = None,
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> bool:
+  """Calls jax.distributed.initialize when configured (enabled=True) or, with enabled=None, when
+  the environment says multi-process; must run before any other JAX call. Returns whether it ran.
+
+  Arguments left None are auto-detected by JAX (TPU pods, SLURM, Open MPI, JAX_* variables).
+  """
+  if enabled is False or (enabled is None and not multiprocess_env()):
+    return False
+  jax.distributed.initialize(
+    coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+  )
+  return True
+
+
+def make_mesh(*, data: int = -1, fsdp: int = 1, devices: list[jax.Device] | None = None) -> Mesh:
+  """A (data, fsdp) mesh over `devices` (default: all devices of all processes).
+
+  Args:
+      data: size of the data axis; -1 = all devices not used by fsdp.
+      fsdp: size of the fsdp axis.
+  """
+  devices = jax.devices() if devices is None else list(devices)
+  n = len(devices)
+  for name, value in (("fsdp", fsdp), ("data", data)):
+    if isinstance(value, bool) or not isinstance(value, int) or (value <= 0 and not (name == "data" and value == -1)):
+      raise ValueError(f"mesh {name} size must be a positive integer{' or -1' if name == 'data' else ''}, got {value!r}")
+  if data == -1:
+    if n % fsdp:
+      raise ValueError(f"fsdp={fsdp} does not divide the {n} available devices")
+    data = n // fsdp
+  if data * fsdp != n:
+    raise ValueError(f"mesh data={data} x fsdp={fsdp} = {data * fsdp} devices, but {n} are available")
+  return Mesh(np.asarray(devices).reshape(data, fsdp), (DATA_AXIS, FSDP_AXIS))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) axis split over every device of the mesh, the rest replicated."""
+  return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def param_spec(shape: tuple[int, ...], fsdp: int, *, min_size: int) -> PartitionSpec:
+  """FSDP spec: the largest dimension divisible by `fsdp` goes on the fsdp axis.
+
+  Leaves smaller than `min_size` scalars (norm scales, small LoRA factors) stay replicated: their
+  all-gather would cost more than the memory it saves.
+  """
+  if fsdp == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+    return PartitionSpec()
+  candidates = [i for i, d in enumerate(shape) if d % fsdp == 0]
+  if not candidates:
+    return PartitionSpec()
+  axis = max(candidates, key=lambda i: (shape[i], -i))
+  spec = [None] * len(shape)
+  spec[axis] = FSDP_AXIS
+  return PartitionSpec(*spec)
+
+
+def param_shardings(tree: Any, mesh: Mesh, *, min_size: int = 1 << 16) -> Any:
+  """NamedSharding per leaf of `tree` (arrays or ShapeDtypeStructs), see `param_spec`."""
+  fsdp = mesh.shape[FSDP_AXIS]
+  return jax.tree.map(lambda x: NamedSharding(mesh, param_spec(tuple(x.shape), fsdp, min_size=min_size)), tree)
+
+
+def shard_params(tree: Any, mesh: Mesh, *, min_size: int = 1 << 16) -> Any:
+  """Places a parameter tree on the mesh (see `param_spec`)."""
+  return jax.device_put(tree, param_shardings(tree, mesh, min_size=min_size))
+
+
+def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Global batch (every process computes the same one) -> arrays split over the mesh.
+
+  Each process contributes its contiguous block of rows; the batch size must be divisible by
+  the number of devices.
+  """
+  sharding = batch_sharding(mesh)
+  n_devices = mesh.devices.size
+  out = {}
+  for name, value in batch.items():
+    value = np.asarray(value)
+    if value.shape[0] % n_devices:
+      raise ValueError(
+        f"batch size {value.shape[0]} ({name}) is not divisible by the {n_devices} devices of the mesh"
+      )
+    rows = value.shape[0] // jax.process_count()
+    local = value[jax.process_index() * rows:(jax.process_index() + 1) * rows]
+    out[name] = jax.make_array_from_process_local_data(sharding, local, value.shape)
+  return out
