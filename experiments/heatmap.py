@@ -1,0 +1,158 @@
+"""Post-Squeeze vs direct training over every source x target rank (paper Fig. 4 / 9, Table 6), and
+memory-efficient (qr_core, Alg. 2) vs standard (rsvd on ΔW, Alg. 1) Post-Squeeze (Fig. 5).
+
+    python -m experiments.heatmap --config=experiments/heatmap.py:reduced --workdir=studies/heatmap
+
+One run per task x source rank x seed: train at r_src (its lr from the LR table), evaluate it, then
+squeeze a copy to every target rank <= r_src with every method and evaluate each. The direct
+baseline at rank r is the unsqueezed evaluation of the run with r_src = r, so the whole heatmap
+costs one training run per source rank.
+
+Writes into --workdir: rows.json/rows.csv (every score), heatmap.csv (per task, r_src, r_tgt and
+method: Post-Squeeze, direct, gain), heatmap_<method>.md and heatmap_<method>.png (Fig. 4: mean over
+tasks of Post-Squeeze minus direct, red = Post-Squeeze better) and, with two methods,
+heatmap_<method0>_vs_<method1>.png (Fig. 5).
+"""
+
+from __future__ import annotations
+
+import math
+import pathlib
+from collections.abc import Callable, Sequence
+
+import ml_collections
+import numpy as np
+from absl import app
+
+from experiments import common
+from lora_squeeze import protocols
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """Presets: "paper" (default), "reduced" (Gemma 3 270M + BoolQ on CPU), "tiny" (tests)."""
+  study = common.study_config(arg)
+  study.source_ranks = {"paper": (1, 2, 4, 8, 16, 32, 64, 128), "reduced": (1, 4, 16), "tiny": (1, 2, 4)}[study.preset]
+  # Empty: the source ranks. A target above every source rank has no direct baseline.
+  study.target_ranks = ()
+  # The first method makes Fig. 4; two methods also make Fig. 5 (first minus second).
+  study.methods = ("qr_core", "rsvd")
+  return study
+
+
+def target_ranks(study: ml_collections.ConfigDict) -> tuple[int, ...]:
+  return common.check_ranks("target_ranks", study.target_ranks or study.source_ranks)
+
+
+def cells(study: ml_collections.ConfigDict) -> list[common.Cell]:
+  """One Post-Squeeze run per task x r_src x seed, squeezing to every target <= r_src per method."""
+  for method in study.methods:
+    if method not in protocols.SQUEEZE_METHODS:
+      raise ValueError(f"methods: {method!r} is not one of {protocols.SQUEEZE_METHODS}")
+  lr_for_rank = common.lr_table(study)
+  out = []
+  for task in study.tasks:
+    steps = common.steps_for(study, task)
+    for r_src in common.check_ranks("source_ranks", study.source_ranks):
+      for seed in study.seeds:
+        plan: list[protocols.PlanItem] = [
+            protocols.Stage(rank=r_src, steps=steps, lr=lr_for_rank(r_src), warmup=study.warmup),
+            protocols.Evaluate(tag=f"r{r_src}"),
+        ]
+        evals = {f"r{r_src}": {"kind": "direct", "r_tgt": r_src}}
+        for r_tgt in (t for t in target_ranks(study) if t <= r_src):
+          for method in study.methods:
+            tag = f"r{r_src}_to_r{r_tgt}_{method}"
+            plan.append(protocols.Branch(items=(protocols.Squeeze(rank=r_tgt, method=method),
+                                                protocols.Evaluate(tag=tag))))
+            evals[tag] = {"kind": "post", "r_tgt": r_tgt, "method": method}
+        out.append(common.Cell(
+            name=f"{task}/r{r_src}_s{seed}",
+            plan=protocols.validate_plan(plan),
+            overrides=common.run_overrides(study, task=task, seed=seed),
+            labels={"study": "heatmap", "task": task, "r_src": r_src, "lr": lr_for_rank(r_src), "seed": seed},
+            evals=evals,
+            cost=steps,
+        ))
+  return out
+
+
+def gain_rows(rows: Sequence[common.Row]) -> list[common.Row]:
+  """Per task x r_src x r_tgt x method: mean Post-Squeeze score, mean direct score at r_tgt, gain.
+
+  Means are over seeds; direct is NaN where no run was trained at r_tgt.
+  """
+  direct = common.mean_score(common.select(rows, kind="direct"), key=lambda r: (r["task"], r["r_tgt"]))
+  post = common.mean_score(common.select(rows, kind="post"),
+                           key=lambda r: (r["task"], r["r_src"], r["r_tgt"], r["method"]))
+  out = []
+  for (task, r_src, r_tgt, method), score in sorted(post.items()):
+    base = direct.get((task, r_tgt), math.nan)
+    out.append({"task": task, "r_src": r_src, "r_tgt": r_tgt, "method": method, "post_squeeze": score,
+                "direct": base, "gain": score - base})
+  return out
+
+
+def gain_matrix(gains: Sequence[common.Row], *, value: Callable[[common.Row], float], sources: Sequence[int],
+                targets: Sequence[int]) -> np.ndarray:
+  """(len(sources), len(targets)) mean over tasks of `value`; NaN where no task has a finite value."""
+  matrix = np.full((len(sources), len(targets)), np.nan)
+  for i, r_src in enumerate(sources):
+    for j, r_tgt in enumerate(targets):
+      values = [value(g) for g in gains if g["r_src"] == r_src and g["r_tgt"] == r_tgt]
+      values = [v for v in values if math.isfinite(v)]
+      if values:
+        matrix[i, j] = float(np.mean(values))
+  return matrix
+
+
+def write_report(rows: Sequence[common.Row], workdir: pathlib.Path, *, methods: Sequence[str]) -> dict[str, np.ndarray]:
+  """heatmap.csv, and per method the gain heatmap (.md/.png); with two methods also Fig. 5."""
+  gains = gain_rows(rows)
+  common.write_csv(workdir / "heatmap.csv", gains)
+  sources = sorted({g["r_src"] for g in gains}, reverse=True)  # largest source on top, as in the paper
+  targets = sorted({g["r_tgt"] for g in gains})
+  n_tasks = len({g["task"] for g in gains})
+  matrices = {}
+  for method in methods:
+    mine = [g for g in gains if g["method"] == method]
+    matrix = gain_matrix(mine, value=lambda g: g["gain"], sources=sources, targets=targets)
+    matrices[method] = matrix
+    common.plot_heatmap(matrix, row_labels=sources, col_labels=targets, path=workdir / f"heatmap_{method}.png",
+                        title=f"Post-Squeeze ({method}) minus direct, mean over {n_tasks} task(s)",
+                        xlabel="target rank r_tgt", ylabel="source rank r_src", cbar_label="score difference (points)")
+    body = [[r_src, *matrix[i]] for i, r_src in enumerate(sources)]
+    common.atomic_write_text(workdir / f"heatmap_{method}.md", common.markdown_table(
+        ["r_src \\ r_tgt", *map(str, targets)], body, float_format="{:+.2f}"))
+  if len(methods) >= 2:
+    first, second = methods[:2]
+    by_key = {(g["task"], g["r_src"], g["r_tgt"], g["method"]): g["post_squeeze"] for g in gains}
+    diffs = [{"r_src": g["r_src"], "r_tgt": g["r_tgt"],
+              "diff": g["post_squeeze"] - by_key.get((g["task"], g["r_src"], g["r_tgt"], second), math.nan)}
+             for g in gains if g["method"] == first]
+    matrix = gain_matrix(diffs, value=lambda d: d["diff"], sources=sources, targets=targets)
+    matrices[f"{first}_vs_{second}"] = matrix
+    common.plot_heatmap(matrix, row_labels=sources, col_labels=targets,
+                        path=workdir / f"heatmap_{first}_vs_{second}.png",
+                        title=f"Post-Squeeze {first} minus {second}, mean over {n_tasks} task(s)",
+                        xlabel="target rank r_tgt", ylabel="source rank r_src", cbar_label="score difference (points)",
+                        fmt="{:+.2f}")
+  return matrices
+
+
+def run_study(study: ml_collections.ConfigDict, *, workdir: pathlib.Path, train: bool = True,
+              train_fn: Callable = common.train_run, log: Callable[[str], None] = print) -> dict[str, np.ndarray]:
+  """Trains the missing cells (unless train=False), then writes every report from the run files."""
+  workdir = pathlib.Path(workdir)
+  if train:
+    common.run_cells(cells(study), workdir=workdir, base_config=common.load_config_file(study.train_config),
+                     train_fn=train_fn, log=log)
+  rows, unfinished = common.collect_rows(workdir)
+  if not rows:
+    raise ValueError(f"no finished runs under {workdir}; run without --report_only first")
+  common.write_rows(workdir, rows, unfinished, log=log)
+  return write_report(rows, workdir, methods=tuple(study.methods))
+
+
+if __name__ == "__main__":
+  common.define_driver_flags()
+  app.run(common.driver_main(run_study))

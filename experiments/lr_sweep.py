@@ -1,0 +1,176 @@
+"""LR sweep per rank (paper App. A, Table 2) and "sweep only r_src, Post-Squeeze the rest" (Fig. 3).
+
+    python -m experiments.lr_sweep --config=experiments/lr_sweep.py:reduced --workdir=studies/lr_sweep
+
+Phase 1 trains direct LoRA for every task x rank x lr x seed and picks, per rank, the lr with the
+highest score averaged over tasks and seeds (App. A). Phase 2 (when `source_rank` is set) trains
+once at `source_rank` with its best lr and Post-Squeezes a copy to every lower rank: Fig. 3 compares
+that with direct training at each lower rank at the same lr (what a sweep of r_src alone would
+give) and at the rank's own best lr.
+
+Writes into --workdir: rows.json/rows.csv (every score, read back from the run folders),
+lr_sweep.csv and lr_sweep.md (mean score per rank x lr, best bold), lr_table.json (the best lr per
+rank, the format `lr_table` of every study config reads), lr_sweep.png, and per task plus averaged
+sweep_only_r<src>_<task>.png.
+"""
+
+from __future__ import annotations
+
+import math
+import pathlib
+from collections.abc import Callable, Sequence
+
+import ml_collections
+from absl import app
+
+from experiments import common
+from lora_squeeze import protocols
+
+PAPER_LRS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+PAPER_RANKS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """Presets: "paper" (default), "reduced" (Gemma 3 270M + BoolQ on CPU), "tiny" (tests)."""
+  study = common.study_config(arg)
+  study.ranks = PAPER_RANKS if study.preset == "paper" else (1, 4, 16)
+  study.lrs = PAPER_LRS if study.preset == "paper" else (1e-3, 1e-2, 1e-1)
+  # Fig. 3: sweep only this rank and Post-Squeeze to the lower ones; 0 skips phase 2.
+  study.source_rank = max(study.ranks)
+  study.method = "qr_core"
+  if study.preset == "tiny":
+    study.ranks, study.lrs, study.source_rank = (1, 2), (1e-2, 1e-1), 2
+  return study
+
+
+def sweep_cells(study: ml_collections.ConfigDict) -> list[common.Cell]:
+  """Phase 1: direct training at every task x rank x lr x seed."""
+  cells = []
+  for task in study.tasks:
+    for rank in common.check_ranks("ranks", study.ranks):
+      for lr in study.lrs:
+        for seed in study.seeds:
+          plan = protocols.direct(rank=rank, steps=common.steps_for(study, task), lr=lr, warmup=study.warmup)
+          cells.append(common.Cell(
+              name=f"{task}/sweep/r{rank}_lr{lr:g}_s{seed}",
+              plan=plan,
+              overrides=common.run_overrides(study, task=task, seed=seed),
+              labels={"study": "sweep", "task": task, "rank": rank, "lr": lr, "seed": seed},
+              evals={f"direct_r{rank}": {}},
+              cost=common.steps_for(study, task),
+          ))
+  return cells
+
+
+def post_cells(study: ml_collections.ConfigDict, lr_src: float) -> list[common.Cell]:
+  """Phase 2: train at source_rank with `lr_src`, Post-Squeeze to every lower swept rank."""
+  r_src = study.source_rank
+  targets = [r for r in common.check_ranks("ranks", study.ranks) if r < r_src]
+  if not targets:
+    return []
+  cells = []
+  for task in study.tasks:
+    for seed in study.seeds:
+      plan = protocols.post_squeeze(r_src=r_src, steps=common.steps_for(study, task), lr=lr_src, targets=targets,
+                                    warmup=study.warmup, method=study.method)
+      cells.append(common.Cell(
+          name=f"{task}/post/r{r_src}_lr{lr_src:g}_s{seed}",
+          plan=plan,
+          overrides=common.run_overrides(study, task=task, seed=seed),
+          labels={"study": "post", "task": task, "r_src": r_src, "lr": lr_src, "seed": seed},
+          evals={f"r{r_src}_to_r{t}": {"rank": t} for t in targets},
+          cost=common.steps_for(study, task),
+      ))
+  return cells
+
+
+def best_lrs(rows: Sequence[common.Row]) -> dict[int, float]:
+  """rank -> the lr with the highest mean score over tasks and seeds (ties: the smaller lr)."""
+  means = common.mean_score(common.select(rows, study="sweep"), key=lambda r: (r["rank"], r["lr"]))
+  best: dict[int, float] = {}
+  for (rank, lr), score in sorted(means.items()):
+    if rank not in best or score > means[(rank, best[rank])]:
+      best[rank] = lr
+  return best
+
+
+def write_sweep_report(rows: Sequence[common.Row], workdir: pathlib.Path) -> dict[int, float]:
+  """lr_sweep.csv/.md/.png and lr_table.json from the sweep rows; returns the best lr per rank."""
+  sweep = common.select(rows, study="sweep")
+  means = common.mean_score(sweep, key=lambda r: (r["rank"], r["lr"]))
+  ranks = sorted({r for r, _ in means})
+  lrs = sorted({lr for _, lr in means})
+  best = best_lrs(rows)
+  common.write_csv(workdir / "lr_sweep.csv",
+                   [{"rank": r, "lr": lr, "score": means[(r, lr)], "best": best[r] == lr} for r, lr in sorted(means)])
+  body = [[r, *(means.get((r, lr), math.nan) for lr in lrs), f"{best[r]:g}"] for r in ranks]
+  bold = {(i, 1 + lrs.index(best[r])) for i, r in enumerate(ranks)}
+  common.atomic_write_text(workdir / "lr_sweep.md", common.markdown_table(
+      ["rank", *(f"lr {lr:g}" for lr in lrs), "best lr"], body, bold=bold))
+  common.write_json(workdir / "lr_table.json", {str(r): lr for r, lr in sorted(best.items())})
+  common.plot_lines(
+      {f"r={r}": ([lr for lr in lrs if (r, lr) in means], [means[(r, lr)] for lr in lrs if (r, lr) in means])
+       for r in ranks},
+      path=workdir / "lr_sweep.png", title="LR sweep: mean score over tasks and seeds", xlabel="learning rate",
+      ylabel="score (%)", log2_x=False, log_x=True)
+  return best
+
+
+def write_fig3(rows: Sequence[common.Row], workdir: pathlib.Path, *, r_src: int) -> list[pathlib.Path]:
+  """Fig. 3 per task and averaged: Post-Squeeze from r_src vs direct at r_src's lr and at the best lr."""
+  best = best_lrs(rows)
+  post = common.select(rows, study="post", r_src=r_src)
+  if not post or r_src not in best:
+    return []
+  lr_src = best[r_src]
+  tasks = sorted({r["task"] for r in post})
+  written = []
+  for task in [*tasks, None]:
+    pick = (lambda rs: rs) if task is None else (lambda rs, t=task: common.select(rs, task=t))
+    sweep = common.select(pick(rows), study="sweep")
+    direct_src_lr = common.mean_score(common.select(sweep, lr=lr_src), key=lambda r: r["rank"])
+    direct_best = common.mean_score([r for r in sweep if best.get(r["rank"]) == r["lr"]], key=lambda r: r["rank"])
+    squeezed = common.mean_score(common.select(pick(post), lr=lr_src), key=lambda r: r["rank"])
+    squeezed[r_src] = direct_src_lr.get(r_src, math.nan)  # the source adapter itself, for a joined line
+    series = {
+        f"direct, lr {lr_src:g} (best for r={r_src})": _xy(direct_src_lr),
+        f"Post-Squeeze from r={r_src}": _xy(squeezed),
+        "direct, best lr per rank": _xy(direct_best),
+    }
+    name = "average" if task is None else task
+    path = workdir / f"sweep_only_r{r_src}_{name}.png"
+    common.plot_lines(series, path=path, title=f"{name}: sweep only r={r_src}, Post-Squeeze the rest",
+                      xlabel="LoRA rank", ylabel="score (%)")
+    written.append(path)
+  return written
+
+
+def _xy(by_rank: dict[int, float]) -> tuple[list[int], list[float]]:
+  ranks = sorted(k for k, v in by_rank.items() if math.isfinite(v))
+  return ranks, [by_rank[r] for r in ranks]
+
+
+def run_study(study: ml_collections.ConfigDict, *, workdir: pathlib.Path, train: bool = True,
+              train_fn: Callable = common.train_run, log: Callable[[str], None] = print) -> dict[int, float]:
+  """Both phases (unless train=False: report only from the files) and every report; returns best lr per rank."""
+  workdir = pathlib.Path(workdir)
+  base = common.load_config_file(study.train_config) if train else None
+  if train:
+    common.run_cells(sweep_cells(study), workdir=workdir, base_config=base, train_fn=train_fn, log=log)
+  rows, unfinished = common.collect_rows(workdir)
+  if not common.select(rows, study="sweep"):
+    raise ValueError(f"no finished sweep runs under {workdir}; run without --report_only first")
+  best = write_sweep_report(rows, workdir)
+  if study.source_rank:
+    if train:
+      common.run_cells(post_cells(study, best[study.source_rank]), workdir=workdir, base_config=base,
+                       train_fn=train_fn, log=log)
+      rows, unfinished = common.collect_rows(workdir)
+    write_fig3(rows, workdir, r_src=study.source_rank)
+  common.write_rows(workdir, rows, unfinished, log=log)
+  return best
+
+
+if __name__ == "__main__":
+  common.define_driver_flags()
+  app.run(common.driver_main(run_study))

@@ -1,0 +1,137 @@
+"""Direct vs Post-, Cont- and In-Squeeze at an equal training budget (paper Table 1 / 7 / 8).
+
+    python -m experiments.protocol_table --config=experiments/protocol_table.py:reduced --workdir=studies/protocols
+
+Per task and seed, with N = steps and each M in extra_steps (paper: r_src = 128, r_tgt = 1,
+M in {200, 700}):
+  direct       train at r_tgt for N steps                       } one run per M: N steps, then M more
+  direct+M     ... then M more steps (fresh optimizer, 100-step warmup)   at r_tgt (lr of r_tgt)
+  post         train at r_src for N steps, squeeze to r_tgt      } one run per M: the squeeze, then M
+  cont+M       ... then M steps at r_tgt (lr of r_tgt, 100-step warmup)   more steps at r_tgt
+  in_squeeze   anneal r_src -> r_src/2 -> ... -> r_tgt in N + in_squeeze_extra steps, stages
+               proportional to their rank (the standard scheme)
+  in_squeeze_min   the same with at least `min_steps` per stage (the minimum-steps scheme)
+"direct" and "post" come from the first M's runs (the later ones repeat them exactly).
+
+Writes into --workdir: rows.json/rows.csv, protocol_table.csv (task x protocol, mean over seeds;
+an "average" row) and protocol_table.md (best per row in bold).
+"""
+
+from __future__ import annotations
+
+import math
+import pathlib
+from collections.abc import Callable, Sequence
+
+import ml_collections
+from absl import app
+
+from experiments import common
+from lora_squeeze import protocols
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """Presets: "paper" (default), "reduced" (Gemma 3 270M + BoolQ on CPU), "tiny" (tests)."""
+  study = common.study_config(arg)
+  study.r_src, study.r_tgt = {"paper": (128, 1), "reduced": (16, 1), "tiny": (4, 1)}[study.preset]
+  study.extra_steps = {"paper": (200, 700), "reduced": (10,), "tiny": (2,)}[study.preset]
+  study.extra_warmup = {"paper": 100, "reduced": 2, "tiny": 1}[study.preset]
+  # In-Squeeze's budget is N + this many steps (equal to direct+M and cont+M for that M).
+  study.in_squeeze_extra = study.extra_steps[0]
+  study.min_steps = {"paper": 200, "reduced": 5, "tiny": 1}[study.preset]
+  study.stage_warmup = study.extra_warmup
+  study.method = "qr_core"
+  return study
+
+
+def protocol_names(study: ml_collections.ConfigDict) -> list[str]:
+  """Table columns, in the paper's order."""
+  extras = list(study.extra_steps)
+  return ["direct", *(f"direct+{m}" for m in extras), "post", *(f"cont+{m}" for m in extras), "in_squeeze",
+          "in_squeeze_min"]
+
+
+def cells(study: ml_collections.ConfigDict) -> list[common.Cell]:
+  """Per task x seed: a direct(+M) and a cont(+M) run per M, and the two In-Squeeze runs."""
+  lr_for_rank = common.lr_table(study)
+  r_src, r_tgt = study.r_src, study.r_tgt
+  if not (isinstance(r_src, int) and isinstance(r_tgt, int) and 0 < r_tgt < r_src):
+    raise ValueError(f"need integer ranks 0 < r_tgt < r_src, got r_tgt={r_tgt!r}, r_src={r_src!r}")
+  out = []
+  for task in study.tasks:
+    steps = common.steps_for(study, task)
+    for seed in study.seeds:
+      def cell(name, plan, evals, task=task, seed=seed):
+        return common.Cell(name=f"{task}/{name}_s{seed}", plan=plan,
+                           overrides=common.run_overrides(study, task=task, seed=seed),
+                           labels={"study": "protocols", "task": task, "r_src": r_src, "r_tgt": r_tgt, "seed": seed},
+                           evals=evals, cost=protocols.plan_steps(plan))
+
+      for i, m in enumerate(study.extra_steps):
+        plan = protocols.direct(rank=r_tgt, steps=steps, lr=lr_for_rank(r_tgt), warmup=study.warmup, extra_steps=m,
+                                extra_warmup=study.extra_warmup)
+        evals = {f"direct_r{r_tgt}_plus{m}": {"protocol": f"direct+{m}"}}
+        if i == 0:
+          evals[f"direct_r{r_tgt}"] = {"protocol": "direct"}
+        out.append(cell(f"direct_r{r_tgt}_plus{m}", plan, evals))
+        plan = protocols.cont_squeeze(r_src=r_src, r_tgt=r_tgt, steps=steps, extra_steps=m, lr_src=lr_for_rank(r_src),
+                                      lr_tgt=lr_for_rank(r_tgt), warmup=study.warmup, extra_warmup=study.extra_warmup,
+                                      method=study.method)
+        evals = {f"r{r_src}_to_r{r_tgt}_plus{m}": {"protocol": f"cont+{m}"}}
+        if i == 0:
+          evals[f"r{r_src}_to_r{r_tgt}"] = {"protocol": "post"}
+        out.append(cell(f"cont_r{r_src}_to_r{r_tgt}_plus{m}", plan, evals))
+      ranks = protocols.halving_ranks(r_src, r_tgt)
+      for scheme, name in (("proportional", "in_squeeze"), ("min_steps", "in_squeeze_min")):
+        plan = protocols.in_squeeze(ranks=ranks, total_steps=steps + study.in_squeeze_extra, lr_for_rank=lr_for_rank,
+                                    scheme=scheme, min_steps=study.min_steps, warmup=study.warmup,
+                                    stage_warmup=study.stage_warmup, method=study.method)
+        out.append(cell(f"{name}_r{r_src}_to_r{r_tgt}", plan,
+                        {f"in_{scheme}_r{r_src}_to_r{r_tgt}": {"protocol": name}}))
+  return out
+
+
+def table(rows: Sequence[common.Row], columns: Sequence[str]) -> tuple[list[str], list[list]]:
+  """Task rows (mean over seeds) plus an "average" row over tasks with every column; NaN if missing."""
+  means = common.mean_score(common.select(rows, study="protocols"), key=lambda r: (r["task"], r["protocol"]))
+  tasks = sorted({task for task, _ in means})
+  body = [[task, *(means.get((task, c), math.nan) for c in columns)] for task in tasks]
+  if len(tasks) > 1:
+    average = []
+    for j in range(len(columns)):
+      values = [row[1 + j] for row in body]
+      average.append(math.nan if any(math.isnan(v) for v in values) else sum(values) / len(values))
+    body.append(["average", *average])
+  return tasks, body
+
+
+def write_report(rows: Sequence[common.Row], workdir: pathlib.Path, *, columns: Sequence[str]) -> list[list]:
+  """protocol_table.csv and protocol_table.md (best per row bold) from the rows."""
+  _, body = table(rows, columns)
+  common.write_csv(workdir / "protocol_table.csv", [dict(zip(["task", *columns], row)) for row in body],
+                   ["task", *columns])
+  bold = set()
+  for i, row in enumerate(body):
+    finite = [v for v in row[1:] if not math.isnan(v)]
+    bold |= {(i, 1 + j) for j, v in enumerate(row[1:]) if finite and v == max(finite)}
+  common.atomic_write_text(workdir / "protocol_table.md", common.markdown_table(["task", *columns], body, bold=bold))
+  return body
+
+
+def run_study(study: ml_collections.ConfigDict, *, workdir: pathlib.Path, train: bool = True,
+              train_fn: Callable = common.train_run, log: Callable[[str], None] = print) -> list[list]:
+  """Trains the missing cells (unless train=False), then writes the table from the run files."""
+  workdir = pathlib.Path(workdir)
+  if train:
+    common.run_cells(cells(study), workdir=workdir, base_config=common.load_config_file(study.train_config),
+                     train_fn=train_fn, log=log)
+  rows, unfinished = common.collect_rows(workdir)
+  if not rows:
+    raise ValueError(f"no finished runs under {workdir}; run without --report_only first")
+  common.write_rows(workdir, rows, unfinished, log=log)
+  return write_report(rows, workdir, columns=protocol_names(study))
+
+
+if __name__ == "__main__":
+  common.define_driver_flags()
+  app.run(common.driver_main(run_study))

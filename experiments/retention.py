@@ -1,0 +1,106 @@
+"""Variance (energy) retention V_r(r_src -> r_tgt) of trained adapters (paper App. F, Fig. 6 / 7).
+
+    python -m experiments.retention --config=experiments/retention.py:reduced --workdir=studies/retention
+
+Per task x source rank x seed, one run trains at r_src and squeezes a copy to every lower target
+rank without evaluating it; the trainer records, per squeeze, Eq. 10 over all LoRA modules of the
+adapter: sum_{i<=r_tgt} s_i^2 / sum_i s_i^2 with the squared singular values of every module
+summed (the energy of the whole task vector kept). Runs of other studies that squeeze the same
+way can be read instead of training (`reuse_workdirs`, e.g. a heatmap study's folder).
+
+Writes into --workdir: retention.csv (task, r_src, r_tgt, V_r in %, mean over seeds) and
+retention_<task>.png per task plus retention_average.png (mean over tasks): one line per r_src.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Callable, Sequence
+
+import ml_collections
+from absl import app
+
+from experiments import common
+from lora_squeeze import protocols
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """Presets: "paper" (default), "reduced" (Gemma 3 270M + BoolQ on CPU), "tiny" (tests)."""
+  study = common.study_config(arg)
+  study.source_ranks = {"paper": (32, 64, 128), "reduced": (4, 16), "tiny": (2, 4)}[study.preset]
+  study.method = "qr_core"  # exact singular values of ΔW (Alg. 2 with an exact core)
+  # Study folders whose finished runs' squeezes are read too (no training for what they hold).
+  study.reuse_workdirs = ()
+  return study
+
+
+def cells(study: ml_collections.ConfigDict) -> list[common.Cell]:
+  """Per task x r_src x seed: train at r_src, then squeeze copies to every power of two below it."""
+  lr_for_rank = common.lr_table(study)
+  out = []
+  for task in study.tasks:
+    steps = common.steps_for(study, task)
+    for r_src in common.check_ranks("source_ranks", study.source_ranks):
+      targets = [2**i for i in range(r_src.bit_length()) if 2**i < r_src]
+      for seed in study.seeds:
+        plan = protocols.validate_plan([
+            protocols.Stage(rank=r_src, steps=steps, lr=lr_for_rank(r_src), warmup=study.warmup),
+            *(protocols.Branch(items=(protocols.Squeeze(rank=t, method=study.method),)) for t in targets),
+        ])
+        out.append(common.Cell(
+            name=f"{task}/r{r_src}_s{seed}", plan=plan, overrides=common.run_overrides(study, task=task, seed=seed),
+            labels={"study": "retention", "task": task, "r_src": r_src, "seed": seed}, evals={}, cost=steps))
+  return out
+
+
+def retention_rows(squeezes: Sequence[common.Row], *, method: str) -> list[common.Row]:
+  """Mean V_r (%) over seeds per task x r_src x r_tgt, with the V_r = 100 % point at r_tgt = r_src."""
+  picked = [dict(s, score=100.0 * s["retention"]) for s in squeezes if s["method"] == method]
+  picked += [dict(s, r_tgt=s["r_src"], score=100.0) for s in picked]
+  means = common.mean_score(picked, key=lambda s: (s["task"], s["r_src"], s["r_tgt"]))
+  return [{"task": t, "r_src": s, "r_tgt": r, "retention": v} for (t, s, r), v in sorted(means.items())]
+
+
+def write_report(rows: Sequence[common.Row], workdir: pathlib.Path) -> list[pathlib.Path]:
+  """retention.csv and the per-task and averaged plots."""
+  common.write_csv(workdir / "retention.csv", rows)
+  written = []
+  for task in [*sorted({r["task"] for r in rows}), None]:
+    mine = rows if task is None else common.select(rows, task=task)
+    means = common.mean_score([dict(r, score=r["retention"]) for r in mine], key=lambda r: (r["r_src"], r["r_tgt"]))
+    series = {}
+    for r_src in sorted({s for s, _ in means}):
+      xs = sorted(t for s, t in means if s == r_src)
+      series[f"r_src={r_src}"] = (xs, [means[(r_src, t)] for t in xs])
+    name = "average" if task is None else task
+    path = workdir / f"retention_{name}.png"
+    common.plot_lines(series, path=path, title=f"{name}: variance retention V_r (Eq. 10)", xlabel="target rank r_tgt",
+                      ylabel="V_r (%)")
+    written.append(path)
+  return written
+
+
+def run_study(study: ml_collections.ConfigDict, *, workdir: pathlib.Path, train: bool = True,
+              train_fn: Callable = common.train_run, log: Callable[[str], None] = print) -> list[common.Row]:
+  """Trains the missing cells (unless train=False or reused folders hold them), then reports."""
+  workdir = pathlib.Path(workdir)
+  reused = []
+  for other in study.reuse_workdirs:
+    reused += common.collect_squeeze_rows(pathlib.Path(other))[0]
+  have = {(s["task"], s["r_src"], s["seed"]) for s in reused if s["method"] == study.method}
+  if train:
+    todo = [c for c in cells(study) if (c.labels["task"], c.labels["r_src"], c.labels["seed"]) not in have]
+    common.run_cells(todo, workdir=workdir, base_config=common.load_config_file(study.train_config),
+                     train_fn=train_fn, log=log)
+  squeezes, unfinished = common.collect_squeeze_rows(workdir)
+  rows = retention_rows([*squeezes, *reused], method=study.method)
+  if not rows:
+    raise ValueError(f"no finished squeezes with method {study.method!r} under {workdir} or {study.reuse_workdirs}")
+  common.write_rows(workdir, [*squeezes, *reused], unfinished, log=log)
+  write_report(rows, workdir)
+  return rows
+
+
+if __name__ == "__main__":
+  common.define_driver_flags()
+  app.run(common.driver_main(run_study))
