@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -31,6 +32,8 @@ from gemma.gm.nn import _lora as gm_lora
 from gemma.gm.nn import config as gm_config
 from gemma.gm.nn.vision import _vision as gm_vision
 from gemma.gm.nn.vision import _vision_utils as gm_vision_utils
+
+from lora_squeeze.weights import checkpoints
 
 Params = Mapping[str, Any]
 
@@ -226,6 +229,41 @@ def init_base_params(model_name: str, *, key: jax.Array, dtype: jnp.dtype = jnp.
     model = make_model(model_name, text_only=text_only)
     params = jax.jit(lambda k: model.init(k, _dummy_tokens())["params"])(key)
     return jax.tree.map(lambda x: x.astype(dtype), params)
+
+
+def load_base_params(
+    model_name: str,
+    *,
+    checkpoint: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    dtype: jnp.dtype = jnp.float32,
+    text_only: bool = True,
+) -> Params:
+    """Real base weights, checked against the model's shapes and cast to `dtype`.
+
+    Args:
+      model_name: one of MODEL_NAMES except the tiny ones.
+      checkpoint: an official gemma Orbax checkpoint directory (required for 1B–27B; for the 270M
+        it replaces the embedded GGUF).
+      cache_dir: cache of the converted GGUF (default $LORA_SQUEEZE_CACHE or ~/.cache/lora_squeeze).
+      dtype: storage dtype of the returned params (e.g. jnp.bfloat16 for a frozen base).
+      text_only: drop the vision params of a multimodal checkpoint (match make_model's text_only).
+
+    Raises:
+      ValueError: unknown or tiny model, no checkpoint for 1B–27B, or a shape mismatch.
+      FileNotFoundError: the checkpoint path does not exist.
+    """
+    check_model_name(model_name)
+    if model_name in ("tiny", "tiny_vision"):
+        raise ValueError(f"{model_name!r} has no real weights; use init_base_params")
+    if checkpoint is None and model_name != "gemma3_270m":
+        raise ValueError(f"{model_name!r} needs checkpoint=<official gemma Orbax checkpoint directory>")
+    if checkpoint is None:
+        params = checkpoints.embedded_270m_params(cache_dir)
+    else:
+        params = checkpoints.load_orbax_params(checkpoint, text_only=text_only)
+    check_base_shapes(abstract_params(make_model(model_name, text_only=text_only)), params)
+    return jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
 
 
 def _flatten(tree: Params) -> dict[tuple[str, ...], Any]:
