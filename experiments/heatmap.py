@@ -43,12 +43,11 @@ def target_ranks(study: ml_collections.ConfigDict) -> tuple[int, ...]:
   return common.check_ranks("target_ranks", study.target_ranks or study.source_ranks)
 
 
-def cells(study: ml_collections.ConfigDict) -> list[common.Cell]:
+def cells(study: ml_collections.ConfigDict, lr_for_rank: Callable[[int], float]) -> list[common.Cell]:
   """One Post-Squeeze run per task x r_src x seed, squeezing to every target <= r_src per method."""
   for method in study.methods:
     if method not in protocols.SQUEEZE_METHODS:
       raise ValueError(f"methods: {method!r} is not one of {protocols.SQUEEZE_METHODS}")
-  lr_for_rank = common.lr_table(study)
   out = []
   for task in study.tasks:
     steps = common.steps_for(study, task)
@@ -68,7 +67,7 @@ def cells(study: ml_collections.ConfigDict) -> list[common.Cell]:
         out.append(common.Cell(
             name=f"{task}/r{r_src}_s{seed}",
             plan=protocols.validate_plan(plan),
-            overrides=common.run_overrides(study, task=task, seed=seed),
+            overrides=common.run_overrides(task=task, seed=seed),
             labels={"study": "heatmap", "task": task, "r_src": r_src, "lr": lr_for_rank(r_src), "seed": seed},
             evals=evals,
             cost=steps,
@@ -144,7 +143,8 @@ def run_study(study: ml_collections.ConfigDict, *, workdir: pathlib.Path, train:
   """Trains the missing cells (unless train=False), then writes every report from the run files."""
   workdir = pathlib.Path(workdir)
   if train:
-    common.run_cells(cells(study), workdir=workdir, base_config=common.load_config_file(study.train_config),
+    base = common.training_config(study)
+    common.run_cells(cells(study, common.lr_table(study, base)), workdir=workdir, base_config=base,
                      train_fn=train_fn, log=log)
   rows, unfinished = common.collect_rows(workdir)
   if not rows:

@@ -10,7 +10,8 @@ give) and at the rank's own best lr.
 
 Writes into --workdir: rows.json/rows.csv (every score, read back from the run folders),
 lr_sweep.csv and lr_sweep.md (mean score per rank x lr, best bold), lr_table.json (the best lr per
-rank, the format `lr_table` of every study config reads), lr_sweep.png, and per task plus averaged
+rank for the training config's model, in the format of configs/lr_table.json, which the training
+configs and the other studies' `lr_table` read), lr_sweep.png, and per task plus averaged
 sweep_only_r<src>_<task>.png.
 """
 
@@ -54,7 +55,7 @@ def sweep_cells(study: ml_collections.ConfigDict) -> list[common.Cell]:
           cells.append(common.Cell(
               name=f"{task}/sweep/r{rank}_lr{lr:g}_s{seed}",
               plan=plan,
-              overrides=common.run_overrides(study, task=task, seed=seed),
+              overrides=common.run_overrides(task=task, seed=seed),
               labels={"study": "sweep", "task": task, "rank": rank, "lr": lr, "seed": seed},
               evals={f"direct_r{rank}": {}},
               cost=common.steps_for(study, task),
@@ -76,7 +77,7 @@ def post_cells(study: ml_collections.ConfigDict, lr_src: float) -> list[common.C
       cells.append(common.Cell(
           name=f"{task}/post/r{r_src}_lr{lr_src:g}_s{seed}",
           plan=plan,
-          overrides=common.run_overrides(study, task=task, seed=seed),
+          overrides=common.run_overrides(task=task, seed=seed),
           labels={"study": "post", "task": task, "r_src": r_src, "lr": lr_src, "seed": seed},
           evals={f"r{r_src}_to_r{t}": {"rank": t} for t in targets},
           cost=common.steps_for(study, task),
@@ -94,8 +95,8 @@ def best_lrs(rows: Sequence[common.Row]) -> dict[int, float]:
   return best
 
 
-def write_sweep_report(rows: Sequence[common.Row], workdir: pathlib.Path) -> dict[int, float]:
-  """lr_sweep.csv/.md/.png and lr_table.json from the sweep rows; returns the best lr per rank."""
+def write_sweep_report(rows: Sequence[common.Row], workdir: pathlib.Path, *, model: str) -> dict[int, float]:
+  """lr_sweep.csv/.md/.png and lr_table.json (for `model`) from the sweep rows; returns the best lr per rank."""
   sweep = common.select(rows, study="sweep")
   means = common.mean_score(sweep, key=lambda r: (r["rank"], r["lr"]))
   ranks = sorted({r for r, _ in means})
@@ -107,7 +108,13 @@ def write_sweep_report(rows: Sequence[common.Row], workdir: pathlib.Path) -> dic
   bold = {(i, 1 + lrs.index(best[r])) for i, r in enumerate(ranks)}
   common.atomic_write_text(workdir / "lr_sweep.md", common.markdown_table(
       ["rank", *(f"lr {lr:g}" for lr in lrs), "best lr"], body, bold=bold))
-  common.write_json(workdir / "lr_table.json", {str(r): lr for r, lr in sorted(best.items())})
+  tasks = sorted({r["task"] for r in sweep})
+  seeds = sorted({r["seed"] for r in sweep})
+  common.write_json(workdir / "lr_table.json", {
+      "note": f"Best lr per rank by experiments.lr_sweep: highest mean score over tasks {tasks} and seeds {seeds}.",
+      "grid": lrs,
+      "lr": {model: {str(r): lr for r, lr in sorted(best.items())}},
+  })
   common.plot_lines(
       {f"r={r}": ([lr for lr in lrs if (r, lr) in means], [means[(r, lr)] for lr in lrs if (r, lr) in means])
        for r in ranks},
@@ -154,13 +161,13 @@ def run_study(study: ml_collections.ConfigDict, *, workdir: pathlib.Path, train:
               train_fn: Callable = common.train_run, log: Callable[[str], None] = print) -> dict[int, float]:
   """Both phases (unless train=False: report only from the files) and every report; returns best lr per rank."""
   workdir = pathlib.Path(workdir)
-  base = common.load_config_file(study.train_config) if train else None
+  base = common.training_config(study)
   if train:
     common.run_cells(sweep_cells(study), workdir=workdir, base_config=base, train_fn=train_fn, log=log)
   rows, unfinished = common.collect_rows(workdir)
   if not common.select(rows, study="sweep"):
     raise ValueError(f"no finished sweep runs under {workdir}; run without --report_only first")
-  best = write_sweep_report(rows, workdir)
+  best = write_sweep_report(rows, workdir, model=base.model)
   if study.source_rank:
     if train:
       common.run_cells(post_cells(study, best[study.source_rank]), workdir=workdir, base_config=base,

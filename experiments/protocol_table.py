@@ -51,9 +51,8 @@ def protocol_names(study: ml_collections.ConfigDict) -> list[str]:
           "in_squeeze_min"]
 
 
-def cells(study: ml_collections.ConfigDict) -> list[common.Cell]:
+def cells(study: ml_collections.ConfigDict, lr_for_rank: Callable[[int], float]) -> list[common.Cell]:
   """Per task x seed: a direct(+M) and a cont(+M) run per M, and the two In-Squeeze runs."""
-  lr_for_rank = common.lr_table(study)
   r_src, r_tgt = study.r_src, study.r_tgt
   if not (isinstance(r_src, int) and isinstance(r_tgt, int) and 0 < r_tgt < r_src):
     raise ValueError(f"need integer ranks 0 < r_tgt < r_src, got r_tgt={r_tgt!r}, r_src={r_src!r}")
@@ -63,7 +62,7 @@ def cells(study: ml_collections.ConfigDict) -> list[common.Cell]:
     for seed in study.seeds:
       def cell(name, plan, evals, task=task, seed=seed):
         return common.Cell(name=f"{task}/{name}_s{seed}", plan=plan,
-                           overrides=common.run_overrides(study, task=task, seed=seed),
+                           overrides=common.run_overrides(task=task, seed=seed),
                            labels={"study": "protocols", "task": task, "r_src": r_src, "r_tgt": r_tgt, "seed": seed},
                            evals=evals, cost=protocols.plan_steps(plan))
 
@@ -123,7 +122,8 @@ def run_study(study: ml_collections.ConfigDict, *, workdir: pathlib.Path, train:
   """Trains the missing cells (unless train=False), then writes the table from the run files."""
   workdir = pathlib.Path(workdir)
   if train:
-    common.run_cells(cells(study), workdir=workdir, base_config=common.load_config_file(study.train_config),
+    base = common.training_config(study)
+    common.run_cells(cells(study, common.lr_table(study, base)), workdir=workdir, base_config=base,
                      train_fn=train_fn, log=log)
   rows, unfinished = common.collect_rows(workdir)
   if not rows:

@@ -34,9 +34,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   return study
 
 
-def cells(study: ml_collections.ConfigDict) -> list[common.Cell]:
+def cells(study: ml_collections.ConfigDict, lr_for_rank: Callable[[int], float]) -> list[common.Cell]:
   """Per task x r_src x seed: train at r_src, then squeeze copies to every power of two below it."""
-  lr_for_rank = common.lr_table(study)
   out = []
   for task in study.tasks:
     steps = common.steps_for(study, task)
@@ -48,7 +47,7 @@ def cells(study: ml_collections.ConfigDict) -> list[common.Cell]:
             *(protocols.Branch(items=(protocols.Squeeze(rank=t, method=study.method),)) for t in targets),
         ])
         out.append(common.Cell(
-            name=f"{task}/r{r_src}_s{seed}", plan=plan, overrides=common.run_overrides(study, task=task, seed=seed),
+            name=f"{task}/r{r_src}_s{seed}", plan=plan, overrides=common.run_overrides(task=task, seed=seed),
             labels={"study": "retention", "task": task, "r_src": r_src, "seed": seed}, evals={}, cost=steps))
   return out
 
@@ -89,9 +88,10 @@ def run_study(study: ml_collections.ConfigDict, *, workdir: pathlib.Path, train:
     reused += common.collect_squeeze_rows(pathlib.Path(other))[0]
   have = {(s["task"], s["r_src"], s["seed"]) for s in reused if s["method"] == study.method}
   if train:
-    todo = [c for c in cells(study) if (c.labels["task"], c.labels["r_src"], c.labels["seed"]) not in have]
-    common.run_cells(todo, workdir=workdir, base_config=common.load_config_file(study.train_config),
-                     train_fn=train_fn, log=log)
+    base = common.training_config(study)
+    todo = [c for c in cells(study, common.lr_table(study, base))
+            if (c.labels["task"], c.labels["r_src"], c.labels["seed"]) not in have]
+    common.run_cells(todo, workdir=workdir, base_config=base, train_fn=train_fn, log=log)
   squeezes, unfinished = common.collect_squeeze_rows(workdir)
   rows = retention_rows([*squeezes, *reused], method=study.method)
   if not rows:

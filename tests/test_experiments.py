@@ -163,6 +163,8 @@ def test_lines_plot_is_written(tmp_path):
 
 from experiments import heatmap, lr_sweep, protocol_table, retention  # noqa: E402
 
+_LR = protocols.lr_lookup({1: 0.1, 2: 0.03, 4: 0.01})
+
 
 def _finish(workdir, cells, score, retention_of=lambda r_src, r_tgt: r_tgt / r_src):
   """Writes a complete results file for every cell: score(labels, coords) per evaluation tag, and
@@ -189,7 +191,7 @@ def test_lr_sweep_grid_is_complete_and_unique():
   coords = [(c.labels["task"], c.labels["rank"], c.labels["lr"], c.labels["seed"]) for c in cells]
   assert sorted(coords) == sorted((t, r, lr, s) for t in "ab" for r in (1, 2, 4) for lr in (0.1, 0.01) for s in (1, 2))
   assert len({c.name for c in cells}) == len(cells) == 24
-  assert all(c.plan[0] == protocols.Stage(rank=c.labels["rank"], steps=3, lr=c.labels["lr"], warmup=1) for c in cells)
+  assert all(c.plan[0] == protocols.Stage(rank=c.labels["rank"], steps=2, lr=c.labels["lr"], warmup=1) for c in cells)
   with pytest.raises(ValueError, match=r"ranks must hold positive integers, got 0 in \(0, 1\)"):
     study.ranks = (0, 1)
     lr_sweep.sweep_cells(study)
@@ -210,7 +212,7 @@ def test_lr_sweep_report_is_built_from_the_files(tmp_path):
   _finish(tmp_path, lr_sweep.sweep_cells(study), _sweep_score)
   best = lr_sweep.run_study(study, workdir=tmp_path, train=False, log=lambda line: None)
   assert best == {1: 0.1, 2: 0.1, 4: 0.01}
-  assert json.loads((tmp_path / "lr_table.json").read_text()) == {"1": 0.1, "2": 0.1, "4": 0.01}
+  assert json.loads((tmp_path / "lr_table.json").read_text())["lr"] == {"tiny": {"1": 0.1, "2": 0.1, "4": 0.01}}
   table = (tmp_path / "lr_sweep.md").read_text().splitlines()
   assert table[2] == "| 1 | 56.0 | **66.0** | 0.1 |"  # mean of tasks a (51, 61) and b (61, 71)
   assert table[4] == "| 4 | **69.0** | 59.0 | 0.01 |"
@@ -228,7 +230,7 @@ def test_lr_sweep_report_is_built_from_the_files(tmp_path):
 def test_heatmap_gains_come_from_the_files(tmp_path):
   study = heatmap.get_config("tiny")
   study.tasks = ("a", "b")
-  cells = heatmap.cells(study)
+  cells = heatmap.cells(study, _LR)
   assert len(cells) == 2 * 3
   assert cells[-1].evals["r4_to_r2_rsvd"] == {"kind": "post", "r_tgt": 2, "method": "rsvd"}
 
@@ -253,13 +255,13 @@ def test_heatmap_gains_come_from_the_files(tmp_path):
 def test_protocol_table_marks_the_best_per_row(tmp_path):
   study = protocol_table.get_config("tiny")
   study.tasks, study.seeds, study.extra_steps = ("a", "b"), (1, 2), (2, 5)
-  cells = protocol_table.cells(study)
+  cells = protocol_table.cells(study, _LR)
   assert len(cells) == 2 * 2 * (2 * 2 + 2)
   columns = protocol_table.protocol_names(study)
   assert columns == ["direct", "direct+2", "direct+5", "post", "cont+2", "cont+5", "in_squeeze", "in_squeeze_min"]
-  # In-Squeeze gets N + M: 3 + 2 steps over ranks 4 -> 2 -> 1.
+  # In-Squeeze gets N + M = 2 + 2 steps over ranks 4 -> 2 -> 1, proportional to the rank (largest remainder).
   in_cell = next(c for c in cells if c.name == "a/in_squeeze_r4_to_r1_s1")
-  assert [i.steps for i in in_cell.plan if isinstance(i, protocols.Stage)] == [3, 1, 1]
+  assert [i.steps for i in in_cell.plan if isinstance(i, protocols.Stage)] == [2, 1, 1]
   values = {name: 40.0 + i for i, name in enumerate(columns)}
   values["in_squeeze_min"] = 45.5  # below in_squeeze (46) for task a ...
 
@@ -280,7 +282,7 @@ def test_protocol_table_marks_the_best_per_row(tmp_path):
 
 def test_retention_curves_from_the_squeeze_records(tmp_path):
   study = retention.get_config("tiny")
-  cells = retention.cells(study)
+  cells = retention.cells(study, _LR)
   assert [[i.items[0].rank for i in c.plan[1:]] for c in cells] == [[1], [1, 2]]
   _finish(tmp_path, cells, score=None, retention_of=lambda r_src, r_tgt: (r_tgt / r_src) ** 0.5)
   rows = retention.run_study(study, workdir=tmp_path, train=False, log=lambda line: None)
@@ -288,7 +290,7 @@ def test_retention_curves_from_the_squeeze_records(tmp_path):
   assert got == {(2, 1): round(100 * 0.5**0.5, 6), (2, 2): 100.0, (4, 1): 50.0, (4, 2): round(100 * 0.5**0.5, 6),
                  (4, 4): 100.0}
   assert _png(tmp_path / "retention_average.png").std() > 0.01
-  assert _png(tmp_path / "retention_tiny.png").std() > 0.01
+  assert _png(tmp_path / "retention_boolq.png").std() > 0.01
   # Another study's folder can stand in for training (e.g. a heatmap study that squeezed the same way).
   reuse = retention.get_config("tiny")
   reuse.reuse_workdirs = (str(tmp_path),)
