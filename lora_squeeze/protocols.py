@@ -202,15 +202,32 @@ def validate_plan(plan: Sequence[PlanItem]) -> Plan:
     else:
       raise ValueError(f"{where}: unknown plan item {item!r}")
 
+  rank = plan[0].rank
   for i, item in enumerate(plan):
     if isinstance(item, Branch):
+      branch_rank = rank
       for j, sub in enumerate(item.items):
         if not isinstance(sub, (Squeeze, Evaluate)):
           raise ValueError(f"plan[{i}].items[{j}]: a Branch holds only Squeeze and Evaluate, got {sub!r}")
         check(sub, f"plan[{i}].items[{j}]")
+        if isinstance(sub, Squeeze):
+          _check_squeeze_rank(sub, branch_rank, f"plan[{i}].items[{j}]")
+          branch_rank = sub.rank
     else:
       check(item, f"plan[{i}]")
+      if isinstance(item, Stage) and item.rank != rank:
+        raise ValueError(
+            f"plan[{i}]: Stage at rank {item.rank} follows an adapter of rank {rank}; insert a Squeeze"
+        )
+      if isinstance(item, Squeeze):
+        _check_squeeze_rank(item, rank, f"plan[{i}]")
+        rank = item.rank
   return plan
+
+
+def _check_squeeze_rank(item: Squeeze, rank: int, where: str) -> None:
+  if item.rank > rank:
+    raise ValueError(f"{where}: Squeeze to rank {item.rank} above the adapter's rank {rank}; a squeeze only lowers it")
 
 
 def plan_steps(plan: Sequence[PlanItem]) -> int:

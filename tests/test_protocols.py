@@ -167,3 +167,14 @@ def test_in_squeeze_plan_uses_per_rank_lr_and_total_budget():
 def test_validate_plan_bad_input(plan, message):
   with pytest.raises(ValueError, match=message):
     protocols.validate_plan(plan)
+
+
+def test_validate_plan_tracks_the_rank():
+  stage = lambda r: Stage(rank=r, steps=3, lr=0.1, warmup=0)  # noqa: E731
+  protocols.validate_plan((stage(4), Squeeze(rank=2), stage(2), Branch(items=(Squeeze(rank=1),))))
+  with pytest.raises(ValueError, match=r"plan\[1\]: Stage at rank 2 follows an adapter of rank 4; insert a Squeeze"):
+    protocols.validate_plan((stage(4), stage(2)))
+  with pytest.raises(ValueError, match=r"plan\[1\]: Squeeze to rank 8 above the adapter's rank 4"):
+    protocols.validate_plan((stage(4), Squeeze(rank=8)))
+  with pytest.raises(ValueError, match=r"plan\[2\].items\[1\]: Squeeze to rank 2 above the adapter's rank 1"):
+    protocols.validate_plan((stage(4), Evaluate(tag="a"), Branch(items=(Squeeze(rank=1), Squeeze(rank=2)))))
