@@ -107,3 +107,19 @@ def read_json(path: Path, *, prepare: str) -> Any:
 def text(value: Any) -> str:
   """A TFDS text feature (bytes) or a JSON string as str."""
   return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def prepare_tfds(name: str, *, data_dir: Path, manual_dir: Path | None = None, module: str | None = None) -> Path:
+  """Builds `name` into `data_dir` as ArrayRecord (what read_tfds reads); returns the dataset folder.
+
+  Our own builders (`module`: SIQA, MMLU) read the public files from `manual_dir`; a TFDS catalog
+  builder downloads its sources, so run it on a machine with internet and copy the folder.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  if module is not None:
+    importlib.import_module(module)
+  builder = tfds.builder(name, data_dir=str(data_dir), file_format="array_record", try_gcs=False)
+  config = tfds.download.DownloadConfig(manual_dir=None if manual_dir is None else str(manual_dir))
+  builder.download_and_prepare(download_config=config)
+  return Path(builder.data_dir)

@@ -68,6 +68,8 @@ class Source:
     read: (source_split, data_dir) -> random-access sequence of raw records.
     to_example: (raw record, index) -> Example.
     prepare: how to make the data available, quoted when it is missing.
+    tfds_name: the TFDS dataset name ("anli/r2") of a "tfds" source.
+    builder_module: the module of our own TFDS builder (SIQA, MMLU), None for catalog builders.
   """
 
   name: str
@@ -75,6 +77,8 @@ class Source:
   read: Callable[[str, Path | None], Sequence[Mapping[str, Any]]]
   to_example: Callable[[Mapping[str, Any], int], Example]
   prepare: str
+  tfds_name: str | None = None
+  builder_module: str | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

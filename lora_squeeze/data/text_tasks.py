@@ -212,6 +212,8 @@ def tfds_source(name: str, splits: Mapping[str, str], to_example, *, module: str
       read=lambda split, data_dir: readers.read_tfds(name, split, data_dir=data_dir, module=module),
       to_example=to_example,
       prepare=readers.tfds_prepare_command(name, data_dir=Path("DATA_DIR"), module=module),
+      tfds_name=name,
+      builder_module=module,
   )
 
 
