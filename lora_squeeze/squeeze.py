@@ -1,0 +1,567 @@
+"""The LoRA-Squeeze linear algebra (arXiv 2602.10993, Sec. 3.1 and App. D-F): matrices only.
+
+A LoRA module is a pair of factors ``a: (m, r_src)`` and ``b: (r_src, n)`` whose product is the
+update ``ΔW = a @ b`` (no alpha or scale: the gemma convention). Squeezing it to ``r_tgt`` means
+finding the best rank-``r_tgt`` approximation of ``ΔW`` (Eckart-Young: the truncated SVD) and
+writing it back as balanced factors
+
+    a_t = U_r √S_r    (m, r_tgt)        b_t = √S_r V_rᵀ    (r_tgt, n)
+
+so that the column norms of ``a_t`` equal the row norms of ``b_t`` (both are √s_i).
+
+Four methods compute that truncation:
+
+* ``svd``: form ΔW (m×n) and take its full SVD. The exact reference; O(mn·min(m, n)).
+* ``rsvd``: Alg. 1 (randomized SVD, Halko et al.) on the formed ΔW. O(mn·(r_tgt + k_o)).
+* ``rsvd_factored``: Alg. 1 on the operator x ↦ a(b x); never forms ΔW. O((m+n)·r_src·(r_tgt+k_o)).
+* ``qr_core``: Alg. 2. With a = Q_A R_A and bᵀ = Q_B R_B, ΔW = Q_A (R_A R_Bᵀ) Q_Bᵀ, so the SVD of
+  the r_src×r_src core M = R_A R_Bᵀ gives the SVD of ΔW exactly. O((m+n)·r_src²); never forms ΔW.
+
+How ``qr_core`` is computed (the speed and accuracy choices):
+
+* Only R_A and R_B enter M, and any R with RᵀR = aᵀa works (the choice of Q_A is a rotation of M's
+  left singular vectors and cancels below). So R comes from the Gram matrix G_A = aᵀa, which is one
+  matrix product instead of a Householder QR. The Gram matrix squares the condition number, so it
+  is accumulated in float64 (products of float32 numbers are exact in float64): factors with
+  cond(a) up to ~1e6, common after training, keep float32 accuracy. R = Λ^½ Vᵀ from the eigen-
+  decomposition G = V Λ Vᵀ handles rank-deficient factors (b = 0 right after init) without NaN.
+* Q_A is never formed. With M = U S Vᵀ:
+      a_t = Q_A U_r √S_r = ΔW Q_B V_r S_r^{-½} = a · (R_Bᵀ V_r S_r^{-½})
+      b_t = √S_r V_rᵀ Q_Bᵀ = S_r^{-½} U_rᵀ Q_Aᵀ ΔW = (S_r^{-½} U_rᵀ R_A) · b
+  using b Q_B = R_Bᵀ and Q_Aᵀ a = R_A. No triangular solve, no inverse of an ill-conditioned R:
+  the only large products are a @ (r_src, r_tgt) and (r_tgt, r_src) @ b.
+* Singular values below the float32 noise floor of the product (≈ eps·‖a‖‖b‖) get zero factors,
+  since dividing noise by √s_i would blow it up; dropping them changes ΔW by at most that floor.
+
+All functions take any of float32, bfloat16, float16 and float64 factors, compute in float32
+(float64 for the small r×r algebra of ``qr_core``) and return factors in the input dtype and
+singular values in float32. Leading batch axes (e.g. stacked layers) are mapped with ``jax.vmap``.
+A target rank above the source rank is allowed: the factors are zero-padded, ΔW is unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+METHODS = ("qr_core", "rsvd", "rsvd_factored", "svd")
+CORES = ("svd", "rsvd")
+SUPPORTED_DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+_F32 = jnp.float32
+_F64 = jnp.float64
+_EPS64 = float(np.finfo(np.float64).eps)
+# Full float32 products on every backend (TPU/GPU default to reduced-precision passes).
+_matmul = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)
+
+
+class NonFiniteError(ValueError):
+    """A factor holds NaN or Inf.
+
+    Attributes:
+      operand: which input ("a", "b" or "w").
+      batch_index: index into the leading batch axes of the first offending matrix (() if none).
+    """
+
+    def __init__(self, operand: str, batch_index: tuple[int, ...]):
+        where = f" at batch index {batch_index}" if batch_index else ""
+        super().__init__(f"{operand} contains non-finite values (NaN or Inf){where}")
+        self.operand = operand
+        self.batch_index = batch_index
+
+
+# --------------------------------------------------------------------------------------------
+# Input checks (host side: shapes and dtypes are static, so they fail before any work starts).
+# --------------------------------------------------------------------------------------------
+
+
+def check_rank(rank: Any, *, name: str = "rank") -> int:
+    """Returns ``rank`` as an int; ValueError unless it is an integer ≥ 1."""
+    if isinstance(rank, (bool, np.bool_)) or not isinstance(rank, (int, np.integer)) or rank <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {rank!r}")
+    return int(rank)
+
+
+def _check_count(value: Any, name: str) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
+def _check_dtype(x: Any, name: str) -> None:
+    dtype = jnp.dtype(x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype)
+    if dtype.name not in SUPPORTED_DTYPES:
+        raise ValueError(f"{name} has unsupported dtype {dtype.name}; allowed: {', '.join(SUPPORTED_DTYPES)}")
+
+
+def validate_factors(a: Any, b: Any) -> None:
+    """Static checks of a LoRA pair ``a: (..., m, r)``, ``b: (..., r, n)``; ValueError naming the problem.
+
+    Checks dtypes, ranks of the arrays (≥ 2), equal leading batch axes and equal inner rank r.
+    Finiteness is checked by the squeeze functions themselves, inside their compiled computation.
+    """
+    _check_dtype(a, "a")
+    _check_dtype(b, "b")
+    if np.ndim(a) < 2 or np.ndim(b) < 2:
+        raise ValueError(f"a and b must be matrices (..., m, r) and (..., r, n), got shapes {np.shape(a)} and {np.shape(b)}")
+    if np.shape(a)[-1] != np.shape(b)[-2]:
+        raise ValueError(
+            f"inner ranks differ: a has r={np.shape(a)[-1]} (shape {np.shape(a)}) "
+            f"but b has r={np.shape(b)[-2]} (shape {np.shape(b)})"
+        )
+    if np.shape(a)[:-2] != np.shape(b)[:-2]:
+        raise ValueError(f"batch axes differ: a {np.shape(a)[:-2]} vs b {np.shape(b)[:-2]} (shapes {np.shape(a)}, {np.shape(b)})")
+
+
+def _check_key(key: Any, method: str) -> None:
+    if key is None:
+        raise ValueError(f"method {method!r} is randomized and needs a PRNG key, got key=None")
+
+
+def _raise_if_nonfinite(flags: dict[str, jax.Array]) -> None:
+    """flags: operand name -> bool array over the batch axes (True = finite)."""
+    for operand, finite in flags.items():
+        if isinstance(finite, jax.core.Tracer):
+            continue  # inside a caller's jit: values are unknown until run time
+        finite = np.asarray(finite)
+        if not finite.all():
+            bad = np.argwhere(~finite)[0] if finite.ndim else ()
+            raise NonFiniteError(operand, tuple(int(i) for i in bad))
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks (single matrices; batching is added by _map_batch).
+# --------------------------------------------------------------------------------------------
+
+
+def _map_batch(fn: Callable[..., Any], n_batch: int, keyed: bool) -> Callable[..., Any]:
+    """vmaps ``fn(x, y, key)`` over ``n_batch`` leading axes of x, y (and key when ``keyed``)."""
+    for _ in range(n_batch):
+        fn = jax.vmap(fn, in_axes=(0, 0, 0 if keyed else None))
+    return fn
+
+
+def _batch_keys(key: Any, batch_shape: tuple[int, ...]) -> Any:
+    """One independent key per batch element: (*batch_shape,) key array (or the key itself)."""
+    if not batch_shape:
+        return key
+    return jax.random.split(key, math.prod(batch_shape)).reshape(*batch_shape, *np.shape(key))
+
+
+def _pad_rank(a_t: jax.Array, s: jax.Array, b_t: jax.Array, rank: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Zero-pads factors (m, k), (k,), (k, n) to rank ≥ k: extra directions with zero weight."""
+    extra = rank - s.shape[0]
+    if extra <= 0:
+        return a_t, s, b_t
+    return jnp.pad(a_t, ((0, 0), (0, extra))), jnp.pad(s, (0, extra)), jnp.pad(b_t, ((0, extra), (0, 0)))
+
+
+def _balanced(u: jax.Array, s: jax.Array, vt: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """a = U √S (m, k), b = √S Vᵀ (k, n): column norms of a equal row norms of b (Alg. 1, L17-19)."""
+    root = jnp.sqrt(s)
+    return u * root, root[:, None] * vt
+
+
+def _randomized_svd(
+    apply: Callable[[jax.Array], jax.Array],
+    apply_t: Callable[[jax.Array], jax.Array],
+    n: int,
+    rank: int,
+    key: jax.Array,
+    oversample: int,
+    power_iters: int,
+    dtype: Any,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Alg. 1 lines 1-16 on an operator W (m×n) given x ↦ W x and y ↦ Wᵀ y.
+
+    Returns U_r (m, rank), S_r (rank,), V_rᵀ (rank, n). Needs rank ≤ min(m, n).
+    """
+    width = rank + oversample
+    omega = jax.random.normal(key, (n, width), dtype)  # Ω: (n, r')
+    y = apply(omega)  # Y = W Ω: (m, r')
+    for _ in range(power_iters):  # a static hyper-parameter (k_q), unrolled once at trace time
+        q, _ = jnp.linalg.qr(y)
+        q_star, _ = jnp.linalg.qr(apply_t(q))  # Y* = Wᵀ Q
+        y = apply(q_star)  # Y = W Q*
+    q, _ = jnp.linalg.qr(y)
+    d = apply_t(q).T  # D = Qᵀ W: (r', n)
+    u_tilde, s, vt = jnp.linalg.svd(d, full_matrices=False)
+    u = _matmul(q, u_tilde)
+    return u[:, :rank], s[:rank], vt[:rank]
+
+
+def _gram(x: jax.Array, contract: int) -> jax.Array:
+    """Gram matrix accumulated in float64: xᵀx (contract=0) or x xᵀ (contract=1) of a float32 matrix."""
+    dims = (((contract,), (contract,)), ((), ()))
+    return jax.lax.dot_general(x, x, dims, precision=jax.lax.Precision.HIGHEST, preferred_element_type=_F64)
+
+
+def _gram_root(gram: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """R (r, r) with RᵀR = G for a PSD Gram matrix G (float64), and ‖R‖₂. R = Λ^½ Vᵀ, G = V Λ Vᵀ.
+
+    Eigenvalues below the float64 rounding level of G (r·eps·λ_max) are set to zero: they are
+    rounding noise of exactly rank-deficient factors, and their square roots (~1e-7·‖R‖) would
+    otherwise appear as spurious singular values.
+    """
+    w, v = jnp.linalg.eigh(gram)
+    w = jnp.where(w > gram.shape[0] * _EPS64 * w[-1], w, 0.0)
+    return jnp.sqrt(w)[:, None] * v.T, jnp.sqrt(w[-1])
+
+
+def _matmul_f64(x: jax.Array, y: jax.Array, *, y_first: bool = False) -> jax.Array:
+    """x @ y (or y @ x) for float32 x and float64 y, accumulated in float64 without casting x.
+
+    y = hi + lo with hi, lo float32 holds 48 of y's bits; products of float32 numbers are exact in
+    float64, so x·hi + x·lo summed in float64 is as accurate as a float64 product. This keeps the
+    cancellation in a @ (R_Bᵀ V_r) (its columns have norm s_i, its terms up to ‖a‖‖b‖) harmless.
+    """
+    hi = y.astype(_F32)
+    lo = (y - hi.astype(_F64)).astype(_F32)
+    dims = (((1,), (0,)), ((), ()))
+    kw = dict(precision=jax.lax.Precision.HIGHEST, preferred_element_type=_F64)
+    if y_first:  # y (k, r) @ x (r, n)
+        both = jax.lax.dot_general(jnp.concatenate([hi, lo], 0), x, dims, **kw)
+        return both[: y.shape[0]] + both[y.shape[0] :]
+    both = jax.lax.dot_general(x, jnp.concatenate([hi, lo], 1), dims, **kw)  # x (m, r) @ y (r, k)
+    return both[:, : y.shape[1]] + both[:, y.shape[1] :]
+
+
+# --------------------------------------------------------------------------------------------
+# Single-matrix implementations.
+# --------------------------------------------------------------------------------------------
+
+
+def _qr_core_single(a, b, key, *, rank, core, oversample, power_iters):
+    """Alg. 2 on one pair a (m, r_src), b (r_src, n); see the module docstring for the derivation."""
+    r_src = a.shape[1]
+    a32, b32 = a.astype(_F32), b.astype(_F32)
+    gram_a, gram_b = _gram(a32, 0), _gram(b32, 1)  # aᵀa, b bᵀ: (r_src, r_src) float64
+    root_a, norm_a = _gram_root(gram_a)
+    root_b, norm_b = _gram_root(gram_b)
+    core_m = root_a @ root_b.T  # M = R_A R_Bᵀ
+    k = min(rank, r_src)
+    if core == "svd":
+        u, s_all, vt = jnp.linalg.svd(core_m)
+        u_k, s_k, vt_k = u[:, :k], s_all[:k], vt[:k]
+    else:
+        s_all = jnp.linalg.svd(core_m, compute_uv=False)
+        u_k, s_k, vt_k = _randomized_svd(
+            lambda x: core_m @ x, lambda y: core_m.T @ y, r_src, k, key, oversample, power_iters, _F64
+        )
+    # Below the float64 rounding level of M a singular value is zero; dividing by its root would
+    # turn rounding noise into large factors.
+    noise_floor = 16 * r_src * _EPS64 * norm_a * norm_b
+    inv_root = jnp.where(s_k > noise_floor, 1.0 / jnp.sqrt(jnp.where(s_k > 0, s_k, 1.0)), 0.0)
+    left = (root_b.T @ vt_k.T) * inv_root  # R_Bᵀ V_r S_r^{-½}: (r_src, k)
+    right = inv_root[:, None] * (u_k.T @ root_a)  # S_r^{-½} U_rᵀ R_A: (k, r_src)
+    a_t = _matmul_f64(a32, left)
+    b_t = _matmul_f64(b32, right, y_first=True)
+    s_k = jnp.where(inv_root > 0, s_k, 0.0)
+    a_t, s_k, b_t = _pad_rank(a_t, s_k, b_t, rank)
+    finite = {"a": jnp.isfinite(jnp.trace(gram_a)), "b": jnp.isfinite(jnp.trace(gram_b))}
+    return a_t.astype(a.dtype), b_t.astype(b.dtype), s_all.astype(_F32), finite
+
+
+def _svd_exact_single(a, b, key, *, rank):
+    """Full SVD of the formed ΔW = a @ b (m, n); all r_src singular values (zero-padded past min(m, n))."""
+    del key
+    r_src = a.shape[1]
+    w = _matmul(a.astype(_F32), b.astype(_F32))
+    u, s, vt = jnp.linalg.svd(w, full_matrices=False)
+    k = min(rank, r_src, s.shape[0])  # rank(ΔW) ≤ r_src: further singular values are rounding noise
+    a_t, b_t = _balanced(u[:, :k], s[:k], vt[:k])
+    a_t, _, b_t = _pad_rank(a_t, s[:k], b_t, rank)
+    s_all = jnp.pad(s[:r_src], (0, max(0, r_src - s.shape[0])))
+    finite = {"a": jnp.all(jnp.isfinite(a)), "b": jnp.all(jnp.isfinite(b))}
+    return a_t.astype(a.dtype), b_t.astype(b.dtype), s_all, finite
+
+
+def _rsvd_single(w, key, *, rank, oversample, power_iters):
+    """Alg. 1 on a formed matrix w (m, n)."""
+    w32 = w.astype(_F32)
+    m, n = w32.shape
+    k = min(rank, m, n)
+    u, s, vt = _randomized_svd(
+        lambda x: _matmul(w32, x), lambda y: _matmul(w32.T, y), n, k, key, oversample, power_iters, _F32
+    )
+    a_t, b_t = _balanced(u, s, vt)
+    a_t, s, b_t = _pad_rank(a_t, s, b_t, rank)
+    return a_t.astype(w.dtype), b_t.astype(w.dtype), s, {"w": jnp.all(jnp.isfinite(w))}
+
+
+def _rsvd_factored_single(a, b, key, *, rank, oversample, power_iters):
+    """Alg. 1 on the operator x ↦ a(b x): every product is with a or b, never with ΔW."""
+    a32, b32 = a.astype(_F32), b.astype(_F32)
+    (m, r_src), n = a32.shape, b32.shape[1]
+    k = min(rank, r_src, m, n)
+    u, s, vt = _randomized_svd(
+        lambda x: _matmul(a32, _matmul(b32, x)),
+        lambda y: _matmul(b32.T, _matmul(a32.T, y)),
+        n,
+        k,
+        key,
+        oversample,
+        power_iters,
+        _F32,
+    )
+    a_t, b_t = _balanced(u, s, vt)
+    a_t, s, b_t = _pad_rank(a_t, s, b_t, rank)
+    finite = {"a": jnp.all(jnp.isfinite(a)), "b": jnp.all(jnp.isfinite(b))}
+    return a_t.astype(a.dtype), b_t.astype(b.dtype), s, finite
+
+
+# --------------------------------------------------------------------------------------------
+# Compiled, batched entry points. They run under a local float64 context (for the Gram matrices
+# and to keep float64 inputs float64); every array they create has an explicit dtype.
+# --------------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("rank", "core", "oversample", "power_iters"))
+def _qr_core_jit(a, b, key, *, rank, core, oversample, power_iters):
+    fn = functools.partial(_qr_core_single, rank=rank, core=core, oversample=oversample, power_iters=power_iters)
+    return _map_batch(fn, a.ndim - 2, keyed=key is not None)(a, b, key)
+
+
+@functools.partial(jax.jit, static_argnames=("rank",))
+def _svd_exact_jit(a, b, *, rank):
+    return _map_batch(functools.partial(_svd_exact_single, rank=rank), a.ndim - 2, keyed=False)(a, b, None)
+
+
+@functools.partial(jax.jit, static_argnames=("rank", "oversample", "power_iters"))
+def _rsvd_jit(w, key, *, rank, oversample, power_iters):
+    fn = functools.partial(_rsvd_single, rank=rank, oversample=oversample, power_iters=power_iters)
+    fn2 = lambda x, _, k: fn(x, k)  # noqa: E731  (adapts to the (x, y, key) signature of _map_batch)
+    return _map_batch(fn2, w.ndim - 2, keyed=True)(w, w, key)
+
+
+@functools.partial(jax.jit, static_argnames=("rank", "oversample", "power_iters"))
+def _rsvd_factored_jit(a, b, key, *, rank, oversample, power_iters):
+    fn = functools.partial(_rsvd_factored_single, rank=rank, oversample=oversample, power_iters=power_iters)
+    return _map_batch(fn, a.ndim - 2, keyed=True)(a, b, key)
+
+
+@jax.jit
+def _singular_values_jit(a, b):
+    def one(x, y, _):
+        gram_a, gram_b = _gram(x.astype(_F32), 0), _gram(y.astype(_F32), 1)
+        root_a, _ = _gram_root(gram_a)
+        root_b, _ = _gram_root(gram_b)
+        s_all = jnp.linalg.svd(root_a @ root_b.T, compute_uv=False).astype(_F32)
+        return s_all, {"a": jnp.isfinite(jnp.trace(gram_a)), "b": jnp.isfinite(jnp.trace(gram_b))}
+
+    return _map_batch(one, a.ndim - 2, keyed=False)(a, b, None)
+
+
+# --------------------------------------------------------------------------------------------
+# Public API.
+# --------------------------------------------------------------------------------------------
+
+
+def rsvd(w, rank, *, key, oversample=10, power_iters=2):
+    """Randomized SVD (Alg. 1) of a formed matrix, as balanced LoRA factors.
+
+    r' = rank + oversample; Ω ~ N(0, 1)^{n×r'}; Y = W Ω; k_q times {Q = qr(Y); Q* = qr(Wᵀ Q);
+    Y = W Q*}; Q = qr(Y); Ũ S Vᵀ = svd(Qᵀ W); U = Q Ũ; a = U_r √S_r, b = √S_r V_rᵀ.
+
+    Args:
+      w: (..., m, n) matrix, any supported float dtype; leading axes are batch axes.
+      rank: target rank r (int ≥ 1); r > min(m, n) zero-pads the factors.
+      key: PRNG key for Ω (split per batch element).
+      oversample: k_o, extra sketch columns (paper: 10).
+      power_iters: k_q, subspace iterations (paper: 2).
+
+    Returns:
+      a (..., m, r) and b (..., r, n) in w's dtype, s (..., r) float32 approximate top singular values.
+    """
+    rank = check_rank(rank)
+    oversample, power_iters = _check_count(oversample, "oversample"), _check_count(power_iters, "power_iters")
+    _check_dtype(w, "w")
+    if np.ndim(w) < 2:
+        raise ValueError(f"w must be a matrix (..., m, n), got shape {np.shape(w)}")
+    _check_key(key, "rsvd")
+    with jax.enable_x64(True):
+        keys = _batch_keys(key, np.shape(w)[:-2])
+        a_t, b_t, s, finite = _rsvd_jit(w, keys, rank=rank, oversample=oversample, power_iters=power_iters)
+    _raise_if_nonfinite(finite)
+    return a_t, b_t, s
+
+
+def rsvd_factored(a, b, rank, *, key, oversample=10, power_iters=2):
+    """Randomized SVD (Alg. 1) of ΔW = a @ b applied to the operator x ↦ a(b x); ΔW is never formed.
+
+    Same steps as ``rsvd`` with W x = a(b x), Wᵀ y = bᵀ(aᵀ y) and Qᵀ W = (Qᵀ a) b. Extra memory is
+    O((m + n)·(r + k_o)); time O((m + n)·r_src·(r + k_o)·(k_q + 1)).
+
+    Args:
+      a: (..., m, r_src), b: (..., r_src, n) LoRA factors; leading axes are batch axes.
+      rank: target rank r_tgt (int ≥ 1); r_tgt > r_src zero-pads the factors.
+      key, oversample, power_iters: as in ``rsvd``.
+
+    Returns:
+      a_t (..., m, r_tgt) in a's dtype, b_t (..., r_tgt, n) in b's dtype, s (..., r_tgt) float32.
+    """
+    rank = check_rank(rank)
+    oversample, power_iters = _check_count(oversample, "oversample"), _check_count(power_iters, "power_iters")
+    validate_factors(a, b)
+    _check_key(key, "rsvd_factored")
+    with jax.enable_x64(True):
+        keys = _batch_keys(key, np.shape(a)[:-2])
+        a_t, b_t, s, finite = _rsvd_factored_jit(a, b, keys, rank=rank, oversample=oversample, power_iters=power_iters)
+    _raise_if_nonfinite(finite)
+    return a_t, b_t, s
+
+
+def qr_core(a, b, rank, *, core="svd", key=None, oversample=10, power_iters=2):
+    """Memory-efficient LoRA-Squeeze (Alg. 2): SVD of ΔW = a @ b through its r_src×r_src core.
+
+    a = Q_A R_A, bᵀ = Q_B R_B, M = R_A R_Bᵀ = U S Vᵀ, then ΔW = (Q_A U) S (Q_B V)ᵀ exactly, and
+    a_t = Q_A U_r √S_r, b_t = √S_r V_rᵀ Q_Bᵀ. Computed without Q_A, Q_B or ΔW as
+    R_A = Λ_A^½ V_Aᵀ from aᵀa = V_A Λ_A V_Aᵀ (float64), likewise R_B from b bᵀ, and
+    a_t = a (R_Bᵀ V_r S_r^{-½}), b_t = (S_r^{-½} U_rᵀ R_A) b. Extra memory O((m + n)·r_tgt + r_src²),
+    time O((m + n)·r_src²). Exact: s_all equals the singular values of a @ b to float32 accuracy
+    relative to the largest one, and a_t @ b_t is the Eckart-Young optimal rank-r_tgt approximation.
+
+    Args:
+      a: (..., m, r_src), b: (..., r_src, n) LoRA factors; leading axes are batch axes.
+      rank: target rank r_tgt (int ≥ 1). r_tgt ≥ r_src returns ΔW itself in balanced form, zero-padded.
+      core: "svd" (exact SVD of M) or "rsvd" (Alg. 1 on M, with ``key``, ``oversample``, ``power_iters``).
+
+    Returns:
+      a_t (..., m, r_tgt) in a's dtype, b_t (..., r_tgt, n) in b's dtype, and s_all (..., r_src)
+      float32: all singular values of a @ b, descending (for variance retention).
+    """
+    rank = check_rank(rank)
+    if core not in CORES:
+        raise ValueError(f"core must be one of {CORES}, got {core!r}")
+    oversample, power_iters = _check_count(oversample, "oversample"), _check_count(power_iters, "power_iters")
+    validate_factors(a, b)
+    if core == "rsvd":
+        _check_key(key, "qr_core(core='rsvd')")
+    with jax.enable_x64(True):
+        keys = _batch_keys(key, np.shape(a)[:-2]) if core == "rsvd" else None
+        a_t, b_t, s_all, finite = _qr_core_jit(
+            a, b, keys, rank=rank, core=core, oversample=oversample, power_iters=power_iters
+        )
+    _raise_if_nonfinite(finite)
+    return a_t, b_t, s_all
+
+
+def svd_exact(a, b, rank):
+    """The reference: form ΔW = a @ b (m, n) in float32 and take its full SVD, ΔW = U S Vᵀ.
+
+    a_t = U_r √S_r, b_t = √S_r V_rᵀ. O(mn·min(m, n)) time and O(mn) extra memory: for comparison
+    and small matrices.
+
+    Args:
+      a: (..., m, r_src), b: (..., r_src, n); rank: r_tgt (int ≥ 1), zero-padded past min(m, n).
+
+    Returns:
+      a_t (..., m, r_tgt), b_t (..., r_tgt, n) in the input dtypes (zero-padded past
+      min(r_src, m, n)), and s_all (..., r_src) float32: the top r_src singular values of ΔW
+      (zero-padded when r_src > min(m, n)).
+    """
+    rank = check_rank(rank)
+    validate_factors(a, b)
+    with jax.enable_x64(True):
+        a_t, b_t, s_all, finite = _svd_exact_jit(a, b, rank=rank)
+    _raise_if_nonfinite(finite)
+    return a_t, b_t, s_all
+
+
+def squeeze_factors(a, b, rank, *, method="qr_core", key=None):
+    """Squeezes a LoRA pair a (..., m, r_src), b (..., r_src, n) to rank r_tgt with one of METHODS.
+
+    "qr_core" (Alg. 2, exact, default), "rsvd" (Alg. 1 on the formed ΔW), "rsvd_factored" (Alg. 1 on
+    x ↦ a(b x)), "svd" (full SVD of the formed ΔW). The randomized methods need ``key``.
+
+    Returns:
+      a_t (..., m, r_tgt), b_t (..., r_tgt, n) in the input dtypes, and float32 singular values:
+      all r_src of ΔW for "qr_core" and "svd", the r_tgt estimated ones for "rsvd"/"rsvd_factored".
+    """
+    if method == "qr_core":
+        return qr_core(a, b, rank)
+    if method == "svd":
+        return svd_exact(a, b, rank)
+    if method == "rsvd_factored":
+        return rsvd_factored(a, b, rank, key=key)
+    if method == "rsvd":
+        validate_factors(a, b)
+        _check_key(key, "rsvd")
+        with jax.enable_x64(True):
+            flags = _finite_flags_jit(a, b)
+        _raise_if_nonfinite(flags)
+        delta = _product_jit(a, b)
+        a_t, b_t, s = rsvd(delta, rank, key=key)
+        return a_t.astype(a.dtype), b_t.astype(b.dtype), s
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
+@jax.jit
+def _product_jit(a, b):
+    return _matmul(a.astype(_F32), b.astype(_F32))
+
+
+@jax.jit
+def _finite_flags_jit(a, b):
+    matrix_axes = (-2, -1)
+    return {"a": jnp.all(jnp.isfinite(a), axis=matrix_axes), "b": jnp.all(jnp.isfinite(b), axis=matrix_axes)}
+
+
+def singular_values(a, b):
+    """All r_src singular values of ΔW = a @ b (..., r_src) in float32, descending, without forming ΔW.
+
+    σ(ΔW) = σ(R_A R_Bᵀ) with R_Aᵀ R_A = aᵀa and R_Bᵀ R_B = b bᵀ (Gram matrices in float64).
+    """
+    validate_factors(a, b)
+    with jax.enable_x64(True):
+        s_all, finite = _singular_values_jit(a, b)
+    _raise_if_nonfinite(finite)
+    return s_all
+
+
+def variance_retention(s, r_tgt):
+    """Energy kept by the top r_tgt singular values (Eq. 10): Σ_{i≤r_tgt} s_i² / Σ_i s_i².
+
+    Args:
+      s: (..., r_src) singular values, descending. r_tgt: int ≥ 1 (≥ r_src gives 1).
+
+    Returns:
+      (...) float32 in [0, 1]; 1.0 where all s are zero (nothing to lose).
+    """
+    r_tgt = check_rank(r_tgt, name="r_tgt")
+    energy = jnp.square(jnp.asarray(s, _F32))
+    total = jnp.sum(energy, axis=-1)
+    kept = jnp.sum(energy[..., :r_tgt], axis=-1)
+    return jnp.where(total > 0, kept / jnp.where(total > 0, total, 1.0), 1.0)
+
+
+def rank_for_energy(s, tau, *, max_rank=None):
+    """Smallest r ≥ 1 with V_r ≥ tau (Eq. 10), capped at max_rank.
+
+    Args:
+      s: (r_src,) singular values, descending (host array). tau: energy target in (0, 1].
+      max_rank: optional cap (int ≥ 1).
+
+    Returns:
+      int r in [1, min(r_src, max_rank)].
+    """
+    if isinstance(tau, (bool, np.bool_)) or not isinstance(tau, (int, float, np.floating)) or not 0.0 < tau <= 1.0:
+        raise ValueError(f"tau must be a number in (0, 1], got {tau!r}")
+    if max_rank is not None:
+        max_rank = check_rank(max_rank, name="max_rank")
+    energy = np.square(np.asarray(s, np.float64))
+    if energy.ndim != 1 or energy.size == 0:
+        raise ValueError(f"s must be a non-empty vector of singular values, got shape {energy.shape}")
+    cumulative = np.cumsum(energy)
+    if cumulative[-1] <= 0:
+        rank = 1
+    else:
+        # cumulative[-1] / cumulative[-1] is exactly 1, so tau = 1 is always reachable.
+        rank = int(np.searchsorted(cumulative / cumulative[-1], tau, side="left")) + 1
+    return min(rank, max_rank) if max_rank is not None else rank
