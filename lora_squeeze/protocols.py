@@ -230,6 +230,17 @@ def _check_squeeze_rank(item: Squeeze, rank: int, where: str) -> None:
     raise ValueError(f"{where}: Squeeze to rank {item.rank} above the adapter's rank {rank}; a squeeze only lowers it")
 
 
+def plan_record(plan: Sequence[PlanItem]) -> list[dict]:
+  """A plan as JSON data: [{"item": "Stage", "rank": 8, ...}, {"item": "Branch", "items": [...]}]."""
+  out = []
+  for item in plan:
+    if isinstance(item, Branch):
+      out.append({"item": "Branch", "items": plan_record(item.items)})
+    else:
+      out.append({"item": type(item).__name__, **dataclasses.asdict(item)})
+  return out
+
+
 def plan_steps(plan: Sequence[PlanItem]) -> int:
   """Total training steps of a plan."""
   return sum(item.steps for item in plan if isinstance(item, Stage))
