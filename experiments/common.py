@@ -41,6 +41,8 @@ import numpy as np  # noqa: E402
 from lora_squeeze import protocols  # noqa: E402
 
 CELL_FILE = "cell.json"
+# Written instead of results when the run diverged (NaN/inf loss): a finished cell without scores.
+FAILED_FILE = "failed.json"
 RUNS_DIR = "runs"
 # The trainer refuses a non-empty workdir it did not make, so it gets a folder of its own.
 TRAIN_DIR = "train"
@@ -104,6 +106,7 @@ class RunResults:
 
   scores: Mapping[str, float]
   squeezes: tuple[Mapping[str, Any], ...]
+  failure: str | None = None
 
 
 def read_run_results(train_dir: pathlib.Path) -> RunResults | None:
@@ -123,6 +126,15 @@ def read_run_results(train_dir: pathlib.Path) -> RunResults | None:
   squeezes = tuple({"r_src": s["r_src"], "r_tgt": s["r_tgt"], "method": s["method"],
                     "retention": float(s["overall_retention"])} for s in results.get("squeezes", ()))
   return RunResults(scores=scores, squeezes=squeezes)
+
+
+def cell_results(path: pathlib.Path) -> RunResults | None:
+  """Results of the cell folder `path`: the run's, a failure record, or None while unfinished."""
+  failed = pathlib.Path(path) / FAILED_FILE
+  if failed.exists():
+    with open(failed) as f:
+      return RunResults(scores={}, squeezes=(), failure=json.load(f)["error"])
+  return read_run_results(pathlib.Path(path) / TRAIN_DIR)
 
 
 def train_run(config: ml_collections.ConfigDict, plan: protocols.Plan, run_dir: pathlib.Path) -> None:
@@ -272,11 +284,13 @@ def run_cells(
   """Trains every unfinished cell in order; finished ones (complete results file) are skipped.
 
   A half-finished cell is handed to `train_fn` again with the same run folder, where the trainer
-  resumes from its last checkpoint. One progress line per cell, with an ETA from the seconds per
-  unit of `Cell.cost` measured so far in this session.
+  resumes from its last checkpoint. A run that diverges (FloatingPointError, e.g. the trainer's
+  NonFiniteLossError at a too-high lr) is recorded in `failed.json` and counts as finished with no
+  scores, so a sweep goes on; delete that file to retry. One progress line per cell, with an ETA
+  from the seconds per unit of `Cell.cost` measured so far in this session.
   """
   check_unique_names(cells)
-  todo = [c for c in cells if read_run_results(run_dir(workdir, c) / TRAIN_DIR) is None]
+  todo = [c for c in cells if cell_results(run_dir(workdir, c)) is None]
   skipped = tuple(c.name for c in cells if c not in todo)
   if skipped:
     log(f"[grid] {len(skipped)}/{len(cells)} cells already finished, skipped")
@@ -285,14 +299,20 @@ def run_cells(
   for i, cell in enumerate(todo):
     path = claim_run_dir(workdir, cell)
     config = apply_overrides(base_config, cell.overrides)
+    log(f"[grid {i + 1}/{len(todo)}] {cell.name}: starting ({cell.cost:g} steps)")
     start = clock()
-    train_fn(config, cell.plan, path / TRAIN_DIR)
+    outcome = "done"
+    try:
+      train_fn(config, cell.plan, path / TRAIN_DIR)
+    except FloatingPointError as e:
+      write_json(path / FAILED_FILE, {"error": f"{type(e).__name__}: {e}"})
+      outcome = f"FAILED ({type(e).__name__}, recorded in {FAILED_FILE})"
     spent += clock() - start
     done_cost += cell.cost
-    if read_run_results(path / TRAIN_DIR) is None:
+    if cell_results(path) is None:
       raise RuntimeError(f"cell {cell.name!r} ran but left no complete results in {str(path)!r}")
     eta = spent / done_cost * (total_cost - done_cost) if done_cost > 0 else math.nan
-    log(f"[grid {i + 1}/{len(todo)}] {cell.name} done in {format_duration(clock() - start)};"
+    log(f"[grid {i + 1}/{len(todo)}] {cell.name} {outcome} in {format_duration(clock() - start)};"
         f" {len(todo) - i - 1} left, ETA {format_duration(eta)}")
   return GridSummary(skipped=skipped, trained=tuple(c.name for c in todo))
 
@@ -307,7 +327,7 @@ def _finished_cells(workdir: pathlib.Path) -> tuple[list[tuple[dict[str, Any], R
   for cell_file in sorted((pathlib.Path(workdir) / RUNS_DIR).rglob(CELL_FILE)):
     with open(cell_file) as f:
       cell = json.load(f)
-    results = read_run_results(cell_file.parent / TRAIN_DIR)
+    results = cell_results(cell_file.parent)
     if results is None:
       unfinished.append(cell["name"])
     else:
@@ -319,11 +339,16 @@ def collect_rows(workdir: pathlib.Path) -> tuple[list[Row], list[str]]:
   """Score rows of every finished cell under `<workdir>/runs`, and the names of unfinished ones.
 
   One row per (cell, listed evaluation tag): the cell's labels, the tag's coordinates, `tag`, `cell`
-  and `score`. Built only from the files, so a report never depends on what is in memory.
+  and `score` (NaN for a failed run, with its error in `failure`). Built only from the files, so a
+  report never depends on what is in memory.
   """
   rows = []
   finished, unfinished = _finished_cells(workdir)
   for cell, results in finished:
+    if results.failure is not None:
+      rows += [{**cell["labels"], **coords, "tag": tag, "cell": cell["name"], "score": math.nan,
+                "failure": results.failure} for tag, coords in cell["evals"].items()]
+      continue
     for tag, coords in cell["evals"].items():
       if tag not in results.scores:
         raise ValueError(f"cell {cell['name']!r} finished without a score for {tag!r}; it has {sorted(results.scores)}")

@@ -86,11 +86,15 @@ def post_cells(study: ml_collections.ConfigDict, lr_src: float) -> list[common.C
 
 
 def best_lrs(rows: Sequence[common.Row]) -> dict[int, float]:
-  """rank -> the lr with the highest mean score over tasks and seeds (ties: the smaller lr)."""
+  """rank -> the lr with the highest mean score over tasks and seeds (ties: the smaller lr).
+
+  A mean with a NaN (a run that diverged) never wins.
+  """
   means = common.mean_score(common.select(rows, study="sweep"), key=lambda r: (r["rank"], r["lr"]))
   best: dict[int, float] = {}
   for (rank, lr), score in sorted(means.items()):
-    if rank not in best or score > means[(rank, best[rank])]:
+    # A diverged run scores NaN: its lr is never the best (and a rank where all diverged has none).
+    if math.isfinite(score) and (rank not in best or score > means[(rank, best[rank])]):
       best[rank] = lr
   return best
 
@@ -103,9 +107,9 @@ def write_sweep_report(rows: Sequence[common.Row], workdir: pathlib.Path, *, mod
   lrs = sorted({lr for _, lr in means})
   best = best_lrs(rows)
   common.write_csv(workdir / "lr_sweep.csv",
-                   [{"rank": r, "lr": lr, "score": means[(r, lr)], "best": best[r] == lr} for r, lr in sorted(means)])
-  body = [[r, *(means.get((r, lr), math.nan) for lr in lrs), f"{best[r]:g}"] for r in ranks]
-  bold = {(i, 1 + lrs.index(best[r])) for i, r in enumerate(ranks)}
+                   [{"rank": r, "lr": lr, "score": means[(r, lr)], "best": best.get(r) == lr} for r, lr in sorted(means)])
+  body = [[r, *(means.get((r, lr), math.nan) for lr in lrs), f"{best[r]:g}" if r in best else "none"] for r in ranks]
+  bold = {(i, 1 + lrs.index(best[r])) for i, r in enumerate(ranks) if r in best}
   common.atomic_write_text(workdir / "lr_sweep.md", common.markdown_table(
       ["rank", *(f"lr {lr:g}" for lr in lrs), "best lr"], body, bold=bold))
   tasks = sorted({r["task"] for r in sweep})
@@ -170,6 +174,9 @@ def run_study(study: ml_collections.ConfigDict, *, workdir: pathlib.Path, train:
   best = write_sweep_report(rows, workdir, model=base.model)
   if study.source_rank:
     if train:
+      if study.source_rank not in best:
+        raise ValueError(f"source_rank={study.source_rank} has no finished sweep run with a finite score; "
+                         f"ranks with a best lr: {sorted(best)}")
       common.run_cells(post_cells(study, best[study.source_rank]), workdir=workdir, base_config=base,
                        train_fn=train_fn, log=log)
       rows, unfinished = common.collect_rows(workdir)

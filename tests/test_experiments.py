@@ -296,3 +296,90 @@ def test_retention_curves_from_the_squeeze_records(tmp_path):
   reuse.reuse_workdirs = (str(tmp_path),)
   again = retention.run_study(reuse, workdir=tmp_path / "other", train=False, log=lambda line: None)
   assert again == rows
+
+
+# --- a driver end to end on the tiny model and the real trainer -----------------------------------
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from lora_squeeze import model as model_lib  # noqa: E402
+from lora_squeeze import train  # noqa: E402
+
+_LENGTH, _HALF = 8, 3  # tokens [2, x1 x2 x3, 3, x1 x2 x3]: copy the three tokens after the separator 3
+
+
+def _copy_examples(n, seed):
+  rng = np.random.default_rng(seed)
+  out = []
+  for _ in range(n):
+    x = rng.integers(4, 24, _HALF)
+    mask = np.zeros(_LENGTH, bool)
+    mask[_HALF + 2:] = True
+    out.append({"tokens": np.concatenate([[2], x, [3], x]).astype(np.int32), "target_mask": mask})
+  return out
+
+
+@pytest.fixture(scope="module")
+def tiny_train_fn():
+  """A train_fn that runs the real trainer on the tiny Gemma 3 and a synthetic copy task; its score
+  is exp(-loss) on held-out rows (the mean target probability). Records each call's run folder."""
+  base = model_lib.init_base_params("tiny", key=jax.random.key(0))
+  model_for_rank = lambda rank: model_lib.make_model("tiny", lora_rank=rank)
+  held_out = {k: jnp.asarray(np.stack([e[k] for e in _copy_examples(8, 1)])) for k in ("tokens", "target_mask")}
+
+  def evaluate(rank, lora):
+    loss, _ = train.loss_fn(lora, base, held_out, model=model_for_rank(rank), max_targets=_HALF)
+    return {"target_prob": float(jnp.exp(-loss))}
+
+  calls = []
+
+  def train_fn(config, plan, run_dir):
+    calls.append(run_dir)
+    setup = train.RunSetup(
+        model_for_rank=model_for_rank, base_params=base, workdir=run_dir, key=jax.random.key(config.seed),
+        batches=train.batch_dataset(_copy_examples(16, 0), batch_size=4, seed=config.seed), max_targets=_HALF,
+        evaluate=evaluate, run_config={"task": config.task, "seed": config.seed, "plan": common.plan_record(plan)},
+        printer=lambda line: None)
+    train.execute_plan(plan, setup)
+
+  train_fn.calls = calls
+  return train_fn
+
+
+@pytest.mark.slow  # ~30 s on 2 idle cores: two tiny training runs, squeezes, checkpoints
+def test_heatmap_end_to_end_on_the_tiny_model_resumes_and_skips(tmp_path, tiny_train_fn):
+  study = heatmap.get_config("tiny")
+  (tmp_path / "lr.json").write_text(json.dumps({"lr": {"tiny": {"1": 0.1, "2": 0.1}}}))
+  study.source_ranks, study.methods, study.lr_table = (1, 2), ("qr_core",), str(tmp_path / "lr.json")
+  lines = []
+  out = heatmap.run_study(study, workdir=tmp_path, train_fn=tiny_train_fn, log=lines.append)
+  assert [p.parent.name for p in tiny_train_fn.calls] == ["r1_s42", "r2_s42"]
+  assert lines[-1].startswith("[grid 2/2] boolq/r2_s42 done in ") and lines[-1].endswith("; 0 left, ETA 0s")
+  rows = json.loads((tmp_path / "rows.json").read_text())
+  assert sorted(r["tag"] for r in rows) == ["r1", "r1_to_r1_qr_core", "r2", "r2_to_r1_qr_core", "r2_to_r2_qr_core"]
+  assert all(0 < r["score"] < 100 for r in rows)
+  by_tag = {r["tag"]: r["score"] for r in rows}
+  # The heatmap holds Post-Squeeze minus direct as read from the files.
+  np.testing.assert_allclose(out["qr_core"], [[by_tag["r2_to_r1_qr_core"] - by_tag["r1"],
+                                               by_tag["r2_to_r2_qr_core"] - by_tag["r2"]],
+                                              [by_tag["r1_to_r1_qr_core"] - by_tag["r1"], np.nan]], rtol=1e-6)
+  # Squeezing r -> r with the exact core keeps the adapter: the same score.
+  assert by_tag["r2_to_r2_qr_core"] == pytest.approx(by_tag["r2"], rel=1e-4)
+
+  # A second call trains nothing: every cell is finished.
+  tiny_train_fn.calls.clear()
+  lines.clear()
+  heatmap.run_study(study, workdir=tmp_path, train_fn=tiny_train_fn, log=lines.append)
+  assert tiny_train_fn.calls == [] and lines[0] == "[grid] 2/2 cells already finished, skipped"
+
+  # A half-finished cell (results not complete) goes back to the trainer, which resumes from its last
+  # checkpoint instead of training again.
+  train_dir = tmp_path / "runs" / "boolq" / "r2_s42" / common.TRAIN_DIR
+  results = json.loads((train_dir / "results.json").read_text())
+  (train_dir / "results.json").write_text(json.dumps({**results, "complete": False}))
+  trained_steps = (train_dir / train.METRICS_FILE).read_text().count('"event": "train"')
+  heatmap.run_study(study, workdir=tmp_path, train_fn=tiny_train_fn, log=lines.append)
+  assert tiny_train_fn.calls == [train_dir]
+  assert (train_dir / train.METRICS_FILE).read_text().count('"event": "train"') == trained_steps == 2
+  assert json.loads((train_dir / "results.json").read_text())["complete"]
