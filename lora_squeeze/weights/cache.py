@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import pathlib
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -124,4 +125,20 @@ def load_entry(entry: os.PathLike | str) -> dict[str, Any]:
             )
         if _digest(array) != want["sha256"]:
             raise CacheError(f"cache entry {str(entry)!r}: {name} fails its sha256 check")
+    return tree
+
+
+def load_or_build(entry: os.PathLike | str, build: Callable[[], Mapping[str, Any]]) -> dict[str, Any]:
+    """The verified tree at `entry`; if absent or failing verification, `build()` it and store it.
+
+    A corrupt entry is never used: it is logged and replaced by a fresh build.
+    """
+    entry = pathlib.Path(entry)
+    if entry.exists():
+        try:
+            return load_entry(entry)
+        except CacheError as e:
+            logging.warning("rebuilding cache entry: %s", e)
+    tree = jax.tree.map(np.asarray, build())
+    save_entry(entry, tree)
     return tree

@@ -24,17 +24,14 @@ def embedded_270m_params(cache_dir: os.PathLike | str | None = None) -> dict[str
     entry existed but failed verification).
     """
     root = cache_lib.cache_root(cache_dir)
-    entry = root / GGUF_CACHE_ENTRY
-    if entry.exists():
-        try:
-            return cache_lib.load_entry(entry)
-        except cache_lib.CacheError as e:
-            logging.warning("rebuilding the Gemma 3 270M cache: %s", e)
-    start = time.perf_counter()
-    params = gguf_lib.convert_gguf(gguf_lib.assemble_gguf(root))
-    cache_lib.save_entry(entry, params)
-    logging.info("converted the Gemma 3 270M GGUF in %.1f s into %s", time.perf_counter() - start, entry)
-    return params
+
+    def convert() -> dict[str, Any]:
+        start = time.perf_counter()
+        params = gguf_lib.convert_gguf(gguf_lib.assemble_gguf(root))
+        logging.info("converted the Gemma 3 270M GGUF in %.1f s", time.perf_counter() - start)
+        return params
+
+    return cache_lib.load_or_build(root / GGUF_CACHE_ENTRY, convert)
 
 
 def load_orbax_params(path: os.PathLike | str, *, text_only: bool) -> Any:
