@@ -339,7 +339,7 @@ def tiny_train_fn():
     setup = train.RunSetup(
         model_for_rank=model_for_rank, base_params=base, workdir=run_dir, key=jax.random.key(config.seed),
         batches=train.batch_dataset(_copy_examples(16, 0), batch_size=4, seed=config.seed), max_targets=_HALF,
-        evaluate=evaluate, run_config={"task": config.task, "seed": config.seed, "plan": common.plan_record(plan)},
+        evaluate=evaluate, run_config={"task": config.task, "seed": config.seed, "plan": protocols.plan_record(plan)},
         printer=lambda line: None)
     train.execute_plan(plan, setup)
 
@@ -383,3 +383,22 @@ def test_heatmap_end_to_end_on_the_tiny_model_resumes_and_skips(tmp_path, tiny_t
   assert tiny_train_fn.calls == [train_dir]
   assert (train_dir / train.METRICS_FILE).read_text().count('"event": "train"') == trained_steps == 2
   assert json.loads((train_dir / "results.json").read_text())["complete"]
+
+
+@pytest.mark.slow  # ~25 s on 2 idle cores: a subprocess, the tokenizer, BoolQ rows, one tiny run
+def test_retention_command_line_on_the_tiny_preset(tmp_path):
+  """The whole path a user takes: absl flags, the study config file, the training config, the trainer."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+
+  root = pathlib.Path(__file__).resolve().parents[1]
+  done = subprocess.run(
+      [sys.executable, "-m", "experiments.retention", "--config=experiments/retention.py:tiny",
+       "--config.source_ranks=(2,)", f"--workdir={tmp_path}"],
+      cwd=root, capture_output=True, text=True, timeout=600, check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "[grid 1/1] boolq/r2_s42 done in " in done.stdout
+  rows = (tmp_path / "retention.csv").read_text().splitlines()
+  assert rows[0] == "task,r_src,r_tgt,retention" and rows[2] == "boolq,2,2,100.0"
+  assert 0 < float(rows[1].split(",")[3]) < 100
+  assert _png(tmp_path / "retention_boolq.png").std() > 0.01
