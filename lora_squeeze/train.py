@@ -436,7 +436,7 @@ class _Runner:
         window_tokens += tokens
         window_steps += 1
       elapsed = now - window_start
-      tokens_per_s = window_tokens / elapsed if window_steps else float("nan")
+      tokens_per_s = window_tokens / elapsed if window_steps else None
       steps_per_s = window_steps / elapsed if window_steps else float("nan")
       self.metrics.write({
           "event": "train", "step": pos.global_step, "stage": stage_no, "rank": item.rank, "loss": loss,
@@ -448,7 +448,7 @@ class _Runner:
         self.print(
             f"step {pos.global_step}/{self.total_steps} stage {stage_no}/{n_stages} r={item.rank} "
             f"loss {loss:.4f} grad_norm {float(metrics['grad_norm']):.3g} lr {lr:.3g} "
-            f"tokens/s {tokens_per_s:.1f} ETA {_format_eta(eta)}"
+            f"tokens/s {'?' if tokens_per_s is None else f'{tokens_per_s:.1f}'} ETA {_format_eta(eta)}"
         )
       if pos.stage_step < item.steps and pos.global_step % self.setup.checkpoint_every == 0:
         self.save(pos, state.lora, state.opt_state)
