@@ -9,7 +9,8 @@ that with direct training at each lower rank at the same lr (what a sweep of r_s
 give) and at the rank's own best lr.
 
 Writes into --workdir: rows.json/rows.csv (every score, read back from the run folders),
-lr_sweep.csv and lr_sweep.md (mean score per rank x lr, best bold), lr_table.json (the best lr per
+lr_sweep.csv (mean score per rank x lr and its standard error over seeds, App. B) and lr_sweep.md
+(best bold), lr_table.json (the best lr per
 rank for the training config's model, in the format of configs/lr_table.json, which the training
 configs and the other studies' `lr_table` read), lr_sweep.png, and per task plus averaged
 sweep_only_r<src>_<task>.png.
@@ -22,6 +23,7 @@ import pathlib
 from collections.abc import Callable, Sequence
 
 import ml_collections
+import numpy as np
 from absl import app
 
 from experiments import common
@@ -99,6 +101,16 @@ def best_lrs(rows: Sequence[common.Row]) -> dict[int, float]:
   return best
 
 
+def seed_sem(sweep: Sequence[common.Row]) -> dict[tuple[int, float], float]:
+  """(rank, lr) -> standard error of the mean over seeds of the task-averaged score (App. B, Table 3);
+  NaN with a single seed."""
+  per_seed = common.mean_score(sweep, key=lambda r: (r["rank"], r["lr"], r["seed"]))
+  by_cell: dict[tuple[int, float], list[float]] = {}
+  for (rank, lr, _), score in per_seed.items():
+    by_cell.setdefault((rank, lr), []).append(score)
+  return {k: float(np.std(v, ddof=1) / np.sqrt(len(v))) if len(v) > 1 else math.nan for k, v in by_cell.items()}
+
+
 def write_sweep_report(rows: Sequence[common.Row], workdir: pathlib.Path, *, model: str) -> dict[int, float]:
   """lr_sweep.csv/.md/.png and lr_table.json (for `model`) from the sweep rows; returns the best lr per rank."""
   sweep = common.select(rows, study="sweep")
@@ -106,8 +118,10 @@ def write_sweep_report(rows: Sequence[common.Row], workdir: pathlib.Path, *, mod
   ranks = sorted({r for r, _ in means})
   lrs = sorted({lr for _, lr in means})
   best = best_lrs(rows)
+  sem = seed_sem(sweep)
   common.write_csv(workdir / "lr_sweep.csv",
-                   [{"rank": r, "lr": lr, "score": means[(r, lr)], "best": best.get(r) == lr} for r, lr in sorted(means)])
+                   [{"rank": r, "lr": lr, "score": means[(r, lr)], "sem": sem[(r, lr)], "best": best.get(r) == lr}
+                    for r, lr in sorted(means)])
   body = [[r, *(means.get((r, lr), math.nan) for lr in lrs), f"{best[r]:g}" if r in best else "none"] for r in ranks]
   bold = {(i, 1 + lrs.index(best[r])) for i, r in enumerate(ranks) if r in best}
   common.atomic_write_text(workdir / "lr_sweep.md", common.markdown_table(

@@ -197,6 +197,14 @@ def test_lr_sweep_grid_is_complete_and_unique():
     lr_sweep.sweep_cells(study)
 
 
+def test_lr_sweep_seed_sem_and_a_diverged_run_never_wins():
+  rows = [{"study": "sweep", "task": t, "rank": 1, "lr": 0.1, "seed": s, "score": v}
+          for t, s, v in [("a", 1, 50.0), ("b", 1, 60.0), ("a", 2, 54.0), ("b", 2, 60.0)]]
+  assert lr_sweep.seed_sem(rows) == {(1, 0.1): pytest.approx(1.0)}  # seed means 55, 57: std sqrt(2), / sqrt(2)
+  rows += [{"study": "sweep", "task": "a", "rank": 1, "lr": 0.01, "seed": 1, "score": float("nan")}]
+  assert lr_sweep.best_lrs(rows) == {1: 0.1}
+
+
 def _sweep_score(labels, coords):
   """Low ranks like a high lr, high ranks a low one (the paper's App. A trend); task b scores 10 more."""
   rank, lr = labels.get("rank"), labels["lr"]
@@ -216,6 +224,7 @@ def test_lr_sweep_report_is_built_from_the_files(tmp_path):
   table = (tmp_path / "lr_sweep.md").read_text().splitlines()
   assert table[2] == "| 1 | 56.0 | **66.0** | 0.1 |"  # mean of tasks a (51, 61) and b (61, 71)
   assert table[4] == "| 4 | **69.0** | 59.0 | 0.01 |"
+  assert (tmp_path / "lr_sweep.csv").read_text().splitlines()[1] == "1,0.01,56.0,nan,False"  # one seed: no SEM
   # Phase 2 (the Post-Squeeze run at r=4 with lr 0.01) then Fig. 3 from its files.
   post = lr_sweep.post_cells(study, best[4])
   assert [c.labels["lr"] for c in post] == [0.01, 0.01] and post[0].evals == {"r4_to_r1": {"rank": 1}, "r4_to_r2": {"rank": 2}}
