@@ -411,3 +411,24 @@ def test_retention_command_line_on_the_tiny_preset(tmp_path):
   assert rows[0] == "task,r_src,r_tgt,retention" and rows[2] == "boolq,2,2,100.0"
   assert 0 < float(rows[1].split(",")[3]) < 100
   assert _png(tmp_path / "retention_boolq.png").std() > 0.01
+
+
+@pytest.mark.parametrize("driver, expected", [
+    (lr_sweep, {"paper": 13 * 8 * 5, "reduced": 3 * 3}),
+    (heatmap, {"paper": 13 * 8, "reduced": 3}),
+    (protocol_table, {"paper": 13 * (2 * 2 + 2), "reduced": 2 + 2}),
+    (retention, {"paper": 13 * 3, "reduced": 2}),
+])
+def test_presets_build_their_grids_and_valid_training_configs(driver, expected, tmp_path):
+  from configs import common as configs_common  # pylint: disable=g-import-not-at-top
+
+  for preset, n_cells in expected.items():
+    study = driver.get_config(preset)
+    base = common.training_config(study)
+    lr_for_rank = common.lr_table(study, base)
+    cells = lr_sweep.sweep_cells(study) if driver is lr_sweep else driver.cells(study, lr_for_rank)
+    assert len(cells) == n_cells, preset
+    if preset == "paper":  # validate checks that the checkpoint folder exists, not what it holds
+      base = common.apply_overrides(base, {"checkpoint": str(tmp_path)})
+    for cell in cells[:: max(1, len(cells) // 20)]:
+      configs_common.validate(common.apply_overrides(base, cell.overrides))
