@@ -91,6 +91,7 @@ class RunResults:
     scores: evaluation tag -> task score in percent (the first metric the evaluator returned).
     squeezes: one record per squeeze the plan made: r_src, r_tgt, method, retention (Eq. 10 over
       all modules of the adapter).
+    failure: the error of a run that diverged (then no scores), else None.
   """
 
   scores: Mapping[str, float]
@@ -254,14 +255,6 @@ def claim_run_dir(workdir: pathlib.Path, cell: Cell) -> pathlib.Path:
   return path
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class GridSummary:
-  """What `run_cells` did: cell names already finished (skipped) and those it trained now."""
-
-  skipped: tuple[str, ...]
-  trained: tuple[str, ...]
-
-
 def run_cells(
     cells: Sequence[Cell],
     *,
@@ -269,8 +262,7 @@ def run_cells(
     base_config: ml_collections.ConfigDict,
     train_fn: Callable[[ml_collections.ConfigDict, protocols.Plan, pathlib.Path], None] = train_run,
     log: Callable[[str], None] = print,
-    clock: Callable[[], float] = time.monotonic,
-) -> GridSummary:
+) -> None:
   """Trains every unfinished cell in order; finished ones (complete results file) are skipped.
 
   A half-finished cell is handed to `train_fn` again with the same run folder, where the trainer
@@ -281,30 +273,28 @@ def run_cells(
   """
   check_unique_names(cells)
   todo = [c for c in cells if cell_results(run_dir(workdir, c)) is None]
-  skipped = tuple(c.name for c in cells if c not in todo)
-  if skipped:
-    log(f"[grid] {len(skipped)}/{len(cells)} cells already finished, skipped")
+  if len(todo) < len(cells):
+    log(f"[grid] {len(cells) - len(todo)}/{len(cells)} cells already finished, skipped")
   total_cost = sum(c.cost for c in todo)
   done_cost, spent = 0.0, 0.0
   for i, cell in enumerate(todo):
     path = claim_run_dir(workdir, cell)
     config = apply_overrides(base_config, cell.overrides)
     log(f"[grid {i + 1}/{len(todo)}] {cell.name}: starting ({cell.cost:g} steps)")
-    start = clock()
+    start = time.monotonic()
     outcome = "done"
     try:
       train_fn(config, cell.plan, path / TRAIN_DIR)
     except FloatingPointError as e:
       write_json(path / FAILED_FILE, {"error": f"{type(e).__name__}: {e}"})
       outcome = f"FAILED ({type(e).__name__}, recorded in {FAILED_FILE})"
-    spent += clock() - start
+    spent += time.monotonic() - start
     done_cost += cell.cost
     if cell_results(path) is None:
       raise RuntimeError(f"cell {cell.name!r} ran but left no complete results in {str(path)!r}")
     eta = spent / done_cost * (total_cost - done_cost) if done_cost > 0 else math.nan
-    log(f"[grid {i + 1}/{len(todo)}] {cell.name} {outcome} in {format_duration(clock() - start)};"
+    log(f"[grid {i + 1}/{len(todo)}] {cell.name} {outcome} in {format_duration(time.monotonic() - start)};"
         f" {len(todo) - i - 1} left, ETA {format_duration(eta)}")
-  return GridSummary(skipped=skipped, trained=tuple(c.name for c in todo))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,14 +419,17 @@ def plot_heatmap(values: np.ndarray, *, row_labels: Sequence[Any], col_labels: S
 
 
 def plot_lines(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], *, path: pathlib.Path, title: str,
-               xlabel: str, ylabel: str, log2_x: bool = True, log_x: bool = False) -> None:
-  """One line with markers per series name -> (xs, ys); ranks on a log2 x axis by default, or log10."""
+               xlabel: str, ylabel: str, x_scale: str = "log2") -> None:
+  """One line with markers per series name -> (xs, ys); x_scale "log2" (ranks, ticks at the data)
+  or "log10" (learning rates)."""
+  if x_scale not in ("log2", "log10"):
+    raise ValueError(f"x_scale must be 'log2' or 'log10', got {x_scale!r}")
   fig, ax = plt.subplots(figsize=(5.5, 3.8))
   for name, (xs, ys) in series.items():
     ax.plot(xs, ys, marker="o", label=name)
-  if log_x:
+  if x_scale == "log10":
     ax.set_xscale("log")
-  elif log2_x:
+  else:
     ax.set_xscale("log", base=2)
     ticks = sorted({x for xs, _ in series.values() for x in xs})
     ax.set_xticks(ticks, [str(int(t)) if float(t).is_integer() else str(t) for t in ticks])
@@ -454,9 +447,9 @@ def write_rows(workdir: pathlib.Path, rows: Sequence[Row], unfinished: Sequence[
   common_columns = ["study", "task", "rank", "r_src", "r_tgt", "method", "protocol", "lr", "seed", "tag", "score"]
   columns = [c for c in common_columns if any(c in r for r in rows)]
   columns += [c for c in dict.fromkeys(k for r in rows for k in r) if c not in columns]
-  common_rows = sorted(rows, key=lambda r: json.dumps([r.get(c) for c in columns], default=str))
-  write_json(pathlib.Path(workdir) / "rows.json", common_rows)
-  write_csv(pathlib.Path(workdir) / "rows.csv", common_rows, columns)
+  ordered = sorted(rows, key=lambda r: json.dumps([r.get(c) for c in columns], default=str))
+  write_json(pathlib.Path(workdir) / "rows.json", ordered)
+  write_csv(pathlib.Path(workdir) / "rows.csv", ordered, columns)
   if unfinished:
     log(f"[report] {len(unfinished)} cells unfinished, left out: {', '.join(unfinished[:5])}"
         f"{' ...' if len(unfinished) > 5 else ''}")

@@ -9,11 +9,10 @@ that with direct training at each lower rank at the same lr (what a sweep of r_s
 give) and at the rank's own best lr.
 
 Writes into --workdir: rows.json/rows.csv (every score, read back from the run folders),
-lr_sweep.csv (mean score per rank x lr and its standard error over seeds, App. B) and lr_sweep.md
-(best bold), lr_table.json (the best lr per
-rank for the training config's model, in the format of configs/lr_table.json, which the training
-configs and the other studies' `lr_table` read), lr_sweep.png, and per task plus averaged
-sweep_only_r<src>_<task>.png.
+lr_sweep.csv (mean score per rank x lr and its standard error over seeds, App. B), lr_sweep.md
+(best bold), lr_sweep.png, lr_table.json (the best lr per rank for the training config's model, in
+the format of configs/lr_table.json, which the training configs and the other studies'
+`lr_table` read) and, per task and averaged, sweep_only_r<src>_<task>.png (Fig. 3).
 """
 
 from __future__ import annotations
@@ -36,13 +35,11 @@ PAPER_RANKS = (1, 2, 4, 8, 16, 32, 64, 128)
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Presets: "paper" (default), "reduced" (Gemma 3 270M + BoolQ on CPU), "tiny" (tests)."""
   study = common.study_config(arg)
-  study.ranks = PAPER_RANKS if study.preset == "paper" else (1, 4, 16)
-  study.lrs = PAPER_LRS if study.preset == "paper" else (1e-3, 1e-2, 1e-1)
+  study.ranks = {"paper": PAPER_RANKS, "reduced": (1, 4, 16), "tiny": (1, 2)}[study.preset]
+  study.lrs = {"paper": PAPER_LRS, "reduced": (1e-3, 1e-2, 1e-1), "tiny": (1e-2, 1e-1)}[study.preset]
   # Fig. 3: sweep only this rank and Post-Squeeze to the lower ones; 0 skips phase 2.
   study.source_rank = max(study.ranks)
   study.method = "qr_core"
-  if study.preset == "tiny":
-    study.ranks, study.lrs, study.source_rank = (1, 2), (1e-2, 1e-1), 2
   return study
 
 
@@ -81,7 +78,7 @@ def post_cells(study: ml_collections.ConfigDict, lr_src: float) -> list[common.C
           plan=plan,
           overrides=common.run_overrides(task=task, seed=seed),
           labels={"study": "post", "task": task, "r_src": r_src, "lr": lr_src, "seed": seed},
-          evals={f"r{r_src}_to_r{t}": {"rank": t} for t in targets},
+          evals={f"r{r_src}": {"rank": r_src}, **{f"r{r_src}_to_r{t}": {"rank": t} for t in targets}},
           cost=common.steps_for(study, task),
       ))
   return cells
@@ -137,7 +134,7 @@ def write_sweep_report(rows: Sequence[common.Row], workdir: pathlib.Path, *, mod
       {f"r={r}": ([lr for lr in lrs if (r, lr) in means], [means[(r, lr)] for lr in lrs if (r, lr) in means])
        for r in ranks},
       path=workdir / "lr_sweep.png", title="LR sweep: mean score over tasks and seeds", xlabel="learning rate",
-      ylabel="score (%)", log2_x=False, log_x=True)
+      ylabel="score (%)", x_scale="log10")
   return best
 
 
@@ -156,7 +153,6 @@ def write_fig3(rows: Sequence[common.Row], workdir: pathlib.Path, *, r_src: int)
     direct_src_lr = common.mean_score(common.select(sweep, lr=lr_src), key=lambda r: r["rank"])
     direct_best = common.mean_score([r for r in sweep if best.get(r["rank"]) == r["lr"]], key=lambda r: r["rank"])
     squeezed = common.mean_score(common.select(pick(post), lr=lr_src), key=lambda r: r["rank"])
-    squeezed[r_src] = direct_src_lr.get(r_src, math.nan)  # the source adapter itself, for a joined line
     series = {
         f"direct, lr {lr_src:g} (best for r={r_src})": _xy(direct_src_lr),
         f"Post-Squeeze from r={r_src}": _xy(squeezed),

@@ -227,13 +227,14 @@ def test_lr_sweep_report_is_built_from_the_files(tmp_path):
   assert (tmp_path / "lr_sweep.csv").read_text().splitlines()[1] == "1,0.01,56.0,nan,False"  # one seed: no SEM
   # Phase 2 (the Post-Squeeze run at r=4 with lr 0.01) then Fig. 3 from its files.
   post = lr_sweep.post_cells(study, best[4])
-  assert [c.labels["lr"] for c in post] == [0.01, 0.01] and post[0].evals == {"r4_to_r1": {"rank": 1}, "r4_to_r2": {"rank": 2}}
+  assert [c.labels["lr"] for c in post] == [0.01, 0.01] and post[0].evals == {"r4": {"rank": 4}, "r4_to_r1": {"rank": 1},
+                                                                     "r4_to_r2": {"rank": 2}}
   _finish(tmp_path, post, _sweep_score)
   lr_sweep.run_study(study, workdir=tmp_path, train=False, log=lambda line: None)
   for name in ("a", "b", "average"):
     assert _png(tmp_path / f"sweep_only_r4_{name}.png").std() > 0.01
   rows = json.loads((tmp_path / "rows.json").read_text())
-  assert len(rows) == 2 * 3 * 2 + 2 * 2
+  assert len(rows) == 2 * 3 * 2 + 2 * 3
 
 
 def test_heatmap_gains_come_from_the_files(tmp_path):
