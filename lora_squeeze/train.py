@@ -149,11 +149,6 @@ def init_train_state(lora: Params, optimizer: optax.GradientTransformation) -> T
   return TrainState(lora=lora, opt_state=opt_state, step=jnp.zeros((), jnp.int32))
 
 
-def cast_floating(tree: Params, dtype) -> Params:
-  """Casts the floating-point leaves of `tree` to `dtype` (the frozen base for bf16 compute)."""
-  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
-
-
 # ---------------------------------------------------------------------------------------------
 # Data.
 

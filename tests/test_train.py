@@ -218,3 +218,19 @@ def test_bad_batches_are_refused():
     train.check_batch({**good, "target_mask": np.ones((2, 4), bool)}, max_targets=None, step=0)
   assert train.targets_bucket(good["target_mask"]) == 8
   assert train.targets_bucket(np.ones((1, 20), bool), minimum=8) == 32
+
+
+def test_bf16_base_keeps_float32_lora_and_optimizer_state(base):
+  model = model_lib.make_model("tiny", lora_rank=2)
+  lora = model_lib.init_lora_params(model, base, key=jax.random.key(3))
+  batch = {k: jnp.asarray(np.stack([e[k] for e in copy_examples(4, 5)])) for k in ("tokens", "target_mask")}
+  step = train.make_train_step(model, lr=STAGE_LR, warmup=STAGE_WARMUP, max_targets=8)
+  losses = {}
+  for dtype in (jnp.float32, jnp.bfloat16):
+    state = train.init_train_state(jax.tree.map(jnp.copy, lora), optim.make_optimizer(STAGE_LR, STAGE_WARMUP))
+    state, metrics = step(state, jax.tree.map(lambda x: x.astype(dtype), base), batch)
+    losses[dtype] = float(metrics["loss"])
+    assert {x.dtype for x in jax.tree.leaves(state.lora)} == {jnp.dtype(jnp.float32)}
+    assert {x.dtype for x in jax.tree.leaves(state.opt_state) if jnp.issubdtype(x.dtype, jnp.floating)} == {
+        jnp.dtype(jnp.float32)}
+  assert losses[jnp.bfloat16] == pytest.approx(losses[jnp.float32], rel=2e-2)
