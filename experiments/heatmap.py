@@ -10,8 +10,9 @@ costs one training run per source rank.
 
 Writes into --workdir: rows.json/rows.csv (every score), heatmap.csv (per task, r_src, r_tgt and
 method: Post-Squeeze, direct, gain), heatmap_<method>.md and heatmap_<method>.png (Fig. 4: mean over
-tasks of Post-Squeeze minus direct, red = Post-Squeeze better) and, with two methods,
-heatmap_<method0>_vs_<method1>.png (Fig. 5).
+tasks of Post-Squeeze minus direct, red = Post-Squeeze better), with two methods
+heatmap_<method0>_vs_<method1>.png (Fig. 5), and heatmap_tasks.md (Table 6: per task, direct vs
+Post-Squeeze for the `table_pairs`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   study.target_ranks = ()
   # The first method makes Fig. 4; two methods also make Fig. 5 (first minus second).
   study.methods = ("qr_core", "rsvd")
+  # Table 6: per-task scores of these (r_src, r_tgt) pairs (first method); pairs not run are skipped.
+  study.table_pairs = {"paper": ((16, 4), (128, 8)), "reduced": ((16, 4), (4, 1)), "tiny": ((2, 1),)}[study.preset]
   return study
 
 
@@ -104,10 +107,35 @@ def gain_matrix(gains: Sequence[common.Row], *, value: Callable[[common.Row], fl
   return matrix
 
 
-def write_report(rows: Sequence[common.Row], workdir: pathlib.Path, *, methods: Sequence[str]) -> dict[str, np.ndarray]:
-  """heatmap.csv, and per method the gain heatmap (.md/.png); with two methods also Fig. 5."""
+def write_task_table(gains: Sequence[common.Row], path: pathlib.Path, *, method: str,
+                     pairs: Sequence[tuple[int, int]]) -> list[list]:
+  """Table 6: per task, direct at r_tgt, Post-Squeeze r_src -> r_tgt and the gain, for each pair;
+  an "average" row over tasks. Pairs without results are left out."""
+  by_key = {(g["task"], g["r_src"], g["r_tgt"]): g for g in gains if g["method"] == method}
+  pairs = [(s, t) for s, t in pairs if any(k[1:] == (s, t) for k in by_key)]
+  tasks = sorted({task for task, _, _ in by_key})
+  header, body = ["task"], []
+  for r_src, r_tgt in pairs:
+    header += [f"direct r{r_tgt}", f"{r_src}→{r_tgt}", "Δ"]
+  for task in tasks:
+    row = [task]
+    for r_src, r_tgt in pairs:
+      g = by_key.get((task, r_src, r_tgt))
+      row += [g["direct"], g["post_squeeze"], g["gain"]] if g else [math.nan] * 3
+    body.append(row)
+  if len(tasks) > 1:
+    body.append(["average", *(float(np.mean([row[j] for row in body])) for j in range(1, len(header)))])
+  common.atomic_write_text(path, common.markdown_table(header, body))
+  return body
+
+
+def write_report(rows: Sequence[common.Row], workdir: pathlib.Path, *, methods: Sequence[str],
+                 table_pairs: Sequence[tuple[int, int]] = ()) -> dict[str, np.ndarray]:
+  """heatmap.csv, per method the gain heatmap (.md/.png), with two methods also Fig. 5, and the
+  per-task table of `table_pairs` (heatmap_tasks.md)."""
   gains = gain_rows(rows)
   common.write_csv(workdir / "heatmap.csv", gains)
+  write_task_table(gains, workdir / "heatmap_tasks.md", method=methods[0], pairs=table_pairs)
   sources = sorted({g["r_src"] for g in gains}, reverse=True)  # largest source on top, as in the paper
   targets = sorted({g["r_tgt"] for g in gains})
   n_tasks = len({g["task"] for g in gains})
@@ -150,7 +178,7 @@ def run_study(study: ml_collections.ConfigDict, *, workdir: pathlib.Path, train:
   if not rows:
     raise ValueError(f"no finished runs under {workdir}; run without --report_only first")
   common.write_rows(workdir, rows, unfinished, log=log)
-  return write_report(rows, workdir, methods=tuple(study.methods))
+  return write_report(rows, workdir, methods=tuple(study.methods), table_pairs=tuple(map(tuple, study.table_pairs)))
 
 
 if __name__ == "__main__":

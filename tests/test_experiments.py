@@ -259,6 +259,9 @@ def test_heatmap_gains_come_from_the_files(tmp_path):
   assert (tmp_path / "heatmap_qr_core.md").read_text().splitlines()[2] == "| 4 | +3.00 | +3.00 | +3.00 |"
   for name in ("qr_core", "rsvd", "qr_core_vs_rsvd"):
     assert _png(tmp_path / f"heatmap_{name}.png").std() > 0.01
+  # Table 6 for the pair 2 -> 1: direct r1 is 51 (a) / 55 (b), Post-Squeeze adds 1 + 1 (qr_core).
+  assert (tmp_path / "heatmap_tasks.md").read_text().splitlines()[1:] == [
+      "|---|---|---|---|", "| a | 51.0 | 53.0 | 2.0 |", "| b | 55.0 | 57.0 | 2.0 |", "| average | 53.0 | 55.0 | 2.0 |"]
   assert len((tmp_path / "heatmap.csv").read_text().splitlines()) == 1 + 2 * 6 * 2
 
 
