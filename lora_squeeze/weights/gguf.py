@@ -80,10 +80,23 @@ def gguf_field(reader, key: str) -> Any:
     return reader.fields[key].contents()
 
 
-def _dequantized(reader) -> dict[str, np.ndarray]:
-    from gguf import quants  # pylint: disable=import-outside-toplevel
+class _Dequantized(Mapping):
+    """GGUF tensors dequantized to float32 on access, so that only the mapped tree stays in memory."""
 
-    return {t.name: quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False) for t in reader.tensors}
+    def __init__(self, reader):
+        self._tensors = {t.name: t for t in reader.tensors}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        from gguf import quants  # pylint: disable=import-outside-toplevel
+
+        t = self._tensors[name]
+        return quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+
+    def __iter__(self):
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
 
 
 def gguf_to_params(tensors: Mapping[str, np.ndarray], *, num_layers: int, num_heads: int, num_kv_heads: int, head_dim: int) -> dict[str, Any]:
@@ -149,7 +162,7 @@ def convert_gguf(path: os.PathLike | str) -> dict[str, Any]:
         raise ValueError(f"GGUF architecture is {arch!r}, expected 'gemma3'")
     key_length = gguf_field(reader, "gemma3.attention.key_length")
     return gguf_to_params(
-        _dequantized(reader),
+        _Dequantized(reader),
         num_layers=int(gguf_field(reader, "gemma3.block_count")),
         num_heads=int(gguf_field(reader, "gemma3.attention.head_count")),
         num_kv_heads=int(gguf_field(reader, "gemma3.attention.head_count_kv")),
