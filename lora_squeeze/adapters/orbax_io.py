@@ -52,8 +52,9 @@ def save_adapter(path: str | os.PathLike, lora_params: Mapping[str, Any], metada
       metadata: JSON-serialisable dict, e.g. {"model": "gemma3_270m", "targets": [...]}.
     """
     tree = _to_numpy_tree(lora_params, where=path)
+    index = _index_json(tree, metadata, where=path)
     with atomic.atomic_output(path, force=False) as target:
-        _write(target, tree, metadata)
+        _write(target, tree, index)
 
 
 def load_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -63,22 +64,28 @@ def load_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any
     return _unflatten(flat), adapter.metadata_with_ranks()
 
 
-def _write(target: pathlib.Path, tree: Mapping[str, Any], metadata: Mapping[str, Any]) -> None:
+def _index_json(tree: Mapping[str, Any], metadata: Mapping[str, Any], *, where: Any) -> str:
+    """The index file's text: format, version, rank per module (from the tree), caller's metadata."""
     flat = _flatten(tree)
-    pairs = pair_factors({k: v.shape for k, v in flat.items()}, where=target)
+    pairs = pair_factors({k: v.shape for k, v in flat.items()}, where=where)
     if not pairs:
-        raise AdapterError("the LoRA tree has no LoRA modules (dicts with leaves 'a' (*in, r) and 'b' (r, *out))")
+        raise AdapterError(
+            f"{where}: the LoRA tree has no LoRA modules (dicts with leaves 'a' (*in, r) and 'b' (r, *out))"
+        )
     user = {k: v for k, v in metadata.items() if k != "ranks"}
     index = {"format": FORMAT, "version": VERSION, "ranks": {n: p.info.r_src for n, p in pairs.items()},
              "metadata": user}
     try:
-        text = json.dumps(index, indent=2, sort_keys=True)
+        return json.dumps(index, indent=2, sort_keys=True) + "\n"
     except TypeError as e:
-        raise AdapterError(f"adapter metadata must be JSON-serialisable: {e}") from e
+        raise AdapterError(f"{where}: adapter metadata must be JSON-serialisable: {e}") from e
+
+
+def _write(target: pathlib.Path, tree: Mapping[str, Any], index_json: str) -> None:
     target.mkdir()
     with ocp.PyTreeCheckpointer() as checkpointer:
         checkpointer.save(target / PARAMS_DIR, dict(tree))
-    (target / INDEX_FILE).write_text(text + "\n")
+    (target / INDEX_FILE).write_text(index_json)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -129,7 +136,8 @@ class OrbaxAdapter:
         if others:
             flat_out.update(self.restore(others))
         metadata = {**self.index.get("metadata", {}), "lora_squeeze": dict(provenance)}
-        _write(target, _unflatten(flat_out), metadata)
+        tree = _unflatten(flat_out)
+        _write(target, tree, _index_json(tree, metadata, where=self.path))
 
     def restore_dtypes(self) -> dict[str, np.dtype]:
         tree = _read_tree_metadata(self.path / PARAMS_DIR)
