@@ -613,6 +613,9 @@ def driver_main(run_study: Callable[..., Any]) -> Callable[[Sequence[str]], None
       from lora_squeeze import sharding  # pylint: disable=g-import-not-at-top
 
       sharding.maybe_initialize_distributed()  # a multi-host job: before any other JAX call
-    run_study(flags.FLAGS.config, workdir=pathlib.Path(flags.FLAGS.workdir), train=not flags.FLAGS.report_only)
+    try:
+      run_study(flags.FLAGS.config, workdir=pathlib.Path(flags.FLAGS.workdir), train=not flags.FLAGS.report_only)
+    except ValueError as e:  # bad config or folder: the message says what to change
+      raise SystemExit(f"{pathlib.Path(argv[0]).name}: {e}") from None
 
   return main
