@@ -101,6 +101,8 @@ def check_model_name(name: str) -> None:
 
 
 def _check_targets(targets: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(targets, str):
+        raise ValueError(f"LoRA targets must be a sequence of names, got the string {targets!r}")
     targets = tuple(targets)
     bad = [t for t in targets if t not in LORA_TARGETS]
     if bad or not targets:
@@ -121,6 +123,8 @@ def lora_target_of(path: Sequence[str], weight_name: str) -> str | None:
         return "gating"
     if weight_name == "linear":
         return "linear"
+    # Every Gemma 3 size uses separate q / kv einsums (GQA); a fused `qkv_einsum` (equal head
+    # counts, Gemma 1/2 style) has no target here and is left unwrapped.
     return {"q_einsum": "q", "kv_einsum": "kv", "attn_vec_einsum": "attn_out"}.get(path[-1])
 
 

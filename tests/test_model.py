@@ -45,6 +45,8 @@ def test_unknown_model_name():
 def test_bad_targets(targets):
     with pytest.raises(ValueError, match="bad LoRA targets"):
         M.make_model("tiny", lora_rank=4, lora_targets=targets)
+    with pytest.raises(ValueError, match="LoRA targets must be a sequence of names, got the string 'kv'"):
+        M.make_model("tiny", lora_rank=4, lora_targets="kv")
 
 
 @pytest.mark.parametrize("rank", [0, -2, 2.5, True])
