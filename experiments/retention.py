@@ -28,7 +28,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Presets: "paper" (default), "reduced" (Gemma 3 270M + BoolQ on CPU), "tiny" (tests)."""
   study = common.study_config(arg)
   study.source_ranks = {"paper": (32, 64, 128), "reduced": (4, 16), "tiny": (2, 4)}[study.preset]
-  study.method = "qr_core"  # exact singular values of ΔW (Alg. 2 with an exact core)
+  # The squeeze method of the runs (and of the reused runs' squeezes read): V_r itself is exact for
+  # every method (lora_tree computes it from the exact r_src x r_src core).
+  study.method = "qr_core"
   # Study folders whose finished runs' squeezes are read too (no training for what they hold).
   study.reuse_workdirs = ()
   return study
@@ -93,10 +95,11 @@ def run_study(study: ml_collections.ConfigDict, *, workdir: pathlib.Path, train:
             if (c.labels["task"], c.labels["r_src"], c.labels["seed"]) not in have]
     common.run_cells(todo, workdir=workdir, base_config=base, train_fn=train_fn, log=log)
   squeezes, unfinished = common.collect_squeeze_rows(workdir)
-  rows = retention_rows([*squeezes, *reused], method=study.method)
+  wanted = [s for s in [*squeezes, *reused] if s["task"] in study.tasks and s["r_src"] in study.source_ranks]
+  rows = retention_rows(wanted, method=study.method)
   if not rows:
     raise ValueError(f"no finished squeezes with method {study.method!r} under {workdir} or {study.reuse_workdirs}")
-  common.write_rows(workdir, [*squeezes, *reused], unfinished, log=log)
+  common.write_rows(workdir, wanted, unfinished, log=log)
   write_report(rows, workdir)
   return rows
 

@@ -309,6 +309,9 @@ def test_retention_curves_from_the_squeeze_records(tmp_path):
   reuse.reuse_workdirs = (str(tmp_path),)
   again = retention.run_study(reuse, workdir=tmp_path / "other", train=False, log=lambda line: None)
   assert again == rows
+  reuse.source_ranks = (4,)  # only the study's own source ranks are plotted from a reused folder
+  only_4 = retention.run_study(reuse, workdir=tmp_path / "other", train=False, log=lambda line: None)
+  assert only_4 == [r for r in rows if r["r_src"] == 4]
 
 
 # --- a driver end to end on the tiny model and the real trainer -----------------------------------
