@@ -48,9 +48,8 @@ def target_ranks(study: ml_collections.ConfigDict) -> tuple[int, ...]:
 
 def cells(study: ml_collections.ConfigDict, lr_for_rank: Callable[[int], float]) -> list[common.Cell]:
   """One Post-Squeeze run per task x r_src x seed, squeezing to every target <= r_src per method."""
-  for method in study.methods:
-    if method not in protocols.SQUEEZE_METHODS:
-      raise ValueError(f"methods: {method!r} is not one of {protocols.SQUEEZE_METHODS}")
+  if not study.methods or any(m not in protocols.SQUEEZE_METHODS for m in study.methods):
+    raise ValueError(f"methods must name one or more of {protocols.SQUEEZE_METHODS}, got {tuple(study.methods)}")
   out = []
   for task in study.tasks:
     steps = common.steps_for(study, task)

@@ -243,6 +243,10 @@ def test_heatmap_gains_come_from_the_files(tmp_path):
   cells = heatmap.cells(study, _LR)
   assert len(cells) == 2 * 3
   assert cells[-1].evals["r4_to_r2_rsvd"] == {"kind": "post", "r_tgt": 2, "method": "rsvd"}
+  study.methods = ("qr_core", "svdd")
+  with pytest.raises(ValueError, match=r"methods must name one or more of .*got \('qr_core', 'svdd'\)"):
+    heatmap.cells(study, _LR)
+  study.methods = ("qr_core", "rsvd")
 
   def score(labels, coords):  # direct: 50 + r; post: 50 + r_tgt + r_src/2 (+1 for qr_core); task b + 4
     base = 50.0 + coords["r_tgt"] + (4.0 if labels["task"] == "b" else 0.0)
