@@ -490,10 +490,10 @@ def study_config(preset: str | None) -> ml_collections.ConfigDict:
   if preset == "paper":
     from lora_squeeze.data import tasks  # pylint: disable=g-import-not-at-top  (only this preset needs it)
 
-    # Add the official Orbax checkpoint (and any other training key) to the argument:
-    # --config.train_config=configs/direct.py:model=gemma3_4b,checkpoint=/ckpt/gemma3-4b-it
-    study.train_config = "configs/direct.py:model=gemma3_4b"
-    study.train_overrides = ml_collections.ConfigDict()
+    study.train_config = "configs/direct.py"
+    # Set on the command line: --config.train_overrides.checkpoint=/ckpt/gemma3-4b-it (the official
+    # Orbax checkpoint) and, for prepared TFDS data elsewhere than ~/tensorflow_datasets, data_dir.
+    study.train_overrides = ml_collections.ConfigDict({"model": "gemma3_4b", "checkpoint": "", "data_dir": ""})
     study.tasks = tasks.task_names("text")
     study.steps = 10_000
     # The paper trains "15,000 steps on larger datasets" without naming them: set e.g.
