@@ -3,12 +3,14 @@
 import dataclasses
 import re
 
+import hypothesis
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from gemma import gm
+from hypothesis import strategies as st
 
 from lora_squeeze import model as M
 
@@ -243,3 +245,38 @@ def test_official_checkpoint_loader_round_trip(tiny_base, tmp_path):
     assert jax.tree.structure(restored) == jax.tree.structure(tiny_base)
     for x, y in zip(jax.tree.leaves(restored), jax.tree.leaves(tiny_base)):
         np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y))
+
+
+# (gemma module's einsum, weight shape from dims, LoRA wrapper path, base weight path) per target.
+_MODULE_EINSUMS = {
+    "q": ("BTD,NDH->BTNH", lambda d: (d["N"], d["D"], d["H"]), ("attn", "q_einsum", "_LoRAEinsum_0"), ("attn", "q_einsum", "w")),
+    "kv": ("BSD,CKDH->CBSKH", lambda d: (2, d["K"], d["D"], d["H"]), ("attn", "kv_einsum", "_LoRAEinsum_0"), ("attn", "kv_einsum", "w")),
+    "attn_out": ("BTNH,NHD->BTD", lambda d: (d["N"], d["H"], d["D"]), ("attn", "attn_vec_einsum", "_LoRAEinsum_0"), ("attn", "attn_vec_einsum", "w")),
+    "gating": ("BTF,NHF->BTNH", lambda d: (2, d["F"], d["D"]), ("mlp", "_LoRAEinsum_gating_einsum"), ("mlp", "gating_einsum")),
+    "linear": ("BTH,HF->BTF", lambda d: (d["F"], d["D"]), ("mlp", "_LoRAEinsum_linear"), ("mlp", "linear")),
+}
+
+
+@hypothesis.settings(max_examples=40, deadline=None)
+@hypothesis.given(
+    target=st.sampled_from(M.LORA_TARGETS),
+    rank=st.integers(1, 6),
+    dims=st.fixed_dictionaries({k: st.integers(1, 5) for k in "NKDHF"}),
+    seed=st.integers(0, 2**16),
+)
+def test_fold_lora_matches_gemmas_lora_einsum(target, rank, dims, seed):
+    from gemma.peft import _einsum_utils  # pylint: disable=import-outside-toplevel
+
+    eqn, weight_shape, wrapper, weight_path = _MODULE_EINSUMS[target]
+    shape = weight_shape(dims)
+    lora_eqn, a_shape, b_shape = _einsum_utils.get_lora_einsum_str_and_shapes(einsum_str=eqn, weights_shape=shape, rank=rank)
+    rng = np.random.default_rng(seed)
+    a, b = rng.normal(size=a_shape).astype(np.float32), rng.normal(size=b_shape).astype(np.float32)
+    w = rng.normal(size=shape).astype(np.float32)
+    base = M._unflatten({("layer_0", *weight_path): w})  # pylint: disable=protected-access
+    lora = M._unflatten({("layer_0", *wrapper, "lora", "a"): a, ("layer_0", *wrapper, "lora", "b"): b})  # pylint: disable=protected-access
+    folded = M._flatten(M.fold_lora(base, lora))[("layer_0", *weight_path)]  # pylint: disable=protected-access
+    x_shape = [2, 3] + [dict(zip(eqn.split(",")[1].split("-")[0], shape))[c] for c in eqn.split(",")[0][2:]]
+    x = rng.normal(size=x_shape).astype(np.float32)
+    want = np.einsum(eqn, x, w) + np.einsum(lora_eqn, x, a, b)
+    np.testing.assert_allclose(np.einsum(eqn, x, np.asarray(folded)), want, rtol=1e-4, atol=1e-4)
