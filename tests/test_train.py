@@ -134,9 +134,9 @@ class CrashAt:
 
 def anneal_plan():
   return protocols.validate_plan((
-      Stage(rank=4, steps=5, lr=STAGE_LR, warmup=STAGE_WARMUP),
+      Stage(rank=4, steps=3, lr=STAGE_LR, warmup=STAGE_WARMUP),
       Squeeze(rank=2, method="qr_core"),
-      Stage(rank=2, steps=5, lr=STAGE_LR, warmup=STAGE_WARMUP),
+      Stage(rank=2, steps=3, lr=STAGE_LR, warmup=STAGE_WARMUP),
       Evaluate(tag="final"),
   ))
 
@@ -145,12 +145,14 @@ def test_resume_mid_stage_and_mid_anneal_is_bit_identical(base, tmp_path):
   plan = anneal_plan()
   straight = train.execute_plan(plan, make_setup(tmp_path / "a", base, checkpoint_every=2))
   lines = []
-  for crash_step in (3, 8):  # mid first stage (last checkpoint: step 2); after the squeeze (step 8)
+  # Checkpoints every 2 steps: the crash at batch 2 resumes mid first stage (step 2), the one at
+  # batch 5 mid second stage, after the squeeze (step 4).
+  for crash_step in (2, 5):
     with pytest.raises(Crash):
       train.execute_plan(plan, make_setup(tmp_path / "b", base, checkpoint_every=2,
                                           batches=CrashAt(make_setup(tmp_path, base).batches, crash_step)))
   resumed = train.execute_plan(plan, make_setup(tmp_path / "b", base, checkpoint_every=2, lines=lines))
-  assert any(line.startswith("resumed from checkpoint") and "global step 8, rank 2" in line for line in lines)
+  assert any(line.startswith("resumed from checkpoint") and "global step 4, rank 2" in line for line in lines)
   for got, want in zip(jax.tree.leaves(resumed["lora"]), jax.tree.leaves(straight["lora"])):
     np.testing.assert_array_equal(got, want)
   # The metrics log holds each step once, with the same losses as the uninterrupted run.
