@@ -1,7 +1,9 @@
 """GGUF → gemma mapping, the verified cache, and the real Gemma 3 270M (slow: 238 MB weights)."""
 
+import concurrent.futures
 import json
 import pathlib
+import time
 
 import jax
 import jax.numpy as jnp
@@ -137,6 +139,22 @@ def test_load_or_build_rebuilds_a_corrupt_entry_and_reuses_a_good_one(tmp_path, 
     assert len(calls) == 2
     np.testing.assert_array_equal(got["a"]["w"], small_tree["a"]["w"])
     cache_lib.load_entry(entry)  # the rebuilt entry verifies
+
+
+def test_load_or_build_builds_once_under_concurrent_callers(tmp_path, small_tree):
+    calls = []
+
+    def slow_build():
+        calls.append(1)
+        time.sleep(0.5)
+        return small_tree
+
+    entry = tmp_path / "entry"
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(lambda _: cache_lib.load_or_build(entry, slow_build), range(3)))
+    assert len(calls) == 1
+    for got in results:
+        np.testing.assert_array_equal(got["b"], small_tree["b"])
 
 
 def test_cache_root_from_env(tmp_path, monkeypatch):

@@ -13,6 +13,8 @@ being used.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -82,9 +84,22 @@ def save_entry(entry: os.PathLike | str, tree: Mapping[str, Any]) -> pathlib.Pat
         ckpt.wait_until_finished()
     write_bytes_atomic(tmp / "manifest.json", json.dumps(manifest_of(tree)).encode())
     if entry.exists():
-        shutil.rmtree(entry)
+        stale = entry.with_name(f"{entry.name}.stale{os.getpid()}")
+        os.replace(entry, stale)
+        shutil.rmtree(stale)
     os.replace(tmp, entry)
     return entry
+
+
+@contextlib.contextmanager
+def _exclusive(entry: pathlib.Path):
+    """An inter-process lock beside `entry` (parallel test workers build the cache once, not N times)."""
+    with open(entry.with_name(entry.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def load_entry(entry: os.PathLike | str) -> dict[str, Any]:
@@ -131,14 +146,23 @@ def load_entry(entry: os.PathLike | str) -> dict[str, Any]:
 def load_or_build(entry: os.PathLike | str, build: Callable[[], Mapping[str, Any]]) -> dict[str, Any]:
     """The verified tree at `entry`; if absent or failing verification, `build()` it and store it.
 
-    A corrupt entry is never used: it is logged and replaced by a fresh build.
+    A corrupt entry is never used: it is logged and replaced by a fresh build. Building holds an
+    inter-process lock, and whoever waited on it first re-checks the entry another process may
+    have just written.
     """
     entry = pathlib.Path(entry)
+    entry.parent.mkdir(parents=True, exist_ok=True)
     if entry.exists():
         try:
             return load_entry(entry)
         except CacheError as e:
-            logging.warning("rebuilding cache entry: %s", e)
-    tree = jax.tree.map(np.asarray, build())
-    save_entry(entry, tree)
-    return tree
+            logging.warning("cache entry failed verification: %s", e)
+    with _exclusive(entry):
+        if entry.exists():
+            try:
+                return load_entry(entry)
+            except CacheError as e:
+                logging.warning("rebuilding cache entry: %s", e)
+        tree = jax.tree.map(np.asarray, build())
+        save_entry(entry, tree)
+        return tree
