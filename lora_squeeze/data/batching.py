@@ -26,7 +26,7 @@ from lora_squeeze.data.tasks import Example
 TEMPLATES = ("chat", "plain")
 # Gemma 3 token ids (gm.text.Gemma3Tokenizer.special_tokens).
 PAD, EOS, BOS = 0, 1, 2
-START_OF_TURN, END_OF_TURN = 105, 106
+START_OF_TURN, END_OF_TURN, NEWLINE = 105, 106, 107
 START_OF_IMAGE = 255999
 DEFAULT_BUCKETS = (64, 128, 256, 512, 1024, 2048)
 
@@ -53,7 +53,8 @@ def encode_prompt(tokenizer, prompt: str, *, template: str = "chat", image: bool
   """Ids of `prompt` in `template`; an image adds Gemma's <start_of_image> placeholder first.
 
   chat:  <bos><start_of_turn>user\\n[<start_of_image>]PROMPT<end_of_turn>\\n<start_of_turn>model\\n
-  plain: <bos>[<start_of_image>]PROMPT\\n
+         (instruction-tuned checkpoints, as in the paper)
+  plain: <bos>[<start_of_image>]PROMPT\\n  (pretrained checkpoints, e.g. the embedded 270M)
   Special tokens are inserted as ids, never parsed from text.
   """
   if template not in TEMPLATES:
@@ -69,8 +70,10 @@ def encode_prompt(tokenizer, prompt: str, *, template: str = "chat", image: bool
 
 
 def end_of_answer(template: str) -> int:
-  """The id that closes a model answer: <end_of_turn> in chat, <eos> in plain text."""
-  return END_OF_TURN if template == "chat" else EOS
+  """The id that closes an answer: <end_of_turn> in chat; a newline in plain text, which a
+  pretrained model (never trained on turns, rarely ending a document after one word) already
+  predicts after a short answer, so training need not spend its first steps teaching a stop token."""
+  return END_OF_TURN if template == "chat" else NEWLINE
 
 
 def training_row(tokenizer, example: Example, *, max_len: int, template: str = "chat") -> tuple[np.ndarray, np.ndarray]:
