@@ -79,6 +79,11 @@ class Cell:
     return json.loads(json.dumps(record))
 
 
+def log_line(line: str) -> None:
+  """A progress line, flushed at once: studies run for hours with stdout redirected to a file."""
+  print(line, flush=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # The two adapters to the trainer.
 
@@ -135,7 +140,7 @@ def train_run(config: ml_collections.ConfigDict, plan: protocols.Plan, run_dir: 
   """
   from lora_squeeze import train  # pylint: disable=g-import-not-at-top  (report-only use needs no JAX)
 
-  train.run_plan(plan, config=config, workdir=run_dir)
+  train.run_plan(plan, config=config, workdir=run_dir, printer=log_line)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,7 +266,7 @@ def run_cells(
     workdir: pathlib.Path,
     base_config: ml_collections.ConfigDict,
     train_fn: Callable[[ml_collections.ConfigDict, protocols.Plan, pathlib.Path], None] = train_run,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = log_line,
 ) -> None:
   """Trains every unfinished cell in order; finished ones (complete results file) are skipped.
 
@@ -442,7 +447,7 @@ def plot_lines(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], *,
 
 
 def write_rows(workdir: pathlib.Path, rows: Sequence[Row], unfinished: Sequence[str], *,
-               log: Callable[[str], None] = print) -> None:
+               log: Callable[[str], None] = log_line) -> None:
   """rows.json and rows.csv (every score of the study) and a line naming unfinished cells."""
   common_columns = ["study", "task", "rank", "r_src", "r_tgt", "method", "protocol", "lr", "seed", "tag", "score"]
   columns = [c for c in common_columns if any(c in r for r in rows)]

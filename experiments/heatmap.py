@@ -166,7 +166,7 @@ def write_report(rows: Sequence[common.Row], workdir: pathlib.Path, *, methods: 
 
 
 def run_study(study: ml_collections.ConfigDict, *, workdir: pathlib.Path, train: bool = True,
-              train_fn: Callable = common.train_run, log: Callable[[str], None] = print) -> dict[str, np.ndarray]:
+              train_fn: Callable = common.train_run, log: Callable[[str], None] = common.log_line) -> dict[str, np.ndarray]:
   """Trains the missing cells (unless train=False), then writes every report from the run files."""
   workdir = pathlib.Path(workdir)
   if train:

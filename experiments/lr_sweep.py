@@ -172,7 +172,7 @@ def _xy(by_rank: dict[int, float]) -> tuple[list[int], list[float]]:
 
 
 def run_study(study: ml_collections.ConfigDict, *, workdir: pathlib.Path, train: bool = True,
-              train_fn: Callable = common.train_run, log: Callable[[str], None] = print) -> dict[int, float]:
+              train_fn: Callable = common.train_run, log: Callable[[str], None] = common.log_line) -> dict[int, float]:
   """Both phases (unless train=False: report only from the files) and every report; returns best lr per rank."""
   workdir = pathlib.Path(workdir)
   base = common.training_config(study)

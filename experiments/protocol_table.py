@@ -118,7 +118,7 @@ def write_report(rows: Sequence[common.Row], workdir: pathlib.Path, *, columns: 
 
 
 def run_study(study: ml_collections.ConfigDict, *, workdir: pathlib.Path, train: bool = True,
-              train_fn: Callable = common.train_run, log: Callable[[str], None] = print) -> list[list]:
+              train_fn: Callable = common.train_run, log: Callable[[str], None] = common.log_line) -> list[list]:
   """Trains the missing cells (unless train=False), then writes the table from the run files."""
   workdir = pathlib.Path(workdir)
   if train:

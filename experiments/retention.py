@@ -82,7 +82,7 @@ def write_report(rows: Sequence[common.Row], workdir: pathlib.Path) -> list[path
 
 
 def run_study(study: ml_collections.ConfigDict, *, workdir: pathlib.Path, train: bool = True,
-              train_fn: Callable = common.train_run, log: Callable[[str], None] = print) -> list[common.Row]:
+              train_fn: Callable = common.train_run, log: Callable[[str], None] = common.log_line) -> list[common.Row]:
   """Trains the missing cells (unless train=False or reused folders hold them), then reports."""
   workdir = pathlib.Path(workdir)
   reused = []
