@@ -218,6 +218,14 @@ def test_non_finite_weights_in_a_late_module_leave_nothing_behind(tmp_path, bad)
     assert_nothing_written(tmp_path, {"src"})
 
 
+def test_a_lora_b_without_its_lora_a_is_named(tmp_path):
+    tensors = peft_tensors(np.random.default_rng(0))
+    del tensors["base_model.model.layers.1.q.lora_A.weight"]
+    src = write_peft(tmp_path / "src", tensors)
+    with pytest.raises(AdapterError, match=r"'base_model.model.layers.1.q.lora_B.weight' has no matching lora_A"):
+        squeeze_adapter(src, tmp_path / "out", rank=2)
+
+
 def test_config_rank_that_disagrees_with_the_tensors_is_refused(tmp_path):
     src = write_peft(tmp_path / "src", peft_tensors(np.random.default_rng(0)), rank_pattern={"layers.1.q": 3})
     with pytest.raises(AdapterError, match=r"'base_model.model.layers.1.q.lora_A.weight' has rank 4 .* r=3"):

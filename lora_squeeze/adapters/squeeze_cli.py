@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 import time
 
-from absl import flags
+from absl import flags, logging
 
 from lora_squeeze import squeeze
 from lora_squeeze.adapters.errors import AdapterError
@@ -45,6 +45,9 @@ def main(argv: list[str]) -> None:
     if not (len(args) == 2 or (len(args) == 1 and _DRY_RUN.value)):
         sys.exit(f"{USAGE}\n(got positional arguments {args}; OUT may be left out only with --dry-run)")
     src, dst = args[0], (args[1] if len(args) == 2 else None)
+    if not flags.FLAGS["verbosity"].present:
+        # JAX logs its backend probing (no TPU, no proxy) at INFO: noise next to the progress lines.
+        logging.set_verbosity(logging.WARNING)
     start = time.perf_counter()
 
     def progress(i: int, n: int, row: ModuleRow) -> None:
