@@ -196,76 +196,105 @@ def _randomized_svd(
     return u[:, :rank], s[:rank], vt[:rank]
 
 
-def _gram(x: jax.Array, contract: int) -> jax.Array:
-    """Gram matrix accumulated in float64: xᵀx (contract=0) or x xᵀ (contract=1) of a float32 matrix."""
-    dims = (((contract,), (contract,)), ((), ()))
-    return jax.lax.dot_general(x, x, dims, precision=jax.lax.Precision.HIGHEST, preferred_element_type=_F64)
+def _mT(x: jax.Array) -> jax.Array:
+    return jnp.swapaxes(x, -1, -2)
 
 
-def _gram_root(gram: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """R (r, r) with RᵀR = G for a PSD Gram matrix G (float64), and ‖R‖₂. R = Λ^½ Vᵀ, G = V Λ Vᵀ.
+def _gram(x: jax.Array, side: str) -> jax.Array:
+    """(..., r, r) Gram matrix of a float64 factor: xᵀx for a (..., m, r) ("a"), x xᵀ for b (..., r, n) ("b")."""
+    spec = "...mi,...mj->...ij" if side == "a" else "...in,...jn->...ij"
+    return jnp.einsum(spec, x, x, precision=jax.lax.Precision.HIGHEST)
 
-    Eigenvalues below the float64 rounding level of G (r·eps·λ_max) are set to zero: they are
-    rounding noise of exactly rank-deficient factors, and their square roots (~1e-7·‖R‖) would
-    otherwise appear as spurious singular values.
-    """
+
+def _eigh_root(gram: jax.Array) -> jax.Array:
+    """R = Λ^½ Vᵀ with RᵀR = G = V Λ Vᵀ; eigenvalues below G's float64 rounding level become zero."""
     w, v = jnp.linalg.eigh(gram)
-    w = jnp.where(w > gram.shape[0] * _EPS64 * w[-1], w, 0.0)
-    return jnp.sqrt(w)[:, None] * v.T, jnp.sqrt(w[-1])
+    w = jnp.where(w > gram.shape[-1] * _EPS64 * w[..., -1:], w, 0.0)
+    return jnp.sqrt(w)[..., :, None] * _mT(v)
 
 
-def _matmul_f64(x: jax.Array, y: jax.Array, *, y_first: bool = False) -> jax.Array:
-    """x @ y (or y @ x) for float32 x and float64 y, accumulated in float64 without casting x.
+def _gram_root(gram: jax.Array) -> jax.Array:
+    """R (..., r, r) with RᵀR = G for PSD Gram matrices G (float64).
 
-    y = hi + lo with hi, lo float32 holds 48 of y's bits; products of float32 numbers are exact in
-    float64, so x·hi + x·lo summed in float64 is as accurate as a float64 product. This keeps the
-    cancellation in a @ (R_Bᵀ V_r) (its columns have norm s_i, its terms up to ‖a‖‖b‖) harmless.
+    Cholesky (G = L Lᵀ, R = Lᵀ) when every G of the batch is positive definite in float64, which
+    holds for cond(factor) up to ~6e7; otherwise (b = 0 right after init, r_src > m) the eigen-
+    decomposition, which handles singular G. One branch for the whole batch: the fast path
+    stays fast and the fallback stays exact.
     """
-    hi = y.astype(_F32)
-    lo = (y - hi.astype(_F64)).astype(_F32)
-    dims = (((1,), (0,)), ((), ()))
-    kw = dict(precision=jax.lax.Precision.HIGHEST, preferred_element_type=_F64)
-    if y_first:  # y (k, r) @ x (r, n)
-        both = jax.lax.dot_general(jnp.concatenate([hi, lo], 0), x, dims, **kw)
-        return both[: y.shape[0]] + both[y.shape[0] :]
-    both = jax.lax.dot_general(x, jnp.concatenate([hi, lo], 1), dims, **kw)  # x (m, r) @ y (r, k)
-    return both[:, : y.shape[1]] + both[:, y.shape[1] :]
+    chol = jnp.linalg.cholesky(gram)
+    return jax.lax.cond(
+        jnp.all(jnp.isfinite(chol)), lambda c, g: _mT(c), lambda c, g: _eigh_root(g), chol, gram
+    )
+
+
+def _pad_rank_batched(a_t, s, b_t, rank):
+    """Zero-pads (..., m, k), (..., k), (..., k, n) to rank ≥ k."""
+    extra = rank - s.shape[-1]
+    if extra <= 0:
+        return a_t, s, b_t
+    nd = s.ndim - 1
+    return (
+        jnp.pad(a_t, ((0, 0),) * (nd + 1) + ((0, extra),)),
+        jnp.pad(s, ((0, 0),) * nd + ((0, extra),)),
+        jnp.pad(b_t, ((0, 0),) * nd + ((0, extra), (0, 0))),
+    )
 
 
 # --------------------------------------------------------------------------------------------
-# Single-matrix implementations.
+# Implementations. qr_core works on batch axes natively (batched products and decompositions);
+# the others are written for one matrix and mapped over batch axes by _map_batch.
 # --------------------------------------------------------------------------------------------
 
 
-def _qr_core_single(a, b, key, *, rank, core, oversample, power_iters):
-    """Alg. 2 on one pair a (m, r_src), b (r_src, n); see the module docstring for the derivation."""
-    r_src = a.shape[1]
-    a32, b32 = a.astype(_F32), b.astype(_F32)
-    gram_a, gram_b = _gram(a32, 0), _gram(b32, 1)  # aᵀa, b bᵀ: (r_src, r_src) float64
-    root_a, norm_a = _gram_root(gram_a)
-    root_b, norm_b = _gram_root(gram_b)
-    core_m = root_a @ root_b.T  # M = R_A R_Bᵀ
+def _per_matrix(fn: Callable[..., Any], *xs: jax.Array) -> Any:
+    """fn over the matrices of xs (*batch, p, q), one at a time (lax.map over the flattened batch axes).
+
+    The float64 temporaries then exist for one matrix at a time: they stay in cache instead of being
+    allocated for a whole stack of layers, which would cost more than the float64 arithmetic.
+    """
+    batch = xs[0].shape[:-2]
+    flat = [x.reshape(-1, *x.shape[-2:]) for x in xs]
+    out = jax.lax.map(lambda args: fn(*args), flat)
+    return jax.tree.map(lambda y: y.reshape(*batch, *y.shape[1:]), out)
+
+
+def _as_f64(x: jax.Array) -> jax.Array:
+    return x.astype(_F32).astype(_F64)  # bf16/f16 -> f32 first: that is the precision they carry
+
+
+def _qr_core_batched(a, b, key, *, rank, core, oversample, power_iters):
+    """Alg. 2 on a (..., m, r_src), b (..., r_src, n); see the module docstring for the derivation."""
+    r_src, a_dtype, b_dtype = a.shape[-1], a.dtype, b.dtype
+    # Float32 values and their products are exact in float64: only the Gram summation rounds.
+    gram_a = _per_matrix(lambda x: _gram(_as_f64(x), "a"), a)  # aᵀa: (..., r_src, r_src)
+    gram_b = _per_matrix(lambda x: _gram(_as_f64(x), "b"), b)  # b bᵀ
+    root_a, root_b = _gram_root(gram_a), _gram_root(gram_b)
+    core_m = root_a @ _mT(root_b)  # M = R_A R_Bᵀ
     k = min(rank, r_src)
     if core == "svd":
         u, s_all, vt = jnp.linalg.svd(core_m)
-        u_k, s_k, vt_k = u[:, :k], s_all[:k], vt[:k]
+        u_k, s_k, vt_k = u[..., :k], s_all[..., :k], vt[..., :k, :]
     else:
         s_all = jnp.linalg.svd(core_m, compute_uv=False)
-        u_k, s_k, vt_k = _randomized_svd(
-            lambda x: core_m @ x, lambda y: core_m.T @ y, r_src, k, key, oversample, power_iters, _F64
+        one = lambda m_, key_: _randomized_svd(  # noqa: E731
+            lambda x: m_ @ x, lambda y: m_.T @ y, r_src, k, key_, oversample, power_iters, _F64
         )
-    # Below the float64 rounding level of M a singular value is zero; dividing by its root would
-    # turn rounding noise into large factors.
-    noise_floor = 16 * r_src * _EPS64 * norm_a * norm_b
-    inv_root = jnp.where(s_k > noise_floor, 1.0 / jnp.sqrt(jnp.where(s_k > 0, s_k, 1.0)), 0.0)
-    left = (root_b.T @ vt_k.T) * inv_root  # R_Bᵀ V_r S_r^{-½}: (r_src, k)
-    right = inv_root[:, None] * (u_k.T @ root_a)  # S_r^{-½} U_rᵀ R_A: (k, r_src)
-    a_t = _matmul_f64(a32, left)
-    b_t = _matmul_f64(b32, right, y_first=True)
-    s_k = jnp.where(inv_root > 0, s_k, 0.0)
-    a_t, s_k, b_t = _pad_rank(a_t, s_k, b_t, rank)
-    finite = {"a": jnp.isfinite(jnp.trace(gram_a)), "b": jnp.isfinite(jnp.trace(gram_b))}
-    return a_t.astype(a.dtype), b_t.astype(b.dtype), s_all.astype(_F32), finite
+        u_k, s_k, vt_k = _map_batch(lambda m_, _, key_: one(m_, key_), core_m.ndim - 2, keyed=True)(core_m, None, key)
+    # M's singular values are accurate to its float64 rounding level; below it they are zero, and
+    # dividing by their roots would turn rounding noise into large factors.
+    frobenius = jnp.sqrt(jnp.trace(gram_a, axis1=-2, axis2=-1) * jnp.trace(gram_b, axis1=-2, axis2=-1))
+    keep = s_k > (16 * r_src * _EPS64 * frobenius)[..., None]
+    inv_root = jnp.where(keep, 1.0 / jnp.sqrt(jnp.where(keep, s_k, 1.0)), 0.0)
+    left = (_mT(root_b) @ _mT(vt_k)) * inv_root[..., None, :]  # R_Bᵀ V_r S_r^{-½}: (..., r_src, k)
+    right = inv_root[..., :, None] * (_mT(u_k) @ root_a)  # S_r^{-½} U_rᵀ R_A: (..., k, r_src)
+    a_t = _per_matrix(lambda x, y: (_as_f64(x) @ y).astype(a_dtype), a, left)
+    b_t = _per_matrix(lambda x, y: (y @ _as_f64(x)).astype(b_dtype), b, right)
+    a_t, _, b_t = _pad_rank_batched(a_t, s_k, b_t, rank)
+    finite = {
+        "a": jnp.isfinite(jnp.trace(gram_a, axis1=-2, axis2=-1)),
+        "b": jnp.isfinite(jnp.trace(gram_b, axis1=-2, axis2=-1)),
+    }
+    return a_t, b_t, s_all.astype(_F32), finite
 
 
 def _svd_exact_single(a, b, key, *, rank):
@@ -324,8 +353,7 @@ def _rsvd_factored_single(a, b, key, *, rank, oversample, power_iters):
 
 @functools.partial(jax.jit, static_argnames=("rank", "core", "oversample", "power_iters"))
 def _qr_core_jit(a, b, key, *, rank, core, oversample, power_iters):
-    fn = functools.partial(_qr_core_single, rank=rank, core=core, oversample=oversample, power_iters=power_iters)
-    return _map_batch(fn, a.ndim - 2, keyed=key is not None)(a, b, key)
+    return _qr_core_batched(a, b, key, rank=rank, core=core, oversample=oversample, power_iters=power_iters)
 
 
 @functools.partial(jax.jit, static_argnames=("rank",))
@@ -348,14 +376,14 @@ def _rsvd_factored_jit(a, b, key, *, rank, oversample, power_iters):
 
 @jax.jit
 def _singular_values_jit(a, b):
-    def one(x, y, _):
-        gram_a, gram_b = _gram(x.astype(_F32), 0), _gram(y.astype(_F32), 1)
-        root_a, _ = _gram_root(gram_a)
-        root_b, _ = _gram_root(gram_b)
-        s_all = jnp.linalg.svd(root_a @ root_b.T, compute_uv=False).astype(_F32)
-        return s_all, {"a": jnp.isfinite(jnp.trace(gram_a)), "b": jnp.isfinite(jnp.trace(gram_b))}
-
-    return _map_batch(one, a.ndim - 2, keyed=False)(a, b, None)
+    gram_a = _per_matrix(lambda x: _gram(_as_f64(x), "a"), a)
+    gram_b = _per_matrix(lambda x: _gram(_as_f64(x), "b"), b)
+    s_all = jnp.linalg.svd(_gram_root(gram_a) @ _mT(_gram_root(gram_b)), compute_uv=False).astype(_F32)
+    finite = {
+        "a": jnp.isfinite(jnp.trace(gram_a, axis1=-2, axis2=-1)),
+        "b": jnp.isfinite(jnp.trace(gram_b, axis1=-2, axis2=-1)),
+    }
+    return s_all, finite
 
 
 # --------------------------------------------------------------------------------------------
