@@ -267,7 +267,15 @@ def load_base_params(
     else:
         params = checkpoints.load_orbax_params(checkpoint, text_only=text_only)
     check_base_shapes(abstract_params(make_model(model_name, text_only=text_only)), params)
-    return jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
+    flat = _flatten(params)
+    del params
+    # Leaf by leaf, dropping each source array; casting in numpy avoids a float32 device copy.
+    return _unflatten({path: _to_device(flat.pop(path), jnp.dtype(dtype)) for path in list(flat)})
+
+
+def _to_device(x: Any, dtype: jnp.dtype) -> jax.Array:
+    x = np.asarray(x)
+    return jnp.asarray(x, dtype) if x.dtype == dtype else jnp.asarray(x.astype(dtype, copy=False))
 
 
 def _flatten(tree: Params) -> dict[tuple[str, ...], Any]:
