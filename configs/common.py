@@ -65,6 +65,13 @@ CONFIGS_DIR = pathlib.Path(__file__).resolve().parent
 LR_TABLE = str(CONFIGS_DIR / "lr_table.json")
 DTYPES = ("bfloat16", "float32")
 PAPER_RANKS = (128, 64, 32, 16, 8, 4, 2, 1)
+# The keys each protocol's file adds to base_config.
+PROTOCOL_KEYS = {
+    "direct": ("rank", "extra_steps", "extra_warmup"),
+    "post_squeeze": ("r_src", "targets"),
+    "cont_squeeze": ("r_src", "r_tgt", "extra_steps", "extra_warmup", "lr_tgt"),
+    "in_squeeze": ("ranks", "scheme", "min_steps", "stage_warmup"),
+}
 # Models whose weights ship with the project (or are random): no checkpoint path needed.
 EMBEDDED_MODELS = ("gemma3_270m", "tiny", "tiny_vision")
 
@@ -198,6 +205,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first key whose value is not allowed; touches no model or data."""
   if config.protocol not in protocols.PROTOCOLS:
     _fail("protocol", config.protocol, f"one of {protocols.PROTOCOLS}")
+  missing = [k for k in PROTOCOL_KEYS[config.protocol] if k not in config]
+  if missing:
+    _fail("protocol", config.protocol, f"the protocol of this file (configs/{config.protocol}.py has its keys "
+          f"{missing})")
   if config.model not in model_lib.MODEL_NAMES:
     _fail("model", config.model, f"one of {model_lib.MODEL_NAMES}")
   if not config.checkpoint and config.model not in EMBEDDED_MODELS:

@@ -102,6 +102,8 @@ def test_unknown_keys_fail():
     ("in_squeeze", "ranks=8+4,steps=300", r"config.steps=300 is not allowed: at least min_steps x stages = 200 x 2"),
     ("in_squeeze", "scheme=cosine", r"config.scheme='cosine' is not allowed: one of \('proportional', 'min_steps'\)"),
     ("direct", "rank=3", r"no learning rate for model 'gemma3_270m' at rank 3"),
+    ("direct", "protocol=in_squeeze", r"config.protocol='in_squeeze' is not allowed: the protocol of this file "
+                                      r"\(configs/in_squeeze.py has its keys \['ranks'"),
 ])
 def test_bad_values_fail_naming_the_key(name, arg, match):
   config = load(name, "model=gemma3_270m," + arg if "model=" not in arg else arg)
