@@ -96,9 +96,9 @@ def param_spec(shape: tuple[int, ...], fsdp: int, *, min_size: int) -> Partition
   if not candidates:
     return PartitionSpec()
   axis = max(candidates, key=lambda i: (shape[i], -i))
-  spec = [None] * len(shape)
-  spec[axis] = FSDP_AXIS
-  return PartitionSpec(*spec)
+  # Trailing None axes are left out: that is how XLA reports output shardings, so a parameter
+  # updated by a jitted step keeps an equal sharding (and the step its compilation).
+  return PartitionSpec(*([None] * axis), FSDP_AXIS)
 
 
 def param_shardings(tree: Any, mesh: Mesh, *, min_size: int = 1 << 16) -> Any:

@@ -19,6 +19,7 @@ import functools
 import json
 import math
 import pathlib
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -119,9 +120,10 @@ def loss_fn(lora: Params, base: Params, batch: Mapping[str, jax.Array], *, model
   return jnp.sum(nll * weights) / jnp.maximum(n_targets, 1.0), n_targets
 
 
-@functools.partial(jax.jit, static_argnames=("model", "lr", "warmup", "max_targets"), donate_argnums=(0,))
+@functools.partial(jax.jit, static_argnames=("model", "lr", "warmup", "max_targets", "state_shardings"),
+                   donate_argnums=(0,))
 def _train_step(state: TrainState, base: Params, batch: Mapping[str, jax.Array], *, model, lr: float, warmup: int,
-                max_targets: int):
+                max_targets: int, state_shardings: tuple):
   optimizer = optim.make_optimizer(lr, warmup)
   (loss, n_targets), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.lora, base, batch, model=model, max_targets=max_targets
@@ -129,7 +131,11 @@ def _train_step(state: TrainState, base: Params, batch: Mapping[str, jax.Array],
   updates, opt_state = optimizer.update(grads, state.opt_state, state.lora)
   lora = optax.apply_updates(state.lora, updates)
   metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "target_tokens": n_targets}
-  return TrainState(lora=lora, opt_state=opt_state, step=state.step + 1), metrics
+  new_state = TrainState(lora=lora, opt_state=opt_state, step=state.step + 1)
+  # The new state keeps the shardings of the old one, so the next step hits the same compilation.
+  leaves, treedef = jax.tree.flatten(new_state)
+  leaves = [jax.lax.with_sharding_constraint(x, s) for x, s in zip(leaves, state_shardings)]
+  return jax.tree.unflatten(treedef, leaves), metrics
 
 
 def make_train_step(model, *, lr: float, warmup: int, max_targets: int):
@@ -140,13 +146,29 @@ def make_train_step(model, *, lr: float, warmup: int, max_targets: int):
   The state is donated: its buffers are reused for the new one. Compilations are cached by JAX
   per (model, lr, warmup, max_targets) and shapes, so a rank change compiles once.
   """
-  return functools.partial(_train_step, model=model, lr=lr, warmup=warmup, max_targets=max_targets)
+
+  def step(state: TrainState, base: Params, batch: Mapping[str, jax.Array]):
+    shardings = tuple(x.sharding for x in jax.tree.leaves(state))
+    return _train_step(state, base, batch, model=model, lr=lr, warmup=warmup, max_targets=max_targets,
+                       state_shardings=shardings)
+
+  return step
 
 
-def init_train_state(lora: Params, optimizer: optax.GradientTransformation) -> TrainState:
-  """A fresh stage: the optimizer state is built for the current shapes (rank) of `lora`."""
+def init_train_state(lora: Params, optimizer: optax.GradientTransformation,
+                     mesh: jax.sharding.Mesh | None = None) -> TrainState:
+  """A fresh stage: the optimizer state is built for the current shapes (rank) of `lora`.
+
+  With a mesh, the optimizer state and step counter are placed on it like parameters (the
+  step's outputs carry mesh shardings; inputs with single-device shardings would make the second
+  step of every stage compile again).
+  """
   opt_state = jax.jit(optimizer.init)(lora)
-  return TrainState(lora=lora, opt_state=opt_state, step=jnp.zeros((), jnp.int32))
+  step = jnp.zeros((), jnp.int32)
+  if mesh is not None:
+    opt_state = sharding_lib.shard_params(opt_state, mesh)
+    step = jax.device_put(step, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  return TrainState(lora=lora, opt_state=opt_state, step=step)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,6 +240,9 @@ class RunSetup:
     checkpoint_every: save every this many steps (and at each plan boundary).
     log_every: console line every this many steps (metrics.jsonl gets every step).
     max_to_keep: checkpoints kept.
+    precompile: while a stage trains, compile the squeezes and the train step of the next stage
+      in a background thread, hiding the recompilation of a rank change behind training. None =
+      on for GPU/TPU, off on CPU (there the compiler competes with training for the same cores).
     printer: where progress lines go.
   """
 
@@ -234,6 +259,7 @@ class RunSetup:
   checkpoint_every: int = 500
   log_every: int = 10
   max_to_keep: int = 2
+  precompile: bool | None = None
   printer: Callable[[str], None] = print
 
 
@@ -317,6 +343,7 @@ class _Runner:
     self.metrics = _MetricsLog(self.workdir / METRICS_FILE)
     self.checkpoints = ckpt_lib.RunCheckpoints(self.workdir / CHECKPOINTS_DIR, max_to_keep=setup.max_to_keep)
     self._models: dict[int, Any] = {}
+    self._precompiling: threading.Thread | None = None
 
   # -- helpers ------------------------------------------------------------------------------
 
@@ -396,13 +423,69 @@ class _Runner:
     orbax_io.save_adapter(path, jax.device_get(lora), metadata)
     return path
 
+  def upcoming(self, index: int) -> tuple[list[tuple[int, protocols.Squeeze]], protocols.Stage | None]:
+    """The squeezes (with their source rank) before the next Stage after plan[index], and that Stage."""
+    rank, squeezes = self.plan[index].rank, []
+    for item in self.plan[index + 1:]:
+      if isinstance(item, protocols.Stage):
+        return squeezes, item
+      if isinstance(item, protocols.Squeeze):
+        squeezes.append((rank, item))
+        rank = item.rank
+      elif isinstance(item, protocols.Branch):
+        branch_rank = rank
+        for sub in item.items:
+          if isinstance(sub, protocols.Squeeze):
+            squeezes.append((branch_rank, sub))
+            branch_rank = sub.rank
+    return squeezes, None
+
+  def start_precompile(self, index: int, batch: Mapping[str, np.ndarray], max_targets: int) -> None:
+    """Compiles what follows the Stage plan[index] in a background thread: its squeezes (run once
+    on a throw-away adapter of the right shapes) and the next Stage's train step for the current
+    batch shape. The compilations land in JAX's caches; a failure only costs the time saved."""
+    squeezes, stage = self.upcoming(index)
+    precompile = self.setup.precompile
+    if precompile is None:
+      precompile = jax.default_backend() != "cpu"
+    if not precompile or (not squeezes and stage is None):
+      return
+    batch_sharding = sharding_lib.batch_sharding(self.mesh)
+    abstract_batch = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype, sharding=batch_sharding)
+                      for k, v in batch.items()}
+
+    def compile_ahead():
+      try:
+        for r_src, squeeze in squeezes:
+          _squeeze(self.fresh_lora(r_src), squeeze, self.plan_key)
+        if stage is not None:
+          state = init_train_state(self.fresh_lora(stage.rank), optim.make_optimizer(stage.lr, stage.warmup),
+                                   self.mesh)
+          _train_step.lower(
+              ckpt_lib.abstract_like(state), self.base, abstract_batch, model=self.model(stage.rank), lr=stage.lr,
+              warmup=stage.warmup, max_targets=max_targets,
+              state_shardings=tuple(x.sharding for x in jax.tree.leaves(state))).compile()
+      except Exception as e:  # pylint: disable=broad-except
+        self.print(f"ahead-of-time compilation of the next stage failed ({e!r}); it compiles when it starts")
+
+    self._precompiling = threading.Thread(target=compile_ahead, name="precompile", daemon=True)
+    self._precompiling.start()
+
+  def wait_precompile(self) -> None:
+    """Joins the background compilation (so nothing compiles twice)."""
+    if self._precompiling is not None:
+      self._precompiling.join()
+      self._precompiling = None
+
   def train_stage(self, item: protocols.Stage, index: int, lora: Params, opt_state, pos: _Position):
     optimizer = optim.make_optimizer(item.lr, item.warmup)
     model = self.model(item.rank)
     if opt_state is None:
-      state = init_train_state(lora, optimizer)
+      state = init_train_state(lora, optimizer, self.mesh)
     else:
-      state = TrainState(lora=lora, opt_state=opt_state, step=jnp.asarray(pos.stage_step, jnp.int32))
+      step = jax.device_put(jnp.asarray(pos.stage_step, jnp.int32),
+                            jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
+      state = TrainState(lora=lora, opt_state=opt_state, step=step)
     schedule = optim.warmup_constant(item.lr, item.warmup)
     n_stages = sum(isinstance(p, protocols.Stage) for p in self.plan)
     stage_no = sum(isinstance(p, protocols.Stage) for p in self.plan[: index + 1])
@@ -427,6 +510,7 @@ class _Runner:
       now = time.perf_counter()
       if window_start is None:  # the first step of a stage includes compilation; not timed
         window_start = now
+        self.start_precompile(index, batch, max_targets)
       else:
         window_tokens += tokens
         window_steps += 1
@@ -467,7 +551,7 @@ class _Runner:
     item = self.plan[pos.item] if pos.item < len(self.plan) else None
     if isinstance(item, protocols.Stage) and pos.stage_step > 0:
       optimizer = optim.make_optimizer(item.lr, item.warmup)
-      abstract_opt = ckpt_lib.abstract_like(jax.jit(optimizer.init)(template))
+      abstract_opt = ckpt_lib.abstract_like(init_train_state(template, optimizer, self.mesh).opt_state)
     lora, opt_state = self.checkpoints.restore(number, abstract_lora=abstract_lora, abstract_opt_state=abstract_opt)
     self.metrics.truncate_after(pos.global_step)
     self.print(f"resumed from checkpoint {number}: plan item {pos.item}/{len(self.plan)}, "
@@ -478,6 +562,8 @@ class _Runner:
     pos, lora, opt_state = self.resume()
     for index in range(pos.item, len(self.plan)):
       item = self.plan[index]
+      if not isinstance(item, protocols.Evaluate):
+        self.wait_precompile()
       if isinstance(item, protocols.Stage):
         if lora is None:
           lora, pos.rank = self.fresh_lora(item.rank), item.rank
@@ -503,6 +589,7 @@ class _Runner:
       self.save(pos, lora, None)
       if isinstance(item, (protocols.Evaluate, protocols.Branch)):
         self.write_results(pos, complete=False)
+    self.wait_precompile()
     self.write_results(pos, complete=True)
     self.print_table(pos)
     self.checkpoints.close()

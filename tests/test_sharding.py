@@ -31,8 +31,8 @@ def test_single_process_does_not_initialize_distributed(monkeypatch):
 
 
 def test_param_spec_shards_the_largest_divisible_axis():
-  assert sharding.param_spec((262_144, 640), 4, min_size=1) == PartitionSpec("fsdp", None)
-  assert sharding.param_spec((4, 640, 256), 4, min_size=1) == PartitionSpec(None, "fsdp", None)
+  assert sharding.param_spec((262_144, 640), 4, min_size=1) == PartitionSpec("fsdp")
+  assert sharding.param_spec((4, 640, 256), 4, min_size=1) == PartitionSpec(None, "fsdp")
   assert sharding.param_spec((3, 5), 4, min_size=1) == PartitionSpec()  # nothing divisible
   assert sharding.param_spec((640, 16), 4, min_size=1 << 16) == PartitionSpec()  # small: replicated
   assert sharding.param_spec((640, 640), 1, min_size=1) == PartitionSpec()  # no fsdp axis
@@ -66,7 +66,7 @@ _SCRIPT = textwrap.dedent("""
       b = sharding.shard_params(base, mesh, min_size=min_size)
       # A copy: on one device device_put may alias `lora`, and the step donates its state.
       state = train.init_train_state(sharding.shard_params(jax.tree.map(jnp.copy, lora), mesh, min_size=min_size),
-                                     optim.make_optimizer(STAGE_LR, STAGE_WARMUP))
+                                     optim.make_optimizer(STAGE_LR, STAGE_WARMUP), mesh)
       losses = []
       for _ in range(3):
         state, metrics = step(state, b, sharding.shard_batch(batch, mesh))
@@ -86,7 +86,7 @@ _SCRIPT = textwrap.dedent("""
       not_divisible = ""
     except ValueError as e:
       not_divisible = str(e)
-    print(json.dumps({"not_divisible": not_divisible, "one": one, "many": many, "max_diff": max(diffs), "scale": scale,
+    print(json.dumps({"compilations": train._train_step._cache_size(), "not_divisible": not_divisible, "one": one, "many": many, "max_diff": max(diffs), "scale": scale,
                       "embed_spec": str(embed.spec), "embed_devices": len(embed.device_set),
                       "lora_sharded": lora_sharded}))
 """)
@@ -101,6 +101,7 @@ def test_sharded_step_equals_single_device_step():
   result = json.loads(out.stdout.strip().splitlines()[-1])
   assert result["embed_devices"] == 8 and "fsdp" in result["embed_spec"]
   assert result["lora_sharded"]
+  assert result["compilations"] == 2  # one per mesh: the state's shardings are stable across steps
   assert result["not_divisible"] == "batch size 6 (tokens) is not divisible by the 8 devices of the mesh"
   assert result["one"][-1] < result["one"][0]
   for a, b in zip(result["one"], result["many"]):
