@@ -9,6 +9,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from lora_squeeze.data import DatasetNotPreparedError, Example, batching, get_task, readers, task_names, text_tasks
+from lora_squeeze.data.builders import mmlu as mmlu_builder
 from lora_squeeze.data.builders import siqa as siqa_builder
 
 
@@ -146,6 +147,22 @@ def test_our_siqa_builder_from_manual_files(tmp_path):
   assert len(get_task("siqa").load("eval", data_dir=tmp_path / "data")) == 2
 
 
+def test_our_mmlu_builder_from_the_data_tar_layout(tmp_path):
+  root = tmp_path / "downloads" / "data"
+  for folder, stem, n in (("auxiliary_train", "race", 3), ("test", "high_school_physics_test", 2),
+                          ("val", "high_school_physics_val", 1), ("dev", "high_school_physics_dev", 1)):
+    (root / folder).mkdir(parents=True)
+    lines = [f'"What, is {i}?",a{i},b{i},c{i},d{i},{"ABCD"[i % 4]}' for i in range(n)]
+    (root / folder / f"{stem}.csv").write_text("\n".join(lines) + "\n")
+  readers.prepare_tfds("mmlu", data_dir=tmp_path / "data", manual_dir=root.parent, module=mmlu_builder.__name__)
+  test = get_task("mmlu").load("eval", data_dir=tmp_path / "data")
+  examples = sorted((test[i] for i in range(len(test))), key=lambda e: e.prompt)
+  assert [e.target for e in examples] == ["A", "B"]
+  assert examples[1].prompt == ("The following is a question about high school physics.\nQuestion: What, is 1?\n"
+                                "A. a1\nB. b1\nC. c1\nD. d1\nAnswer with the letter of the correct option.")
+  assert len(get_task("mmlu").load("train", data_dir=tmp_path / "data")) == 3
+
+
 def test_unprepared_dataset_says_how_to_prepare_it(tmp_path):
   with pytest.raises(DatasetNotPreparedError, match=(
       rf"anli/r2 is not prepared under {tmp_path}; prepare it with: tfds build anli/r2 --data_dir={tmp_path} "
@@ -183,6 +200,18 @@ def test_vl_task_reads_annotations_and_images(tmp_path):
   assert ex.prompt == "what is 0?\nAnswer with a single word or phrase."
   assert ex.target == "red" and len(ex.answers) == 10
   assert examples[1].image.shape == (21, 30, 3) and examples[1].target == "two"
+
+
+def test_multiple_choice_vl_task_scores_letters(tmp_path):
+  root = tmp_path / "aokvqa"
+  (root / "val2017").mkdir(parents=True)
+  PIL.Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "val2017" / f"{7:012d}.jpg")
+  rows = [{"question_id": "q", "image_id": 7, "question": "Which?", "choices": ["cat", "dog", "cow", "hen"],
+           "correct_choice_idx": 2, "direct_answers": ["cow"] * 10}]
+  (root / "aokvqa_v1p0_val.json").write_text(json.dumps(rows))
+  (ex,) = list(get_task("aokvqa").load("eval", data_dir=tmp_path))
+  assert (ex.options, ex.correct, ex.target, ex.image.shape) == (("A", "B", "C", "D"), (2,), "C", (8, 8, 3))
+  assert "C. cow" in ex.prompt
 
 
 def test_vl_task_missing_files_say_where_they_go(tmp_path):
