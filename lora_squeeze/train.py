@@ -155,6 +155,19 @@ def make_train_step(model, *, lr: float, warmup: int, max_targets: int):
   return step
 
 
+def compile_step(model, state: TrainState, base: Params, batch: Mapping[str, Any], *, lr: float, warmup: int,
+                 max_targets: int) -> None:
+  """Compiles the train step for the shapes and shardings of (state, base, batch) without running
+  it (any thread); the later call of make_train_step(...) with such arguments finds it compiled.
+
+  Args:
+    state, base: arrays or jax.ShapeDtypeStruct with shardings (e.g. checkpoint.abstract_like).
+    batch: jax.ShapeDtypeStruct with the batch sharding (or arrays).
+  """
+  _train_step.lower(state, base, batch, model=model, lr=lr, warmup=warmup, max_targets=max_targets,
+                    state_shardings=tuple(x.sharding for x in jax.tree.leaves(state))).compile()
+
+
 def init_train_state(lora: Params, optimizer: optax.GradientTransformation,
                      mesh: jax.sharding.Mesh | None = None) -> TrainState:
   """A fresh stage: the optimizer state is built for the current shapes (rank) of `lora`.
@@ -461,10 +474,8 @@ class _Runner:
         if stage is not None:
           state = init_train_state(self.fresh_lora(stage.rank), optim.make_optimizer(stage.lr, stage.warmup),
                                    self.mesh)
-          _train_step.lower(
-              ckpt_lib.abstract_like(state), self.base, abstract_batch, model=self.model(stage.rank), lr=stage.lr,
-              warmup=stage.warmup, max_targets=max_targets,
-              state_shardings=tuple(x.sharding for x in jax.tree.leaves(state))).compile()
+          compile_step(self.model(stage.rank), ckpt_lib.abstract_like(state), self.base, abstract_batch,
+                       lr=stage.lr, warmup=stage.warmup, max_targets=max_targets)
       except Exception as e:  # pylint: disable=broad-except
         self.print(f"ahead-of-time compilation of the next stage failed ({e!r}); it compiles when it starts")
 
