@@ -343,7 +343,7 @@ GENERATIVE_METRICS: Mapping[str, Callable[[str, Sequence[str]], float]] = {
 def evaluate_examples(model, params: Params, tokenizer, task: Task, examples: Sequence[Example], *, max_len: int,
                       batch_size: int = 8, template: str = "chat", buckets: Sequence[int] = batching.DEFAULT_BUCKETS,
                       image_size: int | None = None, progress: Callable[[str], None] | None = None) -> dict[str, float]:
-  """The task's metrics over `examples`: {"accuracy"} for scored tasks, {"em", "f1"} for DROP,
+  """The task's metrics over `examples`: {"accuracy"} for scored tasks, {"f1", "em"} for DROP,
   {metric name} for the other generative ones. The first key is the headline score."""
   if not examples:
     raise ValueError(f"task {task.name}: no examples to evaluate")
