@@ -19,24 +19,28 @@ Four methods compute that truncation:
 
 How ``qr_core`` is computed (the speed and accuracy choices):
 
-* Only R_A and R_B enter M, and any R with RᵀR = aᵀa works (the choice of Q_A is a rotation of M's
-  left singular vectors and cancels below). So R comes from the Gram matrix G_A = aᵀa, which is one
-  matrix product instead of a Householder QR. The Gram matrix squares the condition number, so it
-  is accumulated in float64 (products of float32 numbers are exact in float64): factors with
-  cond(a) up to ~1e6, common after training, keep float32 accuracy. R = Λ^½ Vᵀ from the eigen-
-  decomposition G = V Λ Vᵀ handles rank-deficient factors (b = 0 right after init) without NaN.
-* Q_A is never formed. With M = U S Vᵀ:
+* Only R_A and R_B enter M, and any R with RᵀR = aᵀa works (another choice rotates M's singular
+  vectors and cancels below). So R is the Cholesky factor of the Gram matrix G_A = aᵀa: one
+  matrix product instead of a Householder QR. A Gram matrix squares the condition number, so it is
+  accumulated in float64 (float32 values and their products are exact in float64; only the sum
+  rounds): factors with cond up to ~1e6 and beyond, common after training, keep float32 accuracy.
+  Where G is singular in float64 (b = 0 right after init, r_src > m) R = Λ^½ Vᵀ from G = V Λ Vᵀ.
+* Q_A and Q_B are never formed. With M = U S Vᵀ:
       a_t = Q_A U_r √S_r = ΔW Q_B V_r S_r^{-½} = a · (R_Bᵀ V_r S_r^{-½})
       b_t = √S_r V_rᵀ Q_Bᵀ = S_r^{-½} U_rᵀ Q_Aᵀ ΔW = (S_r^{-½} U_rᵀ R_A) · b
   using b Q_B = R_Bᵀ and Q_Aᵀ a = R_A. No triangular solve, no inverse of an ill-conditioned R:
-  the only large products are a @ (r_src, r_tgt) and (r_tgt, r_src) @ b.
-* Singular values below the float32 noise floor of the product (≈ eps·‖a‖‖b‖) get zero factors,
-  since dividing noise by √s_i would blow it up; dropping them changes ΔW by at most that floor.
+  besides the Gram matrices the only large products are a @ (r_src, r_tgt) and (r_tgt, r_src) @ b,
+  done in float64 because a column of a · (R_Bᵀ v_i) has norm s_i while its terms reach ‖a‖‖b‖.
+* Singular values below M's float64 rounding level are zero: they get zero factors instead of
+  rounding noise divided by √s_i.
+* Cost: 2(m + n)·r_src² float64 flops for the Gram matrices, O(r_src³) for the core, and
+  2(m + n)·r_src·r_tgt for the factors; extra memory O((m + n)·r_src) for one matrix at a time.
 
-All functions take any of float32, bfloat16, float16 and float64 factors, compute in float32
-(float64 for the small r×r algebra of ``qr_core``) and return factors in the input dtype and
-singular values in float32. Leading batch axes (e.g. stacked layers) are mapped with ``jax.vmap``.
-A target rank above the source rank is allowed: the factors are zero-padded, ΔW is unchanged.
+All functions take float32, bfloat16, float16 and float64 factors, compute in float32 (``qr_core``
+in float64, which costs little since its float32 inputs are exact there) and return factors in the
+input dtype and singular values in float32. Leading batch axes (e.g. stacked layers) are mapped
+(``jax.vmap``, or ``lax.map`` for ``qr_core``'s per-matrix products). A target rank above the
+source rank is allowed: the factors are zero-padded and ΔW is unchanged.
 """
 
 from __future__ import annotations
@@ -449,11 +453,12 @@ def qr_core(a, b, rank, *, core="svd", key=None, oversample=10, power_iters=2):
     """Memory-efficient LoRA-Squeeze (Alg. 2): SVD of ΔW = a @ b through its r_src×r_src core.
 
     a = Q_A R_A, bᵀ = Q_B R_B, M = R_A R_Bᵀ = U S Vᵀ, then ΔW = (Q_A U) S (Q_B V)ᵀ exactly, and
-    a_t = Q_A U_r √S_r, b_t = √S_r V_rᵀ Q_Bᵀ. Computed without Q_A, Q_B or ΔW as
-    R_A = Λ_A^½ V_Aᵀ from aᵀa = V_A Λ_A V_Aᵀ (float64), likewise R_B from b bᵀ, and
-    a_t = a (R_Bᵀ V_r S_r^{-½}), b_t = (S_r^{-½} U_rᵀ R_A) b. Extra memory O((m + n)·r_tgt + r_src²),
-    time O((m + n)·r_src²). Exact: s_all equals the singular values of a @ b to float32 accuracy
-    relative to the largest one, and a_t @ b_t is the Eckart-Young optimal rank-r_tgt approximation.
+    a_t = Q_A U_r √S_r, b_t = √S_r V_rᵀ Q_Bᵀ. Computed without Q_A, Q_B or ΔW: R_A is the
+    Cholesky factor of aᵀa (float64 Gram; eigendecomposition where it is singular), likewise R_B of
+    b bᵀ, and a_t = a (R_Bᵀ V_r S_r^{-½}), b_t = (S_r^{-½} U_rᵀ R_A) b. Extra memory
+    O((m + n)·r_src) (one matrix at a time), time O((m + n)·r_src²). Exact: s_all equals the
+    singular values of a @ b to float32 accuracy relative to the largest one, also for factors
+    with cond ~1e6, and a_t @ b_t is the Eckart-Young optimal rank-r_tgt approximation.
 
     Args:
       a: (..., m, r_src), b: (..., r_src, n) LoRA factors; leading axes are batch axes.

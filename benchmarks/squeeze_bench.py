@@ -1,0 +1,227 @@
+"""Wall time and extra memory of the four squeeze methods on Gemma 3 LoRA module shapes.
+
+Methods: (i) "svd" full SVD of the formed ΔW (the reference), (ii) "rsvd" Alg. 1 on the formed
+ΔW, (iii) "rsvd_factored" Alg. 1 on x ↦ a(b x), (iv) "qr_core" Alg. 2. Shapes are read from the
+gemma configs (gm.nn.Gemma3_*.config) for the q, kv, o (attn_vec), gating and linear targets.
+
+    .venv/bin/python benchmarks/squeeze_bench.py            # 270M, 1B, 4B, 27B × r_src {16,64,128} → r_tgt {1,8}
+    .venv/bin/python benchmarks/squeeze_bench.py --quick    # a few shapes
+
+Then it times the whole Gemma 3 4B adapter (every module, r=128 → 8): qr_core and rsvd_factored
+through ``lora_tree.squeeze_tree`` end to end; svd and rsvd as (time of each distinct module
+shape, measured once) × (its count), which the output says.
+
+Extra memory is XLA's compiled memory analysis of the jitted method (temporaries + outputs: what
+the call allocates beyond its inputs; LAPACK's internal workspace is not included). Times are the
+best of a few warm calls through the public API (validation included); the first call's time
+(compilation) is reported separately. Writes JSON to benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lora_squeeze import lora_tree, squeeze
+
+METHOD_LABELS = {"svd": "(i) svd(ΔW)", "rsvd": "(ii) Alg.1(ΔW)", "rsvd_factored": "(iii) rsvd a(bx)", "qr_core": "(iv) qr_core"}
+METHOD_ORDER = ("svd", "rsvd", "rsvd_factored", "qr_core")
+MODELS = {"270m": "Gemma3_270M", "1b": "Gemma3_1B", "4b": "Gemma3_4B", "27b": "Gemma3_27B"}
+
+
+def module_shapes(model: str) -> tuple[int, dict[str, tuple[tuple[int, ...], tuple[int, ...]]]]:
+    """(num_layers, target -> (in_dims, out_dims)) in the gemma LoRA layout a (*in, r), b (r, *out)."""
+    from gemma import gm  # imported here: it is slow, and only the shapes are needed
+
+    config = getattr(gm.nn, MODELS[model]).config
+    d, heads, head_dim, kv_heads, hidden = (
+        config.embed_dim,
+        config.num_heads,
+        config.head_dim,
+        config.num_kv_heads,
+        config.hidden_dim,
+    )
+    return config.num_layers, {
+        "q": ((d,), (heads, head_dim)),
+        "kv": ((d,), (2, kv_heads, head_dim)),
+        "o": ((heads, head_dim), (d,)),
+        "gating": ((d,), (2, hidden)),
+        "linear": ((hidden,), (d,)),
+    }
+
+
+def lora_factors(rng: np.random.Generator, m: int, n: int, r: int) -> tuple[jax.Array, jax.Array]:
+    """a (m, r), b (r, n) float32 with a decaying spectrum, like a trained LoRA."""
+    a = rng.standard_normal((m, r), dtype=np.float32) * (0.9 ** np.arange(r, dtype=np.float32))
+    b = rng.standard_normal((r, n), dtype=np.float32) / np.float32(math.sqrt(n))
+    return jnp.asarray(a), jnp.asarray(b)
+
+
+def best_time(fn, *, reps: int, budget_s: float) -> tuple[float, float]:
+    """(first call seconds incl. compilation, best warm seconds over ≤ reps calls within budget_s)."""
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    first = time.perf_counter() - start
+    times: list[float] = []
+    while len(times) < reps and sum(times) < budget_s:
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return first, min(times)
+
+
+def extra_bytes(method: str, a: jax.Array, b: jax.Array, r_tgt: int) -> int:
+    """Temporaries + outputs XLA allocates for one call (its compiled memory analysis)."""
+    key = jax.random.key(0)
+    fn = jax.jit(lambda x, y: squeeze.squeeze_factors(x, y, r_tgt, method=method, key=key))
+    analysis = fn.lower(a, b).compile().memory_analysis()
+    return int(analysis.temp_size_in_bytes + analysis.output_size_in_bytes)
+
+
+def bench_module(a, b, r_tgt: int, method: str, *, reps: int) -> dict:
+    key = jax.random.key(0)
+    first, best = best_time(
+        lambda: squeeze.squeeze_factors(a, b, r_tgt, method=method, key=key), reps=reps, budget_s=2.0
+    )
+    return {"first_s": first, "time_s": best, "extra_bytes": extra_bytes(method, a, b, r_tgt)}
+
+
+def gemma4b_tree(rng: np.random.Generator, r: int) -> tuple[dict, dict[str, int]]:
+    """A Gemma 3 4B LoRA tree (every text-decoder target, every layer) and its module shape counts."""
+    n_layers, shapes = module_shapes("4b")
+    paths = {
+        "q": ("attn", "q_einsum", "_LoRAEinsum_0"),
+        "kv": ("attn", "kv_einsum", "_LoRAEinsum_0"),
+        "o": ("attn", "attn_vec_einsum", "_LoRAEinsum_0"),
+        "gating": ("mlp", "_LoRAEinsum_gating_einsum"),
+        "linear": ("mlp", "_LoRAEinsum_linear"),
+    }
+    tree: dict = {}
+    for layer in range(n_layers):
+        for target, (in_dims, out_dims) in shapes.items():
+            a, b = lora_factors(rng, math.prod(in_dims), math.prod(out_dims), r)
+            node = tree.setdefault(f"layer_{layer}", {})
+            for name in paths[target]:
+                node = node.setdefault(name, {})
+            node["lora"] = {"a": a.reshape(*in_dims, r), "b": b.reshape(r, *out_dims)}
+    return tree, {target: n_layers for target in shapes}
+
+
+def print_table(rows: list[dict]) -> None:
+    header = f"{'model':5s} {'module':7s} {'m×n':>13s} {'r_src':>5s} {'r_tgt':>5s}"
+    for method in METHOD_ORDER:
+        header += f" | {METHOD_LABELS[method]:>17s}"
+    print(header)
+    print(" " * 40 + " | time s (ratio to (i)), extra MiB")
+    for row in rows:
+        line = f"{row['model']:5s} {row['module']:7s} {row['m']:>6d}×{row['n']:<6d} {row['r_src']:>5d} {row['r_tgt']:>5d}"
+        base = row["methods"]["svd"]["time_s"]
+        for method in METHOD_ORDER:
+            cell = row["methods"][method]
+            line += f" | {cell['time_s']:8.4f} {cell['time_s'] / base:6.3f}× {cell['extra_bytes'] / 2**20:7.1f}"
+        print(line)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a few shapes (270M and 4B q, gating) only")
+    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/squeeze_bench[_quick].json)")
+    parser.add_argument("--reps", type=int, default=3, help="warm calls per measurement (best is kept)")
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    load_before = os.getloadavg()
+
+    if args.quick:
+        grid = [("270m", ("q", "gating"), (16, 128), (1, 8)), ("4b", ("q", "gating"), (128,), (8,))]
+    else:
+        grid = [(model, ("q", "kv", "o", "gating", "linear"), (16, 64, 128), (1, 8)) for model in MODELS]
+
+    rows: list[dict] = []
+    svd_cache: dict[tuple[int, int, int], dict] = {}
+    for model, targets, r_srcs, r_tgts in grid:
+        _, shapes = module_shapes(model)
+        for target in targets:
+            in_dims, out_dims = shapes[target]
+            m, n = math.prod(in_dims), math.prod(out_dims)
+            for r_src in r_srcs:
+                a, b = lora_factors(rng, m, n, r_src)
+                for r_tgt in r_tgts:
+                    cells = {}
+                    for method in METHOD_ORDER:
+                        # A full SVD costs the same for every r_tgt: measured once per (m, n, r_src).
+                        if method == "svd" and (m, n, r_src) in svd_cache:
+                            cells[method] = dict(svd_cache[(m, n, r_src)], reused=True)
+                            continue
+                        cells[method] = bench_module(a, b, r_tgt, method, reps=1 if method == "svd" else args.reps)
+                        if method == "svd":
+                            svd_cache[(m, n, r_src)] = cells[method]
+                    row = {"model": model, "module": target, "m": m, "n": n, "r_src": r_src, "r_tgt": r_tgt, "methods": cells}
+                    rows.append(row)
+                    base = cells["svd"]["time_s"]
+                    ratios = ", ".join(f"{k} {v['time_s']:.4f}s ({base / v['time_s']:.0f}× faster)" for k, v in cells.items())
+                    print(f"[{model} {target} {m}×{n} {r_src}→{r_tgt}] {ratios}", flush=True)
+    print()
+    print_table(rows)
+
+    print("\nWhole Gemma 3 4B adapter, r = 128 → 8 (every q, kv, o, gating, linear module of 34 layers)")
+    tree, counts = gemma4b_tree(rng, 128)
+    jax.block_until_ready(tree)
+    n_modules = sum(counts.values())
+    load_at_total = os.getloadavg()
+    whole: dict[str, dict] = {}
+    for method in ("qr_core", "rsvd_factored"):
+        key = jax.random.key(0)
+        first, best = best_time(
+            lambda: lora_tree.squeeze_tree(tree, 8, method=method, key=key)[0],
+            reps=args.reps if method == "qr_core" else 1,
+            budget_s=10.0,
+        )
+        whole[method] = {"first_s": first, "time_s": best, "how": "squeeze_tree end to end (warm)"}
+        print(f"  {METHOD_LABELS[method]:20s} {best:9.3f} s warm   (first call with compilation {first:.2f} s)", flush=True)
+    _, shapes = module_shapes("4b")
+    for method in ("svd", "rsvd"):
+        total = 0.0
+        for target, (in_dims, out_dims) in shapes.items():
+            m, n = math.prod(in_dims), math.prod(out_dims)
+            cached = next(
+                (r["methods"][method] for r in rows if (r["m"], r["n"], r["r_src"], r["r_tgt"]) == (m, n, 128, 8)),
+                None,
+            )
+            if cached is None:
+                a, b = lora_factors(rng, m, n, 128)
+                cached = bench_module(a, b, 8, method, reps=1)
+            total += cached["time_s"] * counts[target]
+        whole[method] = {"time_s": total, "how": "each distinct module shape timed once (warm) × its count"}
+        print(f"  {METHOD_LABELS[method]:20s} {total:9.3f} s   (each distinct shape timed once × its count)", flush=True)
+    base = whole["svd"]["time_s"]
+    for method in METHOD_ORDER:
+        whole[method]["speedup_vs_svd"] = base / whole[method]["time_s"]
+    print("  speed-up over (i): " + ", ".join(f"{m} {whole[m]['speedup_vs_svd']:.0f}×" for m in METHOD_ORDER))
+    load_after = os.getloadavg()
+    print(f"\nload average (1, 5, 15 min): before {load_before}, at the 4B total {load_at_total}, after {load_after}")
+
+    result = {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "jax": jax.__version__},
+        "load_average": {"before": load_before, "whole_4b": load_at_total, "after": load_after},
+        "quick": args.quick,
+        "modules": rows,
+        "whole_gemma3_4b_r128_to_8": {"n_modules": n_modules, "methods": whole},
+    }
+    out = args.out or f"benchmarks/results/squeeze_bench{'_quick' if args.quick else ''}.json"
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out + ".tmp", "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(out + ".tmp", out)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
