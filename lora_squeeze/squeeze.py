@@ -53,6 +53,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import threadpoolctl
 
 METHODS = ("qr_core", "rsvd", "rsvd_factored", "svd")
 CORES = ("svd", "rsvd")
@@ -121,6 +122,22 @@ def validate_factors(a: Any, b: Any) -> None:
         )
     if np.shape(a)[:-2] != np.shape(b)[:-2]:
         raise ValueError(f"batch axes differ: a {np.shape(a)[:-2]} vs b {np.shape(b)[:-2]} (shapes {np.shape(a)}, {np.shape(b)})")
+
+
+def _run_single_threaded_lapack(fn: Callable[[], Any]) -> Any:
+    """Runs fn to completion with OpenBLAS (used by XLA's CPU LAPACK kernels) on one thread.
+
+    The r×r decompositions are far too small to split; OpenBLAS's spinning worker threads made
+    them ~5× slower on 2 shared cores (measured). The limit is scoped and restored, and the
+    result is awaited inside it because XLA runs asynchronously. Under a caller's jit it only
+    traces.
+    """
+    with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
+        out = fn()
+        leaves = jax.tree.leaves(out)
+        if not any(isinstance(x, jax.core.Tracer) for x in leaves):
+            jax.block_until_ready(out)
+    return out
 
 
 def _check_key(key: Any, method: str) -> None:
@@ -478,8 +495,8 @@ def qr_core(a, b, rank, *, core="svd", key=None, oversample=10, power_iters=2):
         _check_key(key, "qr_core(core='rsvd')")
     with jax.enable_x64(True):
         keys = _batch_keys(key, np.shape(a)[:-2]) if core == "rsvd" else None
-        a_t, b_t, s_all, finite = _qr_core_jit(
-            a, b, keys, rank=rank, core=core, oversample=oversample, power_iters=power_iters
+        a_t, b_t, s_all, finite = _run_single_threaded_lapack(
+            lambda: _qr_core_jit(a, b, keys, rank=rank, core=core, oversample=oversample, power_iters=power_iters)
         )
     _raise_if_nonfinite(finite)
     return a_t, b_t, s_all
@@ -553,7 +570,7 @@ def singular_values(a, b):
     """
     validate_factors(a, b)
     with jax.enable_x64(True):
-        s_all, finite = _singular_values_jit(a, b)
+        s_all, finite = _run_single_threaded_lapack(lambda: _singular_values_jit(a, b))
     _raise_if_nonfinite(finite)
     return s_all
 
