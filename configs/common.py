@@ -33,10 +33,11 @@ Schema (all protocols):
   lr_table        JSON {"lr": {model: {rank: lr}}} (configs/lr_table.json)
   seed            root PRNG seed (LoRA init, squeezes, data order)
   squeeze.method  "qr_core" (Alg. 2, memory-efficient) | "rsvd" (Alg. 1) | "rsvd_factored" | "svd"
-  squeeze.oversample, squeeze.power_iters   RSVD k_o = 10 and k_q = 2 (paper)
+  (the randomized methods use the paper's k_o = 10 and k_q = 2: squeeze.rsvd's defaults)
   eval.examples   0 = the whole eval split, N = its first N examples
   eval.batch_size rows per scoring forward pass
   checkpoint_every, log_every   steps between checkpoints / console lines
+  mesh.data, mesh.fsdp  device mesh axes (data = -1: every device not used by fsdp)
 Per protocol:
   direct          rank; extra_steps (M, 0 = none), extra_warmup ("Direct +M" baseline)
   post_squeeze    r_src; targets (ranks <= r_src to squeeze a copy to, each evaluated)
@@ -99,7 +100,8 @@ def base_config(protocol: str) -> ml_collections.ConfigDict:
   c.lr = config_dict.placeholder(float)
   c.lr_table = LR_TABLE
   c.seed = 42
-  c.squeeze = ml_collections.ConfigDict({"method": "qr_core", "oversample": 10, "power_iters": 2})
+  c.squeeze = ml_collections.ConfigDict({"method": "qr_core"})
+  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
   c.eval = ml_collections.ConfigDict({"examples": 0, "batch_size": 8})
   c.checkpoint_every = 1000
   c.log_every = 10
@@ -247,8 +249,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _int(config, "seed", minimum=0)
   if config.squeeze.method not in protocols.SQUEEZE_METHODS:
     _fail("squeeze.method", config.squeeze.method, f"one of {protocols.SQUEEZE_METHODS}")
-  _int(config, "squeeze.oversample", minimum=0)
-  _int(config, "squeeze.power_iters", minimum=0)
+  _int(config, "mesh.fsdp", minimum=1)
+  if config.mesh.data != -1:
+    _int(config, "mesh.data", minimum=1)
   _int(config, "eval.examples", minimum=0)
   _int(config, "eval.batch_size", minimum=1)
   _int(config, "checkpoint_every", minimum=1)

@@ -12,6 +12,7 @@ import importlib
 import sys
 
 from absl import app
+from absl import flags
 
 COMMANDS = {
     "train": ("lora_squeeze.train_cli", "train LoRA by a protocol config (direct, post/cont/in-squeeze)"),
@@ -38,7 +39,12 @@ def run(argv: list[str] | None = None) -> None:
     print(usage(), file=sys.stderr)
     sys.exit(2)
   module = importlib.import_module(COMMANDS[command][0])
-  app.run(module.main, argv=[f"lora-squeeze {command}", *argv[2:]])
+  program = f"lora-squeeze {command}"
+  # absl's --help lists the key flags of the main module, which it names by sys.argv[0] (this
+  # console script), so the command module's flags are declared key flags of that name.
+  for flag in flags.FLAGS.get_flags_for_module(module.__name__):
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+  app.run(module.main, argv=[program, *argv[2:]])
 
 
 if __name__ == "__main__":

@@ -28,8 +28,8 @@ def load(name: str, arg: str | None = None, *overrides: str):
 def test_protocol_configs_validate_with_a_checkpoint(name, tmp_path):
   config = load(name, f"checkpoint={tmp_path}")
   common.validate(config)
-  assert (config.batch_size, config.max_len, config.warmup, config.squeeze.oversample, config.squeeze.power_iters) == (
-      8, 1024, 1000, 10, 2)
+  assert (config.batch_size, config.max_len, config.warmup, config.mesh.data, config.mesh.fsdp) == (
+      8, 1024, 1000, -1, 1)
   assert config.squeeze.method == "qr_core" and config.protocol == name
 
 
@@ -72,7 +72,7 @@ def test_learning_rates_come_from_the_table_unless_set():
 def test_unknown_keys_fail():
   with pytest.raises(flags.IllegalFlagValueError, match="config has no key 'rnak'; allowed keys: .*rank"):
     load("direct", "rnak=8")
-  with pytest.raises(ValueError, match="config has no key 'squeeze.kq'; allowed keys: method, oversample"):
+  with pytest.raises(ValueError, match="config has no key 'squeeze.kq'; allowed keys: method"):
     common.apply_arg(common.base_config("direct"), "squeeze.kq=3")
   with pytest.raises(AttributeError, match="nope"):
     load("direct", None, "--config.nope=1")
