@@ -25,4 +25,4 @@ def test_no_command_prints_usage_and_fails():
 def test_help_of_a_command_lists_its_own_flags():
   result = run_cli("squeeze", "--help")
   text = result.stdout + result.stderr
-  assert "--rank" in text and "--energy" in text and "--dry-run" in text, text
+  assert "--rank" in text and "--energy" in text and "dry-run" in text, text
