@@ -94,6 +94,7 @@ class RunResults:
 
   Attributes:
     scores: evaluation tag -> task score in percent (the first metric the evaluator returned).
+    nll: evaluation tag -> option_nll (nats; scored tasks only, see lora_squeeze.evaluate).
     squeezes: one record per squeeze the plan made: r_src, r_tgt, method, retention (Eq. 10 over
       all modules of the adapter).
     failure: the error of a run that diverged (then no scores), else None.
@@ -102,6 +103,7 @@ class RunResults:
   scores: Mapping[str, float]
   squeezes: tuple[Mapping[str, Any], ...]
   failure: str | None = None
+  nll: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
 
 def read_run_results(train_dir: pathlib.Path) -> RunResults | None:
@@ -118,9 +120,11 @@ def read_run_results(train_dir: pathlib.Path) -> RunResults | None:
   if not results.get("complete", False):
     return None
   scores = {tag: 100.0 * float(ev["score"]) for tag, ev in results["evals"].items() if ev.get("score") is not None}
+  nll = {tag: float(ev["metrics"]["option_nll"]) for tag, ev in results["evals"].items()
+         if "option_nll" in ev.get("metrics", {})}
   squeezes = tuple({"r_src": s["r_src"], "r_tgt": s["r_tgt"], "method": s["method"],
                     "retention": float(s["overall_retention"])} for s in results.get("squeezes", ()))
-  return RunResults(scores=scores, squeezes=squeezes)
+  return RunResults(scores=scores, squeezes=squeezes, nll=nll)
 
 
 def cell_results(path: pathlib.Path) -> RunResults | None:
@@ -346,20 +350,24 @@ def collect_rows(workdir: pathlib.Path) -> tuple[list[Row], list[str]]:
   """Score rows of every finished cell under `<workdir>/runs`, and the names of unfinished ones.
 
   One row per (cell, listed evaluation tag): the cell's labels, the tag's coordinates, `tag`, `cell`
-  and `score` (NaN for a failed run, with its error in `failure`). Built only from the files, so a
-  report never depends on what is in memory.
+  and `score` (NaN for a failed run, with its error in `failure`), and `nll` where the evaluator
+  gave option_nll (NaN for a failed run). Built only from the files, so a report never depends on
+  what is in memory.
   """
   rows = []
   finished, unfinished = _finished_cells(workdir)
   for cell, results in finished:
     if results.failure is not None:
-      rows += [{**cell["labels"], **coords, "tag": tag, "cell": cell["name"], "score": math.nan,
+      rows += [{**cell["labels"], **coords, "tag": tag, "cell": cell["name"], "score": math.nan, "nll": math.nan,
                 "failure": results.failure} for tag, coords in cell["evals"].items()]
       continue
     for tag, coords in cell["evals"].items():
       if tag not in results.scores:
         raise ValueError(f"cell {cell['name']!r} finished without a score for {tag!r}; it has {sorted(results.scores)}")
-      rows.append({**cell["labels"], **coords, "tag": tag, "cell": cell["name"], "score": results.scores[tag]})
+      row = {**cell["labels"], **coords, "tag": tag, "cell": cell["name"], "score": results.scores[tag]}
+      if tag in results.nll:
+        row["nll"] = results.nll[tag]
+      rows.append(row)
   return rows, unfinished
 
 
@@ -376,11 +384,13 @@ def select(rows: Iterable[Row], **where: Any) -> list[Row]:
   return [r for r in rows if all(r.get(k, missing) == v for k, v in where.items())]
 
 
-def mean_score(rows: Iterable[Row], key: Callable[[Row], Any]) -> dict[Any, float]:
-  """Mean `score` per group: the average over tasks and seeds that the paper's figures report."""
+def mean_score(rows: Iterable[Row], key: Callable[[Row], Any], *, field: str = "score") -> dict[Any, float]:
+  """Mean `field` ("score", or "nll") per group: the average over tasks and seeds that the paper's
+  figures report. Rows without the field are left out; a group with none is absent."""
   groups: dict[Any, list[float]] = {}
   for row in rows:
-    groups.setdefault(key(row), []).append(float(row["score"]))
+    if field in row:
+      groups.setdefault(key(row), []).append(float(row[field]))
   return {k: float(np.mean(v)) for k, v in groups.items()}
 
 
@@ -471,7 +481,7 @@ def plot_lines(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], *,
 def write_rows(workdir: pathlib.Path, rows: Sequence[Row], unfinished: Sequence[str], *,
                log: Callable[[str], None] = log_line) -> None:
   """rows.json and rows.csv (every score of the study) and a line naming unfinished cells."""
-  common_columns = ["study", "task", "rank", "r_src", "r_tgt", "method", "protocol", "lr", "seed", "tag", "score"]
+  common_columns = ["study", "task", "rank", "r_src", "r_tgt", "method", "protocol", "lr", "seed", "tag", "score", "nll"]
   columns = [c for c in common_columns if any(c in r for r in rows)]
   columns += [c for c in dict.fromkeys(k for r in rows for k in r) if c not in columns]
   ordered = sorted(rows, key=lambda r: json.dumps([r.get(c) for c in columns], default=str))

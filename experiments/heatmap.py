@@ -9,8 +9,10 @@ baseline at rank r is the unsqueezed evaluation of the run with r_src = r, so th
 costs one training run per source rank.
 
 Writes into --workdir: rows.json/rows.csv (every score), heatmap.csv (per task, r_src, r_tgt and
-method: Post-Squeeze, direct, gain), heatmap_<method>.md and heatmap_<method>.png (Fig. 4: mean over
-tasks of Post-Squeeze minus direct, red = Post-Squeeze better), with two methods
+method: Post-Squeeze, direct, gain; the same for option_nll), heatmap_<method>.md and
+heatmap_<method>.png (Fig. 4: mean over tasks of Post-Squeeze minus direct, red = Post-Squeeze
+better), heatmap_<method>_nll.md/.png (direct minus Post-Squeeze option NLL, red = Post-Squeeze
+better; scored tasks), with two methods
 heatmap_<method0>_vs_<method1>.png (Fig. 5), and heatmap_tasks.md (Table 6: per task, direct vs
 Post-Squeeze for the `table_pairs`).
 """
@@ -78,18 +80,25 @@ def cells(study: ml_collections.ConfigDict, lr_for_rank: Callable[[int], float])
 
 
 def gain_rows(rows: Sequence[common.Row]) -> list[common.Row]:
-  """Per task x r_src x r_tgt x method: mean Post-Squeeze score, mean direct score at r_tgt, gain.
+  """Per task x r_src x r_tgt x method: mean Post-Squeeze score, mean direct score at r_tgt, gain;
+  and the same for option_nll (nll_gain = direct minus Post-Squeeze: positive = Post-Squeeze better).
 
-  Means are over seeds; direct is NaN where no run was trained at r_tgt.
+  Means are over seeds; direct is NaN where no run was trained at r_tgt, NLLs NaN without option_nll.
   """
-  direct = common.mean_score(common.select(rows, kind="direct"), key=lambda r: (r["task"], r["r_tgt"]))
-  post = common.mean_score(common.select(rows, kind="post"),
-                           key=lambda r: (r["task"], r["r_src"], r["r_tgt"], r["method"]))
+  direct_key = lambda r: (r["task"], r["r_tgt"])  # noqa: E731
+  post_key = lambda r: (r["task"], r["r_src"], r["r_tgt"], r["method"])  # noqa: E731
+  direct = common.mean_score(common.select(rows, kind="direct"), key=direct_key)
+  direct_nll = common.mean_score(common.select(rows, kind="direct"), key=direct_key, field="nll")
+  post = common.mean_score(common.select(rows, kind="post"), key=post_key)
+  post_nll = common.mean_score(common.select(rows, kind="post"), key=post_key, field="nll")
   out = []
   for (task, r_src, r_tgt, method), score in sorted(post.items()):
     base = direct.get((task, r_tgt), math.nan)
+    base_nll = direct_nll.get((task, r_tgt), math.nan)
+    nll = post_nll.get((task, r_src, r_tgt, method), math.nan)
     out.append({"task": task, "r_src": r_src, "r_tgt": r_tgt, "method": method, "post_squeeze": score,
-                "direct": base, "gain": score - base})
+                "direct": base, "gain": score - base, "post_squeeze_nll": nll, "direct_nll": base_nll,
+                "nll_gain": base_nll - nll})
   return out
 
 
@@ -149,6 +158,16 @@ def write_report(rows: Sequence[common.Row], workdir: pathlib.Path, *, methods: 
     body = [[r_src, *matrix[i]] for i, r_src in enumerate(sources)]
     common.atomic_write_text(workdir / f"heatmap_{method}.md", common.markdown_table(
         ["r_src \\ r_tgt", *map(str, targets)], body, float_format="{:+.2f}"))
+    nll_matrix = gain_matrix(mine, value=lambda g: g["nll_gain"], sources=sources, targets=targets)
+    if np.isfinite(nll_matrix).any():
+      matrices[f"{method}_nll"] = nll_matrix
+      common.plot_heatmap(nll_matrix, row_labels=sources, col_labels=targets, path=workdir / f"heatmap_{method}_nll.png",
+                          title=f"option NLL: direct minus Post-Squeeze ({method}), mean over {n_tasks} task(s)",
+                          xlabel="target rank r_tgt", ylabel="source rank r_src",
+                          cbar_label="NLL difference (nats; red = Post-Squeeze lower)", fmt="{:+.3f}")
+      body = [[r_src, *nll_matrix[i]] for i, r_src in enumerate(sources)]
+      common.atomic_write_text(workdir / f"heatmap_{method}_nll.md", common.markdown_table(
+          ["r_src \\ r_tgt", *map(str, targets)], body, float_format="{:+.3f}"))
   if len(methods) >= 2:
     first, second = methods[:2]
     by_key = {(g["task"], g["r_src"], g["r_tgt"], g["method"]): g["post_squeeze"] for g in gains}

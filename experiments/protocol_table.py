@@ -4,6 +4,7 @@
 
 Per task and seed, with N = steps and each M in extra_steps (paper: r_src = 128, r_tgt = 1,
 M in {200, 700}):
+  zero_shot    the base model (the first direct run scores its untrained adapter, ΔW = 0)
   direct       train at r_tgt for N steps                       } one run per M: N steps, then M more
   direct+M     ... then M more steps (fresh optimizer, 100-step warmup)   at r_tgt (lr of r_tgt)
   post         train at r_src for N steps, squeeze to r_tgt      } one run per M: the squeeze, then M
@@ -14,7 +15,8 @@ M in {200, 700}):
 "direct" and "post" come from the first M's runs (the later ones repeat them exactly).
 
 Writes into --workdir: rows.json/rows.csv, protocol_table.csv (task x protocol, mean over seeds;
-an "average" row) and protocol_table.md (best per row in bold).
+an "average" row) and protocol_table.md (best trained protocol per row in bold; zero-shot is the
+reference); for scored tasks also protocol_table_nll.csv/.md (option NLL in nats, lowest in bold).
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 def protocol_names(study: ml_collections.ConfigDict) -> list[str]:
   """Table columns, in the paper's order."""
   extras = list(study.extra_steps)
-  return ["direct", *(f"direct+{m}" for m in extras), "post", *(f"cont+{m}" for m in extras), "in_squeeze",
+  return ["zero_shot", "direct", *(f"direct+{m}" for m in extras), "post", *(f"cont+{m}" for m in extras), "in_squeeze",
           "in_squeeze_min"]
 
 
@@ -72,6 +74,8 @@ def cells(study: ml_collections.ConfigDict, lr_for_rank: Callable[[int], float])
         evals = {f"direct_r{r_tgt}_plus{m}": {"protocol": f"direct+{m}"}}
         if i == 0:
           evals[f"direct_r{r_tgt}"] = {"protocol": "direct"}
+          plan = protocols.validate_plan((protocols.Evaluate(tag="zero_shot"), *plan))
+          evals["zero_shot"] = {"protocol": "zero_shot"}
         out.append(cell(f"direct_r{r_tgt}_plus{m}", plan, evals))
         plan = protocols.cont_squeeze(r_src=r_src, r_tgt=r_tgt, steps=steps, extra_steps=m, lr_src=lr_for_rank(r_src),
                                       lr_tgt=lr_for_rank(r_tgt), warmup=study.warmup, extra_warmup=study.extra_warmup,
@@ -90,9 +94,11 @@ def cells(study: ml_collections.ConfigDict, lr_for_rank: Callable[[int], float])
   return out
 
 
-def table(rows: Sequence[common.Row], columns: Sequence[str]) -> tuple[list[str], list[list]]:
-  """Task rows (mean over seeds) plus an "average" row over tasks with every column; NaN if missing."""
-  means = common.mean_score(common.select(rows, study="protocols"), key=lambda r: (r["task"], r["protocol"]))
+def table(rows: Sequence[common.Row], columns: Sequence[str], *, field: str = "score") -> tuple[list[str], list[list]]:
+  """Task rows (mean of `field` over seeds) plus an "average" row over tasks with every column;
+  NaN if missing."""
+  means = common.mean_score(common.select(rows, study="protocols"), key=lambda r: (r["task"], r["protocol"]),
+                            field=field)
   tasks = sorted({task for task, _ in means})
   body = [[task, *(means.get((task, c), math.nan) for c in columns)] for task in tasks]
   if len(tasks) > 1:
@@ -104,16 +110,28 @@ def table(rows: Sequence[common.Row], columns: Sequence[str]) -> tuple[list[str]
   return tasks, body
 
 
-def write_report(rows: Sequence[common.Row], workdir: pathlib.Path, *, columns: Sequence[str]) -> list[list]:
-  """protocol_table.csv and protocol_table.md (best per row bold) from the rows."""
-  _, body = table(rows, columns)
-  common.write_csv(workdir / "protocol_table.csv", [dict(zip(["task", *columns], row)) for row in body],
-                   ["task", *columns])
+def write_table(body: Sequence[list], workdir: pathlib.Path, name: str, *, columns: Sequence[str], best: Callable,
+                float_format: str) -> None:
+  """<name>.csv and <name>.md; in each row the `best` (max or min) trained protocol is bold."""
+  common.write_csv(workdir / f"{name}.csv", [dict(zip(["task", *columns], row)) for row in body], ["task", *columns])
   bold = set()
   for i, row in enumerate(body):
-    finite = [v for v in row[1:] if not math.isnan(v)]
-    bold |= {(i, 1 + j) for j, v in enumerate(row[1:]) if finite and v == max(finite)}
-  common.atomic_write_text(workdir / "protocol_table.md", common.markdown_table(["task", *columns], body, bold=bold))
+    trained = [(1 + j, v) for j, (c, v) in enumerate(zip(columns, row[1:])) if c != "zero_shot" and not math.isnan(v)]
+    if trained:
+      target = best(v for _, v in trained)
+      bold |= {(i, j) for j, v in trained if v == target}
+  common.atomic_write_text(workdir / f"{name}.md", common.markdown_table(["task", *columns], body, bold=bold,
+                                                                        float_format=float_format))
+
+
+def write_report(rows: Sequence[common.Row], workdir: pathlib.Path, *, columns: Sequence[str]) -> list[list]:
+  """protocol_table.csv/.md (score, best per row bold) and, when the rows have option NLLs,
+  protocol_table_nll.csv/.md (lowest per row bold), from the rows."""
+  _, body = table(rows, columns)
+  write_table(body, workdir, "protocol_table", columns=columns, best=max, float_format="{:.1f}")
+  if any("nll" in r for r in rows):
+    _, nll_body = table(rows, columns, field="nll")
+    write_table(nll_body, workdir, "protocol_table_nll", columns=columns, best=min, float_format="{:.4f}")
   return body
 
 

@@ -8,6 +8,8 @@ dominate the cost of the 270M model.
 
 Metrics (per example, averaged over the split):
   accuracy          predicted option in the example's correct set
+  option_nll        (scored tasks) -log of the probability the options' softmax gives the correct
+                    set: a continuous companion to accuracy that moves before the argmax does
   drop              DROP exact match and F1 (the official DROP answer normalization and bag alignment)
   vqa               VQA accuracy: min(#matching humans / 3, 1), averaged over the 10 leave-one-out
                     subsets of the references, after the official VQA answer normalization
@@ -29,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.optimize
+import scipy.special
 
 from lora_squeeze import model as model_lib
 from lora_squeeze.data import batching
@@ -92,6 +95,21 @@ def option_accuracy(scores: Sequence[np.ndarray], examples: Sequence[Example]) -
   if not examples:
     raise ValueError("no examples to score")
   return float(np.mean([int(np.argmax(s)) in ex.correct for s, ex in zip(scores, examples)]))
+
+
+def option_nll(scores: Sequence[np.ndarray], examples: Sequence[Example]) -> float:
+  """Mean over examples of -log sum_{c in correct} softmax(scores)[c], in nats.
+
+  The option log-likelihoods are renormalised over the example's options, so a uniform guess
+  over k options scores log k and a certain, correct one 0.
+  """
+  if not examples:
+    raise ValueError("no examples to score")
+  losses = []
+  for s, ex in zip(scores, examples):
+    logp = np.asarray(s, np.float64) - scipy.special.logsumexp(s)
+    losses.append(-scipy.special.logsumexp(logp[list(ex.correct)]))
+  return float(np.mean(losses))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,14 +361,14 @@ GENERATIVE_METRICS: Mapping[str, Callable[[str, Sequence[str]], float]] = {
 def evaluate_examples(model, params: Params, tokenizer, task: Task, examples: Sequence[Example], *, max_len: int,
                       batch_size: int = 8, template: str = "chat", buckets: Sequence[int] = batching.DEFAULT_BUCKETS,
                       image_size: int | None = None, progress: Callable[[str], None] | None = None) -> dict[str, float]:
-  """The task's metrics over `examples`: {"accuracy"} for scored tasks, {"f1", "em"} for DROP,
+  """The task's metrics over `examples`: {"accuracy", "option_nll"} for scored tasks, {"f1", "em"} for DROP,
   {metric name} for the other generative ones. The first key is the headline score."""
   if not examples:
     raise ValueError(f"task {task.name}: no examples to evaluate")
   if not task.generative:
     scores = score_options(model, params, tokenizer, examples, max_len=max_len, batch_size=batch_size,
                            template=template, buckets=buckets, image_size=image_size, progress=progress)
-    return {"accuracy": option_accuracy(scores, examples)}
+    return {"accuracy": option_accuracy(scores, examples), "option_nll": option_nll(scores, examples)}
   prompts = [
       batching.encode_prompt(tokenizer, ex.prompt, template=template, image=ex.image is not None).fit(
           max_len - task.max_new_tokens)

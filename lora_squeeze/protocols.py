@@ -4,7 +4,9 @@ Every protocol of the paper is a sequence of three kinds of items:
 
     Stage(rank, steps, lr, warmup)   train the LoRA params at `rank` (fresh optimizer, own warmup)
     Squeeze(rank, method)            compress the LoRA params to `rank` (lora_tree.squeeze_tree)
-    Evaluate(tag)                    score the current adapter and export it as `tag`
+    Evaluate(tag)                    score the current adapter and export it as `tag`; before the
+                                     first Stage it scores the fresh adapter (b = 0, so ΔW = 0:
+                                     the base model, Table 1's zero-shot column)
 
 plus `Branch(items)`, which runs Squeeze/Evaluate items on a copy of the adapter and then returns
 to the trunk (Post-Squeeze makes many target ranks from one training run this way).
@@ -172,8 +174,12 @@ def halving_ranks(r_src: int, r_tgt: int) -> tuple[int, ...]:
 def validate_plan(plan: Sequence[PlanItem]) -> Plan:
   """Checks a plan and returns it as a tuple; raises ValueError naming the bad item."""
   plan = tuple(plan)
-  if not plan or not isinstance(plan[0], Stage):
-    raise ValueError(f"a plan must start with a Stage (it sets the first rank), got {plan[:1]}")
+  first = next((item for item in plan if not isinstance(item, Evaluate)), None)
+  if not isinstance(first, Stage):
+    raise ValueError(
+        f"a plan must start with a Stage (it sets the first rank), optionally after Evaluate items "
+        f"(they score the untrained adapter, i.e. the base model), got {first!r} first"
+    )
   tags = set()
 
   def check(item, where):
@@ -202,7 +208,7 @@ def validate_plan(plan: Sequence[PlanItem]) -> Plan:
     else:
       raise ValueError(f"{where}: unknown plan item {item!r}")
 
-  rank = plan[0].rank
+  rank = first.rank
   for i, item in enumerate(plan):
     if isinstance(item, Branch):
       branch_rank = rank

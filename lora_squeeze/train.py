@@ -585,6 +585,9 @@ class _Runner:
         lora, pos.retention = self.do_squeeze(item, lora, pos, r_src=pos.rank, key=key, index=index, branch=False)
         pos.rank = item.rank
       elif isinstance(item, protocols.Evaluate):
+        if lora is None:  # before the first Stage: the fresh adapter (ΔW = 0) at that Stage's rank
+          rank = next(p.rank for p in self.plan if isinstance(p, protocols.Stage))
+          lora, pos.rank = self.fresh_lora(rank), rank
         self.do_evaluate(item, lora, pos, pos.rank, pos.retention)
       else:
         branch_lora, rank, retention = lora, pos.rank, pos.retention
@@ -679,8 +682,12 @@ def setup_from_config(config, *, workdir: str | pathlib.Path, plan: Sequence[pro
   if evaluate is None:
     eval_split = task.load("eval", source=source, data_dir=data_dir)
     n_eval = min(config.eval.examples or len(eval_split), len(eval_split))
+    # A float32 base takes the adapter folded in: one compiled forward pass for every rank a plan
+    # evaluates (a bfloat16 base would lose most of a small ΔW's bits, so it keeps the LoRA model).
+    plain_model = model_lib.make_model(config.model, text_only=text_only) if dtype == jnp.float32 else None
     evaluate = evaluate_lib.make_evaluator(
-        model_for_rank, base, tokenizer, task, [eval_split[i] for i in range(n_eval)], max_len=config.max_len,
+        model_for_rank, base, tokenizer, task, [eval_split[i] for i in range(n_eval)], plain_model=plain_model,
+        max_len=config.max_len,
         batch_size=config.eval.batch_size, template=config.template, buckets=tuple(config.buckets),
         image_size=image_size, progress=printer)
   mesh_config = config.get("mesh", None) or {}

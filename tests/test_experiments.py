@@ -22,11 +22,14 @@ def _base_config() -> ml_collections.ConfigDict:
   return config
 
 
-def _write_results(train_dir: pathlib.Path, scores: dict[str, float], squeezes=()) -> None:
+def _write_results(train_dir: pathlib.Path, scores: dict[str, float], squeezes=(), nlls=None) -> None:
   """A finished run's results file in the trainer's format (lora_squeeze.train: results.json)."""
   train_dir.mkdir(parents=True, exist_ok=True)
-  results = {"complete": True, "evals": {tag: {"tag": tag, "score": s, "metrics": {"accuracy": s}}
-                                         for tag, s in scores.items()},
+  nlls = nlls or {}
+  results = {"complete": True,
+             "evals": {tag: {"tag": tag, "score": s,
+                             "metrics": {"accuracy": s, **({"option_nll": nlls[tag]} if tag in nlls else {})}}
+                       for tag, s in scores.items()},
              "squeezes": [{"r_src": a, "r_tgt": b, "method": m, "overall_retention": v} for a, b, m, v in squeezes]}
   (train_dir / "results.json").write_text(json.dumps(results))
 
@@ -166,12 +169,14 @@ from experiments import heatmap, lr_sweep, protocol_table, retention  # noqa: E4
 _LR = protocols.lr_lookup({1: 0.1, 2: 0.03, 4: 0.01})
 
 
-def _finish(workdir, cells, score, retention_of=lambda r_src, r_tgt: r_tgt / r_src):
-  """Writes a complete results file for every cell: score(labels, coords) per evaluation tag, and
-  one squeeze record per Squeeze in the plan (from the rank the plan was at)."""
+def _finish(workdir, cells, score, retention_of=lambda r_src, r_tgt: r_tgt / r_src, nll=None):
+  """Writes a complete results file for every cell: score(labels, coords) per evaluation tag (and
+  option_nll = nll(labels, coords) when given), and one squeeze record per Squeeze in the plan
+  (from the rank the plan was at)."""
   for cell in cells:
     common.claim_run_dir(workdir, cell)
     scores = {tag: score(cell.labels, coords) / 100 for tag, coords in cell.evals.items()}
+    nlls = {tag: nll(cell.labels, coords) for tag, coords in cell.evals.items()} if nll else None
     squeezes, rank = [], None
     for item in cell.plan:
       if isinstance(item, protocols.Stage):
@@ -181,7 +186,7 @@ def _finish(workdir, cells, score, retention_of=lambda r_src, r_tgt: r_tgt / r_s
           squeezes.append((rank, sub.rank, sub.method, retention_of(rank, sub.rank)))
           if not isinstance(item, protocols.Branch):
             rank = sub.rank
-    _write_results(common.run_dir(workdir, cell) / common.TRAIN_DIR, scores, squeezes)
+    _write_results(common.run_dir(workdir, cell) / common.TRAIN_DIR, scores, squeezes, nlls)
 
 
 def test_lr_sweep_grid_is_complete_and_unique():
@@ -254,8 +259,12 @@ def test_heatmap_gains_come_from_the_files(tmp_path):
       return base
     return base + labels["r_src"] / 2 + (1.0 if coords["method"] == "qr_core" else 0.0)
 
-  _finish(tmp_path, cells, score)
+  _finish(tmp_path, cells, score, nll=lambda labels, coords: 2.0 - score(labels, coords) / 100)
   out = heatmap.run_study(study, workdir=tmp_path, train=False, log=lambda line: None)
+  # option NLL falls as the score rises: its direct-minus-Post-Squeeze gain is the score gain / 100.
+  np.testing.assert_allclose(out["qr_core_nll"], out["qr_core"] / 100)
+  assert "rsvd_nll" in out and _png(tmp_path / "heatmap_qr_core_nll.png").std() > 0.01
+  assert (tmp_path / "heatmap_qr_core_nll.md").read_text().splitlines()[2] == "| 4 | +0.030 | +0.030 | +0.030 |"
   # rows: r_src 4, 2, 1 (top to bottom); columns: r_tgt 1, 2, 4; NaN above the diagonal.
   np.testing.assert_allclose(out["qr_core"], [[3, 3, 3], [2, 2, np.nan], [1.5, np.nan, np.nan]])
   np.testing.assert_allclose(out["rsvd"], [[2, 2, 2], [1, 1, np.nan], [0.5, np.nan, np.nan]])
@@ -275,26 +284,36 @@ def test_protocol_table_marks_the_best_per_row(tmp_path):
   cells = protocol_table.cells(study, _LR)
   assert len(cells) == 2 * 2 * (2 * 2 + 2)
   columns = protocol_table.protocol_names(study)
-  assert columns == ["direct", "direct+2", "direct+5", "post", "cont+2", "cont+5", "in_squeeze", "in_squeeze_min"]
+  assert columns == ["zero_shot", "direct", "direct+2", "direct+5", "post", "cont+2", "cont+5", "in_squeeze",
+                     "in_squeeze_min"]
+  # Only the first direct run scores the base model, before it trains.
+  zero_shot = [c for c in cells if "zero_shot" in c.evals]
+  assert [c.name for c in zero_shot] == ["a/direct_r1_plus2_s1", "a/direct_r1_plus2_s2", "b/direct_r1_plus2_s1",
+                                         "b/direct_r1_plus2_s2"]
+  assert all(c.plan[0] == protocols.Evaluate(tag="zero_shot") for c in zero_shot)
   # In-Squeeze gets N + M = 2 + 2 steps over ranks 4 -> 2 -> 1, proportional to the rank (largest remainder).
   in_cell = next(c for c in cells if c.name == "a/in_squeeze_r4_to_r1_s1")
   assert [i.steps for i in in_cell.plan if isinstance(i, protocols.Stage)] == [2, 1, 1]
-  values = {name: 40.0 + i for i, name in enumerate(columns)}
+  values = {name: 40.0 + i for i, name in enumerate(columns[1:])}
+  values["zero_shot"] = 99.0  # the highest, but a reference: never bold
   values["in_squeeze_min"] = 45.5  # below in_squeeze (46) for task a ...
 
   def score(labels, coords):  # ... but task b adds 2 to it (and seed 2 adds 1 to everything)
     bonus = (2.0 if labels["task"] == "b" and coords["protocol"] == "in_squeeze_min" else 0.0)
     return values[coords["protocol"]] + bonus + (labels["seed"] - 1)
 
-  _finish(tmp_path, cells, score)
+  _finish(tmp_path, cells, score, nll=lambda labels, coords: 1.0 - score(labels, coords) / 100)
   body = protocol_table.run_study(study, workdir=tmp_path, train=False, log=lambda line: None)
   assert [row[0] for row in body] == ["a", "b", "average"]
   lines = (tmp_path / "protocol_table.md").read_text().splitlines()
-  assert lines[2] == "| a | 40.5 | 41.5 | 42.5 | 43.5 | 44.5 | 45.5 | **46.5** | 46.0 |"
-  assert lines[3] == "| b | 40.5 | 41.5 | 42.5 | 43.5 | 44.5 | 45.5 | 46.5 | **48.0** |"
+  assert lines[2] == "| a | 99.5 | 40.5 | 41.5 | 42.5 | 43.5 | 44.5 | 45.5 | **46.5** | 46.0 |"
+  assert lines[3] == "| b | 99.5 | 40.5 | 41.5 | 42.5 | 43.5 | 44.5 | 45.5 | 46.5 | **48.0** |"
   assert lines[4].endswith("| 46.5 | **47.0** |")
   csv_lines = (tmp_path / "protocol_table.csv").read_text().splitlines()
-  assert csv_lines[0] == "task," + ",".join(columns) and csv_lines[3].startswith("average,40.5,")
+  assert csv_lines[0] == "task," + ",".join(columns) and csv_lines[3].startswith("average,99.5,40.5,")
+  nll_lines = (tmp_path / "protocol_table_nll.md").read_text().splitlines()
+  assert nll_lines[2] == "| a | 0.0050 | 0.5950 | 0.5850 | 0.5750 | 0.5650 | 0.5550 | 0.5450 | **0.5350** | 0.5400 |"
+  assert nll_lines[3].endswith("| 0.5350 | **0.5200** |")
 
 
 def test_retention_curves_from_the_squeeze_records(tmp_path):

@@ -153,6 +153,10 @@ def test_in_squeeze_plan_uses_per_rank_lr_and_total_budget():
     [
         ((), "a plan must start with a Stage"),
         ((Squeeze(rank=2),), "a plan must start with a Stage"),
+        ((Evaluate(tag="zero_shot"),), r"a plan must start with a Stage .* got None first"),
+        ((Evaluate(tag="zero_shot"), Squeeze(rank=2), Stage(rank=2, steps=3, lr=0.1, warmup=0)),
+         r"must start with a Stage .* got Squeeze\(rank=2"),
+        ((Evaluate(tag="x"), Stage(rank=4, steps=3, lr=0.1, warmup=0), Evaluate(tag="x")), "used twice"),
         ((Stage(rank=4, steps=0, lr=0.1, warmup=0),), r"plan\[0\]: Stage.steps must be a positive integer, got 0"),
         ((Stage(rank=4, steps=-3, lr=0.1, warmup=0),), r"Stage.steps must be a positive integer, got -3"),
         ((Stage(rank=4, steps=3, lr=0.0, warmup=0),), r"Stage.lr must be a positive number, got 0.0"),
@@ -167,6 +171,12 @@ def test_in_squeeze_plan_uses_per_rank_lr_and_total_budget():
 def test_validate_plan_bad_input(plan, message):
   with pytest.raises(ValueError, match=message):
     protocols.validate_plan(plan)
+
+
+def test_evaluate_before_the_first_stage_is_allowed():
+  plan = (Evaluate(tag="zero_shot"), Stage(rank=4, steps=3, lr=0.1, warmup=0), Squeeze(rank=2))
+  assert protocols.validate_plan(plan) == plan
+  assert protocols.plan_steps(plan) == 3
 
 
 def test_validate_plan_tracks_the_rank():

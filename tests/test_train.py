@@ -207,6 +207,29 @@ def test_post_squeeze_to_the_same_rank_keeps_the_logits(base, tmp_path):
   assert results["evals"]["r4_to_r2"]["retention"] < 1.0 and results["evals"]["r4"]["retention"] is None
 
 
+def test_zero_shot_evaluation_scores_the_base_model_and_changes_no_training(base, tmp_path):
+  batch = {k: jnp.asarray(np.stack([e[k] for e in copy_examples(4, 9)])) for k in ("tokens", "target_mask")}
+  plain = model_lib.make_model("tiny")
+  positions = jnp.broadcast_to(jnp.arange(LENGTH), (4, LENGTH))
+  base_logits = model_lib.logits_at(base, model_lib.hidden_states(plain, base, batch["tokens"]), positions)
+
+  def logits_of(rank, lora):
+    params = model_lib.merge_params(base, lora)
+    model = model_lib.make_model("tiny", lora_rank=rank)
+    return {"logit_sum": float(jnp.sum(model_lib.logits_at(params, model_lib.hidden_states(model, params, batch["tokens"]),
+                                                           positions)))}
+
+  direct = protocols.direct(rank=4, steps=3, lr=STAGE_LR, warmup=STAGE_WARMUP)
+  with_zero_shot = protocols.validate_plan((Evaluate(tag="zero_shot"), *direct))
+  out = train.execute_plan(with_zero_shot, make_setup(tmp_path / "a", base, evaluate=logits_of))
+  ref = train.execute_plan(direct, make_setup(tmp_path / "b", base))
+  zero_shot = out["evals"]["zero_shot"]
+  assert zero_shot["rank"] == 4 and zero_shot["step"] == 0
+  assert zero_shot["score"] == pytest.approx(float(jnp.sum(base_logits)), rel=1e-5)
+  for got, want in zip(jax.tree.leaves(out["lora"]), jax.tree.leaves(ref["lora"])):
+    np.testing.assert_array_equal(got, want)
+
+
 def test_workdir_of_another_run_is_refused(base, tmp_path):
   ckpt_lib.claim_workdir(tmp_path, {"test": "some other run"})
   plan = protocols.direct(rank=4, steps=1, lr=STAGE_LR, warmup=STAGE_WARMUP)
