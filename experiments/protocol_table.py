@@ -35,12 +35,12 @@ from lora_squeeze import protocols
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Presets: "paper" (default), "reduced" (Gemma 3 270M + BoolQ on CPU), "tiny" (tests)."""
   study = common.study_config(arg)
-  study.r_src, study.r_tgt = {"paper": (128, 1), "reduced": (16, 1), "tiny": (4, 1)}[study.preset]
-  study.extra_steps = {"paper": (200, 700), "reduced": (10,), "tiny": (2,)}[study.preset]
-  study.extra_warmup = {"paper": 100, "reduced": 2, "tiny": 1}[study.preset]
+  study.r_src, study.r_tgt = {"paper": (128, 1), "reduced": (64, 1), "tiny": (4, 1)}[study.preset]
+  study.extra_steps = {"paper": (200, 700), "reduced": (30,), "tiny": (2,)}[study.preset]
+  study.extra_warmup = {"paper": 100, "reduced": 5, "tiny": 1}[study.preset]
   # In-Squeeze's budget is N + this many steps (equal to direct+M and cont+M for that M).
   study.in_squeeze_extra = study.extra_steps[0]
-  study.min_steps = {"paper": 200, "reduced": 5, "tiny": 1}[study.preset]
+  study.min_steps = {"paper": 200, "reduced": 10, "tiny": 1}[study.preset]
   study.stage_warmup = study.extra_warmup
   study.method = "qr_core"
   return study

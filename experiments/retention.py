@@ -27,7 +27,7 @@ from lora_squeeze import protocols
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Presets: "paper" (default), "reduced" (Gemma 3 270M + BoolQ on CPU), "tiny" (tests)."""
   study = common.study_config(arg)
-  study.source_ranks = {"paper": (32, 64, 128), "reduced": (4, 16), "tiny": (2, 4)}[study.preset]
+  study.source_ranks = {"paper": (32, 64, 128), "reduced": (16, 64), "tiny": (2, 4)}[study.preset]
   # The squeeze method of the runs (and of the reused runs' squeezes read): V_r itself is exact for
   # every method (lora_tree computes it from the exact r_src x r_src core).
   study.method = "qr_core"
@@ -55,9 +55,15 @@ def cells(study: ml_collections.ConfigDict, lr_for_rank: Callable[[int], float])
 
 
 def retention_rows(squeezes: Sequence[common.Row], *, method: str) -> list[common.Row]:
-  """Mean V_r (%) over seeds per task x r_src x r_tgt, with the V_r = 100 % point at r_tgt = r_src."""
+  """Mean V_r (%) over seeds per task x r_src x r_tgt, with the V_r = 100 % point at r_tgt = r_src.
+
+  A squeeze that recorded its curve (V_r at every r <= r_src) adds every rank of it, so one squeeze
+  of a run draws the whole curve; the squeezes of one run agree on it (they share the source adapter).
+  """
   picked = [dict(s, score=100.0 * s["retention"]) for s in squeezes if s["method"] == method]
   picked += [dict(s, r_tgt=s["r_src"], score=100.0) for s in picked]
+  picked += [dict(s, r_tgt=r, score=100.0 * v) for s in picked if s["r_tgt"] != s["r_src"]
+             for r, v in enumerate(s.get("curve") or (), start=1) if r < s["r_src"]]
   means = common.mean_score(picked, key=lambda s: (s["task"], s["r_src"], s["r_tgt"]))
   return [{"task": t, "r_src": s, "r_tgt": r, "retention": v} for (t, s, r), v in sorted(means.items())]
 
@@ -99,7 +105,7 @@ def run_study(study: ml_collections.ConfigDict, *, workdir: pathlib.Path, train:
   rows = retention_rows(wanted, method=study.method)
   if not rows:
     raise ValueError(f"no finished squeezes with method {study.method!r} under {workdir} or {study.reuse_workdirs}")
-  common.write_rows(workdir, wanted, unfinished, log=log)
+  common.write_rows(workdir, [{k: v for k, v in s.items() if k != "curve"} for s in wanted], unfinished, log=log)
   write_report(rows, workdir)
   return rows
 

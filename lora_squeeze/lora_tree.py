@@ -107,6 +107,20 @@ class SqueezeReport:
     overall_retention: float
     method: str
 
+    def retention_curve(self) -> np.ndarray:
+        """(max r_src,) float64: the overall V_r (Eq. 10 over all modules) at every target rank
+        r = 1, 2, ..., max r_src, as if every module were squeezed to r; 1.0 for an all-zero adapter.
+
+        Entry r_tgt - 1 equals `overall_retention` when every module was squeezed to r_tgt.
+        """
+        r_max = max(m.r_src for m in self.modules)
+        kept = np.zeros(r_max, np.float64)
+        for m in self.modules:
+            energy = np.square(np.asarray(m.singular_values, np.float64)).reshape(-1, m.r_src).sum(axis=0)
+            cumulative = np.cumsum(energy)
+            kept += np.concatenate([cumulative, np.full(r_max - m.r_src, cumulative[-1])])
+        return kept / kept[-1] if kept[-1] > 0 else np.ones(r_max)
+
     def to_rows(self) -> list[dict[str, Any]]:
         """One JSON-ready dict per module (path, r_src, r_tgt, retention, singular_values)."""
         return [

@@ -398,6 +398,7 @@ class _Runner:
         "event": "squeeze", "step": pos.global_step, "plan_index": index, "r_src": r_src,
         "r_tgt": item.rank, "method": item.method, "branch": branch,
         "overall_retention": float(report.overall_retention), "seconds": seconds,
+        "retention_curve": [float(v) for v in report.retention_curve()],
         "modules": [{"path": m.path, "retention": float(m.retention)} for m in report.modules],
     }
     self.metrics.write(record)

@@ -101,7 +101,8 @@ def test_collect_rows_reads_finished_cells_and_lists_unfinished(tmp_path):
   assert sorted((r["r_tgt"], r["score"], r["tag"]) for r in rows) == [(2, 68.5, "r4_to_r2"), (4, 70.0, "r4")]
   assert all(r["task"] == "boolq" and r["r_src"] == 4 and r["cell"] == "boolq/r4" for r in rows)
   squeezes, _ = common.collect_squeeze_rows(tmp_path)
-  assert squeezes == [{"task": "boolq", "r_src": 4, "r_tgt": 2, "method": "qr_core", "retention": 0.9, "cell": "boolq/r4"}]
+  assert squeezes == [{"task": "boolq", "r_src": 4, "r_tgt": 2, "method": "qr_core", "retention": 0.9, "curve": None,
+                       "cell": "boolq/r4"}]
 
 
 def test_collect_rows_names_a_missing_evaluation(tmp_path):
@@ -316,6 +317,15 @@ def test_protocol_table_marks_the_best_per_row(tmp_path):
   assert nll_lines[3].endswith("| 0.5350 | **0.5200** |")
 
 
+def test_retention_rows_expand_a_recorded_curve():
+  curve = [0.5, 0.7, 0.9, 1.0]
+  squeezes = [{"task": "t", "r_src": 4, "r_tgt": t, "method": "qr_core", "retention": curve[t - 1], "curve": curve,
+               "seed": 1} for t in (1, 2)]
+  squeezes.append({"task": "t", "r_src": 4, "r_tgt": 1, "method": "rsvd", "retention": 0.1, "curve": [0.1] * 4})
+  rows = retention.retention_rows(squeezes, method="qr_core")
+  assert [(r["r_tgt"], round(r["retention"], 9)) for r in rows] == [(1, 50.0), (2, 70.0), (3, 90.0), (4, 100.0)]
+
+
 def test_retention_curves_from_the_squeeze_records(tmp_path):
   study = retention.get_config("tiny")
   cells = retention.cells(study, _LR)
@@ -445,7 +455,7 @@ def test_retention_command_line_on_the_tiny_preset(tmp_path):
 
 @pytest.mark.parametrize("driver, expected", [
     (lr_sweep, {"paper": 13 * 8 * 5, "reduced": 3 * 3}),
-    (heatmap, {"paper": 13 * 8, "reduced": 3}),
+    (heatmap, {"paper": 13 * 8, "reduced": 4}),
     (protocol_table, {"paper": 13 * (2 * 2 + 2), "reduced": 2 + 2}),
     (retention, {"paper": 13 * 3, "reduced": 2}),
 ])

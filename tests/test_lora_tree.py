@@ -93,6 +93,22 @@ def test_overall_retention_is_energy_weighted():
     assert rows[0]["path"] == report.modules[0].path and len(rows[0]["singular_values"]) == 8
 
 
+def test_retention_curve_matches_overall_retention_at_every_rank():
+    rng = np.random.default_rng(3)
+    tree = {"layer_0": _layer(rng, 6, r_mlp=3), "layer_1": _layer(rng, 6)}
+    curve = lora_tree.squeeze_tree(tree, 1)[1].retention_curve()
+    assert curve.shape == (6,) and curve[-1] == pytest.approx(1.0)
+    assert np.all(np.diff(curve) >= -1e-12)
+    for r in range(1, 7):  # the r_mlp = 3 modules keep everything from r = 3 on
+        assert curve[r - 1] == pytest.approx(lora_tree.squeeze_tree(tree, r)[1].overall_retention, rel=1e-6)
+    stacked = {"layers": _layer(rng, 4, stack=(3,))}
+    stacked_curve = lora_tree.squeeze_tree(stacked, 1, stack_axes=1)[1].retention_curve()
+    assert stacked_curve[1] == pytest.approx(lora_tree.squeeze_tree(stacked, 2, stack_axes=1)[1].overall_retention,
+                                             rel=1e-6)
+    zeros = jax.tree.map(jnp.zeros_like, tree)
+    np.testing.assert_array_equal(lora_tree.squeeze_tree(zeros, 2)[1].retention_curve(), np.ones(6))
+
+
 def test_rank_rules_first_match_wins_and_default():
     rules = lora_tree.RankRules(rules=((r"/mlp/", 5), (r"q_einsum", 2)), default=4)
     new, report = lora_tree.squeeze_tree(_tree(), rules)
