@@ -130,12 +130,45 @@ def print_table(rows: list[dict]) -> None:
         print(line)
 
 
+def markdown(result: dict) -> str:
+    """The JSON result as Markdown: per-module table (time, ratio to (i), extra MiB) and the 4B total."""
+    lines = [
+        "| model | module | m×n | r_src | r_tgt | " + " | ".join(METHOD_LABELS[m] for m in METHOD_ORDER) + " |",
+        "|---|---|---|---|---|" + "---|" * len(METHOD_ORDER),
+    ]
+    for row in result["modules"]:
+        base = row["methods"]["svd"]["time_s"]
+        cells = []
+        for method in METHOD_ORDER:
+            cell = row["methods"][method]
+            ratio = "" if method == "svd" else f" ({base / cell['time_s']:,.0f}×)"
+            cells.append(f"{cell['time_s']:.4g} s{ratio}, {cell['extra_bytes'] / 2**20:,.1f} MiB")
+        lines.append(f"| {row['model']} | {row['module']} | {row['m']}×{row['n']} | {row['r_src']} | {row['r_tgt']} | "
+                     + " | ".join(cells) + " |")
+    whole = result["whole_gemma3_4b_r128_to_8"]
+    lines += ["", f"Whole Gemma 3 4B adapter, r = 128 → 8 ({whole['n_modules']} modules):", "",
+              "| method | time | speed-up over (i) | how |", "|---|---|---|---|"]
+    for method in METHOD_ORDER:
+        cell = whole["methods"][method]
+        lines.append(f"| {METHOD_LABELS[method]} | {cell['time_s']:.4g} s | {cell['speedup_vs_svd']:,.0f}× | {cell['how']} |")
+    load = result["load_average"]
+    lines += ["", f"Load average (1, 5, 15 min) before {load['before']}, at the 4B total {load['whole_4b']}, "
+              f"after {load['after']}; {result['machine']['cpus']} CPUs, jax {result['machine']['jax']}."]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few shapes (270M and 4B q, gating) only")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/squeeze_bench[_quick].json)")
     parser.add_argument("--reps", type=int, default=3, help="warm calls per measurement (best is kept)")
+    parser.add_argument("--markdown", metavar="JSON", default=None,
+                        help="only print the Markdown table of an earlier run's JSON (no measuring)")
     args = parser.parse_args()
+    if args.markdown:
+        with open(args.markdown) as f:
+            print(markdown(json.load(f)), end="")
+        return
     rng = np.random.default_rng(0)
     load_before = os.getloadavg()
 
@@ -221,6 +254,8 @@ def main() -> None:
         json.dump(result, f, indent=1)
     os.replace(out + ".tmp", out)
     print(f"wrote {out}")
+    print()
+    print(markdown(result), end="")
 
 
 if __name__ == "__main__":
