@@ -14,7 +14,8 @@ shape, measured once) × (its count), which the output says.
 Extra memory is XLA's compiled memory analysis of the jitted method (temporaries + outputs: what
 the call allocates beyond its inputs; LAPACK's internal workspace is not included). Times are the
 best of a few warm calls through the public API (validation included); the first call's time
-(compilation) is reported separately. Writes JSON to benchmarks/results/.
+(compilation) is reported separately. Writes JSON to benchmarks/results/ and prints the results as
+Markdown tables (`--markdown JSON` prints them again from a saved run, without measuring).
 """
 
 from __future__ import annotations
@@ -115,21 +116,6 @@ def gemma4b_tree(rng: np.random.Generator, r: int) -> tuple[dict, dict[str, int]
     return tree, {target: n_layers for target in shapes}
 
 
-def print_table(rows: list[dict]) -> None:
-    header = f"{'model':5s} {'module':7s} {'m×n':>13s} {'r_src':>5s} {'r_tgt':>5s}"
-    for method in METHOD_ORDER:
-        header += f" | {METHOD_LABELS[method]:>17s}"
-    print(header)
-    print(" " * 40 + " | time s (ratio to (i)), extra MiB")
-    for row in rows:
-        line = f"{row['model']:5s} {row['module']:7s} {row['m']:>6d}×{row['n']:<6d} {row['r_src']:>5d} {row['r_tgt']:>5d}"
-        base = row["methods"]["svd"]["time_s"]
-        for method in METHOD_ORDER:
-            cell = row["methods"][method]
-            line += f" | {cell['time_s']:8.4f} {cell['time_s'] / base:6.3f}× {cell['extra_bytes'] / 2**20:7.1f}"
-        print(line)
-
-
 def markdown(result: dict) -> str:
     """The JSON result as Markdown: per-module table (time, ratio to (i), extra MiB) and the 4B total."""
     lines = [
@@ -201,9 +187,6 @@ def main() -> None:
                     base = cells["svd"]["time_s"]
                     ratios = ", ".join(f"{k} {v['time_s']:.4f}s ({base / v['time_s']:.0f}× faster)" for k, v in cells.items())
                     print(f"[{model} {target} {m}×{n} {r_src}→{r_tgt}] {ratios}", flush=True)
-    print()
-    print_table(rows)
-
     print("\nWhole Gemma 3 4B adapter, r = 128 → 8 (every q, kv, o, gating, linear module of 34 layers)")
     tree, counts = gemma4b_tree(rng, 128)
     jax.block_until_ready(tree)
@@ -239,7 +222,6 @@ def main() -> None:
         whole[method]["speedup_vs_svd"] = base / whole[method]["time_s"]
     print("  speed-up over (i): " + ", ".join(f"{m} {whole[m]['speedup_vs_svd']:.0f}×" for m in METHOD_ORDER))
     load_after = os.getloadavg()
-    print(f"\nload average (1, 5, 15 min): before {load_before}, at the 4B total {load_at_total}, after {load_after}")
 
     result = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "jax": jax.__version__},
