@@ -9,16 +9,16 @@ Sized for about 10 minutes on 2 CPU cores (measurements in docs/tasks.md): rows 
 tokens in 128/256-token buckets (a BoolQ row is ~140 tokens at the median, ~280 at the 95th
 percentile), 20 steps at batch 4, scoring with logits only at the answer position. Any key can be
 changed, e.g. `--config.steps=200 --config.eval.examples=3270` (the whole dev set); the schema is
-in configs/common.py.
+in lora_squeeze/config_lib.py.
 """
 
 import ml_collections
 
-from configs import common
+from lora_squeeze import config_lib
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  config = common.base_config("post_squeeze")
+  config = config_lib.base_config("post_squeeze")
   config.model = "gemma3_270m"
   config.dtype = "float32"  # bfloat16 matmuls are slower than float32 ones on most CPUs
   config.task = "boolq"
@@ -38,4 +38,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval.batch_size = 8
   config.checkpoint_every = 20
   config.log_every = 1
-  return common.apply_arg(config, arg)
+  return config_lib.apply_arg(config, arg)

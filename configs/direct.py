@@ -4,17 +4,17 @@
     lora-squeeze train --config=configs/direct.py:task=anli_r2,rank=1,extra_steps=200 \\
         --config.checkpoint=/ckpt/gemma3-4b-it --workdir=runs/direct_anli_r1_plus200
 
-Keys: configs/common.py (schema). lr None = configs/lr_table.json at (model, rank).
+Keys: lora_squeeze/config_lib.py (schema). lr None = the packaged LR table (lora_squeeze/lr_table.json) at (model, rank).
 """
 
 import ml_collections
 
-from configs import common
+from lora_squeeze import config_lib
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  config = common.base_config("direct")
+  config = config_lib.base_config("direct")
   config.rank = 16
   config.extra_steps = 0
   config.extra_warmup = 100
-  return common.apply_arg(config, arg)
+  return config_lib.apply_arg(config, arg)

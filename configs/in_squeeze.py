@@ -7,19 +7,19 @@ N + M (paper: 10,000 + 200), so it compares with Cont-Squeeze and "Direct +M" at
     lora-squeeze train --config=configs/in_squeeze.py:task=piqa,ranks=16+8+4+2+1,scheme=proportional \\
         --config.checkpoint=/ckpt/gemma3-1b-it --config.model=gemma3_1b --workdir=runs/y
 
-Keys: configs/common.py (schema). Each stage uses configs/lr_table.json at its rank unless lr is set.
+Keys: lora_squeeze/config_lib.py (schema). Each stage uses the packaged LR table (lora_squeeze/lr_table.json) at its rank unless lr is set.
 """
 
 import ml_collections
 
-from configs import common
+from lora_squeeze import config_lib
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  config = common.base_config("in_squeeze")
+  config = config_lib.base_config("in_squeeze")
   config.steps = 10_200
-  config.ranks = common.PAPER_RANKS
+  config.ranks = config_lib.PAPER_RANKS
   config.scheme = "min_steps"
   config.min_steps = 200
   config.stage_warmup = 100
-  return common.apply_arg(config, arg)
+  return config_lib.apply_arg(config, arg)

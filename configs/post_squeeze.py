@@ -5,16 +5,16 @@ evaluate each (no further training).
     lora-squeeze train --config=configs/post_squeeze.py:task=drop,r_src=16,targets=8+4+2+1 \\
         --config.squeeze.method=rsvd --config.checkpoint=/ckpt/gemma3-4b-it --workdir=runs/y
 
-Keys: configs/common.py (schema). Targets default to every paper rank below r_src.
+Keys: lora_squeeze/config_lib.py (schema). Targets default to every paper rank below r_src.
 """
 
 import ml_collections
 
-from configs import common
+from lora_squeeze import config_lib
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  config = common.base_config("post_squeeze")
+  config = config_lib.base_config("post_squeeze")
   config.r_src = 128
-  config.targets = tuple(r for r in common.PAPER_RANKS if r < 128)
-  return common.apply_arg(config, arg)
+  config.targets = tuple(r for r in config_lib.PAPER_RANKS if r < 128)
+  return config_lib.apply_arg(config, arg)

@@ -38,7 +38,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from lora_squeeze import protocols  # noqa: E402
+from lora_squeeze import config_lib, protocols  # noqa: E402
 
 CELL_FILE = "cell.json"
 # Written instead of results when the run diverged (NaN/inf loss): a finished cell without scores.
@@ -512,7 +512,7 @@ def study_config(preset: str | None) -> ml_collections.ConfigDict:
 
   Keys:
     train_config: the training config every run starts from, `file.py[:key=value,...]` (the
-      argument sets any training key, configs/common.py: `configs/direct.py:model=gemma3_1b,...`).
+      argument sets any training key, lora_squeeze/config_lib.py: `configs/direct.py:model=gemma3_1b,...`).
     train_overrides: training-config keys a preset sets on top of that (nested; they win over the
       argument); every run then gets its own task and seed.
     tasks, seeds: the grid's task and seed axes.
@@ -529,7 +529,7 @@ def study_config(preset: str | None) -> ml_collections.ConfigDict:
   study.seeds = (42,)
   study.task_steps = ml_collections.ConfigDict()
   if preset == "paper":
-    from lora_squeeze.data import tasks  # pylint: disable=g-import-not-at-top  (only this preset needs it)
+    from lora_squeeze.data import registry as tasks  # pylint: disable=g-import-not-at-top  (only this preset needs it)
 
     study.train_config = "configs/direct.py"
     # Set on the command line: --config.train_overrides.checkpoint=/ckpt/gemma3-4b-it (the official
@@ -588,7 +588,7 @@ def training_config(study: ml_collections.ConfigDict) -> ml_collections.ConfigDi
 def run_overrides(*, task: str, seed: int) -> dict[str, Any]:
   """What one run changes in the study's training config.
 
-  ADAPTER: knows the training config's names for the task and the seed (configs/common.py).
+  ADAPTER: knows the training config's names for the task and the seed (lora_squeeze/config_lib.py).
   """
   return {"task": task, "seed": seed}
 
@@ -596,17 +596,16 @@ def run_overrides(*, task: str, seed: int) -> dict[str, Any]:
 def lr_table(study: ml_collections.ConfigDict, train_config: ml_collections.ConfigDict) -> Callable[[int], float]:
   """rank -> learning rate for the study's plans.
 
-  `study.lr_table`: "" = the training config's table (configs/lr_table.json: {"lr": {model: {rank:
+  `study.lr_table`: "" = the training config's table (lora_squeeze/lr_table.json: {"lr": {model: {rank:
   lr}}}) at its model; a path = such a file (lr_sweep writes one); a mapping = {rank: lr} itself.
   """
   table = study.lr_table
   if not isinstance(table, str):
     return protocols.lr_lookup(dict(table))
   path = table or train_config.lr_table
-  with open(path) as f:
-    by_model = json.load(f).get("lr", {})
+  by_model = config_lib.load_lr_table(path)
   if train_config.model not in by_model:
-    raise ValueError(f"lr table {path!r} has no learning rates for model {train_config.model!r}; "
+    raise ValueError(f"lr table {path or 'lora_squeeze/lr_table.json'!r} has no learning rates for model {train_config.model!r}; "
                      f"it has {sorted(by_model)}")
   return protocols.lr_lookup(by_model[train_config.model])
 

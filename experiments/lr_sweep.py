@@ -11,7 +11,7 @@ give) and at the rank's own best lr.
 Writes into --workdir: rows.json/rows.csv (every score, read back from the run folders),
 lr_sweep.csv (mean score per rank x lr and its standard error over seeds, App. B), lr_sweep.md
 (best bold), lr_sweep.png, lr_table.json (the best lr per rank for the training config's model, in
-the format of configs/lr_table.json, which the training configs and the other studies'
+the format of lora_squeeze/lr_table.json, which the training configs and the other studies'
 `lr_table` read) and, per task and averaged, sweep_only_r<src>_<task>.png (Fig. 3).
 """
 

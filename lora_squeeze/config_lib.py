@@ -2,7 +2,8 @@
 plan and learning rates a config stands for.
 
 A training config is a locked ml_collections.ConfigDict (an unknown key is an error), built by
-one of configs/{direct,post_squeeze,cont_squeeze,in_squeeze,default}.py:
+a config file's `get_config(arg)`, e.g. configs/{direct,post_squeeze,cont_squeeze,in_squeeze,default}.py
+of the repository, or any file of the same form anywhere (it imports only lora_squeeze):
 
     lora-squeeze train --config=configs/post_squeeze.py:task=boolq,r_src=128 --workdir=runs/x
     lora-squeeze train --config=configs/direct.py:rank=8 --config.lr=0.01 --workdir=runs/y
@@ -30,7 +31,7 @@ Schema (all protocols):
   steps           N: training steps of the first stage (paper: 10,000; 15,000 on larger data)
   warmup          linear warmup steps of the first stage (paper: 1000), then a constant lr
   lr              None = lr_table[model][rank]; a float overrides it (one lr for every stage)
-  lr_table        JSON {"lr": {model: {rank: lr}}} (configs/lr_table.json)
+  lr_table        JSON {"lr": {model: {rank: lr}}}; "" = the table shipped in the package (lora_squeeze/lr_table.json)
   seed            root PRNG seed (LoRA init, squeezes, data order)
   squeeze.method  "qr_core" (Alg. 2, memory-efficient) | "rsvd" (Alg. 1) | "rsvd_factored" | "svd"
   (the randomized methods use the paper's k_o = 10 and k_q = 2: squeeze.rsvd's defaults)
@@ -48,6 +49,7 @@ Per protocol:
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import math
 import pathlib
@@ -60,10 +62,13 @@ from ml_collections import config_dict
 from lora_squeeze import model as model_lib
 from lora_squeeze import protocols
 from lora_squeeze.data import batching
-from lora_squeeze.data import tasks as tasks_lib
+from lora_squeeze.data import registry as tasks_lib
+from lora_squeeze.data import tasks as task_types
+from lora_squeeze.errors import UserInputError
 
-CONFIGS_DIR = pathlib.Path(__file__).resolve().parent
-LR_TABLE = str(CONFIGS_DIR / "lr_table.json")
+# config.lr_table = "" names the table shipped as package data (setup.cfg), found wherever the
+# package is installed.
+LR_TABLE = ""
 DTYPES = ("bfloat16", "float32")
 PAPER_RANKS = (128, 64, 32, 16, 8, 4, 2, 1)
 # The keys each protocol's file adds to base_config.
@@ -114,38 +119,38 @@ def parse_value(key: str, text: str, current: Any) -> Any:
     return tuple(parse_value(key, part, current[0] if current else "") for part in text.split("+") if part)
   if isinstance(current, bool):
     if text.lower() not in ("true", "false"):
-      raise ValueError(f"config argument {key}={text!r}: expected true or false")
+      raise UserInputError(f"config argument {key}={text!r}: expected true or false")
     return text.lower() == "true"
   if isinstance(current, int):
     try:
       return int(text)
     except ValueError:
-      raise ValueError(f"config argument {key}={text!r}: expected an integer") from None
+      raise UserInputError(f"config argument {key}={text!r}: expected an integer") from None
   if isinstance(current, float) or current is None:
     if current is None and text.lower() == "none":
       return None
     try:
       return float(text)
     except ValueError:
-      raise ValueError(f"config argument {key}={text!r}: expected a number") from None
+      raise UserInputError(f"config argument {key}={text!r}: expected a number") from None
   return text
 
 
 def apply_arg(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
-  """Sets `key=value,...` (dotted keys allowed) on the locked `config`; unknown keys raise ValueError."""
+  """Sets `key=value,...` (dotted keys allowed) on the locked `config`; unknown keys raise UserInputError."""
   config.lock()
   for item in filter(None, (arg or "").split(",")):
     key, sep, text = item.partition("=")
     if not sep:
-      raise ValueError(f"config argument {item!r} is not key=value (in {arg!r})")
+      raise UserInputError(f"config argument {item!r} is not key=value (in {arg!r})")
     node, *parents = config, *key.split(".")[:-1]
     for i, part in enumerate(parents):
       if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
-        raise ValueError(f"config has no key {'.'.join(parents[: i + 1])!r} (argument {item!r})")
+        raise UserInputError(f"config has no key {'.'.join(parents[: i + 1])!r} (argument {item!r})")
       node = node[part]
     leaf = key.split(".")[-1]
     if leaf not in node:
-      raise ValueError(f"config has no key {key!r}; allowed keys: {', '.join(sorted(node.keys()))}")
+      raise UserInputError(f"config has no key {key!r}; allowed keys: {', '.join(sorted(node.keys()))}")
     node[leaf] = parse_value(key, text, node[leaf])
   return config
 
@@ -155,7 +160,7 @@ def apply_arg(config: ml_collections.ConfigDict, arg: str | None) -> ml_collecti
 
 
 def _fail(key: str, value: Any, allowed: str) -> None:
-  raise ValueError(f"config.{key}={value!r} is not allowed: {allowed}")
+  raise UserInputError(f"config.{key}={value!r} is not allowed: {allowed}")
 
 
 def _int(config, key: str, *, minimum: int) -> int:
@@ -177,15 +182,18 @@ def _ranks(key: str, values: Sequence[int], *, decreasing: bool = False) -> tupl
   return values
 
 
-def load_lr_table(path: str) -> dict[str, dict[int, float]]:
-  """{model: {rank: lr}} from a JSON file {"lr": {model: {"rank": lr}}}."""
-  file = pathlib.Path(path)
-  if not file.is_file():
-    raise ValueError(f"config.lr_table={path!r}: no such file")
-  with file.open() as f:
-    content = json.load(f)
+def load_lr_table(path: str = LR_TABLE) -> dict[str, dict[int, float]]:
+  """{model: {rank: lr}} from a JSON file {"lr": {model: {"rank": lr}}}; "" = the packaged table."""
+  if not path:
+    content = json.loads(importlib.resources.files("lora_squeeze").joinpath("lr_table.json").read_text())
+  else:
+    file = pathlib.Path(path)
+    if not file.is_file():
+      raise UserInputError(f"config.lr_table={path!r}: no such file")
+    with file.open() as f:
+      content = json.load(f)
   if "lr" not in content:
-    raise ValueError(f"config.lr_table={path!r}: expected a JSON object with key 'lr' ({{model: {{rank: lr}}}})")
+    raise UserInputError(f"config.lr_table={path!r}: expected a JSON object with key 'lr' ({{model: {{rank: lr}}}})")
   return {model: {int(r): float(lr) for r, lr in table.items()} for model, table in content["lr"].items()}
 
 
@@ -196,15 +204,15 @@ def lr_for(config: ml_collections.ConfigDict, rank: int, *, override: float | No
   table = load_lr_table(config.lr_table)
   if config.model not in table or rank not in table[config.model]:
     ranks = sorted(table.get(config.model, {}))
-    raise ValueError(
-        f"config.lr is None and {config.lr_table} has no learning rate for model {config.model!r} at rank {rank} "
+    raise UserInputError(
+        f"config.lr is None and {config.lr_table or 'the packaged lr_table.json'} has no learning rate for model {config.model!r} at rank {rank} "
         f"(it has ranks {ranks}); set --config.lr or add the entry"
     )
   return table[config.model][rank]
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming the first key whose value is not allowed; touches no model or data."""
+  """Raises UserInputError naming the first key whose value is not allowed; touches no model or data."""
   if config.protocol not in protocols.PROTOCOLS:
     _fail("protocol", config.protocol, f"one of {protocols.PROTOCOLS}")
   missing = [k for k in PROTOCOL_KEYS[config.protocol] if k not in config]
@@ -229,7 +237,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   source = task.source(config.data_source or None) if config.data_source in ("", *task.sources) else None
   if source is None:
     _fail("data_source", config.data_source, f"'' (default {task.default_source!r}) or one of {tuple(task.sources)}")
-  missing = [s for s in tasks_lib.SPLITS if s not in source.splits]
+  missing = [s for s in task_types.SPLITS if s not in source.splits]
   if missing:
     _fail("data_source", config.data_source or source.name, f"a source of {task.name} with train and eval splits "
           f"({source.name!r} lacks {missing}; sources: {tuple(task.sources)})")

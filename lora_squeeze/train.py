@@ -642,12 +642,12 @@ def execute_plan(plan: Sequence[protocols.PlanItem], setup: RunSetup) -> dict[st
 
 
 # ---------------------------------------------------------------------------------------------
-# From a config (configs/common.py schema) to a run.
+# From a config (lora_squeeze/config_lib.py schema) to a run.
 
 
 def setup_from_config(config, *, workdir: str | pathlib.Path, plan: Sequence[protocols.PlanItem],
                       evaluate: Evaluator | None = None, printer: Callable[[str], None] = print) -> RunSetup:
-  """Loads the model, data and evaluator a config names (see configs/common.py for the keys).
+  """Loads the model, data and evaluator a config names (see lora_squeeze/config_lib.py for the keys).
 
   Args:
     config: a validated training config.
@@ -657,7 +657,7 @@ def setup_from_config(config, *, workdir: str | pathlib.Path, plan: Sequence[pro
     printer: progress lines.
   """
   from lora_squeeze import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
-  from lora_squeeze.data import batching, tasks  # pylint: disable=g-import-not-at-top
+  from lora_squeeze.data import batching, registry as tasks  # pylint: disable=g-import-not-at-top
   from lora_squeeze.weights import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
 
   root = jax.random.key(config.seed)
@@ -722,8 +722,8 @@ def run_identity(config, plan: Sequence[protocols.PlanItem]) -> dict[str, Any]:
 def run_plan(plan: Sequence[protocols.PlanItem], *, config, workdir: str | pathlib.Path,
              evaluate: Evaluator | None = None, printer: Callable[[str], None] = print) -> dict[str, Any]:
   """Executes `plan` with the model, data and evaluation of `config` into `workdir` (resuming
-  when the workdir holds this same run). configs.common.validate(config) runs first."""
-  from configs import common  # pylint: disable=g-import-not-at-top
+  when the workdir holds this same run). config_lib.validate(config) runs first."""
+  from lora_squeeze import config_lib as common  # pylint: disable=g-import-not-at-top
 
   common.validate(config)
   setup = setup_from_config(config, workdir=workdir, plan=plan, evaluate=evaluate, printer=printer)
@@ -732,7 +732,7 @@ def run_plan(plan: Sequence[protocols.PlanItem], *, config, workdir: str | pathl
 
 def run(config, *, workdir: str | pathlib.Path, printer: Callable[[str], None] = print) -> dict[str, Any]:
   """The `lora-squeeze train` job: validate the config, build its protocol's plan, run it."""
-  from configs import common  # pylint: disable=g-import-not-at-top
+  from lora_squeeze import config_lib as common  # pylint: disable=g-import-not-at-top
 
   common.validate(config)
   return run_plan(common.make_plan(config), config=config, workdir=workdir, printer=printer)

@@ -4,15 +4,16 @@
     lora-squeeze train --config=configs/post_squeeze.py:task=boolq,r_src=128 --config.steps=2000 \\
         --workdir=runs/boolq_post128
 
-The config keys are documented in configs/common.py. The run folder gets checkpoints/,
-adapters/<tag>/ (one exported adapter per evaluation), metrics.jsonl and results.json.
+The config keys are documented in lora_squeeze/config_lib.py. A config file is any Python file
+with a `get_config(arg)` that imports only lora_squeeze (configs/*.py are examples): it may live
+anywhere. The run folder gets checkpoints/, adapters/<tag>/ (one exported adapter per evaluation),
+metrics.jsonl and results.json.
 Multi-host: every process runs this same command; jax.distributed.initialize is called when the
 environment says the job has several processes (TPU pod, SLURM, Open MPI, JAX_COORDINATOR_ADDRESS).
 """
 
 from __future__ import annotations
 
-import pathlib
 import sys
 
 from absl import app
@@ -20,29 +21,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-
-def _config_package_roots(argv: list[str]) -> list[str]:
-  """Folders to put on sys.path so that a config file inside a package (configs/post_squeeze.py)
-  can import its siblings (`from configs import common`) wherever the command runs from."""
-  roots = []
-  for i, arg in enumerate(argv):
-    if arg.startswith("--config="):
-      spec = arg.split("=", 1)[1]
-    elif arg == "--config" and i + 1 < len(argv):
-      spec = argv[i + 1]
-    else:
-      continue
-    folder = pathlib.Path(spec.split(":", 1)[0]).resolve().parent
-    if (folder / "__init__.py").exists():
-      roots.append(str(folder.parent))
-  return roots
-
-
-# Config files are loaded while flags are parsed, before main runs.
-sys.path[:0] = [root for root in _config_package_roots(sys.argv) if root not in sys.path]
-
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Training config file, `path/to/file.py[:key=value,...]` (see configs/common.py).",
+    "config", None, "Training config file, `path/to/file.py[:key=value,...]` (see lora_squeeze/config_lib.py).",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (created; resumed when it holds this same run).")
 flags.mark_flags_as_required(["config", "workdir"])

@@ -14,7 +14,7 @@ from pathlib import Path
 from absl import app, flags
 
 from lora_squeeze.data import readers
-from lora_squeeze.data.tasks import get_task, task_names
+from lora_squeeze.data.registry import get_task, task_names
 
 _DATA_DIR = flags.DEFINE_string("data_dir", str(readers.default_data_dir()), "where prepared datasets go")
 _MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "folder with the downloaded public files (SIQA, MMLU)")

