@@ -26,7 +26,6 @@ import threading
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from lora_squeeze import checkpoint as ckpt_lib

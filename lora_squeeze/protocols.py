@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Union
 
 SCHEMES = ("proportional", "min_steps")
 # Mirrors lora_squeeze.squeeze.METHODS; kept here so that a config is checked before any JAX import.
@@ -63,10 +62,10 @@ class Evaluate:
 class Branch:
   """Run `items` (Squeeze and Evaluate only) on a copy of the adapter; the trunk is unchanged."""
 
-  items: tuple[Union[Squeeze, Evaluate], ...]
+  items: tuple[Squeeze | Evaluate, ...]
 
 
-PlanItem = Union[Stage, Squeeze, Evaluate, Branch]
+PlanItem = Stage | Squeeze | Evaluate | Branch
 Plan = tuple[PlanItem, ...]
 
 

@@ -14,7 +14,6 @@ import os
 import pathlib
 import time
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import numpy as np
