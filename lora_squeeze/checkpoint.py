@@ -21,6 +21,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from lora_squeeze import validation
+
 RUN_CONFIG_FILE = "run_config.json"
 # What a run writes into its workdir; other files (e.g. an experiment's cell.json) may be there.
 RUN_ARTIFACTS = ("checkpoints", "adapters", "metrics.jsonl", "results.json")
@@ -92,8 +94,7 @@ class RunCheckpoints:
   """The checkpoints of one run under `directory` (keeps the newest `max_to_keep`)."""
 
   def __init__(self, directory: pathlib.Path | str, *, max_to_keep: int = 2):
-    if isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or max_to_keep < 1:
-      raise ValueError(f"max_to_keep must be a positive integer, got {max_to_keep!r}")
+    validation.positive_int("max_to_keep", max_to_keep)
     self.directory = pathlib.Path(directory).absolute()
     self._manager = ocp.CheckpointManager(
       self.directory,

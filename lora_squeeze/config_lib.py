@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import importlib.resources
 import json
-import math
 import pathlib
 from collections.abc import Sequence
 from typing import Any
@@ -61,6 +60,7 @@ from ml_collections import config_dict
 
 from lora_squeeze import model as model_lib
 from lora_squeeze import protocols
+from lora_squeeze import validation
 from lora_squeeze.data import batching
 from lora_squeeze.data import registry as tasks_lib
 from lora_squeeze.data import tasks as task_types
@@ -160,7 +160,7 @@ def apply_arg(config: ml_collections.ConfigDict, arg: str | None) -> ml_collecti
 
 
 def _fail(key: str, value: Any, allowed: str) -> None:
-  raise UserInputError(f"config.{key}={value!r} is not allowed: {allowed}")
+  validation.fail(f"config.{key}", value, allowed)
 
 
 def _int(config, key: str, *, minimum: int) -> int:
@@ -168,18 +168,15 @@ def _int(config, key: str, *, minimum: int) -> int:
   value = config
   for part in key.split("."):
     value = value[part]
-  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-    _fail(key, value, f"an integer >= {minimum}")
-  return value
+  return validation.integer(f"config.{key}", value, minimum=minimum)
 
 
 def _ranks(key: str, values: Sequence[int], *, decreasing: bool = False) -> tuple[int, ...]:
-  values = tuple(values)
-  if not values or any(isinstance(r, bool) or not isinstance(r, int) or r <= 0 for r in values):
-    _fail(key, values, "a non-empty tuple of positive integers")
-  if decreasing and any(a <= b for a, b in zip(values, values[1:])):
-    _fail(key, values, "strictly decreasing ranks, e.g. (128, 64, 32)")
-  return values
+  return validation.ranks(f"config.{key}", values, decreasing=decreasing)
+
+
+def _one_of(key: str, value: Any, allowed: Sequence[Any]) -> None:
+  validation.one_of(f"config.{key}", value, allowed)
 
 
 def load_lr_table(path: str = LR_TABLE) -> dict[str, dict[int, float]]:
@@ -205,34 +202,30 @@ def lr_for(config: ml_collections.ConfigDict, rank: int, *, override: float | No
   if config.model not in table or rank not in table[config.model]:
     ranks = sorted(table.get(config.model, {}))
     raise UserInputError(
-        f"config.lr is None and {config.lr_table or 'the packaged lr_table.json'} has no learning rate for model {config.model!r} at rank {rank} "
-        f"(it has ranks {ranks}); set --config.lr or add the entry"
+        f"config.lr is None and {config.lr_table or 'the packaged lr_table.json'} has no learning rate for model "
+        f"{config.model!r} at rank {rank} (it has ranks {ranks}); set --config.lr or add the entry"
     )
   return table[config.model][rank]
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises UserInputError naming the first key whose value is not allowed; touches no model or data."""
-  if config.protocol not in protocols.PROTOCOLS:
-    _fail("protocol", config.protocol, f"one of {protocols.PROTOCOLS}")
+  _one_of("protocol", config.protocol, protocols.PROTOCOLS)
   missing = [k for k in PROTOCOL_KEYS[config.protocol] if k not in config]
   if missing:
-    _fail("protocol", config.protocol, f"the protocol of this file (configs/{config.protocol}.py has its keys "
-          f"{missing})")
-  if config.model not in model_lib.MODEL_NAMES:
-    _fail("model", config.model, f"one of {model_lib.MODEL_NAMES}")
+    _fail("protocol", config.protocol, f"the protocol the config was built for ({config.protocol} needs the keys "
+          f"{missing}, which base_config({config.protocol!r}) plus the protocol's own keys give)")
+  _one_of("model", config.model, model_lib.MODEL_NAMES)
   if not config.checkpoint and config.model not in EMBEDDED_MODELS:
     _fail("checkpoint", config.checkpoint, f"the official Orbax checkpoint folder of {config.model} "
           f"(only {EMBEDDED_MODELS} need none)")
   if config.checkpoint and not pathlib.Path(config.checkpoint).is_dir():
     _fail("checkpoint", config.checkpoint, "an existing checkpoint folder")
-  if config.dtype not in DTYPES:
-    _fail("dtype", config.dtype, f"one of {DTYPES}")
+  _one_of("dtype", config.dtype, DTYPES)
   targets = tuple(config.lora_targets)
   if not targets or not set(targets) <= set(model_lib.LORA_TARGETS):
     _fail("lora_targets", targets, f"a non-empty subset of {model_lib.LORA_TARGETS}")
-  if config.task not in tasks_lib.task_names():
-    _fail("task", config.task, f"one of {tasks_lib.task_names()}")
+  _one_of("task", config.task, tasks_lib.task_names())
   task = tasks_lib.get_task(config.task)
   source = task.source(config.data_source or None) if config.data_source in ("", *task.sources) else None
   if source is None:
@@ -243,8 +236,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
           f"({source.name!r} lacks {missing}; sources: {tuple(task.sources)})")
   if task.modality == "vision" and config.model not in model_lib.MULTIMODAL_MODEL_NAMES:
     _fail("model", config.model, f"a multimodal model {model_lib.MULTIMODAL_MODEL_NAMES} for vision task {task.name}")
-  if config.template not in batching.TEMPLATES:
-    _fail("template", config.template, f"one of {batching.TEMPLATES}")
+  _one_of("template", config.template, batching.TEMPLATES)
   max_len = _int(config, "max_len", minimum=16)
   _ranks("buckets", config.buckets)
   _int(config, "train_examples", minimum=0)
@@ -252,11 +244,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _int(config, "batch_size", minimum=1)
   steps = _int(config, "steps", minimum=1)
   _int(config, "warmup", minimum=0)
-  if config.lr is not None and not (math.isfinite(config.lr) and config.lr > 0):
-    _fail("lr", config.lr, "None (take it from lr_table) or a finite number > 0")
+  if config.lr is not None:
+    validation.positive_number("config.lr", config.lr, allowed="None (take it from lr_table) or a finite number > 0")
   _int(config, "seed", minimum=0)
-  if config.squeeze.method not in protocols.SQUEEZE_METHODS:
-    _fail("squeeze.method", config.squeeze.method, f"one of {protocols.SQUEEZE_METHODS}")
+  _one_of("squeeze.method", config.squeeze.method, protocols.SQUEEZE_METHODS)
   _int(config, "mesh.fsdp", minimum=1)
   if config.mesh.data != -1:
     _int(config, "mesh.data", minimum=1)
@@ -268,29 +259,29 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _fail("max_len", max_len, f"more than the task's {task.max_new_tokens} generated tokens")
 
   if config.protocol == "direct":
-    _ranks("rank", (config.rank,))
+    validation.positive_int("config.rank", config.rank)
     _int(config, "extra_steps", minimum=0)
     _int(config, "extra_warmup", minimum=0)
   elif config.protocol == "post_squeeze":
-    r_src = _ranks("r_src", (config.r_src,))[0]
+    r_src = validation.positive_int("config.r_src", config.r_src)
     targets = _ranks("targets", config.targets)
     if max(targets) > r_src:
       _fail("targets", targets, f"ranks <= r_src={r_src}")
   elif config.protocol == "cont_squeeze":
-    r_src = _ranks("r_src", (config.r_src,))[0]
-    r_tgt = _ranks("r_tgt", (config.r_tgt,))[0]
+    r_src = validation.positive_int("config.r_src", config.r_src)
+    r_tgt = validation.positive_int("config.r_tgt", config.r_tgt)
     if r_tgt > r_src:
       _fail("r_tgt", r_tgt, f"a rank <= r_src={r_src}")
     _int(config, "extra_steps", minimum=1)
     _int(config, "extra_warmup", minimum=0)
-    if config.lr_tgt is not None and not (math.isfinite(config.lr_tgt) and config.lr_tgt > 0):
-      _fail("lr_tgt", config.lr_tgt, "None (take it from lr_table) or a finite number > 0")
+    if config.lr_tgt is not None:
+      validation.positive_number("config.lr_tgt", config.lr_tgt,
+                                 allowed="None (take it from lr_table) or a finite number > 0")
   else:
     ranks = _ranks("ranks", config.ranks, decreasing=True)
     if len(ranks) < 2:
       _fail("ranks", ranks, "at least two ranks to anneal through")
-    if config.scheme not in protocols.SCHEMES:
-      _fail("scheme", config.scheme, f"one of {protocols.SCHEMES}")
+    _one_of("scheme", config.scheme, protocols.SCHEMES)
     min_steps = _int(config, "min_steps", minimum=1)
     if config.scheme == "min_steps" and min_steps * len(ranks) > steps:
       _fail("steps", steps, f"at least min_steps x stages = {min_steps} x {len(ranks)} for the min_steps scheme")

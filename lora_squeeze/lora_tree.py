@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_squeeze import squeeze
+from lora_squeeze import squeeze, validation
 
 _LORA_KEYS = frozenset({"a", "b"})
 
@@ -77,9 +77,7 @@ class EnergyRank:
     max_rank: int | None = None
 
     def __post_init__(self):
-        tau = self.tau
-        if isinstance(tau, (bool, np.bool_)) or not isinstance(tau, (int, float, np.floating)) or not 0.0 < tau <= 1.0:
-            raise ValueError(f"tau must be a number in (0, 1], got {tau!r}")
+        validation.fraction("tau", self.tau)
         if self.max_rank is not None:
             squeeze.check_rank(self.max_rank, name="max_rank")
 

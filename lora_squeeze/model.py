@@ -33,6 +33,7 @@ from gemma.gm.nn import config as gm_config
 from gemma.gm.nn.vision import _vision as gm_vision
 from gemma.gm.nn.vision import _vision_utils as gm_vision_utils
 
+from lora_squeeze import validation
 from lora_squeeze.weights import checkpoints
 
 Params = Mapping[str, Any]
@@ -177,8 +178,8 @@ def make_model(
     """
     check_model_name(name)
     targets = _check_targets(lora_targets)
-    if lora_rank is not None and (isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank <= 0):
-        raise ValueError(f"lora_rank must be a positive int or None, got {lora_rank!r}")
+    if lora_rank is not None:
+        validation.positive_int("lora_rank", lora_rank)
     signature = () if lora_rank is None else (lora_rank, targets)
     kwargs: dict[str, Any] = {"dtype": jnp.float32, "lora_signature": signature}
     if name in ("tiny", "tiny_vision"):

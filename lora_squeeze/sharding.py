@@ -18,6 +18,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from lora_squeeze import validation
+
 DATA_AXIS = "data"
 FSDP_AXIS = "fsdp"
 BATCH_AXES = (DATA_AXIS, FSDP_AXIS)
@@ -67,9 +69,9 @@ def make_mesh(*, data: int = -1, fsdp: int = 1, devices: list[jax.Device] | None
   """
   devices = jax.devices() if devices is None else list(devices)
   n = len(devices)
-  for name, value in (("fsdp", fsdp), ("data", data)):
-    if isinstance(value, bool) or not isinstance(value, int) or (value <= 0 and not (name == "data" and value == -1)):
-      raise ValueError(f"mesh {name} size must be a positive integer{' or -1' if name == 'data' else ''}, got {value!r}")
+  validation.positive_int("mesh fsdp size", fsdp)
+  if data != -1 and not (validation.is_integer(data) and data >= 1):
+    validation.fail("mesh data size", data, "a positive integer or -1")
   if data == -1:
     if n % fsdp:
       raise ValueError(f"fsdp={fsdp} does not divide the {n} available devices")

@@ -55,6 +55,8 @@ import jax.numpy as jnp
 import numpy as np
 import threadpoolctl
 
+from lora_squeeze import validation
+
 METHODS = ("qr_core", "rsvd", "rsvd_factored", "svd")
 CORES = ("svd", "rsvd")
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16", "float64")
@@ -87,16 +89,12 @@ class NonFiniteError(ValueError):
 
 
 def check_rank(rank: Any, *, name: str = "rank") -> int:
-    """Returns ``rank`` as an int; ValueError unless it is an integer ≥ 1."""
-    if isinstance(rank, (bool, np.bool_)) or not isinstance(rank, (int, np.integer)) or rank <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {rank!r}")
-    return int(rank)
+    """Returns ``rank`` as an int; UserInputError (a ValueError) unless it is an integer ≥ 1."""
+    return int(validation.positive_int(name, rank))
 
 
 def _check_count(value: Any, name: str) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-    return int(value)
+    return int(validation.integer(name, value, minimum=0))
 
 
 def _check_dtype(x: Any, name: str) -> None:
@@ -601,8 +599,7 @@ def rank_for_energy(s, tau, *, max_rank=None):
     Returns:
       int r in [1, min(r_src, max_rank)].
     """
-    if isinstance(tau, (bool, np.bool_)) or not isinstance(tau, (int, float, np.floating)) or not 0.0 < tau <= 1.0:
-        raise ValueError(f"tau must be a number in (0, 1], got {tau!r}")
+    validation.fraction("tau", tau)
     if max_rank is not None:
         max_rank = check_rank(max_rank, name="max_rank")
     energy = np.square(np.asarray(s, np.float64))

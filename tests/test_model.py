@@ -53,7 +53,7 @@ def test_bad_targets(targets):
 
 @pytest.mark.parametrize("rank", [0, -2, 2.5, True])
 def test_bad_rank(rank):
-    with pytest.raises(ValueError, match=r"lora_rank must be a positive int or None, got"):
+    with pytest.raises(ValueError, match=r"lora_rank must be a positive integer, got"):
         M.make_model("tiny", lora_rank=rank)
 
 

@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lora_squeeze import protocols
+from lora_squeeze.errors import UserInputError
 from lora_squeeze.protocols import Branch, Evaluate, Squeeze, Stage
 
 
@@ -157,20 +158,45 @@ def test_in_squeeze_plan_uses_per_rank_lr_and_total_budget():
         ((Evaluate(tag="zero_shot"), Squeeze(rank=2), Stage(rank=2, steps=3, lr=0.1, warmup=0)),
          r"must start with a Stage .* got Squeeze\(rank=2"),
         ((Evaluate(tag="x"), Stage(rank=4, steps=3, lr=0.1, warmup=0), Evaluate(tag="x")), "used twice"),
-        ((Stage(rank=4, steps=0, lr=0.1, warmup=0),), r"plan\[0\]: Stage.steps must be a positive integer, got 0"),
-        ((Stage(rank=4, steps=-3, lr=0.1, warmup=0),), r"Stage.steps must be a positive integer, got -3"),
-        ((Stage(rank=4, steps=3, lr=0.0, warmup=0),), r"Stage.lr must be a positive number, got 0.0"),
-        ((Stage(rank=4, steps=3, lr=0.1, warmup=-1),), r"Stage.warmup must be an integer >= 0, got -1"),
-        ((Stage(rank=4, steps=3, lr=0.1, warmup=0), Squeeze(rank=2, method="pca")), "Squeeze.method must be one of"),
-        ((Stage(rank=4, steps=3, lr=0.1, warmup=0), Evaluate(tag="a/b")), "file-name-safe"),
-        ((Stage(rank=4, steps=3, lr=0.1, warmup=0), Evaluate(tag="x"), Evaluate(tag="x")), "used twice"),
-        ((Stage(rank=4, steps=3, lr=0.1, warmup=0), Branch(items=(Stage(rank=4, steps=3, lr=0.1, warmup=0),))),
-         r"plan\[1\].items\[0\]: a Branch holds only Squeeze and Evaluate"),
+        ((Stage(rank=4, steps=3, lr=0.1, warmup=0), Evaluate(tag="x"), Evaluate(tag="x")),
+         r"plan\[2\]: Evaluate.tag 'x' is used twice"),
+        ((Stage(rank=4, steps=3, lr=0.1, warmup=0), "Squeeze(rank=2)"), r"plan\[1\]: unknown plan item 'Squeeze"),
     ],
 )
 def test_validate_plan_bad_input(plan, message):
-  with pytest.raises(ValueError, match=message):
+  with pytest.raises(UserInputError, match=message):
     protocols.validate_plan(plan)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: Stage(rank=4, steps=0, lr=0.1, warmup=0), r"^Stage.steps must be a positive integer, got 0$"),
+        (lambda: Stage(rank=4, steps=-3, lr=0.1, warmup=0), r"^Stage.steps must be a positive integer, got -3$"),
+        (lambda: Stage(rank=True, steps=3, lr=0.1, warmup=0), r"^Stage.rank must be a positive integer, got True$"),
+        (lambda: Stage(rank=4, steps=3, lr=0.0, warmup=0), r"^Stage.lr must be a finite number > 0, got 0.0$"),
+        (lambda: Stage(rank=4, steps=3, lr=float("nan"), warmup=0), r"^Stage.lr must be a finite number > 0, got nan$"),
+        (lambda: Stage(rank=4, steps=3, lr=0.1, warmup=-1), r"^Stage.warmup must be a non-negative integer, got -1$"),
+        (lambda: Squeeze(rank=0), r"^Squeeze.rank must be a positive integer, got 0$"),
+        (lambda: Squeeze(rank=2, method="pca"), r"^Squeeze.method must be one of \('qr_core', .*\), got 'pca'$"),
+        (lambda: Evaluate(tag="a/b"), r"^Evaluate.tag must be a file-name-safe string .*, got 'a/b'$"),
+        (lambda: Evaluate(tag=""), r"^Evaluate.tag must be a file-name-safe string"),
+        (lambda: Branch(items=(Squeeze(rank=1), Stage(rank=4, steps=3, lr=0.1, warmup=0))),
+         r"^Branch.items\[1\] must be a Squeeze or an Evaluate \(a Branch holds only those\), got Stage\(rank=4"),
+    ],
+)
+def test_plan_items_check_their_fields_when_made(make, message):
+  with pytest.raises(UserInputError, match=message):
+    make()
+
+
+def test_plan_items_are_frozen_keyword_only_and_branch_items_a_tuple():
+  branch = Branch(items=[Squeeze(rank=2), Evaluate(tag="t")])
+  assert branch.items == (Squeeze(rank=2), Evaluate(tag="t"))
+  with pytest.raises(TypeError):
+    Stage(4, 3, 0.1, 0)  # pylint: disable=too-many-function-args
+  with pytest.raises(AttributeError):
+    branch.items = ()
 
 
 def test_evaluate_before_the_first_stage_is_allowed():

@@ -20,6 +20,7 @@ import grain
 import numpy as np
 import PIL.Image
 
+from lora_squeeze import validation
 from lora_squeeze.data.tasks import Example
 
 TEMPLATES = ("chat", "plain")
@@ -126,8 +127,7 @@ class TrainBatches(Sequence):
 
   def __init__(self, rows: Sequence[tuple[np.ndarray, np.ndarray]], *, batch_size: int, buckets: Sequence[int],
                seed: int, images: Sequence[np.ndarray | None] | None = None, image_size: int | None = None):
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-      raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    validation.positive_int("batch_size", batch_size)
     self._rows, self._images, self._image_size = rows, images, image_size
     self._batch_size, self._seed = batch_size, seed
     lengths = np.array([len(tokens) for tokens, _ in rows])
