@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+from flax import traverse_util
 from gemma import gm
 from gemma import peft
 from gemma.gm.nn import _layers
@@ -271,7 +272,7 @@ def load_base_params(
     flat = _flatten(params)
     del params
     # Leaf by leaf, dropping each source array; casting in numpy avoids a float32 device copy.
-    return _unflatten({path: _to_device(flat.pop(path), jnp.dtype(dtype)) for path in list(flat)})
+    return traverse_util.unflatten_dict({path: _to_device(flat.pop(path), jnp.dtype(dtype)) for path in list(flat)})
 
 
 def _to_device(x: Any, dtype: jnp.dtype) -> jax.Array:
@@ -280,20 +281,8 @@ def _to_device(x: Any, dtype: jnp.dtype) -> jax.Array:
 
 
 def _flatten(tree: Params) -> dict[tuple[str, ...], Any]:
-    flat = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        flat[tuple(p.key for p in path)] = leaf
-    return flat
-
-
-def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for path, leaf in flat.items():
-        node = tree
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = leaf
-    return tree
+    # Sorted by path: the order jax flattens a dict tree in (lora_leaf_paths lists paths in it).
+    return dict(sorted(traverse_util.flatten_dict(tree).items(), key=lambda item: item[0]))
 
 
 def _is_lora_path(path: Sequence[str]) -> bool:
@@ -327,7 +316,7 @@ def init_lora_params(model: nn.Module, base_params: Params, *, key: jax.Array) -
             lora[path] = a_init(jax.random.fold_in(key, i), shape, jnp.float32)
         else:
             lora[path] = jnp.zeros(shape, jnp.float32)
-    return _unflatten(lora)
+    return traverse_util.unflatten_dict(lora)
 
 
 def check_base_shapes(expected: Mapping[tuple[str, ...], Any] | Params, base_params: Params) -> None:
@@ -350,21 +339,29 @@ def check_base_shapes(expected: Mapping[tuple[str, ...], Any] | Params, base_par
 
 
 def merge_params(base_params: Params, lora_params: Params) -> Params:
-    """One tree for `model.apply({'params': ...})`: the base with the LoRA modules added."""
+    """One tree for `model.apply({'params': ...})`: the base with the LoRA modules added.
+
+    Not gemma.peft.merge_params: that one keeps the base's leaf silently where both trees have
+    one; here a LoRA param that is already in the base is an error.
+    """
     flat = _flatten(base_params)
     for path, leaf in _flatten(lora_params).items():
         if path in flat:
             raise ValueError(f"LoRA param {'/'.join(path)} already exists in the base params")
         flat[path] = leaf
-    return _unflatten(flat)
+    return traverse_util.unflatten_dict(flat)
 
 
 def split_params(params: Params) -> tuple[Params, Params]:
-    """Inverse of merge_params: (base without LoRA, LoRA modules only)."""
+    """Inverse of merge_params: (base without LoRA, LoRA modules only).
+
+    Not gemma.peft.split_params: that one leaves an empty module in the base for every LoRA
+    wrapper (e.g. .../q_einsum/_LoRAEinsum_0 = {}), which is then no longer the plain base tree.
+    """
     flat = _flatten(params)
     base = {p: v for p, v in flat.items() if not _is_lora_path(p)}
     lora = {p: v for p, v in flat.items() if _is_lora_path(p)}
-    return _unflatten(base), _unflatten(lora)
+    return traverse_util.unflatten_dict(base), traverse_util.unflatten_dict(lora)
 
 
 # Per LoRA wrapper: the base weight it adapts (relative to the wrapper's parent) and the einsum
@@ -408,7 +405,7 @@ def fold_lora(base_params: Params, lora_params: Params) -> Params:
                 f"ΔW of {'/'.join(module_path)} has shape {delta.shape}, base weight has {w.shape}"
             )
         flat[weight_path] = (w.astype(jnp.float32) + delta).astype(w.dtype)
-    return _unflatten(flat)
+    return traverse_util.unflatten_dict(flat)
 
 
 @functools.partial(jax.jit, static_argnames=("model",))

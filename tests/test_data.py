@@ -233,6 +233,14 @@ def test_vl_training_batches_carry_resized_images(tmp_path, gemma3_tokenizer):
 # Token rows and batches.
 
 
+def test_special_token_ids_are_the_pieces_of_the_real_vocabulary(gemma3_tokenizer):
+  ids = [batching.PAD, batching.EOS, batching.BOS, batching.START_OF_TURN, batching.END_OF_TURN,
+         batching.START_OF_IMAGE, batching.NEWLINE]
+  pieces = gemma3_tokenizer._sp.id_to_piece(ids)  # pylint: disable=protected-access
+  assert pieces == ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>", "\n"]
+  assert gemma3_tokenizer.encode("\n") == [batching.NEWLINE]
+
+
 def test_training_row_layout(gemma3_tokenizer):
   tok = gemma3_tokenizer
   ex = Example(example_id="e", prompt="Is it? Answer yes or no.", target="yes", options=("yes", "no"), correct=(0,))

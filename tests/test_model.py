@@ -9,7 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from flax import traverse_util
 from gemma import gm
+from gemma import peft
 from hypothesis import strategies as st
 
 from lora_squeeze import model as M
@@ -188,6 +190,23 @@ def test_merge_split_round_trip(tiny_base):
         M.merge_params(M.merge_params(tiny_base, lora), lora)
 
 
+
+def test_param_paths_come_in_jax_order_and_gemma_peft_split_merge_differ(tiny_base):
+    # _flatten (flax.traverse_util, sorted) lists leaves in the order jax.tree flattens them.
+    model = M.make_model("tiny", lora_rank=2)
+    lora = M.init_lora_params(model, tiny_base, key=jax.random.key(1))
+    merged = M.merge_params(tiny_base, lora)
+    jax_paths = [tuple(k.key for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(merged)[0]]
+    assert list(M._flatten(merged)) == jax_paths  # pylint: disable=protected-access
+    assert M.lora_leaf_paths(merged) == ["/".join(p) for p in jax_paths if "lora" in p]
+    # Why merge_params/split_params stay ours: gemma.peft's split leaves an empty module in the base
+    # per LoRA wrapper, and its merge keeps the base's leaf where ours rejects a duplicate.
+    g_base, g_lora = peft.split_params(merged)
+    assert jax.tree.structure(g_lora) == jax.tree.structure(lora)
+    assert g_base["layer_0"]["attn"]["q_einsum"]["_LoRAEinsum_0"] == {}
+    assert "_LoRAEinsum_0" not in M.split_params(merged)[0]["layer_0"]["attn"]["q_einsum"]
+    assert jax.tree.structure(peft.merge_params(merged, lora)) == jax.tree.structure(merged)
+
 def test_fold_lora_equals_lora_forward(tiny_base):
     model = M.make_model("tiny", lora_rank=3)
     lora = M.init_lora_params(model, tiny_base, key=jax.random.key(4))
@@ -273,8 +292,8 @@ def test_fold_lora_matches_gemmas_lora_einsum(target, rank, dims, seed):
     rng = np.random.default_rng(seed)
     a, b = rng.normal(size=a_shape).astype(np.float32), rng.normal(size=b_shape).astype(np.float32)
     w = rng.normal(size=shape).astype(np.float32)
-    base = M._unflatten({("layer_0", *weight_path): w})  # pylint: disable=protected-access
-    lora = M._unflatten({("layer_0", *wrapper, "lora", "a"): a, ("layer_0", *wrapper, "lora", "b"): b})  # pylint: disable=protected-access
+    base = traverse_util.unflatten_dict({("layer_0", *weight_path): w})
+    lora = traverse_util.unflatten_dict({("layer_0", *wrapper, "lora", "a"): a, ("layer_0", *wrapper, "lora", "b"): b})
     folded = M._flatten(M.fold_lora(base, lora))[("layer_0", *weight_path)]  # pylint: disable=protected-access
     x_shape = [2, 3] + [dict(zip(eqn.split(",")[1].split("-")[0], shape))[c] for c in eqn.split(",")[0][2:]]
     x = rng.normal(size=x_shape).astype(np.float32)

@@ -19,15 +19,19 @@ from collections.abc import Iterator, Sequence
 import grain
 import numpy as np
 import PIL.Image
+from gemma import gm
 
 from lora_squeeze import validation
 from lora_squeeze.data.tasks import Example
 
 TEMPLATES = ("chat", "plain")
-# Gemma 3 token ids (gm.text.Gemma3Tokenizer.special_tokens).
-PAD, EOS, BOS = 0, 1, 2
-START_OF_TURN, END_OF_TURN, NEWLINE = 105, 106, 107
-START_OF_IMAGE = 255999
+# Gemma 3 token ids, from the tokenizer's own table of special tokens.
+_SPECIAL = gm.text.Gemma3Tokenizer.special_tokens
+PAD, EOS, BOS = int(_SPECIAL.PAD), int(_SPECIAL.EOS), int(_SPECIAL.BOS)
+START_OF_TURN, END_OF_TURN = int(_SPECIAL.START_OF_TURN), int(_SPECIAL.END_OF_TURN)
+START_OF_IMAGE = int(_SPECIAL.IMAGE_PLACEHOLDER)  # <start_of_image>, expanded by the model
+# Not a special token: "\n" in the Gemma 3 vocabulary (end_of_answer needs it without a tokenizer).
+NEWLINE = 107
 DEFAULT_BUCKETS = (64, 128, 256, 512, 1024, 2048)
 
 
