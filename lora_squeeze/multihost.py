@@ -129,6 +129,7 @@ def handshake(address: str, num_processes: int, process_id: int, *, timeout_s: f
 def _handshake_coordinator(port: int, count: int, deadline: float, timeout_s: float, address: str) -> None:
   server = socket.create_server(("", port), reuse_port=hasattr(socket, "SO_REUSEPORT"))
   peers: dict[int, socket.socket] = {}
+  conns: list[socket.socket] = []  # every peer that introduced itself, duplicates included
   problem = None
   try:
     while len(peers) < count - 1 and problem is None:
@@ -154,15 +155,16 @@ def _handshake_coordinator(port: int, count: int, deadline: float, timeout_s: fl
       elif their_id in peers or their_id == 0:
         problem = f"process_id={their_id} is used by two processes; each of 0..{count - 1} exactly once"
       peers[their_id] = conn
+      conns.append(conn)
     reply = ("error " + problem if problem else "ok") + "\n"
-    for conn in peers.values():
+    for conn in conns:
       try:
         conn.sendall(reply.encode())
         _recv_line(conn, time.monotonic() + 5)  # the peer closes first: no TIME_WAIT on the port
       except OSError:
         pass
   finally:
-    for conn in peers.values():
+    for conn in conns:
       conn.close()
     server.close()
   if problem:
