@@ -199,11 +199,12 @@ def main_loop(args) -> None:
   mesh = sharding.make_mesh()
   tiny = sharding.shard_params(model_lib.init_base_params("tiny", key=key), mesh)
   rows = [bench_loop(model_name="tiny", base=tiny, mesh=mesh, rank=16, batch=b, length=l, steps=args.loop_steps,
-                     rounds=args.rounds, key=key) for b, l in ((8, 32), (8, 128))]
+                     rounds=args.rounds, key=key) for b, l in [(8, int(x)) for x in args.loop_lengths.split(",")]]
   result = {"host": {"platform": platform.platform(), "cpus": os.cpu_count(), "backend": jax.default_backend(),
                      "devices": [str(d) for d in jax.devices()], "loadavg_start": load,
                      "loadavg_end": os.getloadavg(), "jax": jax.__version__},
-            "command": "python -m benchmarks.train_bench --loop" + (f" --rounds={args.rounds}" if args.rounds != 10 else ""),
+            "command": (f"python -m benchmarks.train_bench --loop --rounds={args.rounds} --loop-steps={args.loop_steps} "
+                        f"--loop-lengths={args.loop_lengths}"),
             "loop": rows}
   tmp = LOOP_RESULTS.with_name(LOOP_RESULTS.name + ".tmp")
   tmp.write_text(json.dumps(result, indent=2) + "\n")
@@ -225,6 +226,7 @@ def main() -> None:
   parser.add_argument("--loop", action="store_true", help="only compare the step loops (tiny model)")
   parser.add_argument("--loop-steps", type=int, default=50, help="steps per round of --loop")
   parser.add_argument("--rounds", type=int, default=10, help="paired rounds of --loop")
+  parser.add_argument("--loop-lengths", default="32,128", help="sequence lengths of --loop (batch 8)")
   args = parser.parse_args()
   if args.loop:
     main_loop(args)
