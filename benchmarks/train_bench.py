@@ -2,6 +2,13 @@
 
     python -m benchmarks.train_bench            # tiny model + Gemma 3 270M at batch 2 x 128
     python -m benchmarks.train_bench --big      # also one 270M configuration at batch 8 x 256
+    python -m benchmarks.train_bench --loop     # only: the step loop, per-step host sync vs the runner's
+
+The --loop comparison runs the same jitted step, interleaved in paired rounds in one process: "sync"
+pulls the loss to the host after every step (the old loop: the host waits for each step before it
+dispatches the next), "deferred" pulls the metrics of all steps at every 10th step (the runner's
+loop since issue 13). Reported: steps/s of each and the ratio deferred/sync (median over rounds,
+95% bootstrap interval over the paired rounds); results in benchmarks/results/train_loop_bench.json.
 
 Every number is a wall-clock median over timed steps after one untimed (compiling) step, on
 whatever JAX backend is present (CPU here). The In-Squeeze overhead of one rank change is
@@ -36,6 +43,7 @@ from lora_squeeze import sharding
 from lora_squeeze import train
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "train_bench.json"
+LOOP_RESULTS = RESULTS.with_name("train_loop_bench.json")
 PAPER_RANKS = (128, 64, 32, 16, 8, 4, 2, 1)
 PAPER_STEPS = 10_200  # N + M = 10,000 + 200
 TARGETS_PER_ROW = 8  # a short answer, as in the scored tasks
@@ -148,13 +156,80 @@ def bench_paper_squeezes(name: str, base, *, key) -> list[dict]:
   return rows
 
 
+def loop_steps_per_s(step, state, base, data, *, steps: int, sync_every: int):
+  """steps/s of `steps` train steps when the metrics go to the host every `sync_every` steps."""
+  start, pending = time.perf_counter(), []
+  for i in range(steps):
+    state, metrics = step(state, base, data)
+    pending.append(metrics)
+    if (i + 1) % sync_every == 0 or i + 1 == steps:
+      losses = [float(m["loss"]) for m in jax.device_get(pending)]
+      assert all(np.isfinite(losses)), losses
+      pending = []
+  return state, steps / (time.perf_counter() - start)
+
+
+def bench_loop(*, model_name: str, base, mesh, rank: int, batch: int, length: int, steps: int, rounds: int,
+               key) -> dict:
+  """Paired rounds of the per-step-sync loop and the deferred loop on the same state and batch."""
+  model = model_lib.make_model(model_name, lora_rank=rank)
+  data = sharding.shard_batch(synthetic_batch(batch, length), mesh)
+  step = train.make_train_step(model, lr=LR, warmup=WARMUP, max_targets=TARGETS_PER_ROW)
+  state = fresh_state(model_name, base, rank, mesh, key)
+  state, _ = loop_steps_per_s(step, state, base, data, steps=3, sync_every=1)  # compile
+  sync, deferred = [], []
+  for i in range(rounds):
+    for name in (("sync", "deferred") if i % 2 == 0 else ("deferred", "sync")):  # alternate the order
+      state, rate = loop_steps_per_s(step, state, base, data, steps=steps, sync_every=1 if name == "sync" else 10)
+      (sync if name == "sync" else deferred).append(rate)
+  ratios = np.asarray(deferred) / np.asarray(sync)
+  rng = np.random.default_rng(0)
+  boot = np.median(rng.choice(ratios, (10_000, len(ratios))), axis=1)
+  return {"model": model_name, "rank": rank, "batch": batch, "length": length, "steps_per_round": steps,
+          "rounds": rounds, "sync_steps_per_s": sync, "deferred_steps_per_s": deferred,
+          "sync_median": float(np.median(sync)), "deferred_median": float(np.median(deferred)),
+          "ratio_median": float(np.median(ratios)), "ratio_ci95": [float(np.quantile(boot, 0.025)),
+                                                                   float(np.quantile(boot, 0.975))]}
+
+
+def main_loop(args) -> None:
+  key = jax.random.key(0)
+  load = os.getloadavg()
+  mesh = sharding.make_mesh()
+  tiny = sharding.shard_params(model_lib.init_base_params("tiny", key=key), mesh)
+  rows = [bench_loop(model_name="tiny", base=tiny, mesh=mesh, rank=16, batch=b, length=length_, steps=args.loop_steps,
+                     rounds=args.rounds, key=key) for b, length_ in [(8, int(x)) for x in args.loop_lengths.split(",")]]
+  result = {"host": {"platform": platform.platform(), "cpus": os.cpu_count(), "backend": jax.default_backend(),
+                     "devices": [str(d) for d in jax.devices()], "loadavg_start": load,
+                     "loadavg_end": os.getloadavg(), "jax": jax.__version__},
+            "command": (f"python -m benchmarks.train_bench --loop --rounds={args.rounds} --loop-steps={args.loop_steps} "
+                        f"--loop-lengths={args.loop_lengths}"),
+            "loop": rows}
+  tmp = LOOP_RESULTS.with_name(LOOP_RESULTS.name + ".tmp")
+  tmp.write_text(json.dumps(result, indent=2) + "\n")
+  os.replace(tmp, LOOP_RESULTS)
+  print(f"load average at start {load[0]:.2f}, at end {os.getloadavg()[0]:.2f} ({os.cpu_count()} cpus, {jax.default_backend()})")
+  print(f"{'model':<6} {'batch':>5} {'len':>4} {'sync steps/s':>12} {'deferred steps/s':>16} {'ratio':>6} {'95% CI':>14}")
+  for r in rows:
+    print(f"{r['model']:<6} {r['batch']:>5} {r['length']:>4} {r['sync_median']:>12.1f} {r['deferred_median']:>16.1f} "
+          f"{r['ratio_median']:>6.3f} [{r['ratio_ci95'][0]:.3f}, {r['ratio_ci95'][1]:.3f}]")
+  print(f"wrote {LOOP_RESULTS}")
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--big", action="store_true", help="also time the 270M at batch 8 x 256")
   parser.add_argument("--steps", type=int, default=3, help="timed steps per configuration")
   parser.add_argument("--ahead-steps", type=int, default=10,
                       help="steps trained while the next rank compiles in the background")
+  parser.add_argument("--loop", action="store_true", help="only compare the step loops (tiny model)")
+  parser.add_argument("--loop-steps", type=int, default=50, help="steps per round of --loop")
+  parser.add_argument("--rounds", type=int, default=10, help="paired rounds of --loop")
+  parser.add_argument("--loop-lengths", default="32,128", help="sequence lengths of --loop (batch 8)")
   args = parser.parse_args()
+  if args.loop:
+    main_loop(args)
+    return
   key = jax.random.key(0)
   load = os.getloadavg()
   rows, changes = [], []

@@ -10,7 +10,6 @@ With fsdp = 1 every parameter is replicated and the mesh is plain data paralleli
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,26 +17,15 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from lora_squeeze import multihost
 from lora_squeeze import validation
+from lora_squeeze.errors import UserInputError
 
 DATA_AXIS = "data"
 FSDP_AXIS = "fsdp"
 BATCH_AXES = (DATA_AXIS, FSDP_AXIS)
 
-# Environment variables that only exist when a launcher started several processes.
-_MULTIPROCESS_COUNTS = ("JAX_NUM_PROCESSES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
-
-
-def multiprocess_env(environ: Mapping[str, str] | None = None) -> bool:
-  """True when the environment says this is one process of a multi-process (multi-host) job."""
-  environ = os.environ if environ is None else environ
-  if environ.get("JAX_COORDINATOR_ADDRESS"):
-    return True
-  for name in _MULTIPROCESS_COUNTS:
-    value = environ.get(name, "")
-    if value.isdigit() and int(value) > 1:
-      return True
-  return "," in environ.get("TPU_WORKER_HOSTNAMES", "")
+multiprocess_env = multihost.multiprocess_env
 
 
 def maybe_initialize_distributed(
@@ -46,18 +34,18 @@ def maybe_initialize_distributed(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
     process_id: int | None = None,
+    timeout_s: int = 300,
 ) -> bool:
-  """Calls jax.distributed.initialize when configured (enabled=True) or, with enabled=None, when
-  the environment says multi-process; must run before any other JAX call. Returns whether it ran.
+  """Calls jax.distributed.initialize when configured (enabled=True, or any argument given) or,
+  with enabled=None, when the environment says multi-process; must run before any other JAX call.
+  Returns whether it ran.
 
-  Arguments left None are auto-detected by JAX (TPU pods, SLURM, Open MPI, JAX_* variables).
+  Arguments left None come from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, else
+  are auto-detected by JAX (TPU pods, SLURM, Open MPI). See lora_squeeze.multihost.initialize:
+  bad values and unreachable coordinators are a UserInputError within `timeout_s`.
   """
-  if enabled is False or (enabled is None and not multiprocess_env()):
-    return False
-  jax.distributed.initialize(
-    coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
-  )
-  return True
+  return multihost.initialize(enabled=enabled, coordinator_address=coordinator_address,
+                              num_processes=num_processes, process_id=process_id, timeout_s=timeout_s)
 
 
 def make_mesh(*, data: int = -1, fsdp: int = 1, devices: list[jax.Device] | None = None) -> Mesh:
@@ -72,12 +60,13 @@ def make_mesh(*, data: int = -1, fsdp: int = 1, devices: list[jax.Device] | None
   validation.positive_int("mesh fsdp size", fsdp)
   if data != -1 and not (validation.is_integer(data) and data >= 1):
     validation.fail("mesh data size", data, "a positive integer or -1")
+  where = f"{n} devices" + (f" of {jax.process_count()} processes" if jax.process_count() > 1 else "")
   if data == -1:
     if n % fsdp:
-      raise ValueError(f"fsdp={fsdp} does not divide the {n} available devices")
+      raise UserInputError(f"mesh fsdp={fsdp} does not divide the {where}; allowed: a divisor of {n}")
     data = n // fsdp
   if data * fsdp != n:
-    raise ValueError(f"mesh data={data} x fsdp={fsdp} = {data * fsdp} devices, but {n} are available")
+    raise UserInputError(f"mesh data={data} x fsdp={fsdp} = {data * fsdp} devices, but the job has {where}")
   return Mesh(np.asarray(devices).reshape(data, fsdp), (DATA_AXIS, FSDP_AXIS))
 
 

@@ -33,6 +33,7 @@ import optax
 
 from lora_squeeze import checkpoint as ckpt_lib
 from lora_squeeze import model as model_lib
+from lora_squeeze import multihost
 from lora_squeeze import optim
 from lora_squeeze import protocols
 from lora_squeeze import sharding as sharding_lib
@@ -169,7 +170,7 @@ def compile_step(model, state: TrainState, base: Params, batch: Mapping[str, Any
 
 
 def init_train_state(lora: Params, optimizer: optax.GradientTransformation,
-                     mesh: jax.sharding.Mesh | None = None) -> TrainState:
+                     mesh: jax.sharding.Mesh | None = None, *, min_shard_size: int = 1 << 16) -> TrainState:
   """A fresh stage: the optimizer state is built for the current shapes (rank) of `lora`.
 
   With a mesh, the optimizer state and step counter are placed on it like parameters (the
@@ -179,7 +180,7 @@ def init_train_state(lora: Params, optimizer: optax.GradientTransformation,
   opt_state = jax.jit(optimizer.init)(lora)
   step = jnp.zeros((), jnp.int32)
   if mesh is not None:
-    opt_state = sharding_lib.shard_params(opt_state, mesh)
+    opt_state = sharding_lib.shard_params(opt_state, mesh, min_size=min_shard_size)
     step = jax.device_put(step, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
   return TrainState(lora=lora, opt_state=opt_state, step=step)
 
@@ -256,7 +257,9 @@ class RunSetup:
     precompile: while a stage trains, compile the squeezes and the train step of the next stage
       in a background thread, hiding the recompilation of a rank change behind training. None =
       on for GPU/TPU, off on CPU (there the compiler competes with training for the same cores).
-    printer: where progress lines go.
+    printer: where progress lines go (process 0's lines only).
+    min_shard_size: leaves with at least this many scalars are split over the fsdp axis
+      (sharding.param_spec); LoRA factors and their optimizer state included.
   """
 
   model_for_rank: Callable[[int], Any]
@@ -274,6 +277,7 @@ class RunSetup:
   max_to_keep: int = 2
   precompile: bool | None = None
   printer: Callable[[str], None] = print
+  min_shard_size: int = 1 << 16
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -300,12 +304,13 @@ def _format_eta(seconds: float) -> str:
 class _MetricsLog:
   """metrics.jsonl: one JSON record per line, appended and flushed as it happens."""
 
-  def __init__(self, path: pathlib.Path):
+  def __init__(self, path: pathlib.Path, *, enabled: bool = True):
     self.path = path
+    self.enabled = enabled  # False on processes other than 0: one writer per file
 
   def truncate_after(self, global_step: int) -> None:
     """Drops records of steps beyond a resumed checkpoint (they will be trained again)."""
-    if not self.path.exists():
+    if not self.enabled or not self.path.exists():
       return
     kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= global_step]
     tmp = self.path.with_name(f".{self.path.name}.tmp")
@@ -313,6 +318,8 @@ class _MetricsLog:
     tmp.replace(self.path)
 
   def write(self, record: Mapping[str, Any]) -> None:
+    if not self.enabled:
+      return
     with open(self.path, "a") as f:
       f.write(json.dumps(record, sort_keys=True, default=float) + "\n")
 
@@ -352,8 +359,9 @@ class _Runner:
     self.total_steps = protocols.plan_steps(self.plan)
     self.run_id = _run_id(setup.run_config)
     self.init_key, self.plan_key, _, _ = run_keys(setup.key)
-    self.base = sharding_lib.shard_params(setup.base_params, self.mesh)
-    self.metrics = _MetricsLog(self.workdir / METRICS_FILE)
+    self.writer = multihost.is_writer()
+    self.base = sharding_lib.shard_params(setup.base_params, self.mesh, min_size=setup.min_shard_size)
+    self.metrics = _MetricsLog(self.workdir / METRICS_FILE, enabled=self.writer)
     self.checkpoints = ckpt_lib.RunCheckpoints(self.workdir / CHECKPOINTS_DIR, max_to_keep=setup.max_to_keep)
     self._models: dict[int, Any] = {}
     self._precompiling: threading.Thread | None = None
@@ -367,16 +375,19 @@ class _Runner:
 
   def fresh_lora(self, rank: int) -> Params:
     lora = model_lib.init_lora_params(self.model(rank), self.setup.base_params, key=self.init_key)
-    return sharding_lib.shard_params(lora, self.mesh)
+    return sharding_lib.shard_params(lora, self.mesh, min_size=self.setup.min_shard_size)
 
   def print(self, line: str) -> None:
-    self.setup.printer(line)
+    if self.writer:
+      self.setup.printer(line)
 
   def save(self, pos: _Position, lora: Params, opt_state) -> None:
     meta = {"position": dataclasses.asdict(pos), "run_id": self.run_id, "config": self.setup.run_config}
     self.checkpoints.save(lora=lora, opt_state=opt_state, meta=meta)
 
   def write_results(self, pos: _Position, *, complete: bool) -> None:
+    if not self.writer:
+      return
     ckpt_lib.write_json_atomic(self.workdir / RESULTS_FILE, {
         "complete": complete,
         "run_id": self.run_id,
@@ -392,7 +403,8 @@ class _Runner:
                  index: int, branch: bool):
     start = time.perf_counter()
     new_lora, report = _squeeze(lora, item, key)
-    new_lora = sharding_lib.shard_params(jax.block_until_ready(new_lora), self.mesh)
+    new_lora = sharding_lib.shard_params(jax.block_until_ready(new_lora), self.mesh,
+                                         min_size=self.setup.min_shard_size)
     seconds = time.perf_counter() - start
     record = {
         "event": "squeeze", "step": pos.global_step, "plan_index": index, "r_src": r_src,
@@ -422,20 +434,27 @@ class _Runner:
     self.print(f"evaluate {item.tag} (rank {rank}): {shown}; adapter -> {path}")
 
   def export(self, tag: str, lora: Params, rank: int, pos: _Position) -> pathlib.Path:
+    path = self.workdir / ADAPTERS_DIR / tag
+    # The adapter is LoRA-sized: gathered whole (a collective, every process joins it), it is
+    # written by process 0 as one portable folder, the same bytes a single-process run writes.
+    host_lora = multihost.gather_to_host(lora)
+    multihost.on_writer(lambda: self.write_adapter(path, host_lora, rank, pos),
+                        error_types=(ckpt_lib.WorkdirConflictError, ValueError))
+    return path
+
+  def write_adapter(self, path: pathlib.Path, host_lora: Params, rank: int, pos: _Position) -> None:
     from lora_squeeze.adapters import orbax_io  # pylint: disable=g-import-not-at-top
 
-    path = self.workdir / ADAPTERS_DIR / tag
     if path.exists():
       # A crash between the export and the next checkpoint: the adapter is this run's own.
       _, meta = orbax_io.load_adapter(path)
       if meta.get("run_id") == self.run_id and meta.get("global_step") == pos.global_step:
-        return path
+        return
       raise ckpt_lib.WorkdirConflictError(f"adapter {path} exists and was not written by this run at this step")
     path.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {**self.setup.adapter_metadata, "tag": tag, "rank": rank, "run_id": self.run_id,
+    metadata = {**self.setup.adapter_metadata, "tag": path.name, "rank": rank, "run_id": self.run_id,
                 "global_step": pos.global_step}
-    orbax_io.save_adapter(path, jax.device_get(lora), metadata)
-    return path
+    orbax_io.save_adapter(path, host_lora, metadata)
 
   def upcoming(self, index: int) -> tuple[list[tuple[int, protocols.Squeeze]], protocols.Stage | None]:
     """The squeezes (with their source rank) before the next Stage after plan[index], and that Stage."""
@@ -474,7 +493,7 @@ class _Runner:
           _squeeze(self.fresh_lora(r_src), squeeze, self.plan_key)
         if stage is not None:
           state = init_train_state(self.fresh_lora(stage.rank), optim.make_optimizer(stage.lr, stage.warmup),
-                                   self.mesh)
+                                   self.mesh, min_shard_size=self.setup.min_shard_size)
           compile_step(self.model(stage.rank), ckpt_lib.abstract_like(state), self.base, abstract_batch,
                        lr=stage.lr, warmup=stage.warmup, max_targets=max_targets)
       except Exception as e:  # pylint: disable=broad-except
@@ -493,7 +512,7 @@ class _Runner:
     optimizer = optim.make_optimizer(item.lr, item.warmup)
     model = self.model(item.rank)
     if opt_state is None:
-      state = init_train_state(lora, optimizer, self.mesh)
+      state = init_train_state(lora, optimizer, self.mesh, min_shard_size=self.setup.min_shard_size)
     else:
       step = jax.device_put(jnp.asarray(pos.stage_step, jnp.int32),
                             jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
@@ -502,6 +521,9 @@ class _Runner:
     n_stages = sum(isinstance(p, protocols.Stage) for p in self.plan)
     stage_no = sum(isinstance(p, protocols.Stage) for p in self.plan[: index + 1])
     window_start, window_tokens, window_steps = None, 0, 0
+    # Metrics stay on the device until a logging or checkpoint step (or the stage's first and last
+    # step) pulls them all at once: between those, the host dispatches steps without waiting.
+    pending: list[dict[str, Any]] = []
     while pos.stage_step < item.steps:
       batch = self.setup.batches[pos.global_step]
       check_batch(batch, max_targets=self.setup.max_targets, step=pos.global_step)
@@ -509,18 +531,22 @@ class _Runner:
       max_targets = self.setup.max_targets or targets_bucket(batch["target_mask"])
       train_step = make_train_step(model, lr=item.lr, warmup=item.warmup, max_targets=max_targets)
       state, metrics = train_step(state, self.base, sharding_lib.shard_batch(batch, self.mesh))
-      loss = float(metrics["loss"])
-      if not math.isfinite(loss):
-        raise NonFiniteLossError(
-            f"loss is {loss} at global step {pos.global_step} (stage {stage_no}/{n_stages}, rank {item.rank}, "
-            f"lr {item.lr}); stopped. The last good checkpoint in {self.checkpoints.directory} is kept "
-            f"(number {self.checkpoints.latest()}); lower the learning rate or check the data"
-        )
       lr = float(schedule(pos.stage_step))
       pos.stage_step += 1
       pos.global_step += 1
+      pending.append({"step": pos.global_step, "tokens": tokens, "lr": lr, "device": metrics})
+      first = window_start is None
+      save_now = pos.stage_step < item.steps and pos.global_step % self.setup.checkpoint_every == 0
+      log_now = pos.stage_step % self.setup.log_every == 0 or pos.stage_step == item.steps
+      if not (first or save_now or log_now):
+        window_tokens += tokens
+        window_steps += 1
+        continue
+      # Host sync: the NaN check runs on every pulled step before a checkpoint can store it.
+      fetched = self.fetch_metrics(pending, stage_no=stage_no, n_stages=n_stages, item=item)
+      pending = []
       now = time.perf_counter()
-      if window_start is None:  # the first step of a stage includes compilation; not timed
+      if first:  # the first step of a stage includes compilation; not timed
         window_start = now
         self.start_precompile(index, batch, max_targets)
       else:
@@ -529,21 +555,46 @@ class _Runner:
       elapsed = now - window_start
       tokens_per_s = window_tokens / elapsed if window_steps else None
       steps_per_s = window_steps / elapsed if window_steps else float("nan")
-      self.metrics.write({
-          "event": "train", "step": pos.global_step, "stage": stage_no, "rank": item.rank, "loss": loss,
-          "grad_norm": float(metrics["grad_norm"]), "lr": lr, "target_tokens": float(metrics["target_tokens"]),
-          "tokens": tokens, "tokens_per_s": tokens_per_s,
-      })
-      if pos.stage_step % self.setup.log_every == 0 or pos.stage_step == item.steps:
+      for record in fetched:
+        self.metrics.write({
+            "event": "train", "step": record["step"], "stage": stage_no, "rank": item.rank,
+            "loss": record["loss"], "grad_norm": record["grad_norm"], "lr": record["lr"],
+            "target_tokens": record["target_tokens"], "tokens": record["tokens"], "tokens_per_s": tokens_per_s,
+        })
+      if log_now:
+        last = fetched[-1]
         eta = (self.total_steps - pos.global_step) / steps_per_s if window_steps else float("nan")
         self.print(
             f"step {pos.global_step}/{self.total_steps} stage {stage_no}/{n_stages} r={item.rank} "
-            f"loss {loss:.4f} grad_norm {float(metrics['grad_norm']):.3g} lr {lr:.3g} "
+            f"loss {last['loss']:.4f} grad_norm {last['grad_norm']:.3g} lr {lr:.3g} "
             f"tokens/s {'?' if tokens_per_s is None else f'{tokens_per_s:.1f}'} ETA {_format_eta(eta)}"
         )
-      if pos.stage_step < item.steps and pos.global_step % self.setup.checkpoint_every == 0:
+      if save_now:
         self.save(pos, state.lora, state.opt_state)
     return state.lora
+
+  def fetch_metrics(self, pending: list[dict[str, Any]], *, stage_no: int, n_stages: int,
+                    item: protocols.Stage) -> list[dict[str, Any]]:
+    """Pulls the metrics of the `pending` steps to the host (one transfer) as records of floats.
+
+    Raises:
+      NonFiniteLossError: at the first step with a NaN/inf loss; the records before it are written.
+    """
+    values = jax.device_get([p["device"] for p in pending])
+    records = []
+    for p, metrics in zip(pending, values):
+      loss = float(metrics["loss"])
+      if not math.isfinite(loss):
+        for record in records:
+          self.metrics.write({"event": "train", "stage": stage_no, "rank": item.rank, **record})
+        raise NonFiniteLossError(
+            f"loss is {loss} at global step {p['step'] - 1} (stage {stage_no}/{n_stages}, rank {item.rank}, "
+            f"lr {item.lr}); stopped. The last good checkpoint in {self.checkpoints.directory} is kept "
+            f"(number {self.checkpoints.latest()}); lower the learning rate or check the data"
+        )
+      records.append({"step": p["step"], "loss": loss, "grad_norm": float(metrics["grad_norm"]), "lr": p["lr"],
+                      "target_tokens": float(metrics["target_tokens"]), "tokens": p["tokens"]})
+    return records
 
   # -- main loop ----------------------------------------------------------------------------
 
@@ -563,7 +614,8 @@ class _Runner:
     item = self.plan[pos.item] if pos.item < len(self.plan) else None
     if isinstance(item, protocols.Stage) and pos.stage_step > 0:
       optimizer = optim.make_optimizer(item.lr, item.warmup)
-      abstract_opt = ckpt_lib.abstract_like(init_train_state(template, optimizer, self.mesh).opt_state)
+      abstract_opt = ckpt_lib.abstract_like(
+          init_train_state(template, optimizer, self.mesh, min_shard_size=self.setup.min_shard_size).opt_state)
     lora, opt_state = self.checkpoints.restore(number, abstract_lora=abstract_lora, abstract_opt_state=abstract_opt)
     self.metrics.truncate_after(pos.global_step)
     self.print(f"resumed from checkpoint {number}: plan item {pos.item}/{len(self.plan)}, "
@@ -637,7 +689,8 @@ def execute_plan(plan: Sequence[protocols.PlanItem], setup: RunSetup) -> dict[st
   Raises:
     NonFiniteLossError: NaN/inf loss (the last good checkpoint stays).
   """
-  ckpt_lib.claim_workdir(setup.workdir, setup.run_config)
+  multihost.on_writer(lambda: ckpt_lib.claim_workdir(setup.workdir, setup.run_config),
+                      error_types=(ckpt_lib.WorkdirConflictError, ValueError))
   return _Runner(tuple(plan), setup).run()
 
 

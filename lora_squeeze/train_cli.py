@@ -8,8 +8,11 @@ The config keys are documented in lora_squeeze/config_lib.py. A config file is a
 with a `get_config(arg)` that imports only lora_squeeze (configs/*.py are examples): it may live
 anywhere. The run folder gets checkpoints/, adapters/<tag>/ (one exported adapter per evaluation),
 metrics.jsonl and results.json.
-Multi-host: every process runs this same command; jax.distributed.initialize is called when the
-environment says the job has several processes (TPU pod, SLURM, Open MPI, JAX_COORDINATOR_ADDRESS).
+Multi-process: every process runs this same command. The job starts (jax.distributed.initialize)
+from --coordinator_address/--num_processes/--process_id, else JAX_COORDINATOR_ADDRESS /
+JAX_NUM_PROCESSES / JAX_PROCESS_ID, else JAX's detection (SLURM, Open MPI, TPU pods); see
+docs/training.md. These are flags, not config keys: the config is the run's identity and is the
+same on every process, while the process id is not.
 """
 
 from __future__ import annotations
@@ -26,6 +29,18 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (created; resumed when it holds this same run).")
 flags.mark_flags_as_required(["config", "workdir"])
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "on", "off"],
+    "Multi-process start: auto = when the flags below or the environment (JAX_*, SLURM, Open MPI, TPU pod) "
+    "say so; on = always (JAX detects what is not given); off = never.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (default: "
+                                   "JAX_COORDINATOR_ADDRESS, else detected).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job (default: JAX_NUM_PROCESSES, "
+                                      "else detected).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id, 0..num_processes-1 (default: "
+                                   "JAX_PROCESS_ID, else detected).")
+_DISTRIBUTED_TIMEOUT = flags.DEFINE_integer("distributed_timeout", 300, "Seconds the processes may take to "
+                                            "find each other before the job fails.")
 
 
 def main(argv: list[str]) -> None:
@@ -35,9 +50,16 @@ def main(argv: list[str]) -> None:
     # Orbax logs every checkpoint write at INFO; the trainer prints its own progress.
     logging.set_verbosity(logging.WARNING)
   from lora_squeeze import sharding  # pylint: disable=g-import-not-at-top
+  from lora_squeeze.errors import UserInputError  # pylint: disable=g-import-not-at-top
 
-  # Before any other JAX call: joins the processes of a multi-host job.
-  sharding.maybe_initialize_distributed()
+  try:
+    # Before any other JAX call: joins the processes of a multi-process job.
+    sharding.maybe_initialize_distributed(
+        enabled={"auto": None, "on": True, "off": False}[_DISTRIBUTED.value],
+        coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
+        timeout_s=_DISTRIBUTED_TIMEOUT.value)
+  except UserInputError as e:
+    sys.exit(f"lora-squeeze train: {e}")
   from lora_squeeze import train  # pylint: disable=g-import-not-at-top
 
   try:

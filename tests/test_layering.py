@@ -24,7 +24,7 @@ LAYERS = (
     # What everything may raise and check with.
     ("", "errors", "validation"),
     # Leaves: pure math and plans, file formats, run checkpoints, device meshes; task types.
-    ("protocols", "squeeze", "sharding", "optim", "checkpoint", "weights.cache", "weights.gguf",
+    ("protocols", "squeeze", "multihost", "sharding", "optim", "checkpoint", "weights.cache", "weights.gguf",
      "data.tasks", "data.readers", "data.builders"),
     # Built on the leaves: LoRA pytrees, weights and tokenizer, task definitions, batching, adapters.
     ("lora_tree", "weights", "data.text_tasks", "data.vl_tasks", "data.batching", "adapters"),

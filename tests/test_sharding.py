@@ -11,6 +11,7 @@ import pytest
 from jax.sharding import PartitionSpec
 
 from lora_squeeze import sharding
+from lora_squeeze.errors import UserInputError
 
 
 def test_multiprocess_env():
@@ -41,9 +42,9 @@ def test_param_spec_shards_the_largest_divisible_axis():
 def test_make_mesh_bad_sizes():
   n = len(jax.devices())
   assert sharding.make_mesh().shape == {"data": n, "fsdp": 1}
-  with pytest.raises(ValueError, match=rf"mesh data=3 x fsdp=1 = 3 devices, but {n} are available"):
+  with pytest.raises(UserInputError, match=rf"mesh data=3 x fsdp=1 = 3 devices, but the job has {n} devices"):
     sharding.make_mesh(data=3)
-  with pytest.raises(ValueError, match="mesh fsdp size must be a positive integer, got 0"):
+  with pytest.raises(UserInputError, match="mesh fsdp size must be a positive integer, got 0"):
     sharding.make_mesh(fsdp=0)
 
 

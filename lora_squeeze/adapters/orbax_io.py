@@ -81,9 +81,19 @@ def _index_json(tree: Mapping[str, Any], metadata: Mapping[str, Any], *, where: 
         raise AdapterError(f"{where}: adapter metadata must be JSON-serialisable: {e}") from e
 
 
+def _local_checkpointer() -> ocp.Checkpointer:
+    """A PyTree checkpointer that involves this process alone: an adapter is one host's file (in a
+    multi-process run, process 0 writes it), so no barrier may wait for the other processes."""
+    import jax  # pylint: disable=g-import-not-at-top
+
+    local = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                               active_processes={jax.process_index()})
+    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=local), multiprocessing_options=local)
+
+
 def _write(target: pathlib.Path, tree: Mapping[str, Any], index_json: str) -> None:
     target.mkdir()
-    with ocp.PyTreeCheckpointer() as checkpointer:
+    with _local_checkpointer() as checkpointer:
         checkpointer.save(target / PARAMS_DIR, dict(tree))
     (target / INDEX_FILE).write_text(index_json)
 
@@ -110,7 +120,7 @@ class OrbaxAdapter:
         item = _unflatten({k: 0 for k in keys})
         restore_args = _unflatten({k: ocp.RestoreArgs(restore_type=np.ndarray) for k in keys})
         try:
-            with ocp.PyTreeCheckpointer() as checkpointer:
+            with _local_checkpointer() as checkpointer:
                 restored = checkpointer.restore(
                     self.path / PARAMS_DIR,
                     args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True),
@@ -169,7 +179,7 @@ def _read_tree_metadata(params: pathlib.Path) -> Mapping[str, Any]:
     if not params.is_dir():
         raise AdapterError(f"{params}: the Orbax checkpoint folder is missing")
     try:
-        with ocp.PyTreeCheckpointer() as checkpointer:
+        with _local_checkpointer() as checkpointer:
             return checkpointer.metadata(params).item_metadata.tree
     except Exception as e:  # Orbax raises many types for a damaged checkpoint.
         raise AdapterError(f"{params}: not a readable Orbax checkpoint: {e}") from e

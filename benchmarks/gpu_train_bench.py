@@ -1,0 +1,175 @@
+"""Training throughput on an accelerator: Gemma 3 270M and 1B architectures (random weights), LoRA
+r = 16 on every target, batch 8 x 1024, bfloat16 base; steps/s, tokens/s, MFU and the cost of one
+rank change (squeeze 16 -> 8 + optimizer re-init + recompilation of the step).
+
+    python -m benchmarks.gpu_train_bench                  # both models, ~3 min on one H100-class GPU
+    python -m benchmarks.gpu_train_bench --models=gemma3_270m --steps=20
+
+The loop is the runner's: the state is donated, metrics are pulled to the host every 10th step
+only, and the timer stops after the last step's metrics are on the host. Results: a table on stdout
+and benchmarks/results/gpu_train_bench.json (with the device name).
+
+MFU = model FLOPs per step / (step time x the device's peak dense bf16 FLOP/s), where the model
+FLOPs of one step over T = batch x length tokens (sequence length S, n_layers L) are
+
+    4 * P_base * T        frozen base matmuls: forward 2 P T, backward 2 P T for the activation
+                          gradients only (no weight gradients for frozen weights)
+  + 6 * P_lora * T        LoRA factors: forward, activation and weight gradients
+  + 3 * 4 * B * S^2 * L * n_heads * head_dim
+                          attention scores and weighted values, forward plus a 2x backward
+                          (counted for the full S x S square, as is usual; local layers and the
+                          causal mask do less)
+  + 4 * B * K * V * d     the output embedding at the K = 8 target positions per row (forward and
+                          activation gradient; the loss never forms the other logits)
+
+with P_base the base parameters without the embedding table (it is a gather on the input side).
+Peak FLOP/s per device kind are in PEAK_BF16 (dense, no sparsity); MFU is null for other devices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pathlib
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lora_squeeze import lora_tree
+from lora_squeeze import model as model_lib
+from lora_squeeze import optim
+from lora_squeeze import sharding
+from lora_squeeze import train
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "gpu_train_bench.json"
+LR, WARMUP, RANK, R_TGT, TARGETS_PER_ROW = 1e-3, 100, 16, 8, 8
+# Peak dense bfloat16 FLOP/s by a substring of jax.Device.device_kind (vendor data sheets).
+PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "TPU v5 lite": 197e12, "TPU v5p": 459e12,
+             "TPU v4": 275e12, "TPU v6": 918e12}
+
+
+def peak_flops(device_kind: str) -> float | None:
+  return next((v for k, v in PEAK_BF16.items() if k.lower() in device_kind.lower()), None)
+
+
+def synthetic_batch(batch: int, length: int, seed: int = 0) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(4, 30_000, (batch, length)).astype(np.int32)
+  mask = np.zeros((batch, length), bool)
+  mask[:, -TARGETS_PER_ROW:] = True
+  return {"tokens": tokens, "target_mask": mask}
+
+
+def count(tree) -> int:
+  return int(sum(math.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def step_flops(model_name: str, base, lora, *, batch: int, length: int) -> dict:
+  config = model_lib.base_model(model_lib.make_model(model_name)).config
+  embedding = count(base["embedder"])
+  p_base, p_lora = count(base) - embedding, count(lora)
+  d, vocab = config.embed_dim, config.num_embed
+  tokens = batch * length
+  attention = 3 * 4 * batch * length**2 * config.num_layers * config.num_heads * config.head_dim
+  total = 4 * p_base * tokens + 6 * p_lora * tokens + attention + 4 * batch * TARGETS_PER_ROW * vocab * d
+  return {"p_base_without_embedding": p_base, "p_embedding": embedding, "p_lora": p_lora, "flops_per_step": total}
+
+
+def run_loop(step, state, base, data, steps: int):
+  """Runs `steps` steps as the runner does (metrics to the host every 10th); returns (state, s)."""
+  start, pending = time.perf_counter(), []
+  for i in range(steps):
+    state, metrics = step(state, base, data)
+    pending.append(metrics)
+    if (i + 1) % 10 == 0 or i + 1 == steps:
+      losses = [float(m["loss"]) for m in jax.device_get(pending)]
+      if not all(math.isfinite(x) for x in losses):
+        raise FloatingPointError(f"non-finite loss {losses}")
+      pending = []
+  return state, time.perf_counter() - start
+
+
+def bench_model(name: str, mesh, *, batch: int, length: int, steps: int, key) -> dict:
+  base = sharding.shard_params(model_lib.init_base_params(name, key=key, dtype=jnp.bfloat16), mesh)
+  model = model_lib.make_model(name, lora_rank=RANK)
+  lora = sharding.shard_params(model_lib.init_lora_params(model, base, key=key), mesh)
+  # b = 0 at init; random b gives the squeeze a full-rank ΔW, like a trained adapter.
+  lora = jax.tree_util.tree_map_with_path(
+      lambda p, x: jax.random.normal(key, x.shape, x.dtype) * 0.01 if p[-1].key == "b" else x, lora)
+  data = sharding.shard_batch(synthetic_batch(batch, length), mesh)
+  state = train.init_train_state(lora, optim.make_optimizer(LR, WARMUP), mesh)
+  step = train.make_train_step(model, lr=LR, warmup=WARMUP, max_targets=TARGETS_PER_ROW)
+  state, first_s = run_loop(step, state, base, data, 1)
+  state, _ = run_loop(step, state, base, data, 3)  # warm
+  state, seconds = run_loop(step, state, base, data, steps)
+  step_s = seconds / steps
+
+  # One rank change: squeeze (cold: compiles), fresh optimizer, first step at the new rank.
+  start = time.perf_counter()
+  new_lora, report = lora_tree.squeeze_tree(state.lora, R_TGT, method="qr_core", key=key)
+  new_lora = jax.block_until_ready(sharding.shard_params(new_lora, mesh))
+  squeeze_s = time.perf_counter() - start
+  start = time.perf_counter()
+  new_state = jax.block_until_ready(train.init_train_state(new_lora, optim.make_optimizer(LR, WARMUP), mesh))
+  reinit_s = time.perf_counter() - start
+  new_step = train.make_train_step(model_lib.make_model(name, lora_rank=R_TGT), lr=LR, warmup=WARMUP,
+                                   max_targets=TARGETS_PER_ROW)
+  new_state, first_new_s = run_loop(new_step, new_state, base, data, 1)
+  new_state, _ = run_loop(new_step, new_state, base, data, 3)
+  new_state, seconds_new = run_loop(new_step, new_state, base, data, steps)
+  recompile_s = max(first_new_s - seconds_new / steps, 0.0)
+
+  flops = step_flops(name, base, lora, batch=batch, length=length)
+  peak = peak_flops(jax.devices()[0].device_kind)
+  achieved = flops["flops_per_step"] / step_s
+  return {
+      "model": name, "rank": RANK, "batch": batch, "length": length, "base_dtype": "bfloat16",
+      "first_step_s": first_s, "step_s": step_s, "steps_per_s": 1 / step_s, "tokens_per_s": batch * length / step_s,
+      **flops, "achieved_flops_per_s": achieved, "peak_flops_per_s_per_device": peak,
+      "mfu": achieved / (peak * len(jax.devices())) if peak else None,
+      "rank_change": {"r_src": RANK, "r_tgt": R_TGT, "modules": len(report.modules), "squeeze_s": squeeze_s,
+                      "optimizer_reinit_s": reinit_s, "first_step_s": first_new_s, "recompile_s": recompile_s,
+                      "total_s": squeeze_s + reinit_s + recompile_s, "steady_step_s_after": seconds_new / steps},
+  }
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--models", default="gemma3_270m,gemma3_1b")
+  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--length", type=int, default=1024)
+  parser.add_argument("--steps", type=int, default=30, help="timed steps per model")
+  parser.add_argument("--out", default=str(RESULTS))
+  args = parser.parse_args()
+  key = jax.random.key(0)
+  mesh = sharding.make_mesh()
+  rows = [bench_model(name, mesh, batch=args.batch, length=args.length, steps=args.steps, key=key)
+          for name in args.models.split(",")]
+  result = {"host": {"platform": platform.platform(), "backend": jax.default_backend(), "jax": jax.__version__,
+                     "device_kind": jax.devices()[0].device_kind, "devices": [str(d) for d in jax.devices()]},
+            "command": "python -m benchmarks.gpu_train_bench " + " ".join(
+                f"--{k}={v}" for k, v in vars(args).items() if k != "out"),
+            "rows": rows}
+  out = pathlib.Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tmp = out.with_name(out.name + ".tmp")
+  tmp.write_text(json.dumps(result, indent=2) + "\n")
+  os.replace(tmp, out)
+  print(f"{jax.devices()[0].device_kind} x {len(jax.devices())} ({jax.default_backend()})")
+  print(f"{'model':<12} {'steps/s':>8} {'tokens/s':>10} {'TFLOP/step':>10} {'MFU':>6} {'compile s':>9} "
+        f"{'squeeze s':>9} {'recompile s':>11}")
+  for r in rows:
+    rc = r["rank_change"]
+    mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+    print(f"{r['model']:<12} {r['steps_per_s']:>8.2f} {r['tokens_per_s']:>10.0f} {r['flops_per_step'] / 1e12:>10.2f} "
+          f"{mfu:>6} {r['first_step_s']:>9.1f} {rc['squeeze_s']:>9.2f} {rc['recompile_s']:>11.1f}")
+  print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,76 @@
+"""One process of the multi-process test run (tests/test_multiprocess.py), or the single-process
+reference when imported: the tiny Gemma 3 on the copy task, a plan with a squeeze and
+evaluations, every LoRA leaf split over an fsdp axis that spans all processes of the job.
+
+    JAX_COORDINATOR_ADDRESS=127.0.0.1:PORT JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=i \\
+        python tests/multiprocess_run.py WORKDIR [SECONDS_PER_BATCH [FSDP]]
+"""
+
+import pathlib
+import sys
+import time
+
+STEPS_1, STEPS_2 = 6, 4
+
+
+class SlowBatches:
+  """Batches that take a while to load, so that a test can kill the run mid-stage."""
+
+  def __init__(self, inner, seconds: float):
+    self.inner, self.seconds = inner, seconds
+
+  def __getitem__(self, i):
+    time.sleep(self.seconds)
+    return self.inner[i]
+
+
+def plan():
+  from lora_squeeze.protocols import Evaluate, Squeeze, Stage  # pylint: disable=g-import-not-at-top
+
+  return (Stage(rank=4, steps=STEPS_1, lr=0.5, warmup=2), Evaluate(tag="r4"), Squeeze(rank=2),
+          Evaluate(tag="r4_to_r2"), Stage(rank=2, steps=STEPS_2, lr=0.5, warmup=2), Evaluate(tag="r4_to_r2_plus4"))
+
+
+def run(workdir, *, seconds_per_batch: float = 0.0, printer=print, fsdp: int | None = None):
+  """Executes plan() into `workdir` on a (data=1, fsdp=all devices) mesh."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from lora_squeeze import model as model_lib  # pylint: disable=g-import-not-at-top
+  from lora_squeeze import sharding, train  # pylint: disable=g-import-not-at-top
+  from test_train import MAX_TARGETS, copy_examples  # pylint: disable=g-import-not-at-top
+
+  base = model_lib.init_base_params("tiny", key=jax.random.key(0))
+  model_for_rank = lambda r: model_lib.make_model("tiny", lora_rank=r)
+  mesh = sharding.make_mesh(data=-1 if fsdp else 1, fsdp=fsdp or jax.device_count())
+  held_out = sharding.shard_batch({k: np.stack([e[k] for e in copy_examples(8, 1)]) for k in ("tokens", "target_mask")},
+                                  mesh)
+
+  # Jitted: in a multi-process job every eager op is a compiled program and a collective.
+  loss_fn = jax.jit(train.loss_fn, static_argnames=("model", "max_targets"))
+
+  def evaluate(rank, lora):
+    loss, _ = loss_fn(lora, base, held_out, model=model_for_rank(rank), max_targets=MAX_TARGETS)
+    return {"target_prob": float(np.exp(-float(loss))), "loss": float(loss)}
+
+  batches = train.batch_dataset(copy_examples(32, 0), batch_size=4, seed=1)
+  setup = train.RunSetup(
+      model_for_rank=model_for_rank, base_params=base,
+      batches=SlowBatches(batches, seconds_per_batch) if seconds_per_batch else batches,
+      workdir=pathlib.Path(workdir), key=jax.random.key(7), max_targets=MAX_TARGETS, evaluate=evaluate,
+      run_config={"test": "multiprocess"}, adapter_metadata={"model": "tiny"}, mesh=mesh, checkpoint_every=2,
+      log_every=3, printer=printer, min_shard_size=1)  # min_shard_size=1: every LoRA leaf is split
+  return train.execute_plan(plan(), setup)
+
+
+if __name__ == "__main__":
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+  from lora_squeeze import sharding  # pylint: disable=g-import-not-at-top
+  from lora_squeeze.errors import UserInputError  # pylint: disable=g-import-not-at-top
+
+  try:
+    sharding.maybe_initialize_distributed(timeout_s=60)
+    run(sys.argv[1], seconds_per_batch=float(sys.argv[2]) if len(sys.argv) > 2 else 0.0,
+        fsdp=int(sys.argv[3]) if len(sys.argv) > 3 else None, printer=lambda line: print(line, flush=True))
+  except UserInputError as e:
+    sys.exit(f"multiprocess_run: {e}")
