@@ -257,6 +257,8 @@ class RunSetup:
       in a background thread, hiding the recompilation of a rank change behind training. None =
       on for GPU/TPU, off on CPU (there the compiler competes with training for the same cores).
     printer: where progress lines go.
+    optimizer_state_at_squeeze: "reset" (a fresh optimizer state after each squeeze) or "project"
+      (the state moved into the squeezed basis, lora_squeeze.opt_state_projection).
   """
 
   model_for_rank: Callable[[int], Any]
@@ -274,6 +276,7 @@ class RunSetup:
   max_to_keep: int = 2
   precompile: bool | None = None
   printer: Callable[[str], None] = print
+  optimizer_state_at_squeeze: str = "reset"
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -543,6 +546,7 @@ class _Runner:
         )
       if pos.stage_step < item.steps and pos.global_step % self.setup.checkpoint_every == 0:
         self.save(pos, state.lora, state.opt_state)
+    self.last_opt_state = state.opt_state
     return state.lora
 
   # -- main loop ----------------------------------------------------------------------------
@@ -561,7 +565,8 @@ class _Runner:
     abstract_lora = ckpt_lib.abstract_like(template)
     abstract_opt = None
     item = self.plan[pos.item] if pos.item < len(self.plan) else None
-    if isinstance(item, protocols.Stage) and pos.stage_step > 0:
+    if (isinstance(item, protocols.Stage) and pos.stage_step > 0) or self.carries_state(pos.item):
+      item = next(p for p in self.plan[pos.item::-1] if isinstance(p, protocols.Stage))
       optimizer = optim.make_optimizer(item.lr, item.warmup)
       abstract_opt = ckpt_lib.abstract_like(init_train_state(template, optimizer, self.mesh).opt_state)
     lora, opt_state = self.checkpoints.restore(number, abstract_lora=abstract_lora, abstract_opt_state=abstract_opt)
@@ -580,10 +585,13 @@ class _Runner:
         if lora is None:
           lora, pos.rank = self.fresh_lora(item.rank), item.rank
         lora = self.train_stage(item, index, lora, opt_state, pos)
-        opt_state = None
+        opt_state = self.last_opt_state if self.carries_state(index + 1) else None
       elif isinstance(item, protocols.Squeeze):
         key = jax.random.fold_in(self.plan_key, index)
+        before = lora
         lora, pos.retention = self.do_squeeze(item, lora, pos, r_src=pos.rank, key=key, index=index, branch=False)
+        if opt_state is not None:
+          opt_state = self.project_opt_state(opt_state, before, lora, index)
         pos.rank = item.rank
       elif isinstance(item, protocols.Evaluate):
         if lora is None:  # before the first Stage: the fresh adapter (ΔW = 0) at that Stage's rank
@@ -601,7 +609,7 @@ class _Runner:
           else:
             self.do_evaluate(sub, branch_lora, pos, rank, retention)
       pos.item, pos.stage_step = index + 1, 0
-      self.save(pos, lora, None)
+      self.save(pos, lora, opt_state)
       if isinstance(item, (protocols.Evaluate, protocols.Branch)):
         self.write_results(pos, complete=False)
     self.wait_precompile()
@@ -609,6 +617,22 @@ class _Runner:
     self.print_table(pos)
     self.checkpoints.close()
     return {"evals": pos.evals, "global_step": pos.global_step, "lora": lora, "rank": pos.rank}
+
+  def carries_state(self, index: int) -> bool:
+    """Whether an optimizer state is carried into plan[index] (optimizer_state_at_squeeze='project')."""
+    from lora_squeeze import opt_state_projection  # pylint: disable=g-import-not-at-top
+
+    mode = opt_state_projection.check_mode(self.setup.optimizer_state_at_squeeze)
+    return mode == "project" and opt_state_projection.carried_at(self.plan, index)
+
+  def project_opt_state(self, opt_state, before: Params, after: Params, index: int):
+    """The optimizer state moved across the squeeze plan[index], for the next Stage's optimizer."""
+    from lora_squeeze import opt_state_projection  # pylint: disable=g-import-not-at-top
+
+    stage = next(p for p in self.plan[index:] if isinstance(p, protocols.Stage))
+    new_state = opt_state_projection.project_opt_state(opt_state, optim.make_optimizer(stage.lr, stage.warmup),
+                                                       before, after)
+    return sharding_lib.shard_params(jax.block_until_ready(new_state), self.mesh)
 
   def print_table(self, pos: _Position) -> None:
     metric_names = list(dict.fromkeys(k for row in pos.evals.values() for k in row["metrics"]))
@@ -707,6 +731,7 @@ def setup_from_config(config, *, workdir: str | pathlib.Path, plan: Sequence[pro
       checkpoint_every=config.checkpoint_every,
       log_every=config.log_every,
       printer=printer,
+      optimizer_state_at_squeeze=config.get("optimizer_state_at_squeeze", "reset"),
   )
 
 
