@@ -632,6 +632,7 @@ class _Runner:
     stage = next(p for p in self.plan[index:] if isinstance(p, protocols.Stage))
     new_state = opt_state_projection.project_opt_state(opt_state, optim.make_optimizer(stage.lr, stage.warmup),
                                                        before, after)
+    self.print(f"optimizer state projected into the squeezed basis (next stage: warmup {stage.warmup})")
     return sharding_lib.shard_params(jax.block_until_ready(new_state), self.mesh)
 
   def print_table(self, pos: _Position) -> None:
