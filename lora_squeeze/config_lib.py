@@ -39,6 +39,9 @@ Schema (all protocols):
   eval.batch_size rows per scoring forward pass
   checkpoint_every, log_every   steps between checkpoints / console lines
   mesh.data, mesh.fsdp  device mesh axes (data = -1: every device not used by fsdp)
+  optimizer_state_at_squeeze  "reset" (fresh optimizer after a squeeze, the paper's) | "project"
+                  (the state moved into the squeezed basis: lora_squeeze.opt_state_projection)
+  warmup_after_projection  warmup steps of a stage that starts from a projected state (0)
 Per protocol:
   direct          rank; extra_steps (M, 0 = none), extra_warmup ("Direct +M" baseline)
   post_squeeze    r_src; targets (ranks <= r_src to squeeze a copy to, each evaluated)
@@ -110,6 +113,8 @@ def base_config(protocol: str) -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict({"examples": 0, "batch_size": 8})
   c.checkpoint_every = 1000
   c.log_every = 10
+  c.optimizer_state_at_squeeze = "reset"
+  c.warmup_after_projection = 0
   return c
 
 
@@ -255,6 +260,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _int(config, "eval.batch_size", minimum=1)
   _int(config, "checkpoint_every", minimum=1)
   _int(config, "log_every", minimum=1)
+  _one_of("optimizer_state_at_squeeze", config.optimizer_state_at_squeeze, ("reset", "project"))
+  _int(config, "warmup_after_projection", minimum=0)
   if max_len <= task.max_new_tokens:
     _fail("max_len", max_len, f"more than the task's {task.max_new_tokens} generated tokens")
 
@@ -290,7 +297,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 def make_plan(config: ml_collections.ConfigDict) -> protocols.Plan:
-  """The protocol's plan (lora_squeeze.protocols) with the config's ranks, steps and learning rates."""
+  """The protocol's plan (lora_squeeze.protocols) with the config's ranks, steps and learning rates;
+  with optimizer_state_at_squeeze='project' a stage after a squeeze warms up over warmup_after_projection."""
+  plan = _protocol_plan(config)
+  if config.optimizer_state_at_squeeze == "project":
+    from lora_squeeze import opt_state_projection  # pylint: disable=g-import-not-at-top
+
+    plan = opt_state_projection.with_projected_warmup(plan, config.warmup_after_projection)
+  return plan
+
+
+def _protocol_plan(config: ml_collections.ConfigDict) -> protocols.Plan:
   lr = lambda rank: lr_for(config, rank, override=config.lr)  # noqa: E731
   method = config.squeeze.method
   if config.protocol == "direct":

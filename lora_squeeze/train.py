@@ -260,6 +260,8 @@ class RunSetup:
     printer: where progress lines go (process 0's lines only).
     min_shard_size: leaves with at least this many scalars are split over the fsdp axis
       (sharding.param_spec); LoRA factors and their optimizer state included.
+    optimizer_state_at_squeeze: "reset" (a fresh optimizer state after each squeeze) or "project"
+      (the state moved into the squeezed basis, lora_squeeze.opt_state_projection).
   """
 
   model_for_rank: Callable[[int], Any]
@@ -278,6 +280,7 @@ class RunSetup:
   precompile: bool | None = None
   printer: Callable[[str], None] = print
   min_shard_size: int = 1 << 16
+  optimizer_state_at_squeeze: str = "reset"
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -571,6 +574,7 @@ class _Runner:
         )
       if save_now:
         self.save(pos, state.lora, state.opt_state)
+    self.last_opt_state = state.opt_state
     return state.lora
 
   def fetch_metrics(self, pending: list[dict[str, Any]], *, stage_no: int, n_stages: int,
@@ -612,7 +616,8 @@ class _Runner:
     abstract_lora = ckpt_lib.abstract_like(template)
     abstract_opt = None
     item = self.plan[pos.item] if pos.item < len(self.plan) else None
-    if isinstance(item, protocols.Stage) and pos.stage_step > 0:
+    if (isinstance(item, protocols.Stage) and pos.stage_step > 0) or self.carries_state(pos.item):
+      item = next(p for p in self.plan[pos.item::-1] if isinstance(p, protocols.Stage))
       optimizer = optim.make_optimizer(item.lr, item.warmup)
       abstract_opt = ckpt_lib.abstract_like(
           init_train_state(template, optimizer, self.mesh, min_shard_size=self.setup.min_shard_size).opt_state)
@@ -632,10 +637,13 @@ class _Runner:
         if lora is None:
           lora, pos.rank = self.fresh_lora(item.rank), item.rank
         lora = self.train_stage(item, index, lora, opt_state, pos)
-        opt_state = None
+        opt_state = self.last_opt_state if self.carries_state(index + 1) else None
       elif isinstance(item, protocols.Squeeze):
         key = jax.random.fold_in(self.plan_key, index)
+        before = lora
         lora, pos.retention = self.do_squeeze(item, lora, pos, r_src=pos.rank, key=key, index=index, branch=False)
+        if opt_state is not None:
+          opt_state = self.project_opt_state(opt_state, before, lora, index)
         pos.rank = item.rank
       elif isinstance(item, protocols.Evaluate):
         if lora is None:  # before the first Stage: the fresh adapter (ΔW = 0) at that Stage's rank
@@ -653,7 +661,7 @@ class _Runner:
           else:
             self.do_evaluate(sub, branch_lora, pos, rank, retention)
       pos.item, pos.stage_step = index + 1, 0
-      self.save(pos, lora, None)
+      self.save(pos, lora, opt_state)
       if isinstance(item, (protocols.Evaluate, protocols.Branch)):
         self.write_results(pos, complete=False)
     self.wait_precompile()
@@ -661,6 +669,23 @@ class _Runner:
     self.print_table(pos)
     self.checkpoints.close()
     return {"evals": pos.evals, "global_step": pos.global_step, "lora": lora, "rank": pos.rank}
+
+  def carries_state(self, index: int) -> bool:
+    """Whether an optimizer state is carried into plan[index] (optimizer_state_at_squeeze='project')."""
+    from lora_squeeze import opt_state_projection  # pylint: disable=g-import-not-at-top
+
+    mode = opt_state_projection.check_mode(self.setup.optimizer_state_at_squeeze)
+    return mode == "project" and opt_state_projection.carried_at(self.plan, index)
+
+  def project_opt_state(self, opt_state, before: Params, after: Params, index: int):
+    """The optimizer state moved across the squeeze plan[index], for the next Stage's optimizer."""
+    from lora_squeeze import opt_state_projection  # pylint: disable=g-import-not-at-top
+
+    stage = next(p for p in self.plan[index:] if isinstance(p, protocols.Stage))
+    new_state = opt_state_projection.project_opt_state(opt_state, optim.make_optimizer(stage.lr, stage.warmup),
+                                                       before, after)
+    self.print(f"optimizer state projected into the squeezed basis (next stage: warmup {stage.warmup})")
+    return sharding_lib.shard_params(jax.block_until_ready(new_state), self.mesh, min_size=self.setup.min_shard_size)
 
   def print_table(self, pos: _Position) -> None:
     metric_names = list(dict.fromkeys(k for row in pos.evals.values() for k in row["metrics"]))
@@ -760,6 +785,7 @@ def setup_from_config(config, *, workdir: str | pathlib.Path, plan: Sequence[pro
       checkpoint_every=config.checkpoint_every,
       log_every=config.log_every,
       printer=printer,
+      optimizer_state_at_squeeze=config.get("optimizer_state_at_squeeze", "reset"),
   )
 
 

@@ -27,7 +27,7 @@ LAYERS = (
     ("protocols", "squeeze", "multihost", "sharding", "optim", "checkpoint", "weights.cache", "weights.gguf",
      "data.tasks", "data.readers", "data.builders"),
     # Built on the leaves: LoRA pytrees, weights and tokenizer, task definitions, batching, adapters.
-    ("lora_tree", "weights", "data.text_tasks", "data.vl_tasks", "data.batching", "adapters"),
+    ("lora_tree", "opt_state_projection", "weights", "data.text_tasks", "data.vl_tasks", "data.batching", "adapters"),
     # The model and the task registry.
     ("model", "data.registry", "data"),
     # Scoring and the config schema (config → plan).
