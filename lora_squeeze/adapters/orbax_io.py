@@ -28,6 +28,7 @@ from lora_squeeze.adapters import atomic
 from lora_squeeze.adapters.errors import AdapterError
 from lora_squeeze.adapters.factors_io import FactorPair, flat_factors, pair_factors
 from lora_squeeze.adapters.modules import Factors, ModuleInfo
+from lora_squeeze.orbax_paths import orbax_path
 
 FORMAT = "lora-squeeze-adapter"
 VERSION = 1
@@ -84,7 +85,7 @@ def _index_json(tree: Mapping[str, Any], metadata: Mapping[str, Any], *, where: 
 def _write(target: pathlib.Path, tree: Mapping[str, Any], index_json: str) -> None:
     target.mkdir()
     with ocp.PyTreeCheckpointer() as checkpointer:
-        checkpointer.save(target / PARAMS_DIR, dict(tree))
+        checkpointer.save(orbax_path(target / PARAMS_DIR), dict(tree))
     (target / INDEX_FILE).write_text(index_json)
 
 
@@ -112,7 +113,7 @@ class OrbaxAdapter:
         try:
             with ocp.PyTreeCheckpointer() as checkpointer:
                 restored = checkpointer.restore(
-                    self.path / PARAMS_DIR,
+                    orbax_path(self.path / PARAMS_DIR),
                     args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True),
                 )
         except Exception as e:  # Orbax/tensorstore raise many types for a damaged checkpoint.
@@ -170,7 +171,7 @@ def _read_tree_metadata(params: pathlib.Path) -> Mapping[str, Any]:
         raise AdapterError(f"{params}: the Orbax checkpoint folder is missing")
     try:
         with ocp.PyTreeCheckpointer() as checkpointer:
-            return checkpointer.metadata(params).item_metadata.tree
+            return checkpointer.metadata(orbax_path(params)).item_metadata.tree
     except Exception as e:  # Orbax raises many types for a damaged checkpoint.
         raise AdapterError(f"{params}: not a readable Orbax checkpoint: {e}") from e
 
