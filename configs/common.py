@@ -61,6 +61,7 @@ from lora_squeeze import model as model_lib
 from lora_squeeze import protocols
 from lora_squeeze.data import batching
 from lora_squeeze.data import tasks as tasks_lib
+from lora_squeeze.errors import UserInputError
 
 CONFIGS_DIR = pathlib.Path(__file__).resolve().parent
 LR_TABLE = str(CONFIGS_DIR / "lr_table.json")
@@ -114,20 +115,20 @@ def parse_value(key: str, text: str, current: Any) -> Any:
     return tuple(parse_value(key, part, current[0] if current else "") for part in text.split("+") if part)
   if isinstance(current, bool):
     if text.lower() not in ("true", "false"):
-      raise ValueError(f"config argument {key}={text!r}: expected true or false")
+      raise UserInputError(f"config argument {key}={text!r}: expected true or false")
     return text.lower() == "true"
   if isinstance(current, int):
     try:
       return int(text)
     except ValueError:
-      raise ValueError(f"config argument {key}={text!r}: expected an integer") from None
+      raise UserInputError(f"config argument {key}={text!r}: expected an integer") from None
   if isinstance(current, float) or current is None:
     if current is None and text.lower() == "none":
       return None
     try:
       return float(text)
     except ValueError:
-      raise ValueError(f"config argument {key}={text!r}: expected a number") from None
+      raise UserInputError(f"config argument {key}={text!r}: expected a number") from None
   return text
 
 
@@ -137,15 +138,15 @@ def apply_arg(config: ml_collections.ConfigDict, arg: str | None) -> ml_collecti
   for item in filter(None, (arg or "").split(",")):
     key, sep, text = item.partition("=")
     if not sep:
-      raise ValueError(f"config argument {item!r} is not key=value (in {arg!r})")
+      raise UserInputError(f"config argument {item!r} is not key=value (in {arg!r})")
     node, *parents = config, *key.split(".")[:-1]
     for i, part in enumerate(parents):
       if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
-        raise ValueError(f"config has no key {'.'.join(parents[: i + 1])!r} (argument {item!r})")
+        raise UserInputError(f"config has no key {'.'.join(parents[: i + 1])!r} (argument {item!r})")
       node = node[part]
     leaf = key.split(".")[-1]
     if leaf not in node:
-      raise ValueError(f"config has no key {key!r}; allowed keys: {', '.join(sorted(node.keys()))}")
+      raise UserInputError(f"config has no key {key!r}; allowed keys: {', '.join(sorted(node.keys()))}")
     node[leaf] = parse_value(key, text, node[leaf])
   return config
 
@@ -155,7 +156,7 @@ def apply_arg(config: ml_collections.ConfigDict, arg: str | None) -> ml_collecti
 
 
 def _fail(key: str, value: Any, allowed: str) -> None:
-  raise ValueError(f"config.{key}={value!r} is not allowed: {allowed}")
+  raise UserInputError(f"config.{key}={value!r} is not allowed: {allowed}")
 
 
 def _int(config, key: str, *, minimum: int) -> int:
@@ -181,11 +182,11 @@ def load_lr_table(path: str) -> dict[str, dict[int, float]]:
   """{model: {rank: lr}} from a JSON file {"lr": {model: {"rank": lr}}}."""
   file = pathlib.Path(path)
   if not file.is_file():
-    raise ValueError(f"config.lr_table={path!r}: no such file")
+    raise UserInputError(f"config.lr_table={path!r}: no such file")
   with file.open() as f:
     content = json.load(f)
   if "lr" not in content:
-    raise ValueError(f"config.lr_table={path!r}: expected a JSON object with key 'lr' ({{model: {{rank: lr}}}})")
+    raise UserInputError(f"config.lr_table={path!r}: expected a JSON object with key 'lr' ({{model: {{rank: lr}}}})")
   return {model: {int(r): float(lr) for r, lr in table.items()} for model, table in content["lr"].items()}
 
 
@@ -196,7 +197,7 @@ def lr_for(config: ml_collections.ConfigDict, rank: int, *, override: float | No
   table = load_lr_table(config.lr_table)
   if config.model not in table or rank not in table[config.model]:
     ranks = sorted(table.get(config.model, {}))
-    raise ValueError(
+    raise UserInputError(
         f"config.lr is None and {config.lr_table} has no learning rate for model {config.model!r} at rank {rank} "
         f"(it has ranks {ranks}); set --config.lr or add the entry"
     )

@@ -27,6 +27,8 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Union
 
+from lora_squeeze.errors import UserInputError
+
 SCHEMES = ("proportional", "min_steps")
 # Mirrors lora_squeeze.squeeze.METHODS; kept here so that a config is checked before any JAX import.
 SQUEEZE_METHODS = ("qr_core", "rsvd", "rsvd_factored", "svd")
@@ -72,7 +74,7 @@ Plan = tuple[PlanItem, ...]
 
 def _check_positive_int(name: str, value) -> None:
   if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-    raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    raise UserInputError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _check_decreasing(ranks: Sequence[int]) -> None:
@@ -80,7 +82,7 @@ def _check_decreasing(ranks: Sequence[int]) -> None:
     _check_positive_int(f"ranks[{i}]", rank)
   for i in range(1, len(ranks)):
     if ranks[i] >= ranks[i - 1]:
-      raise ValueError(
+      raise UserInputError(
           f"ranks must strictly decrease, got {tuple(ranks)} ({ranks[i]} at position {i} is not "
           f"below {ranks[i - 1]})"
       )
@@ -128,13 +130,13 @@ def stage_plan(
   """
   _check_positive_int("total_steps", total_steps)
   if not ranks:
-    raise ValueError("ranks must name at least one rank, got ()")
+    raise UserInputError("ranks must name at least one rank, got ()")
   _check_decreasing(ranks)
   if scheme == "proportional":
     steps = _largest_remainder(total_steps, list(ranks))
     if min(steps) == 0:
       short = ranks[steps.index(0)]
-      raise ValueError(
+      raise UserInputError(
           f"total_steps={total_steps} is too small for ranks {tuple(ranks)} with scheme "
           f"'proportional': the rank-{short} stage would get 0 steps; raise total_steps or use "
           "scheme='min_steps'"
@@ -144,13 +146,13 @@ def stage_plan(
     _check_positive_int("min_steps", min_steps)
     floor_total = min_steps * len(ranks)
     if floor_total > total_steps:
-      raise ValueError(
+      raise UserInputError(
           f"impossible plan: {len(ranks)} stages x min_steps {min_steps} = {floor_total} > "
           f"total_steps {total_steps}"
       )
     rest = _largest_remainder(total_steps - floor_total, list(ranks))
     return tuple(min_steps + s for s in rest)
-  raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+  raise UserInputError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
 
 
 def halving_ranks(r_src: int, r_tgt: int) -> tuple[int, ...]:
@@ -162,7 +164,7 @@ def halving_ranks(r_src: int, r_tgt: int) -> tuple[int, ...]:
   _check_positive_int("r_src", r_src)
   _check_positive_int("r_tgt", r_tgt)
   if r_tgt > r_src:
-    raise ValueError(f"r_tgt={r_tgt} must not exceed r_src={r_src} for In-Squeeze")
+    raise UserInputError(f"r_tgt={r_tgt} must not exceed r_src={r_src} for In-Squeeze")
   ranks = [r_src]
   while ranks[-1] // 2 > r_tgt:
     ranks.append(ranks[-1] // 2)
@@ -176,7 +178,7 @@ def validate_plan(plan: Sequence[PlanItem]) -> Plan:
   plan = tuple(plan)
   first = next((item for item in plan if not isinstance(item, Evaluate)), None)
   if not isinstance(first, Stage):
-    raise ValueError(
+    raise UserInputError(
         f"a plan must start with a Stage (it sets the first rank), optionally after Evaluate items "
         f"(they score the untrained adapter, i.e. the base model), got {first!r} first"
     )
@@ -187,26 +189,26 @@ def validate_plan(plan: Sequence[PlanItem]) -> Plan:
       _check_positive_int(f"{where}: Stage.rank", item.rank)
       _check_positive_int(f"{where}: Stage.steps", item.steps)
       if not (isinstance(item.lr, (int, float)) and item.lr > 0):
-        raise ValueError(f"{where}: Stage.lr must be a positive number, got {item.lr!r}")
+        raise UserInputError(f"{where}: Stage.lr must be a positive number, got {item.lr!r}")
       if isinstance(item.warmup, bool) or not isinstance(item.warmup, int) or item.warmup < 0:
-        raise ValueError(f"{where}: Stage.warmup must be an integer >= 0, got {item.warmup!r}")
+        raise UserInputError(f"{where}: Stage.warmup must be an integer >= 0, got {item.warmup!r}")
     elif isinstance(item, Squeeze):
       _check_positive_int(f"{where}: Squeeze.rank", item.rank)
       if item.method not in SQUEEZE_METHODS:
-        raise ValueError(
+        raise UserInputError(
             f"{where}: Squeeze.method must be one of {SQUEEZE_METHODS}, got {item.method!r}"
         )
     elif isinstance(item, Evaluate):
       if not isinstance(item.tag, str) or not _TAG_PATTERN.match(item.tag):
-        raise ValueError(
+        raise UserInputError(
             f"{where}: Evaluate.tag must be a file-name-safe string (letters, digits, _.+-), "
             f"got {item.tag!r}"
         )
       if item.tag in tags:
-        raise ValueError(f"{where}: Evaluate.tag {item.tag!r} is used twice; tags name exports")
+        raise UserInputError(f"{where}: Evaluate.tag {item.tag!r} is used twice; tags name exports")
       tags.add(item.tag)
     else:
-      raise ValueError(f"{where}: unknown plan item {item!r}")
+      raise UserInputError(f"{where}: unknown plan item {item!r}")
 
   rank = first.rank
   for i, item in enumerate(plan):
@@ -214,7 +216,7 @@ def validate_plan(plan: Sequence[PlanItem]) -> Plan:
       branch_rank = rank
       for j, sub in enumerate(item.items):
         if not isinstance(sub, (Squeeze, Evaluate)):
-          raise ValueError(f"plan[{i}].items[{j}]: a Branch holds only Squeeze and Evaluate, got {sub!r}")
+          raise UserInputError(f"plan[{i}].items[{j}]: a Branch holds only Squeeze and Evaluate, got {sub!r}")
         check(sub, f"plan[{i}].items[{j}]")
         if isinstance(sub, Squeeze):
           _check_squeeze_rank(sub, branch_rank, f"plan[{i}].items[{j}]")
@@ -222,7 +224,7 @@ def validate_plan(plan: Sequence[PlanItem]) -> Plan:
     else:
       check(item, f"plan[{i}]")
       if isinstance(item, Stage) and item.rank != rank:
-        raise ValueError(
+        raise UserInputError(
             f"plan[{i}]: Stage at rank {item.rank} follows an adapter of rank {rank}; insert a Squeeze"
         )
       if isinstance(item, Squeeze):
@@ -233,7 +235,7 @@ def validate_plan(plan: Sequence[PlanItem]) -> Plan:
 
 def _check_squeeze_rank(item: Squeeze, rank: int, where: str) -> None:
   if item.rank > rank:
-    raise ValueError(f"{where}: Squeeze to rank {item.rank} above the adapter's rank {rank}; a squeeze only lowers it")
+    raise UserInputError(f"{where}: Squeeze to rank {item.rank} above the adapter's rank {rank}; a squeeze only lowers it")
 
 
 def plan_record(plan: Sequence[PlanItem]) -> list[dict]:
@@ -273,11 +275,11 @@ def post_squeeze(
   """Train once at r_src, then squeeze a copy to every target rank and evaluate each."""
   _check_positive_int("r_src", r_src)
   if not targets:
-    raise ValueError("targets must name at least one target rank, got ()")
+    raise UserInputError("targets must name at least one target rank, got ()")
   for t in targets:
     _check_positive_int("target rank", t)
     if t > r_src:
-      raise ValueError(f"target rank {t} exceeds r_src={r_src}; a squeeze only lowers the rank")
+      raise UserInputError(f"target rank {t} exceeds r_src={r_src}; a squeeze only lowers the rank")
   plan = [Stage(rank=r_src, steps=steps, lr=lr, warmup=warmup), Evaluate(tag=f"r{r_src}")]
   for t in targets:
     plan.append(Branch(items=(Squeeze(rank=t, method=method), Evaluate(tag=f"r{r_src}_to_r{t}"))))
@@ -302,7 +304,7 @@ def cont_squeeze(
   _check_positive_int("r_tgt", r_tgt)
   _check_positive_int("extra_steps", extra_steps)
   if r_tgt > r_src:
-    raise ValueError(f"r_tgt={r_tgt} must not exceed r_src={r_src} for Cont-Squeeze")
+    raise UserInputError(f"r_tgt={r_tgt} must not exceed r_src={r_src} for Cont-Squeeze")
   return validate_plan([
       Stage(rank=r_src, steps=steps, lr=lr_src, warmup=warmup),
       Squeeze(rank=r_tgt, method=method),
@@ -346,7 +348,7 @@ def lr_lookup(table: Mapping, default: float | None = None) -> Callable[[int], f
       if key in table:
         return float(table[key])
     if default is None:
-      raise ValueError(f"no learning rate for rank {rank}; the table has ranks {sorted(map(int, table))}")
+      raise UserInputError(f"no learning rate for rank {rank}; the table has ranks {sorted(map(int, table))}")
     return float(default)
 
   return lr_for_rank

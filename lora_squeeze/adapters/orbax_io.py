@@ -27,7 +27,7 @@ import orbax.checkpoint as ocp
 from lora_squeeze.adapters import atomic
 from lora_squeeze.adapters.errors import AdapterError
 from lora_squeeze.adapters.factors_io import FactorPair, flat_factors, pair_factors
-from lora_squeeze.adapters.modules import Factors, ModuleInfo
+from lora_squeeze.adapters.modules import Factors, ModuleInfo, check_copied_finite
 from lora_squeeze.orbax_paths import orbax_path
 
 FORMAT = "lora-squeeze-adapter"
@@ -135,7 +135,9 @@ class OrbaxAdapter:
             flat_out[pair.key_b] = b_out.astype(stored_dtypes[pair.key_b])
         others = [k for k in self.shapes if k not in flat_out]
         if others:
-            flat_out.update(self.restore(others))
+            for key, value in self.restore(others).items():
+                check_copied_finite(value, path=self.path / PARAMS_DIR, tensor=key)
+                flat_out[key] = value
         metadata = {**self.index.get("metadata", {}), "lora_squeeze": dict(provenance)}
         tree = _unflatten(flat_out)
         _write(target, tree, _index_json(tree, metadata, where=self.path))
