@@ -5,7 +5,6 @@ immutable folders (`chattr +i`: the tests run as root, where mode bits do not st
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import os
