@@ -15,21 +15,27 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
 from lora_squeeze import validation
+from lora_squeeze.errors import UserInputError
+from lora_squeeze.orbax_paths import orbax_path
 
 RUN_CONFIG_FILE = "run_config.json"
 # What a run writes into its workdir; other files (e.g. an experiment's cell.json) may be there.
 RUN_ARTIFACTS = ("checkpoints", "adapters", "metrics.jsonl", "results.json")
 
 
-class WorkdirConflictError(ValueError):
+class WorkdirConflictError(UserInputError):
   """The workdir belongs to a different run."""
+
+
+class CorruptCheckpointError(UserInputError):
+  """A checkpoint whose files cannot be restored (truncated or damaged); the message names them."""
 
 
 def _canonical(config: Mapping[str, Any]) -> str:
@@ -95,7 +101,7 @@ class RunCheckpoints:
 
   def __init__(self, directory: pathlib.Path | str, *, max_to_keep: int = 2):
     validation.positive_int("max_to_keep", max_to_keep)
-    self.directory = pathlib.Path(directory).absolute()
+    self.directory = orbax_path(directory)
     self._manager = ocp.CheckpointManager(
       self.directory,
       options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
@@ -140,3 +146,34 @@ class RunCheckpoints:
 
   def close(self) -> None:
     self._manager.close()
+
+  def numbers(self) -> list[int]:
+    """Numbers of the complete checkpoints, newest first."""
+    return sorted(self._manager.all_steps(), reverse=True)
+
+  def restore_verified(self, number: int, targets: Callable[[dict[str, Any]], tuple[Any, Any]]
+                       ) -> tuple[dict[str, Any], Any, Any]:
+    """(meta, lora, opt_state) of checkpoint `number`; `targets(meta)` gives the abstract (lora,
+    opt_state) to restore into (see `restore`).
+
+    Raises:
+      CorruptCheckpointError: a file of the checkpoint cannot be read (named in the message).
+    """
+    folder = self.directory / str(number)
+    try:
+      meta = self.restore_meta(number)
+    except Exception as e:  # Orbax raises many types (JSON, tensorstore, OSError) for damaged files.
+      raise CorruptCheckpointError(f"checkpoint {number}: {folder / 'meta' / 'metadata'} cannot be read: "
+                                   f"{_one_line(e)}") from e
+    abstract_lora, abstract_opt = targets(meta)
+    try:
+      lora, opt_state = self.restore(number, abstract_lora=abstract_lora, abstract_opt_state=abstract_opt)
+    except Exception as e:  # as above
+      raise CorruptCheckpointError(f"checkpoint {number}: {folder} (lora{' / opt_state' if abstract_opt else ''}) "
+                                   f"cannot be restored: {_one_line(e)}") from e
+    return meta, lora, opt_state
+
+
+def _one_line(e: BaseException) -> str:
+  text = " ".join(str(e).split())
+  return f"{type(e).__name__}: {text[:300]}{'...' if len(text) > 300 else ''}"

@@ -44,7 +44,9 @@ def run(argv: list[str] | None = None) -> None:
   # console script), so the command module's flags are declared key flags of that name.
   for flag in flags.FLAGS.get_flags_for_module(module.__name__):
     flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
-  app.run(module.main, argv=[program, *argv[2:]])
+  # A command may parse its own flags (train_cli.parse_flags: one-line errors for config keys).
+  flags_parser = getattr(module, "parse_flags", app.parse_flags_with_usage)
+  app.run(module.main, argv=[program, *argv[2:]], flags_parser=flags_parser)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lora_squeeze import atomic
 from lora_squeeze import checkpoint as ckpt_lib
 from lora_squeeze import model as model_lib
 from lora_squeeze import multihost
@@ -311,14 +312,23 @@ class _MetricsLog:
     self.path = path
     self.enabled = enabled  # False on processes other than 0: one writer per file
 
-  def truncate_after(self, global_step: int) -> None:
-    """Drops records of steps beyond a resumed checkpoint (they will be trained again)."""
+  def size(self) -> int:
+    """Bytes written so far: stored in each checkpoint, so a resume drops exactly what followed it
+    (0 on the processes that do not write the file)."""
+    return self.path.stat().st_size if self.enabled and self.path.exists() else 0
+
+  def truncate_after(self, global_step: int, size: int | None = None) -> None:
+    """Drops the records written after a resumed checkpoint (they will be written again): those
+    beyond its byte `size`, or (checkpoints older than that record) of steps beyond `global_step`."""
     if not self.enabled or not self.path.exists():
       return
+    if size is not None:
+      data = self.path.read_bytes()
+      if len(data) > size:
+        atomic.write_text(self.path, data[:size].decode())
+      return
     kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= global_step]
-    tmp = self.path.with_name(f".{self.path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(self.path)
+    atomic.write_text(self.path, "".join(line + "\n" for line in kept))
 
   def write(self, record: Mapping[str, Any]) -> None:
     if not self.enabled:
@@ -385,7 +395,8 @@ class _Runner:
       self.setup.printer(line)
 
   def save(self, pos: _Position, lora: Params, opt_state) -> None:
-    meta = {"position": dataclasses.asdict(pos), "run_id": self.run_id, "config": self.setup.run_config}
+    meta = {"position": dataclasses.asdict(pos), "run_id": self.run_id, "config": self.setup.run_config,
+            "metrics_bytes": self.metrics.size()}
     self.checkpoints.save(lora=lora, opt_state=opt_state, meta=meta)
 
   def write_results(self, pos: _Position, *, complete: bool) -> None:
@@ -603,17 +614,34 @@ class _Runner:
   # -- main loop ----------------------------------------------------------------------------
 
   def resume(self) -> tuple[_Position, Params | None, Any]:
-    number = self.checkpoints.latest()
-    if number is None:
-      return _Position(), None, None
-    meta = self.checkpoints.restore_meta(number)
+    # The newest checkpoint that restores; a damaged newer one (killed disk, truncated file) is
+    # named and skipped rather than stopping the run.
+    bad = []
+    for number in self.checkpoints.numbers():
+      try:
+        meta, lora, opt_state = self.checkpoints.restore_verified(number, self._restore_targets)
+      except ckpt_lib.CorruptCheckpointError as e:
+        bad.append(str(e))
+        self.print(f"warning: {e}; trying the previous checkpoint")
+        continue
+      pos = _Position(**meta["position"])
+      self.metrics.truncate_after(pos.global_step, meta.get("metrics_bytes"))
+      self.print(f"resumed from checkpoint {number}: plan item {pos.item}/{len(self.plan)}, "
+                 f"global step {pos.global_step}, rank {pos.rank}")
+      return pos, lora, opt_state
+    if bad:
+      raise ckpt_lib.CorruptCheckpointError(
+          f"no checkpoint in {self.checkpoints.directory} can be restored ({' | '.join(bad)}); move the folder "
+          "away to start the run afresh")
+    return _Position(), None, None
+
+  def _restore_targets(self, meta: Mapping[str, Any]) -> tuple[Any, Any]:
+    """Restore targets (shapes, dtypes, shardings) of a checkpoint: a fresh adapter and optimizer at
+    its rank; both are LoRA-sized, so building them is cheap."""
     if meta["run_id"] != self.run_id:
-      raise ckpt_lib.WorkdirConflictError(f"checkpoint {number} in {self.checkpoints.directory} belongs to another run")
+      raise ckpt_lib.WorkdirConflictError(f"checkpoints in {self.checkpoints.directory} belong to another run")
     pos = _Position(**meta["position"])
-    # Restore targets (shapes, dtypes, shardings) come from a fresh adapter and optimizer at the
-    # checkpoint's rank: both are LoRA-sized, so building them is cheap.
     template = self.fresh_lora(pos.rank)
-    abstract_lora = ckpt_lib.abstract_like(template)
     abstract_opt = None
     item = self.plan[pos.item] if pos.item < len(self.plan) else None
     if (isinstance(item, protocols.Stage) and pos.stage_step > 0) or self.carries_state(pos.item):
@@ -621,11 +649,7 @@ class _Runner:
       optimizer = optim.make_optimizer(item.lr, item.warmup)
       abstract_opt = ckpt_lib.abstract_like(
           init_train_state(template, optimizer, self.mesh, min_shard_size=self.setup.min_shard_size).opt_state)
-    lora, opt_state = self.checkpoints.restore(number, abstract_lora=abstract_lora, abstract_opt_state=abstract_opt)
-    self.metrics.truncate_after(pos.global_step)
-    self.print(f"resumed from checkpoint {number}: plan item {pos.item}/{len(self.plan)}, "
-               f"global step {pos.global_step}, rank {pos.rank}")
-    return pos, lora, opt_state
+    return ckpt_lib.abstract_like(template), abstract_opt
 
   def run(self) -> dict[str, Any]:
     pos, lora, opt_state = self.resume()

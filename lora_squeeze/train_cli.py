@@ -49,6 +49,7 @@ def main(argv: list[str]) -> None:
   if not flags.FLAGS["verbosity"].present:
     # Orbax logs every checkpoint write at INFO; the trainer prints its own progress.
     logging.set_verbosity(logging.WARNING)
+  from lora_squeeze import atomic  # pylint: disable=g-import-not-at-top
   from lora_squeeze import sharding  # pylint: disable=g-import-not-at-top
   from lora_squeeze.errors import UserInputError  # pylint: disable=g-import-not-at-top
 
@@ -63,10 +64,39 @@ def main(argv: list[str]) -> None:
   from lora_squeeze import train  # pylint: disable=g-import-not-at-top
 
   try:
+    # Before any model or data is loaded: a file, or a folder that cannot be written, fails now.
+    atomic.check_writable_folder(_WORKDIR.value, what="--workdir")
     train.run(_CONFIG.value, workdir=_WORKDIR.value)
-  except (ValueError, train.NonFiniteLossError) as e:
-    sys.exit(f"lora-squeeze train: {e}")
+  except (UserInputError, train.NonFiniteLossError) as e:  # only these: a bug keeps its traceback
+    sys.exit(f"lora-squeeze train: error: {e}")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a one-line error for a config override of a key the config lacks
+  (ml_collections raises a bare AttributeError from inside the parser for `--config.bogus=3`)."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError):
+    spec = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), None)
+    if spec is None:
+      raise
+    config = flags.FLAGS["config"].parser.parse(spec)
+    for arg in argv[1:]:
+      if not arg.startswith("--config."):
+        continue
+      key = arg[len("--config."):].split("=", 1)[0]
+      node, allowed = config, []
+      for part in key.split("."):
+        allowed = sorted(node.keys()) if hasattr(node, "keys") else []
+        if part not in allowed:
+          break
+        node = node[part]
+      else:
+        continue
+      where = f"allowed keys: {', '.join(allowed)}" if allowed else f"{key.rsplit('.', 1)[0]!r} is not a group of keys"
+      sys.exit(f"lora-squeeze train: error: {arg}: the config has no key {key!r}; {where}")
+    raise
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

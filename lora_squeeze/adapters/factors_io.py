@@ -12,7 +12,6 @@ import dataclasses
 import json
 import math
 import pathlib
-import shutil
 import zipfile
 from collections.abc import Mapping
 from typing import Any
@@ -21,7 +20,7 @@ import numpy as np
 
 from lora_squeeze.adapters import safetensors_io
 from lora_squeeze.adapters.errors import AdapterError
-from lora_squeeze.adapters.modules import Factors, ModuleInfo, as_float32
+from lora_squeeze.adapters.modules import Factors, ModuleInfo, as_float32, check_copied_finite
 
 SUFFIXES = (".safetensors", ".npz")
 _NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
@@ -140,8 +139,9 @@ class NpzFactors:
                     if key in replaced:
                         np.lib.format.write_array(dst, replaced[key], allow_pickle=False)
                     else:
-                        with src.open(key + ".npy") as member:
-                            shutil.copyfileobj(member, dst)
+                        value = _read_member(src, self.path, key)
+                        check_copied_finite(value, path=self.path, tensor=key)
+                        np.lib.format.write_array(dst, value, allow_pickle=False)
 
 
 def _read_member(zf: zipfile.ZipFile, path: pathlib.Path, key: str) -> np.ndarray:

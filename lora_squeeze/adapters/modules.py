@@ -59,3 +59,16 @@ def as_float32(x: np.ndarray, *, path: str | os.PathLike, tensor: str) -> np.nda
     x = np.asarray(x, np.float32)
     check_finite(x, path=path, tensor=tensor)
     return x
+
+
+def check_copied_finite(x: np.ndarray, *, path: str | os.PathLike, tensor: str) -> None:
+    """Raises AdapterError naming the file and tensor when a tensor copied through unchanged (PEFT
+    modules_to_save, other keys) is floating point and holds NaN or inf."""
+    if np.issubdtype(x.dtype, np.floating) or x.dtype.name == "bfloat16":
+        values = np.asarray(x, np.float32)
+        if not np.isfinite(values).all():
+            bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+            raise AdapterError(
+                f"{path}: tensor {tensor!r} (copied through unchanged) holds {bad} NaN/inf values; refusing to "
+                "write an adapter with it"
+            )

@@ -27,7 +27,8 @@ import orbax.checkpoint as ocp
 from lora_squeeze.adapters import atomic
 from lora_squeeze.adapters.errors import AdapterError
 from lora_squeeze.adapters.factors_io import FactorPair, flat_factors, pair_factors
-from lora_squeeze.adapters.modules import Factors, ModuleInfo
+from lora_squeeze.adapters.modules import Factors, ModuleInfo, check_copied_finite
+from lora_squeeze.orbax_paths import orbax_path
 
 FORMAT = "lora-squeeze-adapter"
 VERSION = 1
@@ -94,7 +95,7 @@ def _local_checkpointer() -> ocp.Checkpointer:
 def _write(target: pathlib.Path, tree: Mapping[str, Any], index_json: str) -> None:
     target.mkdir()
     with _local_checkpointer() as checkpointer:
-        checkpointer.save(target / PARAMS_DIR, dict(tree))
+        checkpointer.save(orbax_path(target / PARAMS_DIR), dict(tree))
     (target / INDEX_FILE).write_text(index_json)
 
 
@@ -122,7 +123,7 @@ class OrbaxAdapter:
         try:
             with _local_checkpointer() as checkpointer:
                 restored = checkpointer.restore(
-                    self.path / PARAMS_DIR,
+                    orbax_path(self.path / PARAMS_DIR),
                     args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True),
                 )
         except Exception as e:  # Orbax/tensorstore raise many types for a damaged checkpoint.
@@ -144,7 +145,9 @@ class OrbaxAdapter:
             flat_out[pair.key_b] = b_out.astype(stored_dtypes[pair.key_b])
         others = [k for k in self.shapes if k not in flat_out]
         if others:
-            flat_out.update(self.restore(others))
+            for key, value in self.restore(others).items():
+                check_copied_finite(value, path=self.path / PARAMS_DIR, tensor=key)
+                flat_out[key] = value
         metadata = {**self.index.get("metadata", {}), "lora_squeeze": dict(provenance)}
         tree = _unflatten(flat_out)
         _write(target, tree, _index_json(tree, metadata, where=self.path))
@@ -180,7 +183,7 @@ def _read_tree_metadata(params: pathlib.Path) -> Mapping[str, Any]:
         raise AdapterError(f"{params}: the Orbax checkpoint folder is missing")
     try:
         with _local_checkpointer() as checkpointer:
-            return checkpointer.metadata(params).item_metadata.tree
+            return checkpointer.metadata(orbax_path(params)).item_metadata.tree
     except Exception as e:  # Orbax raises many types for a damaged checkpoint.
         raise AdapterError(f"{params}: not a readable Orbax checkpoint: {e}") from e
 

@@ -183,14 +183,33 @@ def _read_config(path: pathlib.Path) -> dict[str, Any]:
     for field, why in _UNSUPPORTED.items():
         if config.get(field):
             raise AdapterError(f"{path}: {field}={config[field]!r} is not supported ({why})")
-    for field in ("r", "lora_alpha"):
-        value = config.get(field)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise AdapterError(f"{path}: {field} must be a positive number, got {value!r}")
-    for field in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(config.get(field) or {}, dict):
+    r = config.get("r")
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise AdapterError(f"{path}: r must be a positive integer, got {r!r}")
+    if not _positive_number(config.get("lora_alpha")):
+        # json.loads accepts NaN and Infinity, which would scale every factor to NaN.
+        raise AdapterError(f"{path}: lora_alpha must be a finite positive number, got {config.get('lora_alpha')!r}")
+    for field, check, allowed in (("rank_pattern", _positive_int, "positive integers"),
+                                  ("alpha_pattern", _positive_number, "finite positive numbers")):
+        patterns = config.get(field) or {}
+        if not isinstance(patterns, dict):
             raise AdapterError(f"{path}: {field} must be a JSON object, got {config[field]!r}")
+        for key, value in patterns.items():
+            if not check(value):
+                raise AdapterError(f"{path}: {field}[{key!r}] = {value!r}; its values must be {allowed}")
+            try:
+                re.compile(rf"(.*\.)?({key})$")
+            except re.error as e:
+                raise AdapterError(f"{path}: {field} key {key!r} is not a valid regular expression ({e})") from None
     return config
+
+
+def _positive_int(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int) and value > 0
+
+
+def _positive_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
 def _pair_factors(config: Mapping[str, Any], header: safetensors_io.SafetensorsHeader) -> dict[str, _PeftModule]:

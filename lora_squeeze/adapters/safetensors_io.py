@@ -22,6 +22,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from lora_squeeze.adapters.errors import AdapterError
+from lora_squeeze.adapters.modules import check_copied_finite
 
 _DTYPES = {
     "F64": np.dtype(np.float64),
@@ -176,6 +177,9 @@ def write_safetensors(
 
 
 def _copy_bytes(entry: TensorEntry, out) -> None:
+    # Chunks are multiples of 8 bytes, so each holds whole elements and is checked for NaN/inf as
+    # it passes (one read of the source, memory one chunk).
+    dtype = _DTYPES.get(entry.dtype)
     with open(entry.path, "rb") as src:
         src.seek(entry.begin)
         left = entry.nbytes
@@ -183,5 +187,7 @@ def _copy_bytes(entry: TensorEntry, out) -> None:
             chunk = src.read(min(left, _COPY_CHUNK_BYTES))
             if not chunk:
                 raise AdapterError(f"{entry.path} is truncated inside tensor {entry.name!r}")
+            if dtype is not None and len(chunk) % dtype.itemsize == 0:
+                check_copied_finite(np.frombuffer(chunk, dtype.newbyteorder("<")), path=entry.path, tensor=entry.name)
             out.write(chunk)
             left -= len(chunk)

@@ -17,7 +17,9 @@ from collections.abc import Callable
 
 import jax
 import numpy as np
+from absl import logging
 
+from lora_squeeze import atomic as _atomic
 from lora_squeeze import squeeze
 from lora_squeeze.adapters import atomic, factors_io, orbax_io, peft_io
 from lora_squeeze.adapters.errors import AdapterError
@@ -115,6 +117,7 @@ def squeeze_adapter(
     _check_target(rank=rank, energy=energy, max_rank=max_rank, method=method)
     start = time.perf_counter()
     if dst is not None:
+        _atomic.check_output_name(dst, error=AdapterError)
         atomic.check_distinct(src, dst)
     elif not dry_run:
         raise AdapterError("an output path is needed unless dry_run is set")
@@ -138,7 +141,7 @@ def squeeze_adapter(
     provenance = {"source": os.fspath(src), "method": method, "rank": rank, "energy": energy, "max_rank": max_rank,
                   "seed": seed, "r_src": {r.name: r.r_src for r in rows}}
     if not dry_run:
-        with atomic.atomic_output(dst, force=force) as target:
+        with atomic.atomic_output(dst, force=force, mode_like=src) as target:
             adapter.write(target, squeezed, provenance=provenance)
     return SqueezeSummary(
         format=adapter.format, src=os.fspath(src), dst=None if dst is None else os.fspath(dst),
@@ -197,6 +200,8 @@ def _squeeze_module(
     )
     if spectrum_only:
         return None, row
+    if row.energy == 0:
+        return _zero_update(a, b, module, r_tgt), row
     if method == "qr_core":
         # The columns of an exact SVD with √S split per column are nested: the first r_tgt of them
         # are the rank-r_tgt optimum (Eckart–Young).
@@ -204,6 +209,26 @@ def _squeeze_module(
     else:
         a_t, b_t, _ = squeeze.squeeze_factors(a, b, r_tgt, method=method, key=key)
     return (np.asarray(a_t, np.float32), np.asarray(b_t, np.float32)), row
+
+
+def _zero_update(a: np.ndarray, b: np.ndarray, module: ModuleInfo, r_tgt: int) -> Factors:
+    """ΔW = 0 (typically B all zero, as at LoRA's init): its SVD would give A = B = 0, an adapter
+    gradient descent cannot leave (B's gradient is Aᵀ·(...)). Our choice: keep B = 0 (ΔW stays 0)
+    and an A that spans the source A's column space: the first r_tgt columns of an orthonormal basis
+    of it (QR), scaled to the source columns' RMS norm, so training continues as from the source."""
+    a64 = np.asarray(a, np.float64)
+    scale = float(np.linalg.norm(a64)) / np.sqrt(a64.shape[1])
+    if scale == 0:
+        logging.warning("module %s: A and B are both zero (ΔW = 0); the squeezed factors are zero too", module.name)
+        return np.zeros((module.d_in, r_tgt), np.float32), np.zeros((r_tgt, module.d_out), np.float32)
+    q, _ = np.linalg.qr(a64)
+    a_t = np.zeros((module.d_in, r_tgt))
+    k = min(r_tgt, q.shape[1])
+    a_t[:, :k] = q[:, :k] * scale
+    logging.warning(
+        "module %s: B is all zero (ΔW = 0, nothing to squeeze); kept B = 0 and %d orthonormal columns of the "
+        "source A (RMS norm %.3g) so the adapter can still train", module.name, k, scale)
+    return a_t.astype(np.float32), np.zeros((r_tgt, module.d_out), np.float32)
 
 
 def _overall_retention(rows: list[ModuleRow]) -> float:

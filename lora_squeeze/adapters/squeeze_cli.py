@@ -19,7 +19,7 @@ import time
 from absl import flags, logging
 
 from lora_squeeze import squeeze
-from lora_squeeze.adapters.errors import AdapterError
+from lora_squeeze.errors import UserInputError
 from lora_squeeze.adapters.squeeze_adapter import ModuleRow, squeeze_adapter
 
 _RANK = flags.DEFINE_integer("rank", None, "Target rank, the same for every module.")
@@ -66,7 +66,7 @@ def main(argv: list[str]) -> None:
             src, dst, rank=_RANK.value, energy=_ENERGY.value, max_rank=_MAX_RANK.value, method=_METHOD.value,
             seed=_SEED.value, dry_run=_DRY_RUN.value, force=_FORCE.value, on_module=progress,
         )
-    except AdapterError as e:
+    except UserInputError as e:  # only bad input: a bug in the code keeps its traceback
         sys.exit(f"lora-squeeze squeeze: error: {e}")
     print(summary.table())
     if summary.written:

@@ -28,6 +28,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from lora_squeeze.orbax_paths import orbax_path
+
 CACHE_ENV = "LORA_SQUEEZE_CACHE"
 _FORMAT = 1
 
@@ -80,7 +82,7 @@ def save_entry(entry: os.PathLike | str, tree: Mapping[str, Any]) -> pathlib.Pat
     tmp.mkdir(parents=True)
     tree = jax.tree.map(np.asarray, tree)
     with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(tmp / "params", tree)
+        ckpt.save(orbax_path(tmp / "params"), tree)
         ckpt.wait_until_finished()
     write_bytes_atomic(tmp / "manifest.json", json.dumps(manifest_of(tree)).encode())
     if entry.exists():
@@ -122,7 +124,7 @@ def load_entry(entry: os.PathLike | str) -> dict[str, Any]:
         raise CacheError(f"cache entry {str(entry)!r} has an unreadable manifest: {e}") from e
     try:
         with ocp.StandardCheckpointer() as ckpt:
-            tree = ckpt.restore(entry / "params")
+            tree = ckpt.restore(orbax_path(entry / "params"))
     except Exception as e:  # Orbax raises many types for a damaged checkpoint.
         raise CacheError(f"cache entry {str(entry)!r} has an unreadable checkpoint: {e}") from e
     tree = jax.tree.map(np.asarray, tree)
