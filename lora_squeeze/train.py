@@ -273,6 +273,7 @@ class RunSetup:
   log_every: int = 10
   max_to_keep: int = 2
   precompile: bool | None = None
+  squeeze_precision: str = "auto"  # qr_core's arithmetic: squeeze.PRECISIONS
   printer: Callable[[str], None] = print
 
 
@@ -323,10 +324,10 @@ def _run_id(run_config: Mapping[str, Any]) -> str:
   return hashlib.sha256(json.dumps(run_config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _squeeze(lora: Params, item: protocols.Squeeze, key: jax.Array):
+def _squeeze(lora: Params, item: protocols.Squeeze, key: jax.Array, precision: str = "auto"):
   from lora_squeeze import lora_tree  # pylint: disable=g-import-not-at-top
 
-  return lora_tree.squeeze_tree(lora, item.rank, method=item.method, key=key)
+  return lora_tree.squeeze_tree(lora, item.rank, method=item.method, key=key, precision=precision)
 
 
 def run_keys(root: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
@@ -391,7 +392,7 @@ class _Runner:
   def do_squeeze(self, item: protocols.Squeeze, lora: Params, pos: _Position, *, r_src: int, key: jax.Array,
                  index: int, branch: bool):
     start = time.perf_counter()
-    new_lora, report = _squeeze(lora, item, key)
+    new_lora, report = _squeeze(lora, item, key, self.setup.squeeze_precision)
     new_lora = sharding_lib.shard_params(jax.block_until_ready(new_lora), self.mesh)
     seconds = time.perf_counter() - start
     record = {
@@ -471,7 +472,7 @@ class _Runner:
     def compile_ahead():
       try:
         for r_src, squeeze in squeezes:
-          _squeeze(self.fresh_lora(r_src), squeeze, self.plan_key)
+          _squeeze(self.fresh_lora(r_src), squeeze, self.plan_key, self.setup.squeeze_precision)
         if stage is not None:
           state = init_train_state(self.fresh_lora(stage.rank), optim.make_optimizer(stage.lr, stage.warmup),
                                    self.mesh)
@@ -707,6 +708,7 @@ def setup_from_config(config, *, workdir: str | pathlib.Path, plan: Sequence[pro
       checkpoint_every=config.checkpoint_every,
       log_every=config.log_every,
       printer=printer,
+      squeeze_precision=config.squeeze.get("precision", "auto"),
   )
 
 
