@@ -1,6 +1,9 @@
 """Tests of lora_squeeze.squeeze against numpy's float64 SVD and the identities of Alg. 1-2."""
 
 import functools
+import os
+import subprocess
+import sys
 
 import hypothesis
 import hypothesis.strategies as st
@@ -376,3 +379,25 @@ def test_resolve_precision():
                  lambda: squeeze.squeeze_factors(a, b, 2, method="svd", precision="bf16")):
         with pytest.raises(UserInputError, match=r"precision must be one of \('auto', 'float64', 'float32'\), got 'bf16'"):
             call()
+
+
+def test_cli_precision_flag_forces_the_float32_path(tmp_path):
+    a, b = _factors(21, 48, 40, 12, decay=0.7)
+    path = "layer_0/mlp/_LoRAEinsum_linear/lora"
+    np.savez(tmp_path / "in.npz", **{f"{path}/a": np.asarray(a), f"{path}/b": np.asarray(b)})
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "lora_squeeze.cli", "squeeze", *args], cwd=root, env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    done = cli(str(tmp_path / "in.npz"), str(tmp_path / "out.npz"), "--rank=3", "--precision=float32", "--quiet")
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = np.load(tmp_path / "out.npz")
+    a_t, b_t, _ = squeeze.qr_core(a, b, 3, precision="float32")
+    np.testing.assert_allclose(out[f"{path}/a"], np.asarray(a_t), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(out[f"{path}/b"], np.asarray(b_t), rtol=1e-6, atol=1e-7)
+    bad = cli(str(tmp_path / "in.npz"), str(tmp_path / "bad.npz"), "--rank=3", "--precision=half")
+    assert bad.returncode != 0 and "--precision" in bad.stderr and "float32" in bad.stderr
+    assert not (tmp_path / "bad.npz").exists()
