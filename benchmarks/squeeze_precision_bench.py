@@ -9,6 +9,8 @@ with
 * ``float32``: squeeze.qr_core(precision="float32") (float32 Householder QR; TPU default),
 * ``float32 Gram``: the rejected alternative, measured here for comparison only: R from the
   Cholesky factor (eigendecomposition where it fails) of a float32 Gram matrix, all in float32.
+  Its factors are left in float32 (qr_core rounds its outputs to the storage dtype), so for
+  bfloat16 storage only its spectrum column compares with the other two.
 
 and reports, relative to σ₁ of the stored a @ b: the largest error of the r singular values and
 the excess of ‖a_t b_t − a b‖_F over the Eckart–Young optimum. The reference is numpy float64
@@ -86,11 +88,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/results/squeeze_precision_bench.json")
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
+    parser.add_argument("--storage", nargs="+", default=list(STORAGE), choices=list(STORAGE))
+    parser.add_argument("--conds", nargs="+", type=float, default=list(CONDS))
+    parser.add_argument("--merge", default=None, help="a JSON of an earlier run whose rows to keep (rows measured now replace equal ones)")
     args = parser.parse_args()
     rows = []
-    for case in CASES:
-        for storage_name, storage in STORAGE.items():
-            for cond in CONDS:
+    for case in args.cases:
+        for storage_name in args.storage:
+            storage = STORAGE[storage_name]
+            for cond in args.conds:
                 worst: dict[tuple[str, int], list[float]] = {}
                 for seed in range(args.seeds):
                     rng = np.random.default_rng(seed)
@@ -119,6 +126,12 @@ def main() -> None:
                                  "spectrum_error": spectrum, "reconstruction_excess": excess})
                     print(f"{case}: {storage_name} cond {cond:.0e} {path:13s} r_tgt {r_tgt:3d}: max |Δσ|/σ₁ {spectrum:.2e}, "
                           f"excess error/σ₁ {excess:.2e}", flush=True)
+    if args.merge:
+        with open(args.merge) as f:
+            earlier = json.load(f)["rows"]
+        key = lambda r: (r["case"], r["storage"], r["cond"], r["path"], r["r_tgt"])  # noqa: E731
+        measured = {key(r) for r in rows}
+        rows = [r for r in earlier if key(r) not in measured] + rows
     result = {"machine": {"platform": platform.platform(), "jax": jax.__version__, "backend": jax.default_backend()},
               "shape": {"m": M, "n": N, "r_src": R}, "seeds": args.seeds, "rows": rows}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
