@@ -207,7 +207,22 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3, help="warm calls per measurement (best is kept)")
     parser.add_argument("--markdown", metavar="JSON", default=None,
                         help="only print the Markdown table of an earlier run's JSON (no measuring)")
+    parser.add_argument("--qr-core-only", action="store_true",
+                        help="only the whole 4B adapter's qr_core variants (no SVD reference; minutes less)")
     args = parser.parse_args()
+    if args.qr_core_only:
+        load_before = os.getloadavg()
+        tree, counts = gemma4b_tree(np.random.default_rng(0), 128)
+        jax.block_until_ready(tree)
+        variants = qr_core_variants(tree, reps=args.reps)
+        result = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "jax": jax.__version__},
+                  "load_average": {"before": load_before, "after": os.getloadavg()},
+                  "n_modules": sum(counts.values()), "qr_core_variants": variants}
+        out = args.out or "benchmarks/results/squeeze_bench_qr_core.json"
+        with open(out, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {out}; load average before {load_before}, after {result['load_average']['after']}")
+        return
     if args.markdown:
         with open(args.markdown) as f:
             print(markdown(json.load(f)), end="")

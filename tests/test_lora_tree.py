@@ -264,8 +264,13 @@ for precision in ("float64", "float32"):
                                         for x, y in zip(jax.tree.leaves(out), jax.tree.leaves(ref)))
     result["spectra_diff_" + precision] = max(float(np.max(np.abs(m.singular_values - n.singular_values)))
                                               for m, n in zip(report.modules, ref_report.modules))
+    # A factor sharded along its rank axis (b (16, 4, 16): fsdp on the first of its largest dims)
+    # cannot keep 8 shards at rank 4: the runner re-shards after the squeeze.
+    on_rank = [tuple(x.sharding.spec)[-1 if name == "a" else 0:][:1] == ("fsdp",)
+               for path, x in jax.tree_util.tree_leaves_with_path(sharded) for name in [path[-1].key]]
     result["outputs_sharded"][precision] = [
-        (len(x.sharding.device_set), x.sharding.is_fully_replicated) for x in jax.tree.leaves(out)]
+        (len(x.sharding.device_set), x.sharding.is_fully_replicated, rank_axis)
+        for x, rank_axis in zip(jax.tree.leaves(out), on_rank)]
 # The compiled tree squeeze reduces the Gram matrices across the shards on the devices.
 modules = [lora_tree._as_matrices(p, m, 0) for p, m in lora_tree.find_lora_modules(sharded).items()]
 ranks = {m.path: 4 for m in modules}
@@ -292,8 +297,10 @@ def test_squeeze_tree_on_a_sharded_tree_stays_on_the_devices():
     for precision, tolerance in (("float64", 1e-6), ("float32", 1e-4)):
         assert result["max_diff"][precision] <= tolerance, result
         assert result["spectra_diff_" + precision] <= tolerance, result
-        assert all(devices == 8 for devices, _ in result["outputs_sharded"][precision]), result
-    # float64: every squeezed factor stays sharded. float32: XLA:CPU cannot partition the LAPACK
-    # QR call, so it all-gathers that factor on each device (on the devices, not on the host).
-    assert not any(replicated for _, replicated in result["outputs_sharded"]["float64"]), result
+        assert all(devices == 8 for devices, _, _ in result["outputs_sharded"][precision]), result
+    # float64: every squeezed factor stays sharded (but those sharded along the rank axis). float32:
+    # XLA:CPU cannot partition the LAPACK QR call, so it all-gathers that factor on each device
+    # (on the devices, not on the host).
+    assert not any(replicated and not rank_axis for _, replicated, rank_axis in result["outputs_sharded"]["float64"]), result
+    assert sum(not replicated for _, replicated, _ in result["outputs_sharded"]["float64"]) >= 9, result
     assert result["all_reduce"] and not result["host_callback"]
