@@ -116,6 +116,57 @@ def gemma4b_tree(rng: np.random.Generator, r: int) -> tuple[dict, dict[str, int]
     return tree, {target: n_layers for target in shapes}
 
 
+def qr_core_variants(tree: dict, *, reps: int) -> dict[str, dict]:
+    """The whole-adapter qr_core time, one way at a time, measured in turns (best of ``reps``).
+
+    * one call per tree: ``squeeze_tree`` (every group, reshape and stack in one compiled call);
+    * one call per group: ``squeeze.qr_core`` on each stacked group of equal-shaped modules (how
+      squeeze_tree ran before), stacking included;
+    * one call per module: ``squeeze.qr_core`` on each of the 170 modules;
+    * float32 path: ``squeeze_tree(precision="float32")`` (Householder QR, what TPUs run);
+    * float64 Gram floor: only the float64 Gram products aᵀa and b bᵀ of every module, in one
+      compiled call: the arithmetic no exact float64 path can skip.
+    """
+    modules = [lora_tree._as_matrices(p, m, 0) for p, m in lora_tree.find_lora_modules(tree).items()]  # noqa: SLF001
+    groups = lora_tree._group_by_shape(modules, {m.path: 8 for m in modules})  # noqa: SLF001
+    pairs = [(m.a, m.b) for m in modules]
+    stacked = [(jnp.stack([m.a for m in g]), jnp.stack([m.b for m in g])) for g in groups]
+    jax.block_until_ready((pairs, stacked))
+
+    @jax.jit
+    def gram_floor(pairs):
+        gram = lambda x, spec: jnp.einsum(spec, x, x, precision=jax.lax.Precision.HIGHEST)  # noqa: E731
+        return [(gram(a.astype(jnp.float64), "mi,mj->ij"), gram(b.astype(jnp.float64), "in,jn->ij")) for a, b in pairs]
+
+    def floor():
+        with jax.enable_x64(True):
+            return gram_floor(pairs)
+
+    variants = {
+        "one call per tree (squeeze_tree)": lambda: lora_tree.squeeze_tree(tree, 8)[0],
+        "one call per group": lambda: [squeeze.qr_core(jnp.stack([m.a for m in g]), jnp.stack([m.b for m in g]), 8)
+                                       for g in groups],
+        "one call per module": lambda: [squeeze.qr_core(a, b, 8) for a, b in pairs],
+        "float32 path, one call per tree": lambda: lora_tree.squeeze_tree(tree, 8, precision="float32")[0],
+        "float64 Gram products alone (floor)": floor,
+    }
+    firsts = {}
+    for name, fn in variants.items():
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        firsts[name] = time.perf_counter() - start
+    times = {name: [] for name in variants}
+    for _ in range(reps):  # in turns, so that a change of load hits every variant alike
+        for name, fn in variants.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[name].append(time.perf_counter() - start)
+    out = {name: {"first_s": firsts[name], "time_s": min(times[name])} for name in variants}
+    for name, cell in out.items():
+        print(f"  qr_core {name:40s} {cell['time_s']:9.3f} s warm (first call {cell['first_s']:.2f} s)", flush=True)
+    return out
+
+
 def markdown(result: dict) -> str:
     """The JSON result as Markdown: per-module table (time, ratio to (i), extra MiB) and the 4B total."""
     lines = [
@@ -137,6 +188,12 @@ def markdown(result: dict) -> str:
     for method in METHOD_ORDER:
         cell = whole["methods"][method]
         lines.append(f"| {METHOD_LABELS[method]} | {cell['time_s']:.4g} s | {cell['speedup_vs_svd']:,.0f}× | {cell['how']} |")
+    variants = whole.get("qr_core_variants", {})
+    if variants:
+        lines += ["", "qr_core on the same adapter, one way at a time (in turns, best of the warm calls):", "",
+                  "| qr_core variant | time | speed-up over (i) |", "|---|---|---|"]
+        for name, cell in variants.items():
+            lines.append(f"| {name} | {cell['time_s']:.4g} s | {cell['speedup_vs_svd']:,.0f}× |")
     load = result["load_average"]
     lines += ["", f"Load average (1, 5, 15 min) before {load['before']}, at the 4B total {load['whole_4b']}, "
               f"after {load['after']}; {result['machine']['cpus']} CPUs, jax {result['machine']['jax']}."]
@@ -150,7 +207,22 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3, help="warm calls per measurement (best is kept)")
     parser.add_argument("--markdown", metavar="JSON", default=None,
                         help="only print the Markdown table of an earlier run's JSON (no measuring)")
+    parser.add_argument("--qr-core-only", action="store_true",
+                        help="only the whole 4B adapter's qr_core variants (no SVD reference; minutes less)")
     args = parser.parse_args()
+    if args.qr_core_only:
+        load_before = os.getloadavg()
+        tree, counts = gemma4b_tree(np.random.default_rng(0), 128)
+        jax.block_until_ready(tree)
+        variants = qr_core_variants(tree, reps=args.reps)
+        result = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "jax": jax.__version__},
+                  "load_average": {"before": load_before, "after": os.getloadavg()},
+                  "n_modules": sum(counts.values()), "qr_core_variants": variants}
+        out = args.out or "benchmarks/results/squeeze_bench_qr_core.json"
+        with open(out, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {out}; load average before {load_before}, after {result['load_average']['after']}")
+        return
     if args.markdown:
         with open(args.markdown) as f:
             print(markdown(json.load(f)), end="")
@@ -202,6 +274,7 @@ def main() -> None:
         )
         whole[method] = {"first_s": first, "time_s": best, "how": "squeeze_tree end to end (warm)"}
         print(f"  {METHOD_LABELS[method]:20s} {best:9.3f} s warm   (first call with compilation {first:.2f} s)", flush=True)
+    qr_variants = qr_core_variants(tree, reps=args.reps)
     _, shapes = module_shapes("4b")
     for method in ("svd", "rsvd"):
         total = 0.0
@@ -223,12 +296,14 @@ def main() -> None:
     print("  speed-up over (i): " + ", ".join(f"{m} {whole[m]['speedup_vs_svd']:.0f}×" for m in METHOD_ORDER))
     load_after = os.getloadavg()
 
+    for variant in qr_variants.values():
+        variant["speedup_vs_svd"] = base / variant["time_s"]
     result = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "jax": jax.__version__},
         "load_average": {"before": load_before, "whole_4b": load_at_total, "after": load_after},
         "quick": args.quick,
         "modules": rows,
-        "whole_gemma3_4b_r128_to_8": {"n_modules": n_modules, "methods": whole},
+        "whole_gemma3_4b_r128_to_8": {"n_modules": n_modules, "methods": whole, "qr_core_variants": qr_variants},
     }
     out = args.out or f"benchmarks/results/squeeze_bench{'_quick' if args.quick else ''}.json"
     os.makedirs(os.path.dirname(out), exist_ok=True)

@@ -35,6 +35,8 @@ Schema (all protocols):
   seed            root PRNG seed (LoRA init, squeezes, data order)
   squeeze.method  "qr_core" (Alg. 2, memory-efficient) | "rsvd" (Alg. 1) | "rsvd_factored" | "svd"
   (the randomized methods use the paper's k_o = 10 and k_q = 2: squeeze.rsvd's defaults)
+  squeeze.precision  qr_core's arithmetic: "auto" (float64 on CPU/GPU, float32 Householder QR on
+                  TPU, which has no float64) | "float64" | "float32" (docs/squeeze.md)
   eval.examples   0 = the whole eval split, N = its first N examples
   eval.batch_size rows per scoring forward pass
   checkpoint_every, log_every   steps between checkpoints / console lines
@@ -63,6 +65,7 @@ from ml_collections import config_dict
 
 from lora_squeeze import model as model_lib
 from lora_squeeze import protocols
+from lora_squeeze import squeeze as squeeze_lib
 from lora_squeeze import validation
 from lora_squeeze.data import batching
 from lora_squeeze.data import registry as tasks_lib
@@ -108,7 +111,7 @@ def base_config(protocol: str) -> ml_collections.ConfigDict:
   c.lr = config_dict.placeholder(float)
   c.lr_table = LR_TABLE
   c.seed = 42
-  c.squeeze = ml_collections.ConfigDict({"method": "qr_core"})
+  c.squeeze = ml_collections.ConfigDict({"method": "qr_core", "precision": "auto"})
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
   c.eval = ml_collections.ConfigDict({"examples": 0, "batch_size": 8})
   c.checkpoint_every = 1000
@@ -253,6 +256,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     validation.positive_number("config.lr", config.lr, allowed="None (take it from lr_table) or a finite number > 0")
   _int(config, "seed", minimum=0)
   _one_of("squeeze.method", config.squeeze.method, protocols.SQUEEZE_METHODS)
+  _one_of("squeeze.precision", config.squeeze.get("precision", "auto"), squeeze_lib.PRECISIONS)
   _int(config, "mesh.fsdp", minimum=1)
   if config.mesh.data != -1:
     _int(config, "mesh.data", minimum=1)

@@ -36,8 +36,13 @@ How ``qr_core`` is computed (the speed and accuracy choices):
 * Cost: 2(m + n)·r_src² float64 flops for the Gram matrices, O(r_src³) for the core, and
   2(m + n)·r_src·r_tgt for the factors; extra memory O((m + n)·r_src) for one matrix at a time.
 
+Without float64 (TPU), ``precision="float32"`` (chosen by ``precision="auto"`` there) computes R_A
+and R_B by a float32 Householder QR of a and bᵀ instead, and every product in float32 at HIGHEST
+precision: backward stable, so the spectrum stays within ~1e-6·σ₁ whatever the condition number
+(a float32 Gram matrix would not: it squares it). docs/squeeze.md has the measured accuracy.
+
 All functions take float32, bfloat16, float16 and float64 factors, compute in float32 (``qr_core``
-in float64, which costs little since its float32 inputs are exact there) and return factors in the
+in float64 by default on CPU/GPU, which costs little since its float32 inputs are exact there) and return factors in the
 input dtype and singular values in float32. Leading batch axes (e.g. stacked layers) are mapped
 (``jax.vmap``, or ``lax.map`` for ``qr_core``'s per-matrix products). A target rank above the
 source rank is allowed: the factors are zero-padded and ΔW is unchanged.
@@ -59,11 +64,17 @@ from lora_squeeze import validation
 
 METHODS = ("qr_core", "rsvd", "rsvd_factored", "svd")
 CORES = ("svd", "rsvd")
+# Arithmetic of qr_core: "float64" (Gram matrices and products in float64), "float32" (Householder
+# QR in float32, for backends without float64: TPU), "auto" (float64 where the backend has it).
+PRECISIONS = ("auto", "float64", "float32")
+# Backends with native float64 arithmetic; on the others (TPU, ...) "auto" means "float32".
+FLOAT64_BACKENDS = ("cpu", "gpu", "cuda", "rocm")
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 _F32 = jnp.float32
 _F64 = jnp.float64
 _EPS64 = float(np.finfo(np.float64).eps)
+_EPS32 = float(np.finfo(np.float32).eps)
 # Full float32 products on every backend (TPU/GPU default to reduced-precision passes).
 _matmul = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)
 
@@ -91,6 +102,19 @@ class NonFiniteError(ValueError):
 def check_rank(rank: Any, *, name: str = "rank") -> int:
     """Returns ``rank`` as an int; UserInputError (a ValueError) unless it is an integer ≥ 1."""
     return int(validation.positive_int(name, rank))
+
+
+def resolve_precision(precision: Any = "auto", *, backend: str | None = None) -> str:
+    """"float64" or "float32": the arithmetic qr_core uses for ``precision`` (one of PRECISIONS).
+
+    "auto" is "float64" on backends with native float64 (FLOAT64_BACKENDS: CPU, GPU) and
+    "float32" elsewhere (TPU). ``backend`` defaults to ``jax.default_backend()``.
+    """
+    validation.one_of("precision", precision, PRECISIONS)
+    if precision != "auto":
+        return precision
+    backend = jax.default_backend() if backend is None else backend
+    return "float64" if backend in FLOAT64_BACKENDS else "float32"
 
 
 def _check_count(value: Any, name: str) -> int:
@@ -148,7 +172,9 @@ def _raise_if_nonfinite(flags: dict[str, jax.Array]) -> None:
     for operand, finite in flags.items():
         if isinstance(finite, jax.core.Tracer):
             continue  # inside a caller's jit: values are unknown until run time
-        finite = np.asarray(finite)
+        # An explicit fetch of the small flags (..batch) only: under jax.transfer_guard("disallow")
+        # any implicit fetch, e.g. of a whole factor, would be an error (tests/test_lora_tree.py).
+        finite = np.asarray(jax.device_get(finite))
         if not finite.all():
             bad = np.argwhere(~finite)[0] if finite.ndim else ()
             raise NonFiniteError(operand, tuple(int(i) for i in bad))
@@ -281,14 +307,60 @@ def _as_f64(x: jax.Array) -> jax.Array:
     return x.astype(_F32).astype(_F64)  # bf16/f16 -> f32 first: that is the precision they carry
 
 
-def _qr_core_batched(a, b, key, *, rank, core, oversample, power_iters):
-    """Alg. 2 on a (..., m, r_src), b (..., r_src, n); see the module docstring for the derivation."""
+def _qr_root_f32(x: jax.Array, side: str) -> jax.Array:
+    """R (..., r, r) float32 with RᵀR = xᵀx (a: (..., m, r)) or x xᵀ (b: (..., r, n)): Householder QR.
+
+    Backward stable in float32 (R is the exact factor of x + δx with ‖δx‖ ~ ε₃₂‖x‖), so unlike a
+    float32 Gram matrix it does not square the condition number. Zero rows pad R to r×r when the
+    factor has fewer rows than r (r_src > m).
+    """
+    x = x.astype(_F32)
+    tall = x if side == "a" else _mT(x)  # (..., d, r)
+    root = jnp.linalg.qr(tall, mode="r")  # (..., min(d, r), r)
+    missing = tall.shape[-1] - root.shape[-2]
+    if missing:
+        root = jnp.pad(root, ((0, 0),) * (root.ndim - 2) + ((0, missing), (0, 0)))
+    return root
+
+
+def _finite_matrices(x: jax.Array) -> jax.Array:
+    return jnp.all(jnp.isfinite(x), axis=(-2, -1))
+
+
+def _qr_core_batched(a, b, key, *, rank, core, oversample, power_iters, precision="float64"):
+    """Alg. 2 on a (..., m, r_src), b (..., r_src, n); see the module docstring for the derivation.
+
+    precision "float64": Gram matrices, Cholesky and the large products in float64.
+    precision "float32": R from a float32 Householder QR, every product in float32 with HIGHEST
+    precision: no float64 anywhere (TPU).
+    """
     r_src, a_dtype, b_dtype = a.shape[-1], a.dtype, b.dtype
-    # Float32 values and their products are exact in float64: only the Gram summation rounds.
-    gram_a = _per_matrix(lambda x: _gram(_as_f64(x), "a"), a)  # aᵀa: (..., r_src, r_src)
-    gram_b = _per_matrix(lambda x: _gram(_as_f64(x), "b"), b)  # b bᵀ
-    root_a, root_b = _gram_root(gram_a), _gram_root(gram_b)
-    core_m = root_a @ _mT(root_b)  # M = R_A R_Bᵀ
+    if precision == "float32":
+        dtype, eps = _F32, _EPS32
+        root_a, root_b = _qr_root_f32(a, "a"), _qr_root_f32(b, "b")
+        # ‖a‖_F² = ‖R_A‖_F²: the scale of M's rounding errors.
+        norm2_a = jnp.sum(jnp.square(root_a), axis=(-2, -1))
+        norm2_b = jnp.sum(jnp.square(root_b), axis=(-2, -1))
+        finite = {"a": _finite_matrices(a), "b": _finite_matrices(b)}
+        cast = lambda x: x.astype(_F32)  # noqa: E731
+        mm = _matmul
+        # M's singular values carry absolute errors ~ε₃₂‖a‖‖b‖: below ε₃₂·‖a‖_F‖b‖_F a direction is
+        # rounding noise. (A larger cut, like the float64 path's 16·r_src·ε, would drop real
+        # directions of ill-conditioned pairs: measured 3e-5·σ₁ of extra error at cond 1e6.)
+        threshold_scale = eps
+    else:
+        dtype, eps = _F64, _EPS64
+        # Float32 values and their products are exact in float64: only the Gram summation rounds.
+        gram_a = _per_matrix(lambda x: _gram(_as_f64(x), "a"), a)  # aᵀa: (..., r_src, r_src)
+        gram_b = _per_matrix(lambda x: _gram(_as_f64(x), "b"), b)  # b bᵀ
+        root_a, root_b = _gram_root(gram_a), _gram_root(gram_b)
+        norm2_a = jnp.trace(gram_a, axis1=-2, axis2=-1)
+        norm2_b = jnp.trace(gram_b, axis1=-2, axis2=-1)
+        finite = {"a": jnp.isfinite(norm2_a), "b": jnp.isfinite(norm2_b)}
+        cast = _as_f64
+        mm = jnp.matmul
+        threshold_scale = 16 * r_src * eps
+    core_m = mm(root_a, _mT(root_b))  # M = R_A R_Bᵀ
     k = min(rank, r_src)
     if core == "svd":
         u, s_all, vt = jnp.linalg.svd(core_m)
@@ -296,24 +368,40 @@ def _qr_core_batched(a, b, key, *, rank, core, oversample, power_iters):
     else:
         s_all = jnp.linalg.svd(core_m, compute_uv=False)
         one = lambda m_, key_: _randomized_svd(  # noqa: E731
-            lambda x: m_ @ x, lambda y: m_.T @ y, r_src, k, key_, oversample, power_iters, _F64
+            lambda x: mm(m_, x), lambda y: mm(m_.T, y), r_src, k, key_, oversample, power_iters, dtype
         )
         u_k, s_k, vt_k = _map_batch(lambda m_, _, key_: one(m_, key_), core_m.ndim - 2, keyed=True)(core_m, None, key)
-    # M's singular values are accurate to its float64 rounding level; below it they are zero, and
+    # M's singular values are accurate to its rounding level; below it they are zero, and
     # dividing by their roots would turn rounding noise into large factors.
-    frobenius = jnp.sqrt(jnp.trace(gram_a, axis1=-2, axis2=-1) * jnp.trace(gram_b, axis1=-2, axis2=-1))
-    keep = s_k > (16 * r_src * _EPS64 * frobenius)[..., None]
-    inv_root = jnp.where(keep, 1.0 / jnp.sqrt(jnp.where(keep, s_k, 1.0)), 0.0)
-    left = (_mT(root_b) @ _mT(vt_k)) * inv_root[..., None, :]  # R_Bᵀ V_r S_r^{-½}: (..., r_src, k)
-    right = inv_root[..., :, None] * (_mT(u_k) @ root_a)  # S_r^{-½} U_rᵀ R_A: (..., k, r_src)
-    a_t = _per_matrix(lambda x, y: (_as_f64(x) @ y).astype(a_dtype), a, left)
-    b_t = _per_matrix(lambda x, y: (y @ _as_f64(x)).astype(b_dtype), b, right)
+    frobenius = jnp.sqrt(norm2_a * norm2_b)
+    keep = s_k > (threshold_scale * frobenius)[..., None]
+    one, zero = jnp.ones((), s_k.dtype), jnp.zeros((), s_k.dtype)  # typed: no float64 constant on TPU
+    inv_root = jnp.where(keep, one / jnp.sqrt(jnp.where(keep, s_k, one)), zero)
+    left = mm(_mT(root_b), _mT(vt_k)) * inv_root[..., None, :]  # R_Bᵀ V_r S_r^{-½}: (..., r_src, k)
+    right = inv_root[..., :, None] * mm(_mT(u_k), root_a)  # S_r^{-½} U_rᵀ R_A: (..., k, r_src)
+    if precision == "float32":
+        a_t, b_t = mm(cast(a), left).astype(a_dtype), mm(right, cast(b)).astype(b_dtype)
+    else:
+        a_t = _per_matrix(lambda x, y: (_as_f64(x) @ y).astype(a_dtype), a, left)
+        b_t = _per_matrix(lambda x, y: (y @ _as_f64(x)).astype(b_dtype), b, right)
     a_t, _, b_t = _pad_rank_batched(a_t, s_k, b_t, rank)
-    finite = {
-        "a": jnp.isfinite(jnp.trace(gram_a, axis1=-2, axis2=-1)),
-        "b": jnp.isfinite(jnp.trace(gram_b, axis1=-2, axis2=-1)),
-    }
     return a_t, b_t, s_all.astype(_F32), finite
+
+
+def _singular_values_batched(a, b, precision="float64"):
+    """All r_src singular values of a @ b (..., r_src) float32 and the finiteness flags."""
+    if precision == "float32":
+        core_m = _matmul(_qr_root_f32(a, "a"), _mT(_qr_root_f32(b, "b")))
+        finite = {"a": _finite_matrices(a), "b": _finite_matrices(b)}
+    else:
+        gram_a = _per_matrix(lambda x: _gram(_as_f64(x), "a"), a)
+        gram_b = _per_matrix(lambda x: _gram(_as_f64(x), "b"), b)
+        core_m = _gram_root(gram_a) @ _mT(_gram_root(gram_b))
+        finite = {
+            "a": jnp.isfinite(jnp.trace(gram_a, axis1=-2, axis2=-1)),
+            "b": jnp.isfinite(jnp.trace(gram_b, axis1=-2, axis2=-1)),
+        }
+    return jnp.linalg.svd(core_m, compute_uv=False).astype(_F32), finite
 
 
 def _svd_exact_single(a, b, key, *, rank):
@@ -370,9 +458,11 @@ def _rsvd_factored_single(a, b, key, *, rank, oversample, power_iters):
 # --------------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("rank", "core", "oversample", "power_iters"))
-def _qr_core_jit(a, b, key, *, rank, core, oversample, power_iters):
-    return _qr_core_batched(a, b, key, rank=rank, core=core, oversample=oversample, power_iters=power_iters)
+@functools.partial(jax.jit, static_argnames=("rank", "core", "oversample", "power_iters", "precision"))
+def _qr_core_jit(a, b, key, *, rank, core, oversample, power_iters, precision):
+    return _qr_core_batched(
+        a, b, key, rank=rank, core=core, oversample=oversample, power_iters=power_iters, precision=precision
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("rank",))
@@ -393,16 +483,9 @@ def _rsvd_factored_jit(a, b, key, *, rank, oversample, power_iters):
     return _map_batch(fn, a.ndim - 2, keyed=True)(a, b, key)
 
 
-@jax.jit
-def _singular_values_jit(a, b):
-    gram_a = _per_matrix(lambda x: _gram(_as_f64(x), "a"), a)
-    gram_b = _per_matrix(lambda x: _gram(_as_f64(x), "b"), b)
-    s_all = jnp.linalg.svd(_gram_root(gram_a) @ _mT(_gram_root(gram_b)), compute_uv=False).astype(_F32)
-    finite = {
-        "a": jnp.isfinite(jnp.trace(gram_a, axis1=-2, axis2=-1)),
-        "b": jnp.isfinite(jnp.trace(gram_b, axis1=-2, axis2=-1)),
-    }
-    return s_all, finite
+@functools.partial(jax.jit, static_argnames=("precision",))
+def _singular_values_jit(a, b, *, precision):
+    return _singular_values_batched(a, b, precision)
 
 
 # --------------------------------------------------------------------------------------------
@@ -464,7 +547,7 @@ def rsvd_factored(a, b, rank, *, key, oversample=10, power_iters=2):
     return a_t, b_t, s
 
 
-def qr_core(a, b, rank, *, core="svd", key=None, oversample=10, power_iters=2):
+def qr_core(a, b, rank, *, core="svd", key=None, oversample=10, power_iters=2, precision="auto"):
     """Memory-efficient LoRA-Squeeze (Alg. 2): SVD of ΔW = a @ b through its r_src×r_src core.
 
     a = Q_A R_A, bᵀ = Q_B R_B, M = R_A R_Bᵀ = U S Vᵀ, then ΔW = (Q_A U) S (Q_B V)ᵀ exactly, and
@@ -479,12 +562,18 @@ def qr_core(a, b, rank, *, core="svd", key=None, oversample=10, power_iters=2):
       a: (..., m, r_src), b: (..., r_src, n) LoRA factors; leading axes are batch axes.
       rank: target rank r_tgt (int ≥ 1). r_tgt ≥ r_src returns ΔW itself in balanced form, zero-padded.
       core: "svd" (exact SVD of M) or "rsvd" (Alg. 1 on M, with ``key``, ``oversample``, ``power_iters``).
+      precision: one of PRECISIONS. "float64": float64 Gram matrices (exact to float32 accuracy
+        at any condition number up to ~1e7). "float32": float32 Householder QR of a and bᵀ and
+        float32 products (no float64: TPU); backward stable, so σ(a @ b) to ~1e-6·σ₁ at any
+        condition number (docs/squeeze.md has the measured accuracy). "auto" (default): float64
+        where the backend has it (CPU, GPU), float32 elsewhere (``resolve_precision``).
 
     Returns:
       a_t (..., m, r_tgt) in a's dtype, b_t (..., r_tgt, n) in b's dtype, and s_all (..., r_src)
       float32: all singular values of a @ b, descending (for variance retention).
     """
     rank = check_rank(rank)
+    precision = resolve_precision(precision)
     if core not in CORES:
         raise ValueError(f"core must be one of {CORES}, got {core!r}")
     oversample, power_iters = _check_count(oversample, "oversample"), _check_count(power_iters, "power_iters")
@@ -494,7 +583,9 @@ def qr_core(a, b, rank, *, core="svd", key=None, oversample=10, power_iters=2):
     with jax.enable_x64(True):
         keys = _batch_keys(key, np.shape(a)[:-2]) if core == "rsvd" else None
         a_t, b_t, s_all, finite = _run_single_threaded_lapack(
-            lambda: _qr_core_jit(a, b, keys, rank=rank, core=core, oversample=oversample, power_iters=power_iters)
+            lambda: _qr_core_jit(
+                a, b, keys, rank=rank, core=core, oversample=oversample, power_iters=power_iters, precision=precision
+            )
         )
     _raise_if_nonfinite(finite)
     return a_t, b_t, s_all
@@ -522,18 +613,20 @@ def svd_exact(a, b, rank):
     return a_t, b_t, s_all
 
 
-def squeeze_factors(a, b, rank, *, method="qr_core", key=None):
+def squeeze_factors(a, b, rank, *, method="qr_core", key=None, precision="auto"):
     """Squeezes a LoRA pair a (..., m, r_src), b (..., r_src, n) to rank r_tgt with one of METHODS.
 
     "qr_core" (Alg. 2, exact, default), "rsvd" (Alg. 1 on the formed ΔW), "rsvd_factored" (Alg. 1 on
     x ↦ a(b x)), "svd" (full SVD of the formed ΔW). The randomized methods need ``key``.
+    ``precision`` is qr_core's (the other methods compute in float32 anyway).
 
     Returns:
       a_t (..., m, r_tgt), b_t (..., r_tgt, n) in the input dtypes, and float32 singular values:
       all r_src of ΔW for "qr_core" and "svd", the r_tgt estimated ones for "rsvd"/"rsvd_factored".
     """
     if method == "qr_core":
-        return qr_core(a, b, rank)
+        return qr_core(a, b, rank, precision=precision)
+    resolve_precision(precision)  # a bad value is an error whatever the method
     if method == "svd":
         return svd_exact(a, b, rank)
     if method == "rsvd_factored":
@@ -561,14 +654,16 @@ def _finite_flags_jit(a, b):
     return {"a": jnp.all(jnp.isfinite(a), axis=matrix_axes), "b": jnp.all(jnp.isfinite(b), axis=matrix_axes)}
 
 
-def singular_values(a, b):
+def singular_values(a, b, *, precision="auto"):
     """All r_src singular values of ΔW = a @ b (..., r_src) in float32, descending, without forming ΔW.
 
-    σ(ΔW) = σ(R_A R_Bᵀ) with R_Aᵀ R_A = aᵀa and R_Bᵀ R_B = b bᵀ (Gram matrices in float64).
+    σ(ΔW) = σ(R_A R_Bᵀ) with R_Aᵀ R_A = aᵀa and R_Bᵀ R_B = b bᵀ (Gram matrices in float64, or
+    float32 Householder QR with ``precision="float32"``; see ``qr_core``).
     """
+    precision = resolve_precision(precision)
     validate_factors(a, b)
     with jax.enable_x64(True):
-        s_all, finite = _run_single_threaded_lapack(lambda: _singular_values_jit(a, b))
+        s_all, finite = _run_single_threaded_lapack(lambda: _singular_values_jit(a, b, precision=precision))
     _raise_if_nonfinite(finite)
     return s_all
 

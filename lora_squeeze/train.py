@@ -279,6 +279,7 @@ class RunSetup:
   log_every: int = 10
   max_to_keep: int = 2
   precompile: bool | None = None
+  squeeze_precision: str = "auto"  # qr_core's arithmetic: squeeze.PRECISIONS
   printer: Callable[[str], None] = print
   min_shard_size: int = 1 << 16
   optimizer_state_at_squeeze: str = "reset"
@@ -343,10 +344,10 @@ def _run_id(run_config: Mapping[str, Any]) -> str:
   return hashlib.sha256(json.dumps(run_config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _squeeze(lora: Params, item: protocols.Squeeze, key: jax.Array):
+def _squeeze(lora: Params, item: protocols.Squeeze, key: jax.Array, precision: str = "auto"):
   from lora_squeeze import lora_tree  # pylint: disable=g-import-not-at-top
 
-  return lora_tree.squeeze_tree(lora, item.rank, method=item.method, key=key)
+  return lora_tree.squeeze_tree(lora, item.rank, method=item.method, key=key, precision=precision)
 
 
 def run_keys(root: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
@@ -416,7 +417,7 @@ class _Runner:
   def do_squeeze(self, item: protocols.Squeeze, lora: Params, pos: _Position, *, r_src: int, key: jax.Array,
                  index: int, branch: bool):
     start = time.perf_counter()
-    new_lora, report = _squeeze(lora, item, key)
+    new_lora, report = _squeeze(lora, item, key, self.setup.squeeze_precision)
     new_lora = sharding_lib.shard_params(jax.block_until_ready(new_lora), self.mesh,
                                          min_size=self.setup.min_shard_size)
     seconds = time.perf_counter() - start
@@ -504,7 +505,7 @@ class _Runner:
     def compile_ahead():
       try:
         for r_src, squeeze in squeezes:
-          _squeeze(self.fresh_lora(r_src), squeeze, self.plan_key)
+          _squeeze(self.fresh_lora(r_src), squeeze, self.plan_key, self.setup.squeeze_precision)
         if stage is not None:
           state = init_train_state(self.fresh_lora(stage.rank), optim.make_optimizer(stage.lr, stage.warmup),
                                    self.mesh, min_shard_size=self.setup.min_shard_size)
@@ -810,6 +811,7 @@ def setup_from_config(config, *, workdir: str | pathlib.Path, plan: Sequence[pro
       log_every=config.log_every,
       printer=printer,
       optimizer_state_at_squeeze=config.get("optimizer_state_at_squeeze", "reset"),
+      squeeze_precision=config.squeeze.get("precision", "auto"),
   )
 
 

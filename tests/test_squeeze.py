@@ -1,6 +1,9 @@
 """Tests of lora_squeeze.squeeze against numpy's float64 SVD and the identities of Alg. 1-2."""
 
 import functools
+import os
+import subprocess
+import sys
 
 import hypothesis
 import hypothesis.strategies as st
@@ -10,6 +13,7 @@ import numpy as np
 import pytest
 
 from lora_squeeze import squeeze
+from lora_squeeze.errors import UserInputError
 
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 # Every example compiles a new shape, so keep the example counts small.
@@ -292,3 +296,108 @@ def test_bad_method_core_and_missing_key():
         squeeze.squeeze_factors(a, b, 2, method="rsvd_factored")
     with pytest.raises(ValueError, match="tau must be a number in"):
         squeeze.rank_for_energy(np.ones(3), 1.5)
+
+
+# --------------------------------------------------------------------------------------------
+# The float32-only path (precision="float32": Householder QR, no float64; what TPUs run).
+# --------------------------------------------------------------------------------------------
+
+
+@settings
+@hypothesis.given(shapes)
+def test_qr_core_float32_path_matches_numpy_svd(case):
+    m, n, r_src, r_tgt, dtype, seed = case
+    a, b = _factors(seed, m, n, r_src, dtype)
+    a_t, b_t, s_all = squeeze.qr_core(a, b, r_tgt, precision="float32")
+    s_ref = _reference(a, b)
+    assert s_all.shape == (r_src,) and a_t.shape == (m, r_tgt) and b_t.shape == (r_tgt, n)
+    assert a_t.dtype == dtype and b_t.dtype == dtype
+    k = min(m, n, r_src)
+    np.testing.assert_allclose(np.asarray(s_all)[:k], s_ref[:k], rtol=0, atol=2e-5 * s_ref[0] + 1e-30)
+    np.testing.assert_allclose(np.asarray(s_all)[k:], 0.0, atol=2e-5 * s_ref[0] + 1e-30)
+    storage = {jnp.float32: 1e-5, jnp.float16: 2e-3, jnp.bfloat16: 1.6e-2}[dtype]
+    error = np.linalg.norm(_f64(a_t) @ _f64(b_t) - _f64(a) @ _f64(b))
+    assert abs(error - _optimal_error(s_ref, r_tgt)) <= storage * s_ref[0] * np.sqrt(min(r_tgt, r_src))
+
+
+@pytest.mark.parametrize("cond", [1e2, 1e4, 1e6])
+@pytest.mark.parametrize("storage", [jnp.float32, jnp.bfloat16])
+def test_qr_core_float32_path_exact_on_ill_conditioned_factors(cond, storage):
+    # A float32 Gram matrix (CholeskyQR) would square cond and lose every singular value below
+    # ~3e-4·σ₁ at cond > 3e3; the Householder QR keeps them to float32 accuracy.
+    m, n, r = 300, 200, 32
+    a = jnp.asarray(_ill_conditioned(0, m, r, cond), storage)
+    b = jnp.asarray(_ill_conditioned(1, n, r, cond).T, storage)
+    s_ref = _reference(a, b)
+    for r_tgt in (1, 4, 16, 32):
+        a_t, b_t, s_all = squeeze.qr_core(a, b, r_tgt, precision="float32")
+        a64, b64, s64 = squeeze.qr_core(a, b, r_tgt, precision="float64")
+        np.testing.assert_allclose(np.asarray(s_all), s_ref[:r], rtol=0, atol=2e-6 * s_ref[0])
+        np.testing.assert_allclose(np.asarray(s_all), np.asarray(s64), rtol=0, atol=2e-6 * s_ref[0])
+        if storage == jnp.float32:  # bf16 outputs round the factors themselves to 2^-8
+            error = np.linalg.norm(_f64(a_t) @ _f64(b_t) - _f64(a) @ _f64(b))
+            assert abs(error - _optimal_error(s_ref, r_tgt)) <= 1e-5 * s_ref[0]
+            np.testing.assert_allclose(_f64(a_t) @ _f64(b_t), _f64(a64) @ _f64(b64), atol=1e-5 * s_ref[0])
+
+
+def test_float32_path_has_no_float64_anywhere():
+    # What makes it run on a TPU: the compiled computation holds no f64 value at all, while the
+    # float64 path's does (the check can fail).
+    a, b = _factors(18, 40, 30, 8)
+    hlo = {}
+    for precision in ("float32", "float64"):
+        with jax.enable_x64(True):
+            lowered = squeeze._qr_core_jit.lower(
+                a, b, None, rank=3, core="svd", oversample=10, power_iters=2, precision=precision
+            )
+        hlo[precision] = lowered.as_text()
+    assert "f64" not in hlo["float32"]
+    assert "f64" in hlo["float64"]
+
+
+def test_float32_path_singular_values_and_all_zero_adapter():
+    a, b = _factors(19, 50, 40, 10, decay=0.5)
+    np.testing.assert_allclose(
+        np.asarray(squeeze.singular_values(a, b, precision="float32")), _reference(a, b)[:10],
+        rtol=0, atol=1e-6 * _reference(a, b)[0],
+    )
+    a_t, b_t, s = squeeze.qr_core(a, jnp.zeros_like(b), 4, precision="float32")
+    for x in (a_t, b_t, s):
+        assert np.all(np.asarray(x) == 0.0)
+    with pytest.raises(squeeze.NonFiniteError, match="b contains non-finite values"):
+        squeeze.qr_core(a, b.at[0, 0].set(jnp.inf), 4, precision="float32")
+
+
+def test_resolve_precision():
+    assert squeeze.resolve_precision("auto", backend="cpu") == "float64"
+    assert squeeze.resolve_precision("auto", backend="gpu") == "float64"
+    assert squeeze.resolve_precision("auto", backend="tpu") == "float32"
+    assert squeeze.resolve_precision("float32", backend="cpu") == "float32"
+    assert squeeze.resolve_precision("auto") == ("float64" if jax.default_backend() != "tpu" else "float32")
+    a, b = _factors(20, 8, 8, 4)
+    for call in (lambda: squeeze.qr_core(a, b, 2, precision="bf16"),
+                 lambda: squeeze.squeeze_factors(a, b, 2, method="svd", precision="bf16")):
+        with pytest.raises(UserInputError, match=r"precision must be one of \('auto', 'float64', 'float32'\), got 'bf16'"):
+            call()
+
+
+def test_cli_precision_flag_forces_the_float32_path(tmp_path):
+    a, b = _factors(21, 48, 40, 12, decay=0.7)
+    path = "layer_0/mlp/_LoRAEinsum_linear/lora"
+    np.savez(tmp_path / "in.npz", **{f"{path}/a": np.asarray(a), f"{path}/b": np.asarray(b)})
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "lora_squeeze.cli", "squeeze", *args], cwd=root, env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    done = cli(str(tmp_path / "in.npz"), str(tmp_path / "out.npz"), "--rank=3", "--precision=float32", "--quiet")
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = np.load(tmp_path / "out.npz")
+    a_t, b_t, _ = squeeze.qr_core(a, b, 3, precision="float32")
+    np.testing.assert_allclose(out[f"{path}/a"], np.asarray(a_t), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(out[f"{path}/b"], np.asarray(b_t), rtol=1e-6, atol=1e-7)
+    bad = cli(str(tmp_path / "in.npz"), str(tmp_path / "bad.npz"), "--rank=3", "--precision=half")
+    assert bad.returncode != 0 and "--precision" in bad.stderr and "float32" in bad.stderr
+    assert not (tmp_path / "bad.npz").exists()

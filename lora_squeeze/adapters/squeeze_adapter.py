@@ -92,6 +92,7 @@ def squeeze_adapter(
     method: str = "qr_core",
     seed: int = 0,
     dry_run: bool = False,
+    precision: str = "auto",
     force: bool = False,
     on_module: Callable[[int, int, ModuleRow], None] | None = None,
 ) -> SqueezeSummary:
@@ -106,6 +107,8 @@ def squeeze_adapter(
       energy: instead of `rank`: per module the smallest r >= 1 with V_r >= energy, in (0, 1],
         on the exact spectrum; at most `max_rank` when given.
       method: one of squeeze.METHODS; the spectrum (and so r_tgt and V_r) is exact whatever the method.
+      precision: qr_core's arithmetic, one of squeeze.PRECISIONS ("auto": float64 on CPU/GPU,
+        float32 Householder QR on TPU).
       seed: PRNG seed of the randomized methods (module i uses fold_in(PRNGKey(seed), i)).
       dry_run: compute the table only; write nothing.
       force: replace an existing dst (only once the new output is complete).
@@ -115,6 +118,8 @@ def squeeze_adapter(
       The per-module table and totals.
     """
     _check_target(rank=rank, energy=energy, max_rank=max_rank, method=method)
+    if precision not in squeeze.PRECISIONS:
+        raise AdapterError(f"unknown precision {precision!r}; allowed: {', '.join(squeeze.PRECISIONS)}")
     start = time.perf_counter()
     if dst is not None:
         _atomic.check_output_name(dst, error=AdapterError)
@@ -131,7 +136,7 @@ def squeeze_adapter(
         a, b = adapter.read(module)
         factors, row = _squeeze_module(
             a, b, module, rank=rank, energy=energy, max_rank=max_rank, method=method,
-            key=jax.random.fold_in(key, i), spectrum_only=dry_run,
+            key=jax.random.fold_in(key, i), spectrum_only=dry_run, precision=precision,
         )
         rows.append(row)
         if factors is not None:
@@ -184,14 +189,15 @@ def _squeeze_module(
     method: str,
     key: jax.Array,
     spectrum_only: bool,
+    precision: str = "auto",
 ) -> tuple[Factors | None, ModuleRow]:
     """a: (d_in, r_src), b: (r_src, d_out) -> squeezed (a_t: (d_in, r_tgt), b_t: (r_tgt, d_out)), row."""
     if method == "qr_core" and not spectrum_only:
         # One QR-core call gives both the exact spectrum and the factors: at r_src for --energy,
         # cut below once r_tgt is known.
-        a_t, b_t, s = squeeze.qr_core(a, b, module.r_src if rank is None else rank)
+        a_t, b_t, s = squeeze.qr_core(a, b, module.r_src if rank is None else rank, precision=precision)
     else:
-        _, _, s = squeeze.qr_core(a, b, 1)
+        _, _, s = squeeze.qr_core(a, b, 1, precision=precision)
     s = np.asarray(s, np.float64)
     r_tgt = rank if rank is not None else int(squeeze.rank_for_energy(s, energy, max_rank=max_rank))
     row = ModuleRow(

@@ -6,6 +6,7 @@ lora-squeeze (Orbax) adapter folder, or a bare .safetensors / .npz of gemma-layo
     lora-squeeze squeeze runs/boolq/adapter_r128 runs/boolq/adapter_r8 --rank=8
     lora-squeeze squeeze my_peft_adapter my_peft_adapter_r16 --rank=16 --method=rsvd
     lora-squeeze squeeze my_peft_adapter --energy=0.9 --max-rank=64 --dry-run
+    lora-squeeze squeeze adapter_r128 adapter_r8 --rank=8 --precision=float32   # no float64 (as on TPU)
 
 Prints the per-module table (module, r_src, r_tgt, V_r); `--dry-run` prints it and writes nothing.
 The input is never modified; OUT appears complete or not at all.
@@ -31,6 +32,11 @@ _METHOD = flags.DEFINE_enum(
     "method", "qr_core", list(squeeze.METHODS),
     "qr_core: exact, never forms ΔW (Alg. 2); rsvd: randomized SVD of ΔW (Alg. 1); rsvd_factored: "
     "Alg. 1 on the factored operator; svd: forms ΔW and runs a full SVD (reference).",
+)
+_PRECISION = flags.DEFINE_enum(
+    "precision", "auto", list(squeeze.PRECISIONS),
+    "qr_core's arithmetic: auto (float64 on CPU/GPU, float32 Householder QR on TPU, which has no "
+    "float64), float64 or float32 (docs/squeeze.md).",
 )
 _SEED = flags.DEFINE_integer("seed", 0, "PRNG seed of the randomized methods.")
 _DRY_RUN = flags.DEFINE_bool("dry-run", False, "Print the per-module table only; write nothing.")
@@ -64,7 +70,7 @@ def main(argv: list[str]) -> None:
     try:
         summary = squeeze_adapter(
             src, dst, rank=_RANK.value, energy=_ENERGY.value, max_rank=_MAX_RANK.value, method=_METHOD.value,
-            seed=_SEED.value, dry_run=_DRY_RUN.value, force=_FORCE.value, on_module=progress,
+            seed=_SEED.value, dry_run=_DRY_RUN.value, precision=_PRECISION.value, force=_FORCE.value, on_module=progress,
         )
     except UserInputError as e:  # only bad input: a bug in the code keeps its traceback
         sys.exit(f"lora-squeeze squeeze: error: {e}")
