@@ -36,7 +36,8 @@ class Example:
     options: the candidate continuations scored by log-likelihood; empty for generative tasks.
     correct: indices into `options` counted as correct (several for multi-label GoEmotions).
     answers: reference answers for generative metrics (DROP, VQA); empty for scored tasks.
-    image: (H, W, 3) uint8 for vision tasks, else None.
+    image: (H, W, 3) uint8 for vision tasks, or an images.ImageFile decoded when a batch needs it;
+      None for text tasks.
   """
 
   example_id: str
@@ -45,7 +46,7 @@ class Example:
   options: tuple[str, ...] = ()
   correct: tuple[int, ...] = ()
   answers: tuple[str, ...] = ()
-  image: np.ndarray | None = None
+  image: Any = None  # np.ndarray | images.ImageFile | None
 
   def __post_init__(self):
     if self.options and not self.correct:
@@ -139,9 +140,9 @@ class Task:
 @functools.cache
 def _registry() -> Mapping[str, Task]:
   # Imported here: the task modules import Example/Source/Task from this one.
-  from lora_squeeze.data import text_tasks, vl_tasks  # pylint: disable=g-import-not-at-top
+  from lora_squeeze.data import digits, text_tasks, vl_tasks  # pylint: disable=g-import-not-at-top
 
-  tasks = (*text_tasks.TEXT_TASKS, *vl_tasks.VL_TASKS)
+  tasks = (*text_tasks.TEXT_TASKS, *vl_tasks.VL_TASKS, *digits.DIGITS_TASKS)
   return {t.name: t for t in tasks}
 
 
