@@ -14,7 +14,7 @@ With an official Gemma 3 4B checkpoint (SigLIP at 896×896, LoRA on the text dec
     lora-squeeze train --config=configs/vl_digits.py:model=gemma3_4b,r_src=16,r_tgt=1 \\
         --config.checkpoint=/ckpt/gemma3-4b-it --config.tokenizer=/ckpt/tokenizer.model \\
         --config.image_size=896 --config.template=chat --config.dtype=bfloat16 \\
-        --config.lr=none --config.lr_tgt=none --workdir=runs/vl_digits_4b
+        --config.lr=0.003 --config.lr_tgt=0.03 --workdir=runs/vl_digits_4b   # lr_table.json: rank 16, rank 1
 
 Keys: configs/common.py (schema).
 """
@@ -36,7 +36,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.batch_size = 8
   config.steps = 30
   config.warmup = 2
-  config.lr = 0.5  # the random tiny model; with real weights use the table: --config.lr=none --config.lr_tgt=none
+  config.lr = 0.5  # the random tiny model; real weights take configs/lr_table.json's rates
   config.r_src = 4
   config.r_tgt = 2
   config.extra_steps = 10
