@@ -25,7 +25,6 @@ import json
 import os
 import pathlib
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -157,13 +156,19 @@ def main() -> None:
   parser.add_argument("--prompts", type=int, default=8)
   parser.add_argument("--batch_size", type=int, default=4)
   args = parser.parse_args()
-  result = {"platform": platform.platform(), "cpus": os.cpu_count(), "load_before": os.getloadavg()}
-  if args.part in ("memory", "both"):
-    result["memory"] = memory_part([int(n) for n in args.images.split("+")], args.size, args.batches)
-  if args.part in ("decode", "both"):
-    result["decode"] = decode_part(args.new_tokens, args.prompts, args.batch_size)
-  result["load_after"] = os.getloadavg()
-  result["peak_rss_mb_parent"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  # One part at a time keeps the other part's last results (each part records its own load average).
+  result = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+  result.update({"platform": platform.platform(), "cpus": os.cpu_count()})
+  for part in ("memory", "decode"):
+    if args.part not in (part, "both"):
+      continue
+    load_before = os.getloadavg()
+    if part == "memory":
+      rows = memory_part([int(n) for n in args.images.split("+")], args.size, args.batches)
+    else:
+      rows = decode_part(args.new_tokens, args.prompts, args.batch_size)
+    result[part] = rows
+    result[f"{part}_load"] = {"before": load_before, "after": os.getloadavg(), "args": vars(args)}
   RESULTS.parent.mkdir(exist_ok=True)
   RESULTS.write_text(json.dumps(result, indent=2) + "\n")
   print()
@@ -177,7 +182,10 @@ def main() -> None:
     for r in result["decode"]:
       print(f"| {r['case']} | {r['uncached']['tokens_per_s']:.1f} | {r['cached']['tokens_per_s']:.1f} | "
             f"x{r['speedup']:.2f} | {r['identical_tokens']} |")
-  print(f"\nload average before {result['load_before']}, after {result['load_after']}; {RESULTS}")
+  for part in ("memory", "decode"):
+    if f"{part}_load" in result:
+      print(f"{part}: load average before {result[f'{part}_load']['before']}, after {result[f'{part}_load']['after']}")
+  print(RESULTS)
 
 
 if __name__ == "__main__":

