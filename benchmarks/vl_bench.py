@@ -21,6 +21,7 @@ Results: a table on stdout and benchmarks/results/vl_bench.json.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import pathlib
@@ -126,14 +127,14 @@ def decode_part(new_tokens: int, n_prompts: int, batch_size: int) -> list[dict]:
                 [ex.image for ex in vl_examples], 28, (64,)))
   rows = []
   for name, model, params, prompts, images, image_size, buckets in cases:
-    kwargs = dict(max_new_tokens=new_tokens, stop_ids=(-1,), batch_size=batch_size, buckets=buckets, images=images,
-                  image_size=image_size)
+    kwargs = {"max_new_tokens": new_tokens, "stop_ids": (-1,), "batch_size": batch_size, "buckets": buckets,
+              "images": images, "image_size": image_size}
     row = {"case": name, "prompts": len(prompts), "batch_size": batch_size, "new_tokens": new_tokens,
            "prompt_tokens_mean": float(np.mean([len(p) for p in prompts]))}
     outs = {}
     for label, kv_cache in (("uncached", False), ("cached", True)):
-      out, first, steady = _time_decoder(lambda: evaluate.greedy_decode(model, params, prompts, kv_cache=kv_cache,
-                                                                        **kwargs))
+      decode = functools.partial(evaluate.greedy_decode, model, params, prompts, kv_cache=kv_cache, **kwargs)
+      out, first, steady = _time_decoder(decode)
       outs[label] = out
       generated = sum(len(o) for o in out)
       row[label] = {"first_call_s": first, "steady_s": steady, "tokens_per_s": generated / steady}

@@ -26,6 +26,7 @@ from typing import Any
 import einops
 import jax
 import jax.numpy as jnp
+import numpy as np
 from gemma.gm.utils import _types as gm_types
 
 from lora_squeeze import model as model_lib
@@ -97,8 +98,6 @@ def cached_greedy_decode(model, params: Params, prompts: Sequence[Sequence[int]]
   Rows are grouped by length bucket and padded to `batch_size` (static shapes: one compilation
   per bucket); images are decoded per batch (batching.resize_image).
   """
-  import numpy as np  # pylint: disable=g-import-not-at-top
-
   if max_new_tokens <= 0:
     raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
   stops = jnp.asarray(stop_ids, jnp.int32)

@@ -12,14 +12,11 @@ import PIL.Image
 import pytest
 
 from configs import vl_digits
-from lora_squeeze import decoding
-from lora_squeeze import evaluate
+from lora_squeeze import decoding, evaluate, train
 from lora_squeeze import model as model_lib
-from lora_squeeze import train
 from lora_squeeze.data import batching, get_task
 from lora_squeeze.data.images import ImageFile
 from lora_squeeze.data.readers import DatasetNotPreparedError
-
 
 # ---------------------------------------------------------------------------------------------
 # The digits task.
@@ -108,8 +105,8 @@ def test_kv_cached_decoding_equals_uncached_token_for_token(name):
   # Lengths across two buckets and a partial batch; longer than tiny's sliding window of 8.
   prompts = [[batching.BOS, *image_token, *rng.integers(3, 1000, n).tolist()] for n in (3, 9, 17, 5, 30)]
   images = None if text_only else [rng.integers(0, 256, (28, 28, 3), dtype=np.uint8) for _ in prompts]
-  kwargs = dict(max_new_tokens=10, batch_size=4, buckets=(16, 32), images=images,
-                image_size=None if text_only else 28)
+  kwargs = {"max_new_tokens": 10, "batch_size": 4, "buckets": (16, 32), "images": images,
+            "image_size": None if text_only else 28}
   reference = evaluate.greedy_decode(model, params, prompts, stop_ids=(batching.EOS,), kv_cache=False, **kwargs)
   assert all(len(r) == 10 for r in reference)
   assert decoding.cached_greedy_decode(model, params, prompts, stop_ids=(batching.EOS,), **kwargs) == reference
@@ -128,7 +125,7 @@ def test_scored_vl_evaluation_sees_the_image():
   tokenizer = tokenizer_lib.load_tokenizer()
   examples = [get_task("digits").load("eval")[i] for i in range(2)]
   blank = [dataclasses.replace(ex, image=np.zeros_like(ex.image)) for ex in examples]
-  kwargs = dict(max_len=64, batch_size=2, template="plain", buckets=(64,), image_size=28)
+  kwargs = {"max_len": 64, "batch_size": 2, "template": "plain", "buckets": (64,), "image_size": 28}
   scores = evaluate.score_options(model, base, tokenizer, examples, **kwargs)
   again = evaluate.score_options(model, base, tokenizer, examples, **kwargs)
   other = evaluate.score_options(model, base, tokenizer, blank, **kwargs)
@@ -200,5 +197,7 @@ def test_vl_cont_squeeze_runs_end_to_end_resumes_bit_identically_and_leaves_the_
     np.testing.assert_array_equal(got, want)
   resumed_records = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
   assert [r["loss"] for r in resumed_records if r.get("event") == "train"] == losses
-  metrics = lambda d: {t: r["metrics"] for t, r in json.loads((d / "results.json").read_text())["evals"].items()}  # noqa: E731
+  def metrics(workdir):
+    return {t: r["metrics"] for t, r in json.loads((workdir / "results.json").read_text())["evals"].items()}
+
   assert metrics(tmp_path / "b") == metrics(tmp_path / "a")

@@ -18,8 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from lora_squeeze.data import images
-from lora_squeeze.data import readers
+from lora_squeeze.data import images, readers
 from lora_squeeze.data.tasks import Example, Source, Task
 from lora_squeeze.data.text_tasks import multiple_choice
 
