@@ -244,6 +244,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
           f"({source.name!r} lacks {missing}; sources: {tuple(task.sources)})")
   if task.modality == "vision" and config.model not in model_lib.MULTIMODAL_MODEL_NAMES:
     _fail("model", config.model, f"a multimodal model {model_lib.MULTIMODAL_MODEL_NAMES} for vision task {task.name}")
+  if task.modality == "vision":
+    expected = model_lib.base_model(model_lib.make_model(config.model, text_only=False)).config.vision_encoder.image_height
+    if config.image_size != expected:
+      _fail("image_size", config.image_size, f"{expected}, the input size of {config.model}'s vision encoder")
   _one_of("template", config.template, batching.TEMPLATES)
   max_len = _int(config, "max_len", minimum=16)
   _ranks("buckets", config.buckets)

@@ -143,14 +143,20 @@ def _greedy(model, params: Params, tokens: jax.Array, lengths: jax.Array, stop_i
 def greedy_decode(model, params: Params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                   stop_ids: Sequence[int] = (batching.END_OF_TURN, batching.EOS), batch_size: int = 8,
                   buckets: Sequence[int] = batching.DEFAULT_BUCKETS, images: Sequence[np.ndarray] | None = None,
-                  image_size: int | None = None) -> list[list[int]]:
+                  image_size: int | None = None, kv_cache: bool = True) -> list[list[int]]:
   """Greedy continuations of `prompts` (token ids), at most `max_new_tokens` each, stop token excluded.
 
-  A simple decoder without a KV cache: each new token reruns the forward pass over the
-  (bucketed, right-padded) buffer, which is cheap at the short answers of DROP and VQA
-  (max_new_tokens 16). The whole loop is one jitted lax.while_loop that stops early once every
-  row has emitted a stop token.
+  kv_cache=True (the default): lora_squeeze.decoding, one prefill pass (images encoded once per
+  prompt) and one single-token pass per new token. kv_cache=False: the reference decoder, which
+  reruns the forward pass over the (bucketed, right-padded) buffer for each new token (and
+  re-encodes the images); both give the same tokens (tests/test_vl.py). Either loop is one jitted
+  lax.while_loop that stops early once every row has emitted a stop token.
   """
+  if kv_cache:
+    from lora_squeeze import decoding  # pylint: disable=g-import-not-at-top
+
+    return decoding.cached_greedy_decode(model, params, prompts, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
+                                         batch_size=batch_size, buckets=buckets, images=images, image_size=image_size)
   if max_new_tokens <= 0:
     raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
   stops = jnp.asarray(stop_ids, jnp.int32)

@@ -211,7 +211,7 @@ def _as_matrices(path: str, module: Mapping[str, Any], stack_axes: int) -> _Modu
             f"{path}: inner ranks differ: a has r={np.shape(a)[-1]} (shape {np.shape(a)}) "
             f"but b has r={np.shape(b)[stack_axes]} (shape {np.shape(b)})"
         )
-    stack, r_src = np.shape(a)[:stack_axes], np.shape(a)[-1]
+    stack = np.shape(a)[:stack_axes]
     in_dims, out_dims = tuple(np.shape(a)[stack_axes:-1]), tuple(np.shape(b)[stack_axes + 1 :])
     module = _Module(path=path, raw_a=a, raw_b=b, stack=tuple(stack), in_dims=in_dims, out_dims=out_dims)
     # Shapes and dtypes only: no array is touched (or moved) to validate.

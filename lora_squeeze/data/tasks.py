@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import grain
-import numpy as np
 
 SPLITS = ("train", "eval")
 # accuracy: scored options (log-likelihood); the rest compare greedy generations with references.
@@ -35,7 +34,8 @@ class Example:
     options: the candidate continuations scored by log-likelihood; empty for generative tasks.
     correct: indices into `options` counted as correct (several for multi-label GoEmotions).
     answers: reference answers for generative metrics (DROP, VQA); empty for scored tasks.
-    image: (H, W, 3) uint8 for vision tasks, else None.
+    image: (H, W, 3) uint8 for vision tasks, or an images.ImageFile decoded when a batch needs it;
+      None for text tasks.
   """
 
   example_id: str
@@ -44,7 +44,7 @@ class Example:
   options: tuple[str, ...] = ()
   correct: tuple[int, ...] = ()
   answers: tuple[str, ...] = ()
-  image: np.ndarray | None = None
+  image: Any = None  # np.ndarray | images.ImageFile | None
 
   def __post_init__(self):
     if self.options and not self.correct:

@@ -4,7 +4,8 @@ OK-VQA and TallyQA are the two the paper names (App. H); the other eight are the
 Gemma/PaliGemma transfer tasks: VQAv2, GQA, TextVQA, DocVQA, ChartQA, AI2D, ScienceQA (image
 questions) and A-OKVQA (multiple choice). Each task reads the standard annotation files and image
 folder, unpacked as published, from `<data_dir>/<task name>/` (layouts in docs/tasks.md), like
-big_vision's builders read a local download folder. Images are decoded lazily, one per example.
+big_vision's builders read a local download folder. An example holds its image as an
+`images.ImageFile` (a path); batches decode the images they need (lora_squeeze/data/images.py).
 """
 
 from __future__ import annotations
@@ -16,21 +17,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import PIL.Image
 
-from lora_squeeze.data import readers
+from lora_squeeze.data import images, readers
 from lora_squeeze.data.tasks import Example, Source, Task
 from lora_squeeze.data.text_tasks import multiple_choice
 
 SHORT_ANSWER = "Answer with a single word or phrase."
 
 
-def load_image(path: Path) -> np.ndarray:
-  """(H, W, 3) uint8 RGB."""
-  if not path.is_file():
-    raise readers.DatasetNotPreparedError(f"image not found: {path}")
-  with PIL.Image.open(path) as image:
-    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+def load_image(path: Path) -> images.ImageFile:
+  """The image at `path`, decoded only when a batch needs it (np.asarray(image): (H, W, 3) uint8 RGB)."""
+  return images.ImageFile(path)
 
 
 def task_dir(name: str, data_dir: Path | None) -> Path:
