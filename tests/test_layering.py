@@ -32,8 +32,13 @@ LAYERS = (
     ("model", "data.registry", "data"),
     # Scoring and the config schema (config → plan).
     ("decoding", "evaluate", "config_lib"),
-    # The plan runner.
-    ("train",),
+    # The trainer: one step and the run folder's files, what a run shares, its jobs, the plan
+    # runner, config -> run; `train` (its __init__) re-exports them all.
+    ("train.step", "train.run_dir", "train.progress"),
+    ("train.context",),
+    ("train.jobs",),
+    ("train.runner",),
+    ("train.setup", "train"),
     # Command lines.
     ("train_cli", "adapters.squeeze_cli", "cli"),
 )
@@ -146,12 +151,14 @@ def test_the_checker_finds_cycles_and_upward_imports():
   graph = {"lora_squeeze.data.tasks": {"lora_squeeze.data.text_tasks"},
            "lora_squeeze.data.text_tasks": {"lora_squeeze.data.tasks"},
            "lora_squeeze.squeeze": {"lora_squeeze.train"},
-           "lora_squeeze.model": {"configs.common"}}
+           "lora_squeeze.model": {"configs.common"},
+           "lora_squeeze.train.step": {"lora_squeeze.train.runner"}}
   errors = layering_errors(graph)
   assert errors[0] == "import cycle: lora_squeeze.data.tasks <-> lora_squeeze.data.text_tasks"
   assert "lora_squeeze.data.tasks (layer 1) imports lora_squeeze.data.text_tasks (layer 2): an upward import" in errors
-  assert "lora_squeeze.squeeze (layer 1) imports lora_squeeze.train (layer 5): an upward import" in errors
+  assert "lora_squeeze.squeeze (layer 1) imports lora_squeeze.train (layer 9): an upward import" in errors
   assert any(e.startswith("lora_squeeze.model imports configs.common") for e in errors)
+  assert "lora_squeeze.train.step (layer 5) imports lora_squeeze.train.runner (layer 8): an upward import" in errors
   assert cycles({"a": {"a"}}) == [["a"]]
   assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
   with pytest.raises(KeyError, match="lora_squeeze.new_module has no place"):
@@ -159,7 +166,7 @@ def test_the_checker_finds_cycles_and_upward_imports():
 
 
 def test_imports_inside_functions_and_submodules_are_seen():
-  deps = imports_of(REPO / PACKAGE / "train" / "runner.py", REPO)
-  # train/runner.py imports these only inside functions.
+  deps = imports_of(REPO / PACKAGE / "train" / "setup.py", REPO)
+  # train/setup.py imports these only inside functions.
   assert {"lora_squeeze.config_lib", "lora_squeeze.data.registry", "lora_squeeze.evaluate"} <= deps
   assert "lora_squeeze.data.tasks" in imports_of(REPO / PACKAGE / "data" / "text_tasks.py", REPO)

@@ -1,0 +1,45 @@
+"""What a run prints: durations (ETA), the periodic train line and the final table of evaluations.
+
+The runner and experiments/ (its grid ETA) format durations with the one function here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+
+def format_duration(seconds: float) -> str:
+  """62 -> '1m02s', 3725 -> '1h02m05s', NaN -> '?'."""
+  if not math.isfinite(seconds):
+    return "?"
+  seconds = int(round(seconds))
+  hours, rest = divmod(seconds, 3600)
+  minutes, secs = divmod(rest, 60)
+  if hours:
+    return f"{hours}h{minutes:02d}m{secs:02d}s"
+  if minutes:
+    return f"{minutes}m{secs:02d}s"
+  return f"{secs}s"
+
+
+def train_line(*, global_step: int, total_steps: int, stage_no: int, n_stages: int, rank: int, loss: float,
+               grad_norm: float, lr: float, tokens_per_s: float | None, eta_seconds: float) -> str:
+  """The console line of a logging step."""
+  return (
+      f"step {global_step}/{total_steps} stage {stage_no}/{n_stages} r={rank} "
+      f"loss {loss:.4f} grad_norm {grad_norm:.3g} lr {lr:.3g} "
+      f"tokens/s {'?' if tokens_per_s is None else f'{tokens_per_s:.1f}'} ETA {format_duration(eta_seconds)}"
+  )
+
+
+def table_lines(evals: Mapping[str, Mapping[str, Any]]) -> list[str]:
+  """The final table: one row per evaluation tag (rank, V_r, then every metric any row has)."""
+  metric_names = list(dict.fromkeys(k for row in evals.values() for k in row["metrics"]))
+  header = ["tag", "rank", "V_r", *metric_names]
+  rows = [[tag, str(row["rank"]), "-" if row["retention"] is None else f"{row['retention']:.4f}",
+           *(f"{row['metrics'][m]:.4f}" if m in row["metrics"] else "-" for m in metric_names)]
+          for tag, row in evals.items()]
+  widths = [max(len(c) for c in col) for col in zip(header, *rows)]
+  return ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in [header, ["-" * w for w in widths], *rows]]

@@ -1,0 +1,233 @@
+"""One train step: loss on target tokens and a jitted, donated Adafactor step on the LoRA params.
+
+Batches are dicts of numpy arrays:
+  tokens: (B, T) int32, 0 = padding (gemma's pad id);
+  target_mask: (B, T) bool, True where tokens[:, t] is a target token, i.e. the loss counts the
+    prediction of tokens[:, t] from position t - 1 (prompt tokens and padding are False).
+
+The loss never forms the (B, T, V) logits: the final hidden states are gathered at the (at most
+`max_targets` per example, a static number) positions that predict a target, and only those rows
+are multiplied by the 262k-row embedding matrix (model.hidden_states + model.logits_at). On the
+real Gemma 3 270M on CPU this halves the step time (45 s -> 22.5 s at batch 8 x 256).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lora_squeeze import model as model_lib
+from lora_squeeze import optim
+from lora_squeeze import sharding as sharding_lib
+
+Params = Any
+
+
+class NonFiniteLossError(FloatingPointError):
+  """Training produced a NaN/inf loss; the run stopped and kept its last good checkpoint."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  """What one train step updates.
+
+  Attributes:
+    lora: the LoRA params (float32), {'.../lora': {'a': (*in, r), 'b': (r, *out)}}.
+    opt_state: Adafactor state of the current stage (float32).
+    step: () int32, optimizer steps taken in the current stage.
+  """
+
+  lora: Params
+  opt_state: optax.OptState
+  step: jax.Array
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss and step.
+
+
+def target_positions(target_mask: jax.Array, max_targets: int) -> tuple[jax.Array, jax.Array]:
+  """The first `max_targets` target positions of each example.
+
+  Args:
+    target_mask: (B, T) bool.
+    max_targets: K, static.
+
+  Returns:
+    positions (B, K) int32 (0 where unused) and weights (B, K) float32 (1 for a real target).
+  """
+  positions = jax.vmap(lambda m: jnp.nonzero(m, size=max_targets, fill_value=0)[0])(target_mask)
+  count = jnp.sum(target_mask, axis=-1)
+  weights = (jnp.arange(max_targets)[None, :] < count[:, None]).astype(jnp.float32)
+  return positions.astype(jnp.int32), weights
+
+
+def target_nll(
+    model, params: Params, tokens: jax.Array, target_mask: jax.Array, *, max_targets: int,
+    images: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+  """Per-target negative log-likelihood.
+
+  Args:
+    model: a (LoRA-wrapped) gemma model from model.make_model.
+    params: merged base + LoRA params.
+    tokens: (B, T) int32.
+    target_mask: (B, T) bool.
+    max_targets: K, static.
+    images: (B, [N,] H, W, C) uint8 for vision tasks (the frozen SigLIP encodes them).
+
+  Returns:
+    nll (B, K) float32 and weights (B, K) float32.
+  """
+  hidden = model_lib.hidden_states(model, params, tokens, images=images)
+  positions, weights = target_positions(target_mask, max_targets)
+  softcap = model_lib.base_model(model).config.final_logit_softcap
+  # The token at position p is predicted from the hidden state at p - 1.
+  logits = model_lib.logits_at(params, hidden, jnp.maximum(positions - 1, 0), final_logit_softcap=softcap)
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  labels = jnp.take_along_axis(tokens, positions, axis=1)
+  nll = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
+  return nll, weights
+
+
+def loss_fn(lora: Params, base: Params, batch: Mapping[str, jax.Array], *, model, max_targets: int):
+  """Mean NLL over all target tokens of the batch; returns (loss, number of target tokens)."""
+  params = model_lib.merge_params(base, lora)
+  nll, weights = target_nll(model, params, batch["tokens"], batch["target_mask"], max_targets=max_targets,
+                            images=batch.get("images"))
+  n_targets = jnp.sum(weights)
+  return jnp.sum(nll * weights) / jnp.maximum(n_targets, 1.0), n_targets
+
+
+@functools.partial(jax.jit, static_argnames=("model", "lr", "warmup", "max_targets", "state_shardings"),
+                   donate_argnums=(0,))
+def _train_step(state: TrainState, base: Params, batch: Mapping[str, jax.Array], *, model, lr: float, warmup: int,
+                max_targets: int, state_shardings: tuple):
+  optimizer = optim.make_optimizer(lr, warmup)
+  (loss, n_targets), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.lora, base, batch, model=model, max_targets=max_targets
+  )
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.lora)
+  lora = optax.apply_updates(state.lora, updates)
+  metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "target_tokens": n_targets}
+  new_state = TrainState(lora=lora, opt_state=opt_state, step=state.step + 1)
+  # The new state keeps the shardings of the old one, so the next step hits the same compilation.
+  leaves, treedef = jax.tree.flatten(new_state)
+  leaves = [jax.lax.with_sharding_constraint(x, s) for x, s in zip(leaves, state_shardings)]
+  return jax.tree.unflatten(treedef, leaves), metrics
+
+
+def make_train_step(model, *, lr: float, warmup: int, max_targets: int):
+  """The jitted (state, base, batch) -> (state, metrics) of a stage; only the LoRA params get
+  gradients (the frozen base is an argument, not a differentiated input).
+
+  metrics: loss, grad_norm (global L2 norm of the LoRA gradients), target_tokens.
+  The state is donated: its buffers are reused for the new one. Compilations are cached by JAX
+  per (model, lr, warmup, max_targets) and shapes, so a rank change compiles once.
+  """
+
+  def step(state: TrainState, base: Params, batch: Mapping[str, jax.Array]):
+    shardings = tuple(x.sharding for x in jax.tree.leaves(state))
+    return _train_step(state, base, batch, model=model, lr=lr, warmup=warmup, max_targets=max_targets,
+                       state_shardings=shardings)
+
+  return step
+
+
+def compile_step(model, state: TrainState, base: Params, batch: Mapping[str, Any], *, lr: float, warmup: int,
+                 max_targets: int) -> None:
+  """Compiles the train step for the shapes and shardings of (state, base, batch) without running
+  it (any thread); the later call of make_train_step(...) with such arguments finds it compiled.
+
+  Args:
+    state, base: arrays or jax.ShapeDtypeStruct with shardings (e.g. checkpoint.abstract_like).
+    batch: jax.ShapeDtypeStruct with the batch sharding (or arrays).
+  """
+  _train_step.lower(state, base, batch, model=model, lr=lr, warmup=warmup, max_targets=max_targets,
+                    state_shardings=tuple(x.sharding for x in jax.tree.leaves(state))).compile()
+
+
+def init_train_state(lora: Params, optimizer: optax.GradientTransformation,
+                     mesh: jax.sharding.Mesh | None = None, *, min_shard_size: int = 1 << 16) -> TrainState:
+  """A fresh stage: the optimizer state is built for the current shapes (rank) of `lora`.
+
+  With a mesh, the optimizer state and step counter are placed on it like parameters (the
+  step's outputs carry mesh shardings; inputs with single-device shardings would make the second
+  step of every stage compile again).
+  """
+  opt_state = jax.jit(optimizer.init)(lora)
+  step = jnp.zeros((), jnp.int32)
+  if mesh is not None:
+    opt_state = sharding_lib.shard_params(opt_state, mesh, min_size=min_shard_size)
+    step = jax.device_put(step, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  return TrainState(lora=lora, opt_state=opt_state, step=step)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data.
+
+
+def check_batch(batch: Mapping[str, np.ndarray], *, max_targets: int | None, step: int) -> None:
+  """Raises ValueError for a batch the loss would silently get wrong."""
+  tokens, mask = np.asarray(batch["tokens"]), np.asarray(batch["target_mask"])
+  if tokens.shape != mask.shape or tokens.ndim != 2:
+    raise ValueError(f"batch {step}: tokens {tokens.shape} and target_mask {mask.shape} must be equal (B, T) shapes")
+  if mask[:, 0].any():
+    raise ValueError(f"batch {step}: target_mask[:, 0] is True, but position 0 cannot be a target (nothing precedes it)")
+  most = int(mask.sum(axis=-1).max())
+  if max_targets is not None and most > max_targets:
+    raise ValueError(f"batch {step}: a row has {most} target tokens > max_targets={max_targets}")
+
+
+def batch_dataset(examples: Sequence[Mapping[str, np.ndarray]], *, batch_size: int, seed: int) -> grain.MapDataset:
+  """Random-access batches: ds[i] is batch i, reshuffled every epoch, a pure function of (seed, i).
+
+  Resuming at global step i therefore needs nothing but i (and the seed in the config).
+
+  Args:
+    examples: random-access examples {'tokens': (T,) int32, 'target_mask': (T,) bool}, equal T.
+    batch_size: B; the last partial batch of an epoch is dropped.
+    seed: shuffle seed (from the run's root key).
+  """
+  if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+    raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+  if len(examples) < batch_size:
+    raise ValueError(f"{len(examples)} training examples are fewer than batch_size={batch_size}")
+  ds = grain.MapDataset.source(examples).shuffle(seed=seed).batch(batch_size, drop_remainder=True)
+  return ds.repeat(None)
+
+
+def targets_bucket(target_mask: np.ndarray, *, minimum: int = 8) -> int:
+  """A static K for the loss gather: the next power of two >= the batch's most target tokens per
+  row (>= minimum), so a run compiles for a handful of K values, not one per batch."""
+  most = int(np.max(np.sum(np.asarray(target_mask), axis=-1)))
+  return max(minimum, 1 << max(0, most - 1).bit_length())
+
+
+def batch_tokens(batch: Mapping[str, np.ndarray]) -> int:
+  """Non-padding tokens in a batch (the tokens/s numerator)."""
+  return int(np.count_nonzero(np.asarray(batch["tokens"])))
+
+
+# ---------------------------------------------------------------------------------------------
+# Keys of a run.
+
+
+def run_keys(root: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """(LoRA init, plan, data, random base) keys of a run. Squeeze i uses fold_in(plan, i); the
+  data order is a function of (data seed, epoch) in the batch source; the random base is only
+  used by the tiny test models."""
+  return tuple(jax.random.split(root, 4))
+
+
+def data_seed(root: jax.Array) -> int:
+  """The integer shuffle seed of the batch source, derived from the run's data key."""
+  return int(jax.random.randint(run_keys(root)[2], (), 0, np.iinfo(np.int32).max))
