@@ -39,6 +39,7 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from lora_squeeze import config_lib, protocols  # noqa: E402
+from lora_squeeze.train import progress, run_dir as run_dir_lib  # noqa: E402
 
 CELL_FILE = "cell.json"
 # Written instead of results when the run diverged (NaN/inf loss): a finished cell without scores.
@@ -110,15 +111,11 @@ class RunResults:
 def read_run_results(train_dir: pathlib.Path) -> RunResults | None:
   """The results of a finished run in `train_dir`, or None while it is missing or not finished.
 
-  ADAPTER: the one function that knows the trainer's results file (lora_squeeze.train:
-  results.json = {"complete", "evals": {tag: {"score", "metrics", ...}}, "squeezes": [...]}).
+  ADAPTER: the one function that reads the trainer's results, through lora_squeeze.train.run_dir
+  (results.json = {"complete", "evals": {tag: {"score", "metrics", ...}}, "squeezes": [...]}).
   """
-  path = pathlib.Path(train_dir) / "results.json"
-  if not path.exists():
-    return None
-  with open(path) as f:
-    results = json.load(f)
-  if not results.get("complete", False):
+  results = run_dir_lib.read_results(train_dir)
+  if results is None or not results.get("complete", False):
     return None
   scores = {tag: 100.0 * float(ev["score"]) for tag, ev in results["evals"].items() if ev.get("score") is not None}
   nll = {tag: float(ev["metrics"]["option_nll"]) for tag, ev in results["evals"].items()
@@ -144,7 +141,7 @@ def train_run(config: ml_collections.ConfigDict, plan: protocols.Plan, run_dir: 
 
   ADAPTER: the one function that calls the trainer.
   """
-  from lora_squeeze import train  # pylint: disable=g-import-not-at-top  (report-only use needs no JAX)
+  from lora_squeeze import train  # pylint: disable=g-import-not-at-top
 
   train.run_plan(plan, config=config, workdir=run_dir, printer=log_line)
 
@@ -225,18 +222,7 @@ def run_dir(workdir: pathlib.Path, cell: Cell) -> pathlib.Path:
 # The runner.
 
 
-def format_duration(seconds: float) -> str:
-  """62 -> '1m02s', 3725 -> '1h02m05s', NaN -> '?'."""
-  if not math.isfinite(seconds):
-    return "?"
-  seconds = int(round(seconds))
-  hours, rest = divmod(seconds, 3600)
-  minutes, secs = divmod(rest, 60)
-  if hours:
-    return f"{hours}h{minutes:02d}m{secs:02d}s"
-  if minutes:
-    return f"{minutes}m{secs:02d}s"
-  return f"{secs}s"
+format_duration = progress.format_duration  # 62 -> '1m02s' (the trainer's ETA formatter)
 
 
 def check_unique_names(cells: Sequence[Cell]) -> None:
