@@ -56,7 +56,7 @@ def sweep_cells(study: ml_collections.ConfigDict) -> list[common.Cell]:
               plan=plan,
               overrides=common.run_overrides(task=task, seed=seed),
               labels={"study": "sweep", "task": task, "rank": rank, "lr": lr, "seed": seed},
-              evals={f"direct_r{rank}": {}},
+              evals={tag: {} for tag in protocols.eval_tags(plan)},
               cost=common.steps_for(study, task),
           ))
   return cells
@@ -78,7 +78,7 @@ def post_cells(study: ml_collections.ConfigDict, lr_src: float) -> list[common.C
           plan=plan,
           overrides=common.run_overrides(task=task, seed=seed),
           labels={"study": "post", "task": task, "r_src": r_src, "lr": lr_src, "seed": seed},
-          evals={f"r{r_src}": {"rank": r_src}, **{f"r{r_src}_to_r{t}": {"rank": t} for t in targets}},
+          evals=dict(zip(protocols.eval_tags(plan), [{"rank": r} for r in (r_src, *targets)], strict=True)),
           cost=common.steps_for(study, task),
       ))
   return cells

@@ -71,26 +71,28 @@ def cells(study: ml_collections.ConfigDict, lr_for_rank: Callable[[int], float])
       for i, m in enumerate(study.extra_steps):
         plan = protocols.direct(rank=r_tgt, steps=steps, lr=lr_for_rank(r_tgt), warmup=study.warmup, extra_steps=m,
                                 extra_warmup=study.extra_warmup)
-        evals = {f"direct_r{r_tgt}_plus{m}": {"protocol": f"direct+{m}"}}
+        direct_tag, plus_tag = protocols.eval_tags(plan)
+        evals = {plus_tag: {"protocol": f"direct+{m}"}}
         if i == 0:
-          evals[f"direct_r{r_tgt}"] = {"protocol": "direct"}
+          evals[direct_tag] = {"protocol": "direct"}
           plan = protocols.validate_plan((protocols.Evaluate(tag="zero_shot"), *plan))
           evals["zero_shot"] = {"protocol": "zero_shot"}
-        out.append(cell(f"direct_r{r_tgt}_plus{m}", plan, evals))
+        out.append(cell(plus_tag, plan, evals))
         plan = protocols.cont_squeeze(r_src=r_src, r_tgt=r_tgt, steps=steps, extra_steps=m, lr_src=lr_for_rank(r_src),
                                       lr_tgt=lr_for_rank(r_tgt), warmup=study.warmup, extra_warmup=study.extra_warmup,
                                       method=study.method)
-        evals = {f"r{r_src}_to_r{r_tgt}_plus{m}": {"protocol": f"cont+{m}"}}
+        post_tag, plus_tag = protocols.eval_tags(plan)
+        evals = {plus_tag: {"protocol": f"cont+{m}"}}
         if i == 0:
-          evals[f"r{r_src}_to_r{r_tgt}"] = {"protocol": "post"}
-        out.append(cell(f"cont_r{r_src}_to_r{r_tgt}_plus{m}", plan, evals))
+          evals[post_tag] = {"protocol": "post"}
+        out.append(cell(f"cont_{plus_tag}", plan, evals))
       ranks = protocols.halving_ranks(r_src, r_tgt)
       for scheme, name in (("proportional", "in_squeeze"), ("min_steps", "in_squeeze_min")):
         plan = protocols.in_squeeze(ranks=ranks, total_steps=steps + study.in_squeeze_extra, lr_for_rank=lr_for_rank,
                                     scheme=scheme, min_steps=study.min_steps, warmup=study.warmup,
                                     stage_warmup=study.stage_warmup, method=study.method)
         out.append(cell(f"{name}_r{r_src}_to_r{r_tgt}", plan,
-                        {f"in_{scheme}_r{r_src}_to_r{r_tgt}": {"protocol": name}}))
+                        {tag: {"protocol": name} for tag in protocols.eval_tags(plan)}))
   return out
 
 

@@ -255,6 +255,14 @@ def plan_steps(plan: Sequence[PlanItem]) -> int:
   return sum(item.steps for item in plan if isinstance(item, Stage))
 
 
+def eval_tags(plan: Sequence[PlanItem]) -> tuple[str, ...]:
+  """The Evaluate tags of a plan in the order it runs them (those inside Branches included): the
+  names its results and exported adapters get, for callers that label them without rebuilding
+  the tag strings."""
+  items = (sub for item in plan for sub in (item.items if isinstance(item, Branch) else (item,)))
+  return tuple(item.tag for item in items if isinstance(item, Evaluate))
+
+
 def direct(
     *, rank: int, steps: int, lr: float, warmup: int = 1000, extra_steps: int = 0, extra_warmup: int = 100
 ) -> Plan:

@@ -214,3 +214,12 @@ def test_validate_plan_tracks_the_rank():
     protocols.validate_plan((stage(4), Squeeze(rank=8)))
   with pytest.raises(ValueError, match=r"plan\[2\].items\[1\]: Squeeze to rank 2 above the adapter's rank 1"):
     protocols.validate_plan((stage(4), Evaluate(tag="a"), Branch(items=(Squeeze(rank=1), Squeeze(rank=2)))))
+
+
+def test_eval_tags_in_run_order_with_branches():
+  plan = protocols.post_squeeze(r_src=8, steps=10, lr=1e-3, targets=[4, 2], warmup=1)
+  assert protocols.eval_tags(plan) == ("r8", "r8_to_r4", "r8_to_r2")
+  plan = protocols.cont_squeeze(r_src=8, r_tgt=2, steps=10, extra_steps=5, lr_src=1e-3, lr_tgt=2e-3, warmup=1)
+  assert protocols.eval_tags(plan) == ("r8_to_r2", "r8_to_r2_plus5")
+  assert protocols.eval_tags(protocols.direct(rank=4, steps=10, lr=1e-3, warmup=1)) == ("direct_r4",)
+  assert protocols.eval_tags([Stage(rank=2, steps=1, lr=1e-3, warmup=0)]) == ()
