@@ -36,6 +36,8 @@ _SEED = flags.DEFINE_integer("seed", 0, "PRNG seed of the randomized methods.")
 _DRY_RUN = flags.DEFINE_bool("dry-run", False, "Print the per-module table only; write nothing.")
 _FORCE = flags.DEFINE_bool("force", False, "Replace OUT if it exists (only once the new adapter is complete).")
 _QUIET = flags.DEFINE_bool("quiet", False, "No per-module progress lines on stderr.")
+_BUDGET = flags.DEFINE_string("budget", None, "Instead of --rank: total parameters (2.5M) or size (8MiB) of the output.")
+_ALLOWED = flags.DEFINE_list("allowed-ranks", None, "With --budget: the ranks a module may take, e.g. 8,16,32,64.")
 
 USAGE = "usage: lora-squeeze squeeze IN OUT (--rank=R | --energy=TAU [--max-rank=R]) [--method=M] [--dry-run] [--force]"
 
@@ -61,6 +63,17 @@ def main(argv: list[str]) -> None:
             file=sys.stderr, flush=True,
         )
 
+    if _BUDGET.value is not None:
+        from lora_squeeze.adapters import budget  # pylint: disable=import-outside-toplevel
+        try:
+            summary, table = budget.squeeze_to_budget(src, dst, budget=_BUDGET.value,
+                                                      allowed_ranks=budget.parse_allowed_ranks(_ALLOWED.value),
+                                                      dry_run=_DRY_RUN.value, force=_FORCE.value)
+        except AdapterError as e:
+            sys.exit(f"lora-squeeze squeeze: error: {e}")
+        print(table)
+        print(f"wrote {summary.dst}" if summary.written else "dry run: nothing written")
+        return
     try:
         summary = squeeze_adapter(
             src, dst, rank=_RANK.value, energy=_ENERGY.value, max_rank=_MAX_RANK.value, method=_METHOD.value,
