@@ -37,6 +37,8 @@ Schema (all protocols):
   eval.examples   0 = the whole eval split, N = its first N examples
   eval.batch_size rows per scoring forward pass
   checkpoint_every, log_every   steps between checkpoints / console lines
+  init_adapter    "" = a fresh LoRA; else a lora-squeeze adapter folder (e.g. from `lora-squeeze import`)
+                  to start the first stage from, fitted to its rank (docs/export.md)
   mesh.data, mesh.fsdp  device mesh axes (data = -1: every device not used by fsdp)
 Per protocol:
   direct          rank; extra_steps (M, 0 = none), extra_warmup ("Direct +M" baseline)
@@ -105,6 +107,7 @@ def base_config(protocol: str) -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict({"examples": 0, "batch_size": 8})
   c.checkpoint_every = 1000
   c.log_every = 10
+  c.init_adapter = ""
   return c
 
 
@@ -256,6 +259,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _int(config, "eval.batch_size", minimum=1)
   _int(config, "checkpoint_every", minimum=1)
   _int(config, "log_every", minimum=1)
+  if config.get("init_adapter") and not (pathlib.Path(config.init_adapter) / "lora_squeeze_adapter.json").is_file():
+    _fail("init_adapter", config.init_adapter, "'' or a lora-squeeze adapter folder (lora_squeeze_adapter.json inside)")
   if max_len <= task.max_new_tokens:
     _fail("max_len", max_len, f"more than the task's {task.max_new_tokens} generated tokens")
 

@@ -257,6 +257,8 @@ class RunSetup:
       in a background thread, hiding the recompilation of a rank change behind training. None =
       on for GPU/TPU, off on CPU (there the compiler competes with training for the same cores).
     printer: where progress lines go.
+    initial_lora: the adapter the first stage starts from (any ranks; fitted to the stage's rank by
+      adapters.import_peft.fit_initial_adapter); None = a fresh LoRA.
   """
 
   model_for_rank: Callable[[int], Any]
@@ -274,6 +276,7 @@ class RunSetup:
   max_to_keep: int = 2
   precompile: bool | None = None
   printer: Callable[[str], None] = print
+  initial_lora: Params | None = None
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -367,6 +370,9 @@ class _Runner:
 
   def fresh_lora(self, rank: int) -> Params:
     lora = model_lib.init_lora_params(self.model(rank), self.setup.base_params, key=self.init_key)
+    if self.setup.initial_lora is not None:
+      from lora_squeeze.adapters import import_peft  # pylint: disable=g-import-not-at-top
+      lora = import_peft.fit_initial_adapter(self.setup.initial_lora, jax.device_get(lora), where="initial_lora")
     return sharding_lib.shard_params(lora, self.mesh)
 
   def print(self, line: str) -> None:
@@ -704,10 +710,19 @@ def setup_from_config(config, *, workdir: str | pathlib.Path, plan: Sequence[pro
       adapter_metadata={"model": config.model, "targets": list(targets), "task": config.task,
                         "protocol": config.protocol},
       mesh=mesh,
+      initial_lora=_initial_lora(config.get("init_adapter", "")),
       checkpoint_every=config.checkpoint_every,
       log_every=config.log_every,
       printer=printer,
   )
+
+
+def _initial_lora(path: str) -> Params | None:
+  if not path:
+    return None
+  from lora_squeeze.adapters import orbax_io  # pylint: disable=g-import-not-at-top
+
+  return orbax_io.load_adapter(path)[0]
 
 
 def _lora_model(name: str, rank: int, *, targets: tuple[str, ...], text_only: bool):
