@@ -130,7 +130,8 @@ def test_budgeted_export_with_rank_pattern_loads_in_peft_and_imports_back(hf_run
     back, meta = load_adapter(tmp_path / "back")
     assert meta["model"] == "tiny"
     ours = our_logits(hf_runs["base"], back)
-    np.testing.assert_allclose(hf_runs["out"]["budget"]["logits"], ours, atol=2e-5 * np.abs(ours).max())
+    # Looser than the exact export: the squeezed factors come out of an SVD in float32.
+    np.testing.assert_allclose(hf_runs["out"]["budget"]["logits"], ours, atol=1e-4 * np.abs(ours).max())
 
 
 def write_peft(folder: pathlib.Path, factors: dict, *, r: int, alpha: float, rank_pattern=None, **extra) -> pathlib.Path:
