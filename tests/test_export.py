@@ -373,3 +373,29 @@ def test_real_270m_from_gguf_in_transformers_matches_our_model(tmp_path):
     ours = np.asarray(plain.apply({"params": model_lib.fold_lora(base, lora)}, jnp.asarray(tokens)).logits)
     theirs = np.load(tmp_path / "out.npz")["logits"]
     np.testing.assert_allclose(theirs, ours, atol=2e-3 * np.abs(ours).max())
+
+
+def test_a_run_with_an_initial_adapter_starts_from_it(tmp_path):
+    from lora_squeeze import protocols, train
+
+    initial = random_lora("tiny", 2, seed=12)
+    seen = {}
+
+    def capture(rank, lora):
+        seen[rank] = jax.device_get(lora)
+        return {"score": 0.0}
+
+    tokens = np.array([[2, 5, 6, 7, 3, 5, 6, 7]] * 4, np.int32)
+    examples = [{"tokens": t, "target_mask": np.arange(8) > 4} for t in tokens]
+    setup = train.RunSetup(
+        model_for_rank=lambda r: model_lib.make_model("tiny", lora_rank=r), base_params=tiny_base(),
+        batches=train.batch_dataset(examples, batch_size=2, seed=0), workdir=tmp_path / "run", key=jax.random.key(3),
+        max_targets=3, evaluate=capture, adapter_metadata={"model": "tiny"}, printer=lambda line: None,
+        initial_lora=initial)
+    plan = protocols.validate_plan((protocols.Evaluate(tag="start"), protocols.Stage(rank=4, steps=1, lr=1e-3, warmup=0)))
+    train.execute_plan(plan, setup)
+    start = seen[4]["layer_0"]["attn"]["q_einsum"]["_LoRAEinsum_0"]["lora"]
+    init = initial["layer_0"]["attn"]["q_einsum"]["_LoRAEinsum_0"]["lora"]
+    np.testing.assert_array_equal(start["a"][:, :2], init["a"])
+    np.testing.assert_array_equal(start["b"][:2], init["b"])
+    assert not np.any(start["b"][2:]) and np.any(start["a"][:, 2:])
