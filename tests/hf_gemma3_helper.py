@@ -1,10 +1,11 @@
 """Test helper run by the PEFT side-environment (.venv-peft: torch, transformers, peft), never imported.
 
-    python tests/hf_gemma3_helper.py logits SPEC_JSON OUT_NPZ
+    python tests/hf_gemma3_helper.py logits SPEC_JSON OUT_NPZ [SPEC_JSON OUT_NPZ ...]
 
 SPEC_JSON: {"hf_class": "Gemma3ForCausalLM" | "Gemma3ForConditionalGeneration",
             "text_config": Gemma3TextConfig fields, "base": a .safetensors of the text model's weights
-            with keys "model.<...>" (or null with "gguf": a GGUF file that transformers loads),
+            with keys "model.<...>" (or, instead, "gguf_dir" and "gguf": a GGUF file that
+            transformers loads itself),
             "adapter": a PEFT folder or null, "tokens": [[...], ...]}
 Builds the Hugging Face Gemma 3 model in float32 (eager attention), loads the base weights (the
 multimodal class gets a tiny random SigLIP tower, unused by text input), applies the adapter with
@@ -12,6 +13,7 @@ PeftModel.from_pretrained, and writes logits (B, T, V) and the names of the adap
 """
 
 import json
+import pathlib
 import sys
 
 import numpy as np
@@ -19,7 +21,12 @@ import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
-from transformers import (Gemma3Config, Gemma3ForCausalLM, Gemma3ForConditionalGeneration, Gemma3TextConfig)
+from transformers import (
+    Gemma3Config,
+    Gemma3ForCausalLM,
+    Gemma3ForConditionalGeneration,
+    Gemma3TextConfig,
+)
 
 TINY_SIGLIP = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
                "image_size": 28, "patch_size": 14}
@@ -48,9 +55,14 @@ def build(spec: dict) -> torch.nn.Module:
 
 def main(argv):
     torch.set_num_threads(1)
-    command, spec_path, out = argv[1:]
-    assert command == "logits", __doc__
-    spec = json.loads(open(spec_path).read())
+    command, rest = argv[1], argv[2:]
+    if command != "logits" or not rest or len(rest) % 2:
+        sys.exit(__doc__)
+    for spec_path, out in zip(rest[::2], rest[1::2]):
+        logits(json.loads(pathlib.Path(spec_path).read_text()), out)
+
+
+def logits(spec: dict, out: str) -> None:
     model = build(spec)
     adapted = []
     if spec.get("adapter"):

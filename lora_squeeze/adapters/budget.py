@@ -33,7 +33,11 @@ import numpy as np
 from lora_squeeze import squeeze
 from lora_squeeze.adapters import atomic
 from lora_squeeze.adapters.errors import AdapterError
-from lora_squeeze.adapters.squeeze_adapter import ModuleRow, SqueezeSummary, open_adapter
+from lora_squeeze.adapters.squeeze_adapter import (
+    ModuleRow,
+    SqueezeSummary,
+    open_adapter,
+)
 
 _BUDGET = re.compile(r"\s*(\d+(?:\.\d*)?)\s*(MiB|M|k)?\s*")
 

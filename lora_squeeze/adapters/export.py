@@ -16,16 +16,20 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from lora_squeeze import squeeze
-from lora_squeeze.adapters import atomic, budget as budget_lib, hf_gemma3, peft_io, safetensors_io
+from lora_squeeze.adapters import atomic, hf_gemma3, peft_io, safetensors_io
+from lora_squeeze.adapters import budget as budget_lib
 from lora_squeeze.adapters.errors import AdapterError
-from lora_squeeze.adapters.squeeze_adapter import ModuleRow, SqueezeSummary, open_adapter
+from lora_squeeze.adapters.squeeze_adapter import (
+    ModuleRow,
+    SqueezeSummary,
+    open_adapter,
+)
 
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype("bfloat16"), "float16": np.dtype(np.float16)}
 
@@ -86,8 +90,10 @@ def export_peft(
         raise AdapterError(f"unknown dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
     if rank is not None:
         squeeze.check_rank(rank)
-    if energy is not None and not (isinstance(energy, (int, float)) and 0 < energy <= 1):
+    if energy is not None and (isinstance(energy, bool) or not isinstance(energy, (int, float)) or not 0 < energy <= 1):
         raise AdapterError(f"energy must be a number in (0, 1], got {energy!r}")
+    if max_rank is not None and energy is None:
+        raise AdapterError(f"max_rank={max_rank!r} applies only with energy")
     allowed = budget_lib.check_allowed_ranks(allowed_ranks)
     if allowed is not None and budget is None:
         raise AdapterError("allowed ranks apply only with a budget")

@@ -176,16 +176,10 @@ def parse_hf_name(name: str, *, where: Any) -> tuple[int, Kind, Part, str]:
     )
 
 
-def target_modules_regex(hf_class: str) -> str:
-    """PEFT `target_modules` (a regex, full match) for the decoder projections only: in the
-    multimodal class a plain ['q_proj', ...] list would also adapt the SigLIP encoder's layers."""
-    layers = re.escape(HF_CLASSES[hf_class].format(i="@")).replace("@", r"\d+")
-    return layers + r"(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))"
-
-
 def hf_text_config(model_name: str) -> dict[str, Any]:
     """Gemma3TextConfig fields equal to gemma's config of `model_name` (for the tiny models in tests)."""
     from gemma.gm.nn import config as gm_config  # pylint: disable=import-outside-toplevel
+
     from lora_squeeze import model as model_lib  # pylint: disable=import-outside-toplevel
 
     c = model_lib.base_model(model_lib.make_model(model_name, text_only=True)).config
@@ -220,7 +214,7 @@ def hf_text_state_dict(params: Mapping[str, Any], *, num_heads: int, num_kv_head
     also multiplies by 1 + weight). `prefix` is 'model.' (Gemma3ForCausalLM) or
     'model.language_model.' (Gemma3ForConditionalGeneration); the LM head is tied to the embedding.
     """
-    f32 = lambda x: np.asarray(x, np.float32)  # noqa: E731
+    f32 = lambda x: np.asarray(x, np.float32)
     out = {prefix + "embed_tokens.weight": f32(params["embedder"]["input_embedding"]),
            prefix + "norm.weight": f32(params["final_norm"]["scale"])}
     i = 0
@@ -230,7 +224,7 @@ def hf_text_state_dict(params: Mapping[str, Any], *, num_heads: int, num_kv_head
         q = f32(attn["q_einsum"]["w"])  # (N, D, H)
         kv = f32(attn["kv_einsum"]["w"])  # (2, K, D, H)
         o = f32(attn["attn_vec_einsum"]["w"])  # (N, H, D)
-        heads_first = lambda w, n: w.transpose(0, 2, 1).reshape(n * head_dim, w.shape[1])  # noqa: E731
+        heads_first = lambda w, n: w.transpose(0, 2, 1).reshape(n * head_dim, w.shape[1])
         out[p + "self_attn.q_proj.weight"] = heads_first(q, num_heads)
         out[p + "self_attn.k_proj.weight"] = heads_first(kv[0], num_kv_heads)
         out[p + "self_attn.v_proj.weight"] = heads_first(kv[1], num_kv_heads)

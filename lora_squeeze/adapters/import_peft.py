@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from lora_squeeze import squeeze
-from lora_squeeze.adapters import hf_gemma3, orbax_io, peft_io, safetensors_io
+from lora_squeeze.adapters import atomic, hf_gemma3, orbax_io, peft_io, safetensors_io
 from lora_squeeze.adapters.errors import AdapterError
 from lora_squeeze.adapters.modules import as_float32
 
@@ -63,8 +63,6 @@ def import_peft(
 ) -> dict[str, Any]:
     """Converts the PEFT folder `src` into our adapter folder `dst` (which must not exist); returns
     its metadata ({"model", "targets", "ranks", ...})."""
-    from lora_squeeze.adapters import atomic  # pylint: disable=import-outside-toplevel
-
     if rank is not None:
         squeeze.check_rank(rank)
     atomic.check_distinct(src, dst)

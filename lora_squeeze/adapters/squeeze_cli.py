@@ -6,6 +6,7 @@ lora-squeeze (Orbax) adapter folder, or a bare .safetensors / .npz of gemma-layo
     lora-squeeze squeeze runs/boolq/adapter_r128 runs/boolq/adapter_r8 --rank=8
     lora-squeeze squeeze my_peft_adapter my_peft_adapter_r16 --rank=16 --method=rsvd
     lora-squeeze squeeze my_peft_adapter --energy=0.9 --max-rank=64 --dry-run
+    lora-squeeze squeeze my_peft_adapter --budget=2.5M --allowed-ranks=8,16,32 --dry-run   (docs/export.md)
 
 Prints the per-module table (module, r_src, r_tgt, V_r); `--dry-run` prints it and writes nothing.
 The input is never modified; OUT appears complete or not at all.
