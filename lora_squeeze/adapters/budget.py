@@ -201,6 +201,8 @@ def squeeze_to_budget(
     """`squeeze_adapter` with per-module ranks from `allocate`: two passes over the modules (the
     spectra, then the factors), so memory stays at one module. The budget counts parameters of the
     output (in MiB: at the input's float32 factor size, 4 bytes each)."""
+    from lora_squeeze.adapters import export  # pylint: disable=import-outside-toplevel  (export imports this module)
+
     allowed = check_allowed_ranks(allowed_ranks)
     n_budget = parse_budget(budget, bytes_per_param=4)
     start = time.perf_counter()
@@ -225,8 +227,7 @@ def squeeze_to_budget(
     if not dry_run:
         squeezed = {}
         for module in adapter.modules:
-            a_t, b_t, _ = squeeze.qr_core(*adapter.read(module), allocation.ranks[module.name])
-            squeezed[module.name] = (np.asarray(a_t, np.float32), np.asarray(b_t, np.float32))
+            squeezed[module.name] = export.truncate(*adapter.read(module), allocation.ranks[module.name])
         provenance = {"source": os.fspath(src), "method": "qr_core", "budget": n_budget,
                       "allowed_ranks": allowed, "r_src": {m.name: m.r_src for m in adapter.modules}}
         with atomic.atomic_output(dst, force=force) as target:

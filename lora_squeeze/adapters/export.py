@@ -142,8 +142,7 @@ def export_peft(
     for name, a_p, b_p in ([] if dry_run and squeezing else parts()):
         r_src = a_p.shape[1]
         if squeezing:
-            a_p, b_p, _ = squeeze.qr_core(a_p, b_p, targets[name])
-            a_p, b_p = np.asarray(a_p, np.float32), np.asarray(b_p, np.float32)
+            a_p, b_p = truncate(a_p, b_p, targets[name])
         key = f"base_model.model.{name}"
         tensors += [(key + ".lora_A.weight", np.ascontiguousarray(a_p.T).astype(out_dtype)),
                     (key + ".lora_B.weight", np.ascontiguousarray(b_p.T).astype(out_dtype))]
@@ -168,6 +167,16 @@ def export_peft(
     summary = SqueezeSummary(format="peft", src=os.fspath(src), dst=None if dst is None else os.fspath(dst),
                              rows=tuple(rows), overall_retention=overall, written=not dry_run, seconds=0.0)
     return summary, table
+
+
+def truncate(a: np.ndarray, b: np.ndarray, r_tgt: int) -> tuple[np.ndarray, np.ndarray]:
+    """The Eckart–Young rank-r_tgt factors (√S on each side) of a @ b, float32.
+
+    QR core at r_src, then the first r_tgt columns: those of an exact SVD are nested, and one
+    compiled call per factor shape serves every target rank (a call per rank recompiles per rank).
+    """
+    a_t, b_t, _ = squeeze.qr_core(a, b, max(r_tgt, a.shape[1]))
+    return np.asarray(a_t[:, :r_tgt], np.float32), np.asarray(b_t[:r_tgt], np.float32)
 
 
 def _row(name: str, r_src: int, r_tgt: int, s: np.ndarray | None) -> ModuleRow:
