@@ -40,6 +40,8 @@ Schema (all protocols):
   eval.examples   0 = the whole eval split, N = its first N examples
   eval.batch_size rows per scoring forward pass
   checkpoint_every, log_every   steps between checkpoints / console lines
+  init_adapter    "" = a fresh LoRA; else a lora-squeeze adapter folder (e.g. from `lora-squeeze import`)
+                  to start the first stage from, fitted to its rank (docs/export.md)
   mesh.data, mesh.fsdp  device mesh axes (data = -1: every device not used by fsdp)
   optimizer_state_at_squeeze  "reset" (fresh optimizer after a squeeze, the paper's) | "project"
                   (the state moved into the squeezed basis: lora_squeeze.opt_state_projection)
@@ -118,6 +120,7 @@ def base_config(protocol: str) -> ml_collections.ConfigDict:
   c.log_every = 10
   c.optimizer_state_at_squeeze = "reset"
   c.warmup_after_projection = 0
+  c.init_adapter = ""
   return c
 
 
@@ -270,6 +273,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _int(config, "log_every", minimum=1)
   _one_of("optimizer_state_at_squeeze", config.optimizer_state_at_squeeze, ("reset", "project"))
   _int(config, "warmup_after_projection", minimum=0)
+  if config.get("init_adapter") and not (pathlib.Path(config.init_adapter) / "lora_squeeze_adapter.json").is_file():
+    _fail("init_adapter", config.init_adapter, "'' or a lora-squeeze adapter folder (lora_squeeze_adapter.json inside)")
   if max_len <= task.max_new_tokens:
     _fail("max_len", max_len, f"more than the task's {task.max_new_tokens} generated tokens")
 

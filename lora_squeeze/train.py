@@ -263,6 +263,8 @@ class RunSetup:
       (sharding.param_spec); LoRA factors and their optimizer state included.
     optimizer_state_at_squeeze: "reset" (a fresh optimizer state after each squeeze) or "project"
       (the state moved into the squeezed basis, lora_squeeze.opt_state_projection).
+    initial_lora: the adapter the first stage starts from (any ranks; fitted to the stage's rank by
+      adapters.import_peft.fit_initial_adapter); None = a fresh LoRA.
   """
 
   model_for_rank: Callable[[int], Any]
@@ -283,6 +285,7 @@ class RunSetup:
   printer: Callable[[str], None] = print
   min_shard_size: int = 1 << 16
   optimizer_state_at_squeeze: str = "reset"
+  initial_lora: Params | None = None
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -389,6 +392,9 @@ class _Runner:
 
   def fresh_lora(self, rank: int) -> Params:
     lora = model_lib.init_lora_params(self.model(rank), self.setup.base_params, key=self.init_key)
+    if self.setup.initial_lora is not None:
+      from lora_squeeze.adapters import import_peft  # pylint: disable=g-import-not-at-top
+      lora = import_peft.fit_initial_adapter(self.setup.initial_lora, jax.device_get(lora), where="initial_lora")
     return sharding_lib.shard_params(lora, self.mesh, min_size=self.setup.min_shard_size)
 
   def print(self, line: str) -> None:
@@ -807,12 +813,21 @@ def setup_from_config(config, *, workdir: str | pathlib.Path, plan: Sequence[pro
       adapter_metadata={"model": config.model, "targets": list(targets), "task": config.task,
                         "protocol": config.protocol},
       mesh=mesh,
+      initial_lora=_initial_lora(config.get("init_adapter", "")),
       checkpoint_every=config.checkpoint_every,
       log_every=config.log_every,
       printer=printer,
       optimizer_state_at_squeeze=config.get("optimizer_state_at_squeeze", "reset"),
       squeeze_precision=config.squeeze.get("precision", "auto"),
   )
+
+
+def _initial_lora(path: str) -> Params | None:
+  if not path:
+    return None
+  from lora_squeeze.adapters import orbax_io  # pylint: disable=g-import-not-at-top
+
+  return orbax_io.load_adapter(path)[0]
 
 
 def _lora_model(name: str, rank: int, *, targets: tuple[str, ...], text_only: bool):

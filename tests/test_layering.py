@@ -29,13 +29,13 @@ LAYERS = (
     # Built on the leaves: LoRA pytrees, weights and tokenizer, task definitions, batching, adapters.
     ("lora_tree", "opt_state_projection", "weights", "data.text_tasks", "data.vl_tasks", "data.digits", "data.batching", "adapters"),
     # The model and the task registry.
-    ("model", "data.registry", "data"),
+    ("model", "data.registry", "data", "adapters.hf_gemma3", "adapters.import_peft", "adapters.export"),
     # Scoring and the config schema (config → plan).
     ("decoding", "evaluate", "config_lib"),
     # The plan runner.
     ("train",),
     # Command lines.
-    ("train_cli", "adapters.squeeze_cli", "cli"),
+    ("train_cli", "adapters.squeeze_cli", "adapters.export_cli", "adapters.import_cli", "cli"),
 )
 
 
