@@ -34,6 +34,9 @@ Schema (all protocols):
   seed            root PRNG seed (LoRA init, squeezes, data order)
   squeeze.method  "qr_core" (Alg. 2, memory-efficient) | "rsvd" (Alg. 1) | "rsvd_factored" | "svd"
   (the randomized methods use the paper's k_o = 10 and k_q = 2: squeeze.rsvd's defaults)
+  optim.multiply_by_parameter_scale  Adafactor scales updates by max(RMS(param), 1e-3) (true, optax's
+                  default); false = steps of size lr for every factor (docs/training.md)
+  optim.clipping_threshold  Adafactor's update clipping (1.0); None = none
   eval.examples   0 = the whole eval split, N = its first N examples
   eval.batch_size rows per scoring forward pass
   checkpoint_every, log_every   steps between checkpoints / console lines
@@ -101,6 +104,10 @@ def base_config(protocol: str) -> ml_collections.ConfigDict:
   c.lr_table = LR_TABLE
   c.seed = 42
   c.squeeze = ml_collections.ConfigDict({"method": "qr_core"})
+  # Adafactor's settings (lora_squeeze.optim.OptimizerOptions); optax's defaults.
+  c.optim = ml_collections.ConfigDict({"multiply_by_parameter_scale": True,
+                                       "clipping_threshold": config_dict.placeholder(float)})
+  c.optim.clipping_threshold = 1.0
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
   c.eval = ml_collections.ConfigDict({"examples": 0, "batch_size": 8})
   c.checkpoint_every = 1000
@@ -252,6 +259,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _int(config, "mesh.fsdp", minimum=1)
   if config.mesh.data != -1:
     _int(config, "mesh.data", minimum=1)
+  if "optim" in config:
+    if not isinstance(config.optim.multiply_by_parameter_scale, bool):
+      _fail("optim.multiply_by_parameter_scale", config.optim.multiply_by_parameter_scale, "true or false")
+    clip = config.optim.clipping_threshold
+    if clip is not None and not (math.isfinite(clip) and clip > 0):
+      _fail("optim.clipping_threshold", clip, "None (no clipping) or a finite number > 0")
   _int(config, "eval.examples", minimum=0)
   _int(config, "eval.batch_size", minimum=1)
   _int(config, "checkpoint_every", minimum=1)

@@ -105,6 +105,8 @@ class RunResults:
   squeezes: tuple[Mapping[str, Any], ...]
   failure: str | None = None
   nll: Mapping[str, float] = dataclasses.field(default_factory=dict)
+  # evaluation tag -> per-item scores {"accuracy": [0/1, ...], "option_nll": [...]} (experiments/stats.py)
+  items: Mapping[str, Mapping[str, Sequence[float]]] = dataclasses.field(default_factory=dict)
 
 
 def read_run_results(train_dir: pathlib.Path) -> RunResults | None:
@@ -126,7 +128,8 @@ def read_run_results(train_dir: pathlib.Path) -> RunResults | None:
   squeezes = tuple({"r_src": s["r_src"], "r_tgt": s["r_tgt"], "method": s["method"],
                     "retention": float(s["overall_retention"]), "curve": s.get("retention_curve")}
                    for s in results.get("squeezes", ()))
-  return RunResults(scores=scores, squeezes=squeezes, nll=nll)
+  items = {tag: ev["per_item"] for tag, ev in results["evals"].items() if ev.get("per_item")}
+  return RunResults(scores=scores, squeezes=squeezes, nll=nll, items=items)
 
 
 def cell_results(path: pathlib.Path) -> RunResults | None:
@@ -371,6 +374,12 @@ def collect_rows(workdir: pathlib.Path) -> tuple[list[Row], list[str]]:
         row["nll"] = results.nll[tag]
       rows.append(row)
   return rows, unfinished
+
+
+def collect_items(workdir: pathlib.Path) -> dict[tuple[str, str], Mapping[str, Sequence[float]]]:
+  """Per-item scores of every finished cell: (cell name, evaluation tag) -> {metric: [per item]}."""
+  finished, _ = _finished_cells(workdir)
+  return {(cell["name"], tag): per_item for cell, results in finished for tag, per_item in results.items.items()}
 
 
 def collect_squeeze_rows(workdir: pathlib.Path) -> tuple[list[Row], list[str]]:

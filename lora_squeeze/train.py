@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lora_squeeze import adapter_size as adapter_size_lib
 from lora_squeeze import checkpoint as ckpt_lib
 from lora_squeeze import model as model_lib
 from lora_squeeze import optim
@@ -120,11 +121,13 @@ def loss_fn(lora: Params, base: Params, batch: Mapping[str, jax.Array], *, model
   return jnp.sum(nll * weights) / jnp.maximum(n_targets, 1.0), n_targets
 
 
-@functools.partial(jax.jit, static_argnames=("model", "lr", "warmup", "max_targets", "state_shardings"),
+@functools.partial(jax.jit, static_argnames=("model", "lr", "warmup", "max_targets", "state_shardings",
+                                             "optimizer_options"),
                    donate_argnums=(0,))
 def _train_step(state: TrainState, base: Params, batch: Mapping[str, jax.Array], *, model, lr: float, warmup: int,
-                max_targets: int, state_shardings: tuple):
-  optimizer = optim.make_optimizer(lr, warmup)
+                max_targets: int, state_shardings: tuple,
+                optimizer_options: optim.OptimizerOptions = optim.DEFAULT_OPTIONS):
+  optimizer = optim.make_optimizer(lr, warmup, optimizer_options)
   (loss, n_targets), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.lora, base, batch, model=model, max_targets=max_targets
   )
@@ -138,7 +141,8 @@ def _train_step(state: TrainState, base: Params, batch: Mapping[str, jax.Array],
   return jax.tree.unflatten(treedef, leaves), metrics
 
 
-def make_train_step(model, *, lr: float, warmup: int, max_targets: int):
+def make_train_step(model, *, lr: float, warmup: int, max_targets: int,
+                    optimizer_options: optim.OptimizerOptions = optim.DEFAULT_OPTIONS):
   """The jitted (state, base, batch) -> (state, metrics) of a stage; only the LoRA params get
   gradients (the frozen base is an argument, not a differentiated input).
 
@@ -150,13 +154,13 @@ def make_train_step(model, *, lr: float, warmup: int, max_targets: int):
   def step(state: TrainState, base: Params, batch: Mapping[str, jax.Array]):
     shardings = tuple(x.sharding for x in jax.tree.leaves(state))
     return _train_step(state, base, batch, model=model, lr=lr, warmup=warmup, max_targets=max_targets,
-                       state_shardings=shardings)
+                       state_shardings=shardings, optimizer_options=optimizer_options)
 
   return step
 
 
 def compile_step(model, state: TrainState, base: Params, batch: Mapping[str, Any], *, lr: float, warmup: int,
-                 max_targets: int) -> None:
+                 max_targets: int, optimizer_options: optim.OptimizerOptions = optim.DEFAULT_OPTIONS) -> None:
   """Compiles the train step for the shapes and shardings of (state, base, batch) without running
   it (any thread); the later call of make_train_step(...) with such arguments finds it compiled.
 
@@ -165,7 +169,8 @@ def compile_step(model, state: TrainState, base: Params, batch: Mapping[str, Any
     batch: jax.ShapeDtypeStruct with the batch sharding (or arrays).
   """
   _train_step.lower(state, base, batch, model=model, lr=lr, warmup=warmup, max_targets=max_targets,
-                    state_shardings=tuple(x.sharding for x in jax.tree.leaves(state))).compile()
+                    state_shardings=tuple(x.sharding for x in jax.tree.leaves(state)),
+                    optimizer_options=optimizer_options).compile()
 
 
 def init_train_state(lora: Params, optimizer: optax.GradientTransformation,
@@ -257,6 +262,7 @@ class RunSetup:
       in a background thread, hiding the recompilation of a rank change behind training. None =
       on for GPU/TPU, off on CPU (there the compiler competes with training for the same cores).
     printer: where progress lines go.
+    optimizer: Adafactor's settings (the training config's `optim` keys).
   """
 
   model_for_rank: Callable[[int], Any]
@@ -274,6 +280,7 @@ class RunSetup:
   max_to_keep: int = 2
   precompile: bool | None = None
   printer: Callable[[str], None] = print
+  optimizer: optim.OptimizerOptions = optim.DEFAULT_OPTIONS
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -408,18 +415,31 @@ class _Runner:
     return new_lora, float(report.overall_retention)
 
   def do_evaluate(self, item: protocols.Evaluate, lora: Params, pos: _Position, rank: int, retention):
-    metrics = {}
+    from lora_squeeze import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+
+    metrics, per_item = {}, None
     if self.setup.evaluate is not None:
-      metrics = {k: float(v) for k, v in self.setup.evaluate(rank, lora).items()}
+      raw = dict(self.setup.evaluate(rank, lora))
+      per_item = raw.pop(evaluate_lib.PER_ITEM, None)  # per-example scores (results.json only: the bootstrap CIs need them)
+      metrics = {k: float(v) for k, v in raw.items()}
     path = self.export(item.tag, lora, rank, pos)
     row = {
         "tag": item.tag, "rank": rank, "retention": retention, "step": pos.global_step,
         "metrics": metrics, "score": next(iter(metrics.values()), None), "adapter": str(path),
     }
-    pos.evals[item.tag] = row
     self.metrics.write({"event": "evaluate", **row})
+    if per_item is not None:
+      row["per_item"] = per_item
+    pos.evals[item.tag] = row
     shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()) or "no evaluator"
     self.print(f"evaluate {item.tag} (rank {rank}): {shown}; adapter -> {path}")
+
+  def log_adapter_size(self, item: protocols.Stage, lora: Params, pos: _Position) -> None:
+    """A "stage_end" record with the adapter's ‖ΔW‖_F and factor RMS: shows that (and how far) it moved."""
+    size = adapter_size_lib.adapter_size(jax.device_get(lora))
+    self.metrics.write({"event": "stage_end", "step": pos.global_step, "rank": item.rank, "lr": item.lr, **size})
+    self.print(f"stage end (rank {item.rank}, step {pos.global_step}): ||ΔW||_F {size['delta_w_fro']:.4g}, "
+               f"RMS a {size['a_rms']:.3g}, RMS b {size['b_rms']:.3g}")
 
   def export(self, tag: str, lora: Params, rank: int, pos: _Position) -> pathlib.Path:
     from lora_squeeze.adapters import orbax_io  # pylint: disable=g-import-not-at-top
@@ -473,10 +493,11 @@ class _Runner:
         for r_src, squeeze in squeezes:
           _squeeze(self.fresh_lora(r_src), squeeze, self.plan_key)
         if stage is not None:
-          state = init_train_state(self.fresh_lora(stage.rank), optim.make_optimizer(stage.lr, stage.warmup),
-                                   self.mesh)
+          state = init_train_state(self.fresh_lora(stage.rank),
+                                   optim.make_optimizer(stage.lr, stage.warmup, self.setup.optimizer), self.mesh)
           compile_step(self.model(stage.rank), ckpt_lib.abstract_like(state), self.base, abstract_batch,
-                       lr=stage.lr, warmup=stage.warmup, max_targets=max_targets)
+                       lr=stage.lr, warmup=stage.warmup, max_targets=max_targets,
+                       optimizer_options=self.setup.optimizer)
       except Exception as e:  # pylint: disable=broad-except
         self.print(f"ahead-of-time compilation of the next stage failed ({e!r}); it compiles when it starts")
 
@@ -490,7 +511,7 @@ class _Runner:
       self._precompiling = None
 
   def train_stage(self, item: protocols.Stage, index: int, lora: Params, opt_state, pos: _Position):
-    optimizer = optim.make_optimizer(item.lr, item.warmup)
+    optimizer = optim.make_optimizer(item.lr, item.warmup, self.setup.optimizer)
     model = self.model(item.rank)
     if opt_state is None:
       state = init_train_state(lora, optimizer, self.mesh)
@@ -507,7 +528,8 @@ class _Runner:
       check_batch(batch, max_targets=self.setup.max_targets, step=pos.global_step)
       tokens = batch_tokens(batch)
       max_targets = self.setup.max_targets or targets_bucket(batch["target_mask"])
-      train_step = make_train_step(model, lr=item.lr, warmup=item.warmup, max_targets=max_targets)
+      train_step = make_train_step(model, lr=item.lr, warmup=item.warmup, max_targets=max_targets,
+                                   optimizer_options=self.setup.optimizer)
       state, metrics = train_step(state, self.base, sharding_lib.shard_batch(batch, self.mesh))
       loss = float(metrics["loss"])
       if not math.isfinite(loss):
@@ -562,7 +584,7 @@ class _Runner:
     abstract_opt = None
     item = self.plan[pos.item] if pos.item < len(self.plan) else None
     if isinstance(item, protocols.Stage) and pos.stage_step > 0:
-      optimizer = optim.make_optimizer(item.lr, item.warmup)
+      optimizer = optim.make_optimizer(item.lr, item.warmup, self.setup.optimizer)
       abstract_opt = ckpt_lib.abstract_like(init_train_state(template, optimizer, self.mesh).opt_state)
     lora, opt_state = self.checkpoints.restore(number, abstract_lora=abstract_lora, abstract_opt_state=abstract_opt)
     self.metrics.truncate_after(pos.global_step)
@@ -581,6 +603,7 @@ class _Runner:
           lora, pos.rank = self.fresh_lora(item.rank), item.rank
         lora = self.train_stage(item, index, lora, opt_state, pos)
         opt_state = None
+        self.log_adapter_size(item, lora, pos)
       elif isinstance(item, protocols.Squeeze):
         key = jax.random.fold_in(self.plan_key, index)
         lora, pos.retention = self.do_squeeze(item, lora, pos, r_src=pos.rank, key=key, index=index, branch=False)
@@ -707,6 +730,7 @@ def setup_from_config(config, *, workdir: str | pathlib.Path, plan: Sequence[pro
       checkpoint_every=config.checkpoint_every,
       log_every=config.log_every,
       printer=printer,
+      optimizer=optim.OptimizerOptions(**config.get("optim", {})),
   )
 
 

