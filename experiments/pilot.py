@@ -26,6 +26,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments import common
+from experiments import stats
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "pilot folder (pilot.jsonl, runs/)", required=True)
 _RUNS = flags.DEFINE_list("runs", [], "runs m:rank:lr:seed (m = T/F: multiply_by_parameter_scale)")
@@ -100,6 +101,21 @@ def report(workdir: pathlib.Path) -> str:
       lines.append(f"mbps={mbps} lr={lr:g}: r{hi} minus r1 per seed {seeds}: accuracy {np.round(gaps, 2).tolist()} "
                    f"(mean {gaps.mean():+.2f}, std {sd(gaps):.2f}); option NLL r1 minus r{hi} "
                    f"{np.round(nll_gaps, 4).tolist()} (mean {nll_gaps.mean():+.4f}, std {sd(nll_gaps):.4f})\n")
+      acc = stats.paired_bootstrap([by[(hi, lr, s)]["per_item"]["accuracy"] for s in seeds],
+                                   [by[(1, lr, s)]["per_item"]["accuracy"] for s in seeds])
+      nll = stats.paired_bootstrap([by[(1, lr, s)]["per_item"]["option_nll"] for s in seeds],
+                                   [by[(hi, lr, s)]["per_item"]["option_nll"] for s in seeds])
+      lines.append(f"  paired bootstrap over the {acc.n_items} items: accuracy r{hi} - r1 "
+                   f"{stats.format_comparison(acc, scale=100, digits=1)}; option NLL r1 - r{hi} "
+                   f"{stats.format_comparison(nll, digits=4)}\n")
+  # The two Adafactor settings at the same rank and seed (their own lr each).
+  for (rank, seed) in sorted({(r["rank"], r["seed"]) for r in rows}):
+    pair = {r["mbps"]: r for r in rows if (r["rank"], r["seed"]) == (rank, seed)}
+    if len(pair) == 2:
+      acc = stats.paired_bootstrap(pair[False]["per_item"]["accuracy"], pair[True]["per_item"]["accuracy"])
+      lines.append(f"rank {rank} seed {seed}: accuracy without minus with the parameter scale (lr "
+                   f"{pair[False]['lr']:g} vs {pair[True]['lr']:g}): {stats.format_comparison(acc, scale=100, digits=1)}; "
+                   f"|ΔW|_F {pair[False]['adapter']['delta_w_fro']:.3g} vs {pair[True]['adapter']['delta_w_fro']:.3g}\n")
   text = "\n".join(lines)
   common.atomic_write_text(workdir / "pilot.md", text)
   return text
@@ -107,6 +123,9 @@ def report(workdir: pathlib.Path) -> str:
 
 def main(argv):
   del argv
+  from absl import logging  # pylint: disable=g-import-not-at-top
+
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every checkpoint write at INFO
   workdir = pathlib.Path(_WORKDIR.value)
   workdir.mkdir(parents=True, exist_ok=True)
   if _REPORT.value:
