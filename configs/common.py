@@ -39,6 +39,8 @@ Schema (all protocols):
   optim.clipping_threshold  Adafactor's update clipping (1.0); None = none
   eval.examples   0 = the whole eval split, N = its first N examples
   eval.batch_size rows per scoring forward pass
+  eval.zero_shot  also score the untrained adapter (ΔW = 0) first, tag "zero_shot"; the closing
+                  table then compares every trained adapter with it (paired bootstrap intervals)
   checkpoint_every, log_every   steps between checkpoints / console lines
   mesh.data, mesh.fsdp  device mesh axes (data = -1: every device not used by fsdp)
 Per protocol:
@@ -109,7 +111,7 @@ def base_config(protocol: str) -> ml_collections.ConfigDict:
                                        "clipping_threshold": config_dict.placeholder(float)})
   c.optim.clipping_threshold = 1.0
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
-  c.eval = ml_collections.ConfigDict({"examples": 0, "batch_size": 8})
+  c.eval = ml_collections.ConfigDict({"examples": 0, "batch_size": 8, "zero_shot": False})
   c.checkpoint_every = 1000
   c.log_every = 10
   return c
@@ -267,6 +269,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
       _fail("optim.clipping_threshold", clip, "None (no clipping) or a finite number > 0")
   _int(config, "eval.examples", minimum=0)
   _int(config, "eval.batch_size", minimum=1)
+  if not isinstance(config.eval.get("zero_shot", False), bool):
+    _fail("eval.zero_shot", config.eval.zero_shot, "true or false")
   _int(config, "checkpoint_every", minimum=1)
   _int(config, "log_every", minimum=1)
   if max_len <= task.max_new_tokens:
@@ -304,7 +308,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 def make_plan(config: ml_collections.ConfigDict) -> protocols.Plan:
-  """The protocol's plan (lora_squeeze.protocols) with the config's ranks, steps and learning rates."""
+  """The protocol's plan (lora_squeeze.protocols) with the config's ranks, steps and learning rates;
+  with eval.zero_shot, Evaluate("zero_shot") first."""
+  plan = _protocol_plan(config)
+  if config.eval.get("zero_shot", False):
+    return protocols.validate_plan((protocols.Evaluate(tag="zero_shot"), *plan))
+  return plan
+
+
+def _protocol_plan(config: ml_collections.ConfigDict) -> protocols.Plan:
   lr = lambda rank: lr_for(config, rank, override=config.lr)  # noqa: E731
   method = config.squeeze.method
   if config.protocol == "direct":

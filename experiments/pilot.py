@@ -113,8 +113,10 @@ def report(workdir: pathlib.Path) -> str:
     pair = {r["mbps"]: r for r in rows if (r["rank"], r["seed"]) == (rank, seed)}
     if len(pair) == 2:
       acc = stats.paired_bootstrap(pair[False]["per_item"]["accuracy"], pair[True]["per_item"]["accuracy"])
+      nll = stats.paired_bootstrap(pair[True]["per_item"]["option_nll"], pair[False]["per_item"]["option_nll"])
       lines.append(f"rank {rank} seed {seed}: accuracy without minus with the parameter scale (lr "
                    f"{pair[False]['lr']:g} vs {pair[True]['lr']:g}): {stats.format_comparison(acc, scale=100, digits=1)}; "
+                   f"option NLL with minus without: {stats.format_comparison(nll, digits=4)}; "
                    f"|ΔW|_F {pair[False]['adapter']['delta_w_fro']:.3g} vs {pair[True]['adapter']['delta_w_fro']:.3g}\n")
   text = "\n".join(lines)
   common.atomic_write_text(workdir / "pilot.md", text)

