@@ -16,6 +16,7 @@ the gap of the highest rank over rank 1 per seed) and writes pilot.md / pilot.cs
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import pathlib
@@ -65,6 +66,17 @@ def training_config(seed: int):
   return config
 
 
+def eval_digest() -> str:
+  """sha256 (first 12 hex digits) of the scored questions' prompts and targets, in order: per-item
+  scores are paired only between runs with the same digest (the same questions in the same order)."""
+  from lora_squeeze.data import tasks  # pylint: disable=g-import-not-at-top
+
+  split = tasks.get_task(_TASK.value).load("eval", source=_SOURCE.value)
+  n = min(_EXAMPLES.value or len(split), len(split))
+  text = "\n".join(f"{split[i].prompt}\t{split[i].target}" for i in range(n))
+  return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
 def report(workdir: pathlib.Path) -> str:
   rows = [json.loads(line) for line in (workdir / "pilot.jsonl").read_text().splitlines() if line.strip()]
   groups: dict = {}
@@ -101,13 +113,21 @@ def report(workdir: pathlib.Path) -> str:
       lines.append(f"mbps={mbps} lr={lr:g}: r{hi} minus r1 per seed {seeds}: accuracy {np.round(gaps, 2).tolist()} "
                    f"(mean {gaps.mean():+.2f}, std {sd(gaps):.2f}); option NLL r1 minus r{hi} "
                    f"{np.round(nll_gaps, 4).tolist()} (mean {nll_gaps.mean():+.4f}, std {sd(nll_gaps):.4f})\n")
-      acc = stats.paired_bootstrap([by[(hi, lr, s)]["per_item"]["accuracy"] for s in seeds],
-                                   [by[(1, lr, s)]["per_item"]["accuracy"] for s in seeds])
-      nll = stats.paired_bootstrap([by[(1, lr, s)]["per_item"]["option_nll"] for s in seeds],
-                                   [by[(hi, lr, s)]["per_item"]["option_nll"] for s in seeds])
-      lines.append(f"  paired bootstrap over the {acc.n_items} items: accuracy r{hi} - r1 "
-                   f"{stats.format_comparison(acc, scale=100, digits=1)}; option NLL r1 - r{hi} "
-                   f"{stats.format_comparison(nll, digits=4)}\n")
+      # Items are paired across seeds only where the runs scored the same questions (the first
+      # pilot runs predate the de-duplicated split: their digest is missing, "v0").
+      digests = {}
+      for s in seeds:
+        pair = (by[(hi, lr, s)].get("eval_digest", "v0"), by[(1, lr, s)].get("eval_digest", "v0"))
+        if pair[0] == pair[1]:  # a seed whose two runs scored different questions is not paired by item
+          digests.setdefault(pair[0], []).append(s)
+      for digest, group in sorted(digests.items()):
+        acc = stats.paired_bootstrap([by[(hi, lr, s)]["per_item"]["accuracy"] for s in group],
+                                     [by[(1, lr, s)]["per_item"]["accuracy"] for s in group])
+        nll = stats.paired_bootstrap([by[(1, lr, s)]["per_item"]["option_nll"] for s in group],
+                                     [by[(hi, lr, s)]["per_item"]["option_nll"] for s in group])
+        lines.append(f"  paired bootstrap over the {acc.n_items} items (seeds {group}, eval split {digest}): "
+                     f"accuracy r{hi} - r1 {stats.format_comparison(acc, scale=100, digits=1)}; option NLL r1 - r{hi} "
+                     f"{stats.format_comparison(nll, digits=4)}\n")
   # The two Adafactor settings at the same rank and seed (their own lr each).
   for (rank, seed) in sorted({(r["rank"], r["seed"]) for r in rows}):
     pair = {r["mbps"]: r for r in rows if (r["rank"], r["seed"]) == (rank, seed)}
@@ -169,7 +189,8 @@ def main(argv):
     size = [s for s in sizes if s.get("event") == "stage_end"][-1]
     losses = [s["loss"] for s in sizes if s.get("event") == "train"]
     final = out["evals"]["final"]
-    record = {"name": name, **run, "task": _TASK.value, "source": _SOURCE.value, "steps": _STEPS.value,
+    record = {"name": name, **run, "task": _TASK.value, "source": _SOURCE.value, "eval_digest": eval_digest(),
+              "steps": _STEPS.value,
               "warmup": _WARMUP.value, "batch": _BATCH.value, "max_len": _MAX_LEN.value,
               "metrics": final["metrics"], "per_item": final.get("per_item"),
               "zero_shot": out["evals"]["zero_shot"]["metrics"] if zero_shot else None,
