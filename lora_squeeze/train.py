@@ -32,6 +32,8 @@ import numpy as np
 import optax
 
 from lora_squeeze import atomic
+from lora_squeeze import adapter_size as adapter_size_lib
+from lora_squeeze import bootstrap
 from lora_squeeze import checkpoint as ckpt_lib
 from lora_squeeze import model as model_lib
 from lora_squeeze import multihost
@@ -122,11 +124,13 @@ def loss_fn(lora: Params, base: Params, batch: Mapping[str, jax.Array], *, model
   return jnp.sum(nll * weights) / jnp.maximum(n_targets, 1.0), n_targets
 
 
-@functools.partial(jax.jit, static_argnames=("model", "lr", "warmup", "max_targets", "state_shardings"),
+@functools.partial(jax.jit, static_argnames=("model", "lr", "warmup", "max_targets", "state_shardings",
+                                             "optimizer_options"),
                    donate_argnums=(0,))
 def _train_step(state: TrainState, base: Params, batch: Mapping[str, jax.Array], *, model, lr: float, warmup: int,
-                max_targets: int, state_shardings: tuple):
-  optimizer = optim.make_optimizer(lr, warmup)
+                max_targets: int, state_shardings: tuple,
+                optimizer_options: optim.OptimizerOptions = optim.DEFAULT_OPTIONS):
+  optimizer = optim.make_optimizer(lr, warmup, optimizer_options)
   (loss, n_targets), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.lora, base, batch, model=model, max_targets=max_targets
   )
@@ -140,7 +144,8 @@ def _train_step(state: TrainState, base: Params, batch: Mapping[str, jax.Array],
   return jax.tree.unflatten(treedef, leaves), metrics
 
 
-def make_train_step(model, *, lr: float, warmup: int, max_targets: int):
+def make_train_step(model, *, lr: float, warmup: int, max_targets: int,
+                    optimizer_options: optim.OptimizerOptions = optim.DEFAULT_OPTIONS):
   """The jitted (state, base, batch) -> (state, metrics) of a stage; only the LoRA params get
   gradients (the frozen base is an argument, not a differentiated input).
 
@@ -152,13 +157,13 @@ def make_train_step(model, *, lr: float, warmup: int, max_targets: int):
   def step(state: TrainState, base: Params, batch: Mapping[str, jax.Array]):
     shardings = tuple(x.sharding for x in jax.tree.leaves(state))
     return _train_step(state, base, batch, model=model, lr=lr, warmup=warmup, max_targets=max_targets,
-                       state_shardings=shardings)
+                       state_shardings=shardings, optimizer_options=optimizer_options)
 
   return step
 
 
 def compile_step(model, state: TrainState, base: Params, batch: Mapping[str, Any], *, lr: float, warmup: int,
-                 max_targets: int) -> None:
+                 max_targets: int, optimizer_options: optim.OptimizerOptions = optim.DEFAULT_OPTIONS) -> None:
   """Compiles the train step for the shapes and shardings of (state, base, batch) without running
   it (any thread); the later call of make_train_step(...) with such arguments finds it compiled.
 
@@ -167,7 +172,8 @@ def compile_step(model, state: TrainState, base: Params, batch: Mapping[str, Any
     batch: jax.ShapeDtypeStruct with the batch sharding (or arrays).
   """
   _train_step.lower(state, base, batch, model=model, lr=lr, warmup=warmup, max_targets=max_targets,
-                    state_shardings=tuple(x.sharding for x in jax.tree.leaves(state))).compile()
+                    state_shardings=tuple(x.sharding for x in jax.tree.leaves(state)),
+                    optimizer_options=optimizer_options).compile()
 
 
 def init_train_state(lora: Params, optimizer: optax.GradientTransformation,
@@ -265,6 +271,7 @@ class RunSetup:
       (the state moved into the squeezed basis, lora_squeeze.opt_state_projection).
     initial_lora: the adapter the first stage starts from (any ranks; fitted to the stage's rank by
       adapters.import_peft.fit_initial_adapter); None = a fresh LoRA.
+    optimizer: Adafactor's settings (the training config's `optim` keys).
   """
 
   model_for_rank: Callable[[int], Any]
@@ -286,6 +293,7 @@ class RunSetup:
   min_shard_size: int = 1 << 16
   optimizer_state_at_squeeze: str = "reset"
   initial_lora: Params | None = None
+  optimizer: optim.OptimizerOptions = optim.DEFAULT_OPTIONS
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -441,18 +449,31 @@ class _Runner:
     return new_lora, float(report.overall_retention)
 
   def do_evaluate(self, item: protocols.Evaluate, lora: Params, pos: _Position, rank: int, retention):
-    metrics = {}
+    from lora_squeeze import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+
+    metrics, per_item = {}, None
     if self.setup.evaluate is not None:
-      metrics = {k: float(v) for k, v in self.setup.evaluate(rank, lora).items()}
+      raw = dict(self.setup.evaluate(rank, lora))
+      per_item = raw.pop(evaluate_lib.PER_ITEM, None)  # per-example scores (results.json only: the bootstrap CIs need them)
+      metrics = {k: float(v) for k, v in raw.items()}
     path = self.export(item.tag, lora, rank, pos)
     row = {
         "tag": item.tag, "rank": rank, "retention": retention, "step": pos.global_step,
         "metrics": metrics, "score": next(iter(metrics.values()), None), "adapter": str(path),
     }
-    pos.evals[item.tag] = row
     self.metrics.write({"event": "evaluate", **row})
+    if per_item is not None:
+      row["per_item"] = per_item
+    pos.evals[item.tag] = row
     shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()) or "no evaluator"
     self.print(f"evaluate {item.tag} (rank {rank}): {shown}; adapter -> {path}")
+
+  def log_adapter_size(self, item: protocols.Stage, lora: Params, pos: _Position) -> None:
+    """A "stage_end" record with the adapter's ‖ΔW‖_F and factor RMS: shows that (and how far) it moved."""
+    size = adapter_size_lib.adapter_size(jax.device_get(lora))
+    self.metrics.write({"event": "stage_end", "step": pos.global_step, "rank": item.rank, "lr": item.lr, **size})
+    self.print(f"stage end (rank {item.rank}, step {pos.global_step}): ||ΔW||_F {size['delta_w_fro']:.4g}, "
+               f"RMS a {size['a_rms']:.3g}, RMS b {size['b_rms']:.3g}")
 
   def export(self, tag: str, lora: Params, rank: int, pos: _Position) -> pathlib.Path:
     path = self.workdir / ADAPTERS_DIR / tag
@@ -513,10 +534,12 @@ class _Runner:
         for r_src, squeeze in squeezes:
           _squeeze(self.fresh_lora(r_src), squeeze, self.plan_key, self.setup.squeeze_precision)
         if stage is not None:
-          state = init_train_state(self.fresh_lora(stage.rank), optim.make_optimizer(stage.lr, stage.warmup),
-                                   self.mesh, min_shard_size=self.setup.min_shard_size)
+          state = init_train_state(self.fresh_lora(stage.rank),
+                                   optim.make_optimizer(stage.lr, stage.warmup, self.setup.optimizer), self.mesh,
+                                   min_shard_size=self.setup.min_shard_size)
           compile_step(self.model(stage.rank), ckpt_lib.abstract_like(state), self.base, abstract_batch,
-                       lr=stage.lr, warmup=stage.warmup, max_targets=max_targets)
+                       lr=stage.lr, warmup=stage.warmup, max_targets=max_targets,
+                       optimizer_options=self.setup.optimizer)
       except Exception as e:  # pylint: disable=broad-except
         self.print(f"ahead-of-time compilation of the next stage failed ({e!r}); it compiles when it starts")
 
@@ -530,7 +553,7 @@ class _Runner:
       self._precompiling = None
 
   def train_stage(self, item: protocols.Stage, index: int, lora: Params, opt_state, pos: _Position):
-    optimizer = optim.make_optimizer(item.lr, item.warmup)
+    optimizer = optim.make_optimizer(item.lr, item.warmup, self.setup.optimizer)
     model = self.model(item.rank)
     if opt_state is None:
       state = init_train_state(lora, optimizer, self.mesh, min_shard_size=self.setup.min_shard_size)
@@ -550,7 +573,8 @@ class _Runner:
       check_batch(batch, max_targets=self.setup.max_targets, step=pos.global_step)
       tokens = batch_tokens(batch)
       max_targets = self.setup.max_targets or targets_bucket(batch["target_mask"])
-      train_step = make_train_step(model, lr=item.lr, warmup=item.warmup, max_targets=max_targets)
+      train_step = make_train_step(model, lr=item.lr, warmup=item.warmup, max_targets=max_targets,
+                                   optimizer_options=self.setup.optimizer)
       state, metrics = train_step(state, self.base, sharding_lib.shard_batch(batch, self.mesh))
       lr = float(schedule(pos.stage_step))
       pos.stage_step += 1
@@ -653,7 +677,7 @@ class _Runner:
     item = self.plan[pos.item] if pos.item < len(self.plan) else None
     if (isinstance(item, protocols.Stage) and pos.stage_step > 0) or self.carries_state(pos.item):
       item = next(p for p in self.plan[pos.item::-1] if isinstance(p, protocols.Stage))
-      optimizer = optim.make_optimizer(item.lr, item.warmup)
+      optimizer = optim.make_optimizer(item.lr, item.warmup, self.setup.optimizer)
       abstract_opt = ckpt_lib.abstract_like(
           init_train_state(template, optimizer, self.mesh, min_shard_size=self.setup.min_shard_size).opt_state)
     return ckpt_lib.abstract_like(template), abstract_opt
@@ -669,6 +693,7 @@ class _Runner:
           lora, pos.rank = self.fresh_lora(item.rank), item.rank
         lora = self.train_stage(item, index, lora, opt_state, pos)
         opt_state = self.last_opt_state if self.carries_state(index + 1) else None
+        self.log_adapter_size(item, lora, pos)
       elif isinstance(item, protocols.Squeeze):
         key = jax.random.fold_in(self.plan_key, index)
         before = lora
@@ -713,7 +738,7 @@ class _Runner:
     from lora_squeeze import opt_state_projection  # pylint: disable=g-import-not-at-top
 
     stage = next(p for p in self.plan[index:] if isinstance(p, protocols.Stage))
-    new_state = opt_state_projection.project_opt_state(opt_state, optim.make_optimizer(stage.lr, stage.warmup),
+    new_state = opt_state_projection.project_opt_state(opt_state, optim.make_optimizer(stage.lr, stage.warmup, self.setup.optimizer),
                                                        before, after)
     self.print(f"optimizer state projected into the squeezed basis (next stage: warmup {stage.warmup})")
     return sharding_lib.shard_params(jax.block_until_ready(new_state), self.mesh, min_size=self.setup.min_shard_size)
@@ -724,9 +749,25 @@ class _Runner:
     rows = [[tag, str(row["rank"]), "-" if row["retention"] is None else f"{row['retention']:.4f}",
              *(f"{row['metrics'][m]:.4f}" if m in row["metrics"] else "-" for m in metric_names)]
             for tag, row in pos.evals.items()]
+    # Each later evaluation minus the first, per item: the paired bootstrap 95 % interval (bootstrap.py).
+    scored = [(tag, row["per_item"]) for tag, row in pos.evals.items() if row.get("per_item")]
+    if len(scored) > 1:
+      first, first_items = scored[0]
+      compared = [m for m in first_items if all(m in items for _, items in scored)]
+      header += [f"{m} minus {first} [95% CI]" for m in compared]
+      for tag, row in zip(pos.evals, rows):
+        items = pos.evals[tag].get("per_item")
+        if tag == first or not items:
+          row += ["-"] * len(compared)
+          continue
+        for m in compared:
+          c = bootstrap.paired_bootstrap(items[m], first_items[m])
+          row.append(f"{c.mean:+.4f} [{c.low:+.4f}, {c.high:+.4f}]{' *' if c.excludes_zero else ''}")
     widths = [max(len(c) for c in col) for col in zip(header, *rows)]
     for line in [header, ["-" * w for w in widths], *rows]:
       self.print("  ".join(c.ljust(w) for c, w in zip(line, widths)))
+    if len(scored) > 1:
+      self.print("(* = the interval excludes zero: a difference beyond the sampling of evaluation items)")
 
 
 def execute_plan(plan: Sequence[protocols.PlanItem], setup: RunSetup) -> dict[str, Any]:
@@ -819,6 +860,7 @@ def setup_from_config(config, *, workdir: str | pathlib.Path, plan: Sequence[pro
       printer=printer,
       optimizer_state_at_squeeze=config.get("optimizer_state_at_squeeze", "reset"),
       squeeze_precision=config.squeeze.get("precision", "auto"),
+      optimizer=optim.OptimizerOptions(**config.get("optim", {})),
   )
 
 
