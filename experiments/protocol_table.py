@@ -29,13 +29,14 @@ import ml_collections
 from absl import app
 
 from experiments import common
+from experiments import stats
 from lora_squeeze import protocols
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """Presets: "paper" (default), "reduced" (Gemma 3 270M + BoolQ on CPU), "tiny" (tests)."""
+  """Presets: "paper" (default), "reduced" (Gemma 3 270M + mmlu_field on CPU), "tiny" (tests)."""
   study = common.study_config(arg)
-  study.r_src, study.r_tgt = {"paper": (128, 1), "reduced": (64, 1), "tiny": (4, 1)}[study.preset]
+  study.r_src, study.r_tgt = {"paper": (128, 1), "reduced": (16, 1), "tiny": (4, 1)}[study.preset]
   study.extra_steps = {"paper": (200, 700), "reduced": (30,), "tiny": (2,)}[study.preset]
   study.extra_warmup = {"paper": 100, "reduced": 5, "tiny": 1}[study.preset]
   # In-Squeeze's budget is N + this many steps (equal to direct+M and cont+M for that M).
@@ -134,7 +135,37 @@ def write_report(rows: Sequence[common.Row], workdir: pathlib.Path, *, columns: 
   if any("nll" in r for r in rows):
     _, nll_body = table(rows, columns, field="nll")
     write_table(nll_body, workdir, "protocol_table_nll", columns=columns, best=min, float_format="{:.4f}")
+  write_comparisons(rows, workdir, columns=columns)
   return body
+
+
+def comparison_pairs(tasks: Sequence[str], columns: Sequence[str]) -> list[tuple[tuple[str, str], tuple[str, str]]]:
+  """Per task: direct vs zero-shot, every other trained protocol vs direct (N steps) and the
+  protocols with the budget N + M (cont+M, the In-Squeeze schemes) also vs direct+M (first M)."""
+  extra = next((c for c in columns if c.startswith("direct+")), None)
+  pairs = []
+  for task in tasks:
+    pairs.append(((task, "direct"), (task, "zero_shot")))
+    for c in columns:
+      if c in ("zero_shot", "direct"):
+        continue
+      pairs.append(((task, c), (task, "direct")))
+      if extra and (c.startswith("cont+") or c.startswith("in_squeeze")):
+        pairs.append(((task, c), (task, extra)))
+  return pairs
+
+
+def write_comparisons(rows: Sequence[common.Row], workdir: pathlib.Path, *, columns: Sequence[str]) -> list[dict]:
+  """protocol_comparisons.md/.csv: each comparison of comparison_pairs with its paired bootstrap
+  interval over items and sign per seed (experiments/stats.py); nothing without per-item scores."""
+  rows = common.select(rows, study="protocols")
+  grouped = stats.group_items(rows, common.collect_items(workdir), key=lambda r: (r["task"], r["protocol"]))
+  records = stats.compare_groups(grouped, comparison_pairs(sorted({r["task"] for r in rows}), columns))
+  if records:
+    stats.write_comparisons(workdir, "protocol_comparisons", records,
+                            label=lambda r: f"{r['treatment'][0]}: {r['treatment'][1]} vs {r['baseline'][1]}",
+                            title="Protocols against direct training")
+  return records
 
 
 def run_study(study: ml_collections.ConfigDict, *, workdir: pathlib.Path, train: bool = True,

@@ -25,9 +25,9 @@ from lora_squeeze import protocols
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """Presets: "paper" (default), "reduced" (Gemma 3 270M + BoolQ on CPU), "tiny" (tests)."""
+  """Presets: "paper" (default), "reduced" (Gemma 3 270M + mmlu_field on CPU), "tiny" (tests)."""
   study = common.study_config(arg)
-  study.source_ranks = {"paper": (32, 64, 128), "reduced": (16, 64), "tiny": (2, 4)}[study.preset]
+  study.source_ranks = {"paper": (32, 64, 128), "reduced": (4, 16), "tiny": (2, 4)}[study.preset]
   # The squeeze method of the runs (and of the reused runs' squeezes read): V_r itself is exact for
   # every method (lora_tree computes it from the exact r_src x r_src core).
   study.method = "qr_core"

@@ -2,6 +2,8 @@
 
     lora-squeeze train   --config=configs/default.py --workdir=runs/default
     lora-squeeze squeeze IN OUT --rank=8 [--method=qr_core] [--dry-run]
+    lora-squeeze export  ADAPTER OUT --to=peft [--rank=R | --energy=TAU | --budget=N]
+    lora-squeeze import  PEFT_ADAPTER OUT [--rank=R]
 
 Each sub-command lives in its own module, which defines its absl flags at import time and a
 `main(argv)`. Only the chosen module is imported, so the flags of one command never clash with (or
@@ -17,6 +19,8 @@ from absl import flags
 COMMANDS = {
     "train": ("lora_squeeze.train_cli", "train LoRA by a protocol config (direct, post/cont/in-squeeze)"),
     "squeeze": ("lora_squeeze.adapters.squeeze_cli", "change the rank of an existing adapter offline"),
+    "export": ("lora_squeeze.adapters.export_cli", "our adapter -> a PEFT folder for Hugging Face Gemma 3"),
+    "import": ("lora_squeeze.adapters.import_cli", "a PEFT adapter for Gemma 3 -> one of ours"),
 }
 
 

@@ -37,9 +37,16 @@ Schema (all protocols):
   (the randomized methods use the paper's k_o = 10 and k_q = 2: squeeze.rsvd's defaults)
   squeeze.precision  qr_core's arithmetic: "auto" (float64 on CPU/GPU, float32 Householder QR on
                   TPU, which has no float64) | "float64" | "float32" (docs/squeeze.md)
+  optim.multiply_by_parameter_scale  Adafactor scales updates by max(RMS(param), 1e-3) (true, optax's
+                  default); false = steps of size lr for every factor (docs/training.md)
+  optim.clipping_threshold  Adafactor's update clipping (1.0); None = none
   eval.examples   0 = the whole eval split, N = its first N examples
   eval.batch_size rows per scoring forward pass
+  eval.zero_shot  also score the untrained adapter (ΔW = 0) first, tag "zero_shot"; the closing
+                  table then compares every trained adapter with it (paired bootstrap intervals)
   checkpoint_every, log_every   steps between checkpoints / console lines
+  init_adapter    "" = a fresh LoRA; else a lora-squeeze adapter folder (e.g. from `lora-squeeze import`)
+                  to start the first stage from, fitted to its rank (docs/export.md)
   mesh.data, mesh.fsdp  device mesh axes (data = -1: every device not used by fsdp)
   optimizer_state_at_squeeze  "reset" (fresh optimizer after a squeeze, the paper's) | "project"
                   (the state moved into the squeezed basis: lora_squeeze.opt_state_projection)
@@ -112,12 +119,17 @@ def base_config(protocol: str) -> ml_collections.ConfigDict:
   c.lr_table = LR_TABLE
   c.seed = 42
   c.squeeze = ml_collections.ConfigDict({"method": "qr_core", "precision": "auto"})
+  # Adafactor's settings (lora_squeeze.optim.OptimizerOptions); optax's defaults.
+  c.optim = ml_collections.ConfigDict({"multiply_by_parameter_scale": True,
+                                       "clipping_threshold": config_dict.placeholder(float)})
+  c.optim.clipping_threshold = 1.0
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
-  c.eval = ml_collections.ConfigDict({"examples": 0, "batch_size": 8})
+  c.eval = ml_collections.ConfigDict({"examples": 0, "batch_size": 8, "zero_shot": False})
   c.checkpoint_every = 1000
   c.log_every = 10
   c.optimizer_state_at_squeeze = "reset"
   c.warmup_after_projection = 0
+  c.init_adapter = ""
   return c
 
 
@@ -264,12 +276,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _int(config, "mesh.fsdp", minimum=1)
   if config.mesh.data != -1:
     _int(config, "mesh.data", minimum=1)
+  if "optim" in config:
+    if not isinstance(config.optim.multiply_by_parameter_scale, bool):
+      _fail("optim.multiply_by_parameter_scale", config.optim.multiply_by_parameter_scale, "true or false")
+    if config.optim.clipping_threshold is not None:
+      validation.positive_number("config.optim.clipping_threshold", config.optim.clipping_threshold,
+                                 allowed="None (no clipping) or a finite number > 0")
   _int(config, "eval.examples", minimum=0)
   _int(config, "eval.batch_size", minimum=1)
+  if not isinstance(config.eval.get("zero_shot", False), bool):
+    _fail("eval.zero_shot", config.eval.zero_shot, "true or false")
   _int(config, "checkpoint_every", minimum=1)
   _int(config, "log_every", minimum=1)
   _one_of("optimizer_state_at_squeeze", config.optimizer_state_at_squeeze, ("reset", "project"))
   _int(config, "warmup_after_projection", minimum=0)
+  if config.get("init_adapter") and not (pathlib.Path(config.init_adapter) / "lora_squeeze_adapter.json").is_file():
+    _fail("init_adapter", config.init_adapter, "'' or a lora-squeeze adapter folder (lora_squeeze_adapter.json inside)")
   if max_len <= task.max_new_tokens:
     _fail("max_len", max_len, f"more than the task's {task.max_new_tokens} generated tokens")
 
@@ -306,12 +328,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 def make_plan(config: ml_collections.ConfigDict) -> protocols.Plan:
   """The protocol's plan (lora_squeeze.protocols) with the config's ranks, steps and learning rates;
-  with optimizer_state_at_squeeze='project' a stage after a squeeze warms up over warmup_after_projection."""
+  with optimizer_state_at_squeeze='project' a stage after a squeeze warms up over warmup_after_projection,
+  and with eval.zero_shot an Evaluate("zero_shot") comes first."""
   plan = _protocol_plan(config)
   if config.optimizer_state_at_squeeze == "project":
     from lora_squeeze import opt_state_projection  # pylint: disable=g-import-not-at-top
 
     plan = opt_state_projection.with_projected_warmup(plan, config.warmup_after_projection)
+  if config.eval.get("zero_shot", False):
+    return protocols.validate_plan((protocols.Evaluate(tag="zero_shot"), *plan))
   return plan
 
 

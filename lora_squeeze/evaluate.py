@@ -105,11 +105,22 @@ def option_nll(scores: Sequence[np.ndarray], examples: Sequence[Example]) -> flo
   """
   if not examples:
     raise ValueError("no examples to score")
+  return float(np.mean(option_nll_items(scores, examples)))
+
+
+def option_nll_items(scores: Sequence[np.ndarray], examples: Sequence[Example]) -> list[float]:
+  """Per example: -log sum_{c in correct} softmax(scores)[c] (option_nll is their mean)."""
   losses = []
   for s, ex in zip(scores, examples):
     logp = np.asarray(s, np.float64) - scipy.special.logsumexp(s)
-    losses.append(-scipy.special.logsumexp(logp[list(ex.correct)]))
-  return float(np.mean(losses))
+    losses.append(float(-scipy.special.logsumexp(logp[list(ex.correct)])))
+  return losses
+
+
+# The key under which the trainer's evaluator returns per-example scores next to the metrics:
+# {"accuracy": [0/1 per example], "option_nll": [nats per example]} for scored tasks, the metric's
+# per-example values for generative ones. The paired bootstrap of experiments/stats.py needs them.
+PER_ITEM = "per_item"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,10 +382,25 @@ def evaluate_examples(model, params: Params, tokenizer, task: Task, examples: Se
   {metric name} for the other generative ones. The first key is the headline score."""
   if not examples:
     raise ValueError(f"task {task.name}: no examples to evaluate")
+  metrics, _ = evaluate_items(model, params, tokenizer, task, examples, max_len=max_len, batch_size=batch_size,
+                              template=template, buckets=buckets, image_size=image_size, progress=progress)
+  return metrics
+
+
+def evaluate_items(model, params: Params, tokenizer, task: Task, examples: Sequence[Example], *, max_len: int,
+                   batch_size: int = 8, template: str = "chat", buckets: Sequence[int] = batching.DEFAULT_BUCKETS,
+                   image_size: int | None = None,
+                   progress: Callable[[str], None] | None = None) -> tuple[dict[str, float], dict[str, list[float]]]:
+  """(metrics as evaluate_examples returns them, per-example values of each metric: the metric is
+  their mean)."""
+  if not examples:
+    raise ValueError(f"task {task.name}: no examples to evaluate")
   if not task.generative:
     scores = score_options(model, params, tokenizer, examples, max_len=max_len, batch_size=batch_size,
                            template=template, buckets=buckets, image_size=image_size, progress=progress)
-    return {"accuracy": option_accuracy(scores, examples), "option_nll": option_nll(scores, examples)}
+    items = {"accuracy": [float(int(np.argmax(s)) in ex.correct) for s, ex in zip(scores, examples)],
+             "option_nll": option_nll_items(scores, examples)}
+    return {k: float(np.mean(v)) for k, v in items.items()}, items
   prompts = [
       batching.encode_prompt(tokenizer, ex.prompt, template=template, image=ex.image is not None).fit(
           max_len - task.max_new_tokens)
@@ -388,14 +414,17 @@ def evaluate_examples(model, params: Params, tokenizer, task: Task, examples: Se
   predictions = [tokenizer.decode(ids).strip() for ids in generated]
   if task.metric == "drop":
     pairs = np.array([drop_metrics(p, ex.answers) for p, ex in zip(predictions, examples)])
-    return {"f1": float(pairs[:, 1].mean()), "em": float(pairs[:, 0].mean())}
-  metric = GENERATIVE_METRICS[task.metric]
-  return {task.metric: float(np.mean([metric(p, ex.answers) for p, ex in zip(predictions, examples)]))}
+    items = {"f1": [float(x) for x in pairs[:, 1]], "em": [float(x) for x in pairs[:, 0]]}
+  else:
+    metric = GENERATIVE_METRICS[task.metric]
+    items = {task.metric: [float(metric(p, ex.answers)) for p, ex in zip(predictions, examples)]}
+  return {k: float(np.mean(v)) for k, v in items.items()}, items
 
 
 def make_evaluator(model_for_rank: Callable[[int], Any], base_params: Params, tokenizer, task: Task,
                    examples: Sequence[Example], *, plain_model=None, **kwargs) -> Callable[[int, Params], dict[str, float]]:
-  """The trainer's Evaluator: (rank, lora_params) -> the task's metrics on `examples`.
+  """The trainer's Evaluator: (rank, lora_params) -> the task's metrics on `examples`, and under
+  PER_ITEM their per-example values.
 
   With `plain_model` (model.make_model(name) without LoRA) the adapter is folded into the base
   weights (model.fold_lora) and every rank runs the same compiled forward pass: a Post-Squeeze
@@ -404,10 +433,13 @@ def make_evaluator(model_for_rank: Callable[[int], Any], base_params: Params, to
   kwargs go to evaluate_examples (max_len, batch_size, template, buckets, image_size, progress).
   """
 
-  def evaluate(rank: int, lora: Params) -> dict[str, float]:
+  def evaluate(rank: int, lora: Params) -> dict[str, Any]:
     if plain_model is not None:
-      return evaluate_examples(plain_model, model_lib.fold_lora(base_params, lora), tokenizer, task, examples, **kwargs)
-    params = model_lib.merge_params(base_params, lora)
-    return evaluate_examples(model_for_rank(rank), params, tokenizer, task, examples, **kwargs)
+      metrics, items = evaluate_items(plain_model, model_lib.fold_lora(base_params, lora), tokenizer, task, examples,
+                                      **kwargs)
+    else:
+      params = model_lib.merge_params(base_params, lora)
+      metrics, items = evaluate_items(model_for_rank(rank), params, tokenizer, task, examples, **kwargs)
+    return {**metrics, PER_ITEM: items}
 
   return evaluate

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 import optax
 
@@ -29,11 +31,41 @@ def warmup_constant(lr: float, warmup: int) -> optax.Schedule:
   return schedule
 
 
-def make_optimizer(lr: float, warmup: int) -> optax.GradientTransformation:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OptimizerOptions:
+  """Adafactor's settings beyond the learning rate (the training config's `optim` keys).
+
+  Hashable: the jitted train step takes it as a static argument.
+
+  Attributes:
+    multiply_by_parameter_scale: scale each update by max(RMS(param), 1e-3) (optax's default,
+      True). LoRA's b starts at zero, so with it b moves at most lr * 1e-3 per entry for its first
+      steps, while squeezed (√S-balanced) factors are above that floor and move much faster; False
+      gives every factor steps of size lr (docs/training.md, the pilot in docs/results/pilot/).
+    clipping_threshold: Adafactor's update clipping (optax default 1.0); None = no clipping.
+  """
+
+  multiply_by_parameter_scale: bool = True
+  clipping_threshold: float | None = 1.0
+
+  def __post_init__(self):
+    if not isinstance(self.multiply_by_parameter_scale, bool):
+      raise ValueError(f"multiply_by_parameter_scale must be true or false, got {self.multiply_by_parameter_scale!r}")
+    c = self.clipping_threshold
+    if c is not None and (isinstance(c, bool) or not isinstance(c, (int, float)) or not c > 0):
+      raise ValueError(f"clipping_threshold must be None or a number > 0, got {c!r}")
+
+
+DEFAULT_OPTIONS = OptimizerOptions()
+
+
+def make_optimizer(lr: float, warmup: int, options: OptimizerOptions = DEFAULT_OPTIONS) -> optax.GradientTransformation:
   """Adafactor (optax defaults: factored second moments, update clipping 1.0, parameter-scale
-  relative steps, no momentum) driven by `warmup_constant(lr, warmup)`.
+  relative steps, no momentum; `options` changes the last two) driven by `warmup_constant(lr, warmup)`.
 
   Its state is as float32 as the LoRA params it is initialised on (the trainer keeps those in
   float32 whatever the base dtype: with bf16 LoRA params the loss barely moved).
   """
-  return optax.adafactor(learning_rate=warmup_constant(lr, warmup))
+  return optax.adafactor(learning_rate=warmup_constant(lr, warmup),
+                         multiply_by_parameter_scale=options.multiply_by_parameter_scale,
+                         clipping_threshold=options.clipping_threshold)

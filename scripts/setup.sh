@@ -63,5 +63,9 @@ if ! .venv-peft/bin/python -c 'import peft' >/dev/null 2>&1; then
   quiet .venv-peft/bin/python -m pip install --quiet --disable-pip-version-check \
     torch==2.13.0+cpu peft==0.21.2 transformers==5.23.0
 fi
+# gguf lets transformers load the embedded 270M GGUF itself (tests/test_export.py's slow test).
+if ! .venv-peft/bin/python -c 'import gguf' >/dev/null 2>&1; then
+  quiet .venv-peft/bin/python -m pip install --quiet --disable-pip-version-check gguf==0.19.0
+fi
 # <<< PEFT side-environment <<<
 echo "setup: done ($(.venv/bin/python --version))"

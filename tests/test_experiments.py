@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import re
 
 import matplotlib.image as mpimg
 import ml_collections
@@ -317,6 +318,40 @@ def test_protocol_table_marks_the_best_per_row(tmp_path):
   assert nll_lines[3].endswith("| 0.5350 | **0.5200** |")
 
 
+def test_protocol_comparisons_come_from_per_item_scores(tmp_path):
+  """cont+2 answers 20 more of 200 items right than direct in both seeds; everything else scores
+  the same items: only cont+2 (vs direct and vs direct+2) is called a difference."""
+  study = protocol_table.get_config("tiny")
+  study.tasks, study.seeds, study.extra_steps = ("a",), (1, 2), (2,)
+  cells = protocol_table.cells(study, _LR)
+  _finish(tmp_path, cells, lambda labels, coords: 50.0)
+  base = np.tile([0.0, 1.0], 100)
+  for cell in cells:
+    path = common.run_dir(tmp_path, cell) / common.TRAIN_DIR / "results.json"
+    results = json.loads(path.read_text())
+    for tag, coords in cell.evals.items():
+      items = base.copy()
+      if coords["protocol"] == "cont+2":
+        items[:40] = 1.0
+      results["evals"][tag]["per_item"] = {"accuracy": items.tolist(), "option_nll": (1.0 - items).tolist()}
+    path.write_text(json.dumps(results))
+  protocol_table.run_study(study, workdir=tmp_path, train=False, log=lambda line: None)
+  lines = {line.split(" | ")[0]: line for line in (tmp_path / "protocol_comparisons.md").read_text().splitlines()
+           if line.startswith("| a:")}
+  # 20 of 200 items differ: the interval is about 10 ± 1.96 * sqrt(0.1 * 0.9 / 200) points.
+  assert re.fullmatch(r"\| a: cont\+2 vs direct \| 1,2 \| \*\*\+10\.0 \[\+(5|6|7)\.\d, \+1(3|4|5)\.\d\] \+\+\*\* \| better "
+                      r"\| \*\*-0\.1000 \[-0\.1\d+, -0\.0\d+\] --\*\* \| better \|", lines["| a: cont+2 vs direct"])
+  assert lines["| a: cont+2 vs direct+2"].endswith("| better |")
+  assert lines["| a: post vs direct"].endswith("| +0.0 [+0.0, +0.0] 00 | no difference | +0.0000 [+0.0000, +0.0000] 00 "
+                                               "| no difference |")
+  assert set(lines) == {f"| a: {c}" for c in ("direct vs zero_shot", "direct+2 vs direct", "post vs direct",
+                                                "cont+2 vs direct", "cont+2 vs direct+2", "in_squeeze vs direct",
+                                                "in_squeeze vs direct+2", "in_squeeze_min vs direct",
+                                                "in_squeeze_min vs direct+2")}
+  csv_text = (tmp_path / "protocol_comparisons.csv").read_text()
+  assert csv_text.startswith("comparison,seeds,accuracy_mean,accuracy_low,accuracy_high,accuracy_signs,")
+
+
 def test_retention_rows_expand_a_recorded_curve():
   curve = [0.5, 0.7, 0.9, 1.0]
   squeezes = [{"task": "t", "r_src": 4, "r_tgt": t, "method": "qr_core", "retention": curve[t - 1], "curve": curve,
@@ -455,7 +490,7 @@ def test_retention_command_line_on_the_tiny_preset(tmp_path):
 
 @pytest.mark.parametrize("driver, expected", [
     (lr_sweep, {"paper": 13 * 8 * 5, "reduced": 3 * 3}),
-    (heatmap, {"paper": 13 * 8, "reduced": 4}),
+    (heatmap, {"paper": 13 * 8, "reduced": 3}),
     (protocol_table, {"paper": 13 * (2 * 2 + 2), "reduced": 2 + 2}),
     (retention, {"paper": 13 * 3, "reduced": 2}),
 ])

@@ -22,14 +22,14 @@ REPO_PACKAGES = ("lora_squeeze", "configs", "experiments", "benchmarks", "tests"
 # cycle); names are relative to lora_squeeze.
 LAYERS = (
     # What everything may raise and check with.
-    ("", "errors", "validation", "atomic", "orbax_paths"),
+    ("", "errors", "validation", "atomic", "orbax_paths", "bootstrap"),
     # Leaves: pure math and plans, file formats, run checkpoints, device meshes; task types.
     ("protocols", "squeeze", "multihost", "sharding", "optim", "checkpoint", "weights.cache", "weights.gguf",
      "data.tasks", "data.readers", "data.images", "data.builders"),
     # Built on the leaves: LoRA pytrees, weights and tokenizer, task definitions, batching, adapters.
-    ("lora_tree", "opt_state_projection", "weights", "data.text_tasks", "data.vl_tasks", "data.digits", "data.batching", "adapters"),
+    ("lora_tree", "opt_state_projection", "adapter_size", "weights", "data.text_tasks", "data.vl_tasks", "data.digits", "data.field_tasks", "data.batching", "adapters"),
     # The model and the task registry.
-    ("model", "data.registry", "data"),
+    ("model", "data.registry", "data", "adapters.hf_gemma3", "adapters.import_peft", "adapters.export"),
     # Scoring and the config schema (config → plan).
     ("decoding", "evaluate", "config_lib"),
     # The trainer: one step and the run folder's files, what a run shares, its jobs, the plan
@@ -40,7 +40,7 @@ LAYERS = (
     ("train.runner",),
     ("train.setup", "train"),
     # Command lines.
-    ("train_cli", "adapters.squeeze_cli", "cli"),
+    ("train_cli", "adapters.squeeze_cli", "adapters.export_cli", "adapters.import_cli", "cli"),
 )
 
 

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lora_squeeze import adapter_size
 from lora_squeeze import checkpoint as ckpt_lib
 from lora_squeeze import model as model_lib
 from lora_squeeze import optim
@@ -97,6 +98,10 @@ def test_direct_plan_loss_decreases_and_writes_run_files(base, tmp_path):
   assert any(line.startswith("step 16/16 stage 1/1 r=4 loss") and "tokens/s" in line and "ETA" in line for line in lines)
   results = json.loads((tmp_path / train.RESULTS_FILE).read_text())
   assert results["complete"] and results["evals"]["direct_r4"]["score"] == -1.0
+  [size] = read_metrics(tmp_path, event="stage_end")
+  assert size["step"] == 16 and size["rank"] == 4
+  assert size["delta_w_fro"] == pytest.approx(adapter_size.adapter_size(jax.device_get(out["lora"]))["delta_w_fro"])
+  assert size["delta_w_fro"] > 0 and any(line.startswith("stage end (rank 4, step 16): ||ΔW||_F") for line in lines)
   lora, meta = __import__("lora_squeeze.adapters.orbax_io", fromlist=["x"]).load_adapter(tmp_path / "adapters" / "direct_r4")
   assert meta["rank"] == 4 and meta["model"] == "tiny"
   for got, want in zip(jax.tree.leaves(lora), jax.tree.leaves(out["lora"])):
@@ -205,6 +210,41 @@ def test_post_squeeze_to_the_same_rank_keeps_the_logits(base, tmp_path):
   results = json.loads((tmp_path / train.RESULTS_FILE).read_text())
   assert results["evals"]["r4_to_r4"]["retention"] == pytest.approx(1.0, abs=1e-5)
   assert results["evals"]["r4_to_r2"]["retention"] < 1.0 and results["evals"]["r4"]["retention"] is None
+
+
+def test_per_item_scores_are_stored_and_compared_with_intervals(base, tmp_path):
+  """The evaluator's per-item scores land in results.json; the closing table prints each later
+  evaluation minus the first with a paired bootstrap interval, starred when it excludes zero."""
+  from lora_squeeze import evaluate as evaluate_lib
+
+  def evaluate(rank, lora):
+    items = [1.0] * 100 if rank == 4 else [1.0, 0.0] * 50  # rank 2 loses half the items
+    return {"acc": float(np.mean(items)), evaluate_lib.PER_ITEM: {"acc": items}}
+
+  lines = []
+  plan = protocols.post_squeeze(r_src=4, steps=2, lr=STAGE_LR, warmup=STAGE_WARMUP, targets=(4, 2))
+  train.execute_plan(plan, make_setup(tmp_path, base, evaluate=evaluate, lines=lines))
+  results = json.loads((tmp_path / train.RESULTS_FILE).read_text())
+  assert results["evals"]["r4_to_r2"]["per_item"] == {"acc": [1.0, 0.0] * 50}
+  assert results["evals"]["r4_to_r2"]["metrics"] == {"acc": 0.5}
+  header = next(line for line in lines if line.startswith("tag "))
+  assert "acc minus r4 [95% CI]" in header
+  row = next(line for line in lines if line.startswith("r4_to_r2 "))
+  assert "-0.5000 [-0.6" in row and row.rstrip().endswith("*")
+  same = next(line for line in lines if line.startswith("r4_to_r4 "))
+  assert "+0.0000 [+0.0000, +0.0000]" in same and not same.rstrip().endswith("*")
+
+
+def test_optimizer_options_reach_the_train_step(base, tmp_path):
+  """Without Adafactor's parameter scale the zero-initialised b moves ~lr per step instead of
+  ≤ lr·1e-3: the adapter grows far more in the same steps."""
+  sizes = {}
+  for scale in (True, False):
+    setup = dataclasses.replace(make_setup(tmp_path / str(scale), base),
+                                optimizer=optim.OptimizerOptions(multiply_by_parameter_scale=scale))
+    train.execute_plan(protocols.direct(rank=2, steps=2, lr=0.01, warmup=0), setup)
+    sizes[scale] = read_metrics(tmp_path / str(scale), event="stage_end")[0]["b_rms"]
+  assert sizes[True] <= 2 * 0.01 * 1e-3 * (1 + 1e-5) and sizes[False] > 10 * sizes[True]
 
 
 def test_zero_shot_evaluation_scores_the_base_model_and_changes_no_training(base, tmp_path):

@@ -7,6 +7,7 @@ lora-squeeze (Orbax) adapter folder, or a bare .safetensors / .npz of gemma-layo
     lora-squeeze squeeze my_peft_adapter my_peft_adapter_r16 --rank=16 --method=rsvd
     lora-squeeze squeeze my_peft_adapter --energy=0.9 --max-rank=64 --dry-run
     lora-squeeze squeeze adapter_r128 adapter_r8 --rank=8 --precision=float32   # no float64 (as on TPU)
+    lora-squeeze squeeze my_peft_adapter --budget=2.5M --allowed-ranks=8,16,32 --dry-run   (docs/export.md)
 
 Prints the per-module table (module, r_src, r_tgt, V_r); `--dry-run` prints it and writes nothing.
 The input is never modified; OUT appears complete or not at all.
@@ -42,6 +43,8 @@ _SEED = flags.DEFINE_integer("seed", 0, "PRNG seed of the randomized methods.")
 _DRY_RUN = flags.DEFINE_bool("dry-run", False, "Print the per-module table only; write nothing.")
 _FORCE = flags.DEFINE_bool("force", False, "Replace OUT if it exists (only once the new adapter is complete).")
 _QUIET = flags.DEFINE_bool("quiet", False, "No per-module progress lines on stderr.")
+_BUDGET = flags.DEFINE_string("budget", None, "Instead of --rank: total parameters (2.5M) or size (8MiB) of the output.")
+_ALLOWED = flags.DEFINE_list("allowed-ranks", None, "With --budget: the ranks a module may take, e.g. 8,16,32,64.")
 
 USAGE = "usage: lora-squeeze squeeze IN OUT (--rank=R | --energy=TAU [--max-rank=R]) [--method=M] [--dry-run] [--force]"
 
@@ -67,6 +70,17 @@ def main(argv: list[str]) -> None:
             file=sys.stderr, flush=True,
         )
 
+    if _BUDGET.value is not None:
+        from lora_squeeze.adapters import budget  # pylint: disable=import-outside-toplevel
+        try:
+            summary, table = budget.squeeze_to_budget(src, dst, budget=_BUDGET.value,
+                                                      allowed_ranks=budget.parse_allowed_ranks(_ALLOWED.value),
+                                                      dry_run=_DRY_RUN.value, force=_FORCE.value)
+        except UserInputError as e:
+            sys.exit(f"lora-squeeze squeeze: error: {e}")
+        print(table)
+        print(f"wrote {summary.dst}" if summary.written else "dry run: nothing written")
+        return
     try:
         summary = squeeze_adapter(
             src, dst, rank=_RANK.value, energy=_ENERGY.value, max_rank=_MAX_RANK.value, method=_METHOD.value,

@@ -55,6 +55,9 @@ class RunSetup:
       (sharding.param_spec); LoRA factors and their optimizer state included.
     optimizer_state_at_squeeze: "reset" (a fresh optimizer state after each squeeze) or "project"
       (the state moved into the squeezed basis, lora_squeeze.opt_state_projection).
+    initial_lora: the adapter the first stage starts from (any ranks; fitted to the stage's rank by
+      adapters.import_peft.fit_initial_adapter); None = a fresh LoRA.
+    optimizer: Adafactor's settings (the training config's `optim` keys).
   """
 
   model_for_rank: Callable[[int], Any]
@@ -75,6 +78,8 @@ class RunSetup:
   printer: Callable[[str], None] = print
   min_shard_size: int = 1 << 16
   optimizer_state_at_squeeze: str = "reset"
+  initial_lora: Params | None = None
+  optimizer: optim.OptimizerOptions = optim.DEFAULT_OPTIONS
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -114,6 +119,9 @@ class RunContext:
 
   def fresh_lora(self, rank: int) -> Params:
     lora = model_lib.init_lora_params(self.model(rank), self.setup.base_params, key=self.init_key)
+    if self.setup.initial_lora is not None:
+      from lora_squeeze.adapters import import_peft  # pylint: disable=g-import-not-at-top
+      lora = import_peft.fit_initial_adapter(self.setup.initial_lora, jax.device_get(lora), where="initial_lora")
     return sharding_lib.shard_params(lora, self.mesh, min_size=self.setup.min_shard_size)
 
   def print(self, line: str) -> None:
@@ -186,7 +194,7 @@ class Checkpointer:
     item = ctx.plan[pos.item] if pos.item < len(ctx.plan) else None
     if (isinstance(item, protocols.Stage) and pos.stage_step > 0) or ctx.carries_state(pos.item):
       item = next(p for p in ctx.plan[pos.item::-1] if isinstance(p, protocols.Stage))
-      optimizer = optim.make_optimizer(item.lr, item.warmup)
+      optimizer = optim.make_optimizer(item.lr, item.warmup, ctx.setup.optimizer)
       abstract_opt = ckpt_lib.abstract_like(
           step_lib.init_train_state(template, optimizer, ctx.mesh, min_shard_size=ctx.setup.min_shard_size).opt_state)
     return ckpt_lib.abstract_like(template), abstract_opt

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_squeeze import adapter_size as adapter_size_lib
 from lora_squeeze import checkpoint as ckpt_lib
 from lora_squeeze import multihost
 from lora_squeeze import optim
@@ -68,8 +69,8 @@ class SqueezeJob:
 
     ctx = self.ctx
     stage = next(p for p in ctx.plan[index:] if isinstance(p, protocols.Stage))
-    new_state = opt_state_projection.project_opt_state(opt_state, optim.make_optimizer(stage.lr, stage.warmup),
-                                                       before, after)
+    optimizer = optim.make_optimizer(stage.lr, stage.warmup, ctx.setup.optimizer)
+    new_state = opt_state_projection.project_opt_state(opt_state, optimizer, before, after)
     ctx.print(f"optimizer state projected into the squeezed basis (next stage: warmup {stage.warmup})")
     return sharding_lib.shard_params(jax.block_until_ready(new_state), ctx.mesh, min_size=ctx.setup.min_shard_size)
 
@@ -81,17 +82,23 @@ class EvaluateJob:
     self.ctx = ctx
 
   def __call__(self, item: protocols.Evaluate, lora: Params, pos: Position, rank: int, retention):
+    from lora_squeeze import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+
     ctx = self.ctx
-    metrics = {}
+    metrics, per_item = {}, None
     if ctx.setup.evaluate is not None:
-      metrics = {k: float(v) for k, v in ctx.setup.evaluate(rank, lora).items()}
+      raw = dict(ctx.setup.evaluate(rank, lora))
+      per_item = raw.pop(evaluate_lib.PER_ITEM, None)  # per-example scores (results.json only: the bootstrap CIs need them)
+      metrics = {k: float(v) for k, v in raw.items()}
     path = self.export(item.tag, lora, rank, pos)
     row = {
         "tag": item.tag, "rank": rank, "retention": retention, "step": pos.global_step,
         "metrics": metrics, "score": next(iter(metrics.values()), None), "adapter": str(path),
     }
-    pos.evals[item.tag] = row
     ctx.metrics.write({"event": "evaluate", **row})
+    if per_item is not None:
+      row["per_item"] = per_item
+    pos.evals[item.tag] = row
     shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()) or "no evaluator"
     ctx.print(f"evaluate {item.tag} (rank {rank}): {shown}; adapter -> {path}")
 
@@ -163,10 +170,12 @@ class Precompiler:
         for r_src, squeeze in squeezes:
           squeeze_tree(ctx.fresh_lora(r_src), squeeze, ctx.plan_key, ctx.setup.squeeze_precision)
         if stage is not None:
-          state = step_lib.init_train_state(ctx.fresh_lora(stage.rank), optim.make_optimizer(stage.lr, stage.warmup),
-                                            ctx.mesh, min_shard_size=ctx.setup.min_shard_size)
+          optimizer = optim.make_optimizer(stage.lr, stage.warmup, ctx.setup.optimizer)
+          state = step_lib.init_train_state(ctx.fresh_lora(stage.rank), optimizer, ctx.mesh,
+                                            min_shard_size=ctx.setup.min_shard_size)
           step_lib.compile_step(ctx.model(stage.rank), ckpt_lib.abstract_like(state), ctx.base, abstract_batch,
-                                lr=stage.lr, warmup=stage.warmup, max_targets=max_targets)
+                                lr=stage.lr, warmup=stage.warmup, max_targets=max_targets,
+                                optimizer_options=ctx.setup.optimizer)
       except Exception as e:  # pylint: disable=broad-except
         ctx.print(f"ahead-of-time compilation of the next stage failed ({e!r}); it compiles when it starts")
 
@@ -192,7 +201,7 @@ class StageTrainer:
   def __call__(self, item: protocols.Stage, index: int, lora: Params, opt_state, pos: Position):
     """Trains plan[index] = item from pos.stage_step on; returns the adapter and optimizer state."""
     ctx, setup = self.ctx, self.ctx.setup
-    optimizer = optim.make_optimizer(item.lr, item.warmup)
+    optimizer = optim.make_optimizer(item.lr, item.warmup, setup.optimizer)
     model = ctx.model(item.rank)
     if opt_state is None:
       state = step_lib.init_train_state(lora, optimizer, ctx.mesh, min_shard_size=setup.min_shard_size)
@@ -212,7 +221,8 @@ class StageTrainer:
       step_lib.check_batch(batch, max_targets=setup.max_targets, step=pos.global_step)
       tokens = step_lib.batch_tokens(batch)
       max_targets = setup.max_targets or step_lib.targets_bucket(batch["target_mask"])
-      train_step = step_lib.make_train_step(model, lr=item.lr, warmup=item.warmup, max_targets=max_targets)
+      train_step = step_lib.make_train_step(model, lr=item.lr, warmup=item.warmup, max_targets=max_targets,
+                                            optimizer_options=setup.optimizer)
       state, metrics = train_step(state, ctx.base, sharding_lib.shard_batch(batch, ctx.mesh))
       lr = float(schedule(pos.stage_step))
       pos.stage_step += 1
@@ -254,6 +264,13 @@ class StageTrainer:
       if save_now:
         self.checkpointer.save(pos, state.lora, state.opt_state)
     return state.lora, state.opt_state
+
+  def log_adapter_size(self, item: protocols.Stage, lora: Params, pos: Position) -> None:
+    """A "stage_end" record with the adapter's ‖ΔW‖_F and factor RMS: shows that (and how far) it moved."""
+    size = adapter_size_lib.adapter_size(jax.device_get(lora))
+    self.ctx.metrics.write({"event": "stage_end", "step": pos.global_step, "rank": item.rank, "lr": item.lr, **size})
+    self.ctx.print(f"stage end (rank {item.rank}, step {pos.global_step}): ||ΔW||_F {size['delta_w_fro']:.4g}, "
+                   f"RMS a {size['a_rms']:.3g}, RMS b {size['b_rms']:.3g}")
 
   def fetch_metrics(self, pending: list[dict[str, Any]], *, stage_no: int, n_stages: int,
                     item: protocols.Stage) -> list[dict[str, Any]]:

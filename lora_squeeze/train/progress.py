@@ -9,6 +9,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from lora_squeeze import bootstrap
+
 
 def format_duration(seconds: float) -> str:
   """62 -> '1m02s', 3725 -> '1h02m05s', NaN -> '?'."""
@@ -35,11 +37,29 @@ def train_line(*, global_step: int, total_steps: int, stage_no: int, n_stages: i
 
 
 def table_lines(evals: Mapping[str, Mapping[str, Any]]) -> list[str]:
-  """The final table: one row per evaluation tag (rank, V_r, then every metric any row has)."""
+  """The final table: one row per evaluation tag (rank, V_r, then every metric any row has), and,
+  where the rows carry per-item scores, each later evaluation minus the first with its paired
+  bootstrap 95 % interval over the items (lora_squeeze.bootstrap; * = the interval excludes zero)."""
   metric_names = list(dict.fromkeys(k for row in evals.values() for k in row["metrics"]))
   header = ["tag", "rank", "V_r", *metric_names]
   rows = [[tag, str(row["rank"]), "-" if row["retention"] is None else f"{row['retention']:.4f}",
            *(f"{row['metrics'][m]:.4f}" if m in row["metrics"] else "-" for m in metric_names)]
           for tag, row in evals.items()]
+  scored = [(tag, row["per_item"]) for tag, row in evals.items() if row.get("per_item")]
+  if len(scored) > 1:
+    first, first_items = scored[0]
+    compared = [m for m in first_items if all(m in items for _, items in scored)]
+    header += [f"{m} minus {first} [95% CI]" for m in compared]
+    for tag, row in zip(evals, rows):
+      items = evals[tag].get("per_item")
+      if tag == first or not items:
+        row += ["-"] * len(compared)
+        continue
+      for m in compared:
+        c = bootstrap.paired_bootstrap(items[m], first_items[m])
+        row.append(f"{c.mean:+.4f} [{c.low:+.4f}, {c.high:+.4f}]{' *' if c.excludes_zero else ''}")
   widths = [max(len(c) for c in col) for col in zip(header, *rows)]
-  return ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in [header, ["-" * w for w in widths], *rows]]
+  lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in [header, ["-" * w for w in widths], *rows]]
+  if len(scored) > 1:
+    lines.append("(* = the interval excludes zero: a difference beyond the sampling of evaluation items)")
+  return lines

@@ -47,6 +47,7 @@ class Runner:
           lora, pos.rank = ctx.fresh_lora(item.rank), item.rank
         lora, last_opt_state = self.train_stage(item, index, lora, opt_state, pos)
         opt_state = last_opt_state if ctx.carries_state(index + 1) else None
+        self.train_stage.log_adapter_size(item, lora, pos)
       elif isinstance(item, protocols.Squeeze):
         key = jax.random.fold_in(ctx.plan_key, index)
         before = lora

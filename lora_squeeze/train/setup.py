@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from lora_squeeze import model as model_lib
+from lora_squeeze import optim
 from lora_squeeze import protocols
 from lora_squeeze import sharding as sharding_lib
 from lora_squeeze.train import step as step_lib
@@ -80,12 +81,23 @@ def setup_from_config(config, *, workdir: str | pathlib.Path, plan: Sequence[pro
       adapter_metadata={"model": config.model, "targets": list(targets), "task": config.task,
                         "protocol": config.protocol},
       mesh=mesh,
+      initial_lora=_initial_lora(config.get("init_adapter", "")),
       checkpoint_every=config.checkpoint_every,
       log_every=config.log_every,
       printer=printer,
       optimizer_state_at_squeeze=config.get("optimizer_state_at_squeeze", "reset"),
       squeeze_precision=config.squeeze.get("precision", "auto"),
+      optimizer=optim.OptimizerOptions(**config.get("optim", {})),
   )
+
+
+def _initial_lora(path: str) -> Any:
+  """The adapter of config.init_adapter (a lora-squeeze adapter folder), or None for ""."""
+  if not path:
+    return None
+  from lora_squeeze.adapters import orbax_io  # pylint: disable=g-import-not-at-top
+
+  return orbax_io.load_adapter(path)[0]
 
 
 def _lora_model(name: str, rank: int, *, targets: tuple[str, ...], text_only: bool):

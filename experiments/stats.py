@@ -1,0 +1,103 @@
+"""Study-level comparisons against direct training, with paired bootstrap intervals over items.
+
+The statistics are lora_squeeze.bootstrap's (re-exported here): per comparison the mean difference
+over seeds and items, its 95 % percentile-bootstrap interval over the evaluation items and the sign
+per seed. The drivers (heatmap, protocol_table) group the per-item scores the trainer recorded
+(results.json "per_item", read by common.collect_items) and write <name>.md / <name>.csv.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from lora_squeeze.bootstrap import CONFIDENCE, N_BOOT, Comparison, format_comparison, paired_bootstrap  # noqa: F401
+
+# Metrics the comparison tables report: per-item key -> (column title, scale, digits, higher is better).
+METRICS = {"accuracy": ("accuracy (points)", 100.0, 1, True), "option_nll": ("option NLL (nats)", 1.0, 4, False)}
+
+
+def compare_groups(items: Mapping[Any, Mapping[int, Mapping[str, Sequence[float]]]],
+                   pairs: Sequence[tuple[Any, Any]], *, metrics: Sequence[str] = tuple(METRICS)) -> list[dict[str, Any]]:
+  """One record per (treatment, baseline) pair of group keys: per metric the Comparison over the
+  seeds both groups have (per-item scores `items[group][seed][metric]`). Pairs with no common seed,
+  or a metric either side lacks, are left out."""
+  out = []
+  for treatment, baseline in pairs:
+    if treatment not in items or baseline not in items:
+      continue
+    seeds = sorted(set(items[treatment]) & set(items[baseline]))
+    if not seeds:
+      continue
+    record = {"treatment": treatment, "baseline": baseline, "seeds": seeds}
+    for metric in metrics:
+      if all(metric in items[g][s] for g in (treatment, baseline) for s in seeds):
+        record[metric] = paired_bootstrap([items[treatment][s][metric] for s in seeds],
+                                          [items[baseline][s][metric] for s in seeds])
+    out.append(record)
+  return out
+
+
+def comparison_table(records: Sequence[Mapping[str, Any]], *, label=str, metrics: Sequence[str] = tuple(METRICS)) -> str:
+  """Markdown: comparison, seeds, then per metric "mean [95 % interval] signs" (bold = interval
+  excludes zero) and the verdict (better / worse / no difference, for the treatment)."""
+  from experiments import common  # pylint: disable=g-import-not-at-top
+
+  header = ["comparison", "seeds"]
+  for metric in metrics:
+    header += [METRICS[metric][0], "verdict"]
+  body = []
+  for r in records:
+    row = [label(r), ",".join(map(str, r["seeds"]))]
+    for metric in metrics:
+      c = r.get(metric)
+      if c is None:
+        row += ["–", "–"]
+        continue
+      title, scale, digits, higher_better = METRICS[metric]
+      del title
+      verdict = "no difference"
+      if c.excludes_zero:
+        verdict = "better" if (c.mean > 0) == higher_better else "worse"
+      row += [format_comparison(c, scale=scale, digits=digits), verdict]
+    body.append(row)
+  return common.markdown_table(header, body)
+
+
+def comparison_rows(records: Sequence[Mapping[str, Any]], *, label=str) -> list[dict[str, Any]]:
+  """The records as flat CSV rows: comparison, seeds, and per metric mean/low/high/signs/excludes_zero."""
+  rows = []
+  for r in records:
+    row = {"comparison": label(r), "seeds": " ".join(map(str, r["seeds"]))}
+    for metric in METRICS:
+      c = r.get(metric)
+      if c is not None:
+        row.update({f"{metric}_mean": c.mean, f"{metric}_low": c.low, f"{metric}_high": c.high,
+                    f"{metric}_signs": c.signs, f"{metric}_excludes_zero": c.excludes_zero})
+    rows.append(row)
+  return rows
+
+
+def group_items(rows: Sequence[Mapping[str, Any]], items: Mapping[tuple[str, str], Mapping[str, Sequence[float]]],
+                key) -> dict[Any, dict[int, Mapping[str, Sequence[float]]]]:
+  """{key(row): {seed: per-item scores}} for the rows whose (cell, tag) has per-item scores."""
+  out: dict[Any, dict[int, Mapping[str, Sequence[float]]]] = {}
+  for row in rows:
+    found = items.get((row.get("cell"), row.get("tag")))
+    if found:
+      out.setdefault(key(row), {})[row["seed"]] = found
+  return out
+
+
+def write_comparisons(workdir, name: str, records: Sequence[Mapping[str, Any]], *, label=str, title: str = "") -> str:
+  """<name>.md (comparison_table, under `title`) and <name>.csv (comparison_rows) in `workdir`;
+  returns the Markdown."""
+  from experiments import common  # pylint: disable=g-import-not-at-top
+
+  note = (f"Mean over seeds and items, paired bootstrap {CONFIDENCE:.0%} interval over the evaluation items "
+          f"({N_BOOT:,} resamples), then the sign per seed; bold = the interval excludes zero.\n\n")
+  text = (f"{title}\n\n" if title else "") + note + comparison_table(records, label=label)
+  common.atomic_write_text(pathlib.Path(workdir) / f"{name}.md", text)
+  common.write_csv(pathlib.Path(workdir) / f"{name}.csv", comparison_rows(records, label=label))
+  return text
