@@ -49,8 +49,16 @@ from lora_squeeze import train
 RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "gpu_train_bench.json"
 LR, WARMUP, RANK, R_TGT, TARGETS_PER_ROW = 1e-3, 100, 16, 8, 8
 # Peak dense bfloat16 FLOP/s by a substring of jax.Device.device_kind (vendor data sheets).
-PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "TPU v5 lite": 197e12, "TPU v5p": 459e12,
-             "TPU v4": 275e12, "TPU v6": 918e12}
+PEAK_BF16 = {
+  "H200": 989e12,
+  "H100": 989e12,
+  "A100": 312e12,
+  "L4": 121e12,
+  "TPU v5 lite": 197e12,
+  "TPU v5p": 459e12,
+  "TPU v4": 275e12,
+  "TPU v6": 918e12,
+}
 
 
 def peak_flops(device_kind: str) -> float | None:
@@ -100,7 +108,8 @@ def bench_model(name: str, mesh, *, batch: int, length: int, steps: int, key) ->
   lora = sharding.shard_params(model_lib.init_lora_params(model, base, key=key), mesh)
   # b = 0 at init; random b gives the squeeze a full-rank ΔW, like a trained adapter.
   lora = jax.tree_util.tree_map_with_path(
-      lambda p, x: jax.random.normal(key, x.shape, x.dtype) * 0.01 if p[-1].key == "b" else x, lora)
+    lambda p, x: jax.random.normal(key, x.shape, x.dtype) * 0.01 if p[-1].key == "b" else x, lora
+  )
   data = sharding.shard_batch(synthetic_batch(batch, length), mesh)
   state = train.init_train_state(lora, optim.make_optimizer(LR, WARMUP), mesh)
   step = train.make_train_step(model, lr=LR, warmup=WARMUP, max_targets=TARGETS_PER_ROW)
@@ -117,8 +126,9 @@ def bench_model(name: str, mesh, *, batch: int, length: int, steps: int, key) ->
   start = time.perf_counter()
   new_state = jax.block_until_ready(train.init_train_state(new_lora, optim.make_optimizer(LR, WARMUP), mesh))
   reinit_s = time.perf_counter() - start
-  new_step = train.make_train_step(model_lib.make_model(name, lora_rank=R_TGT), lr=LR, warmup=WARMUP,
-                                   max_targets=TARGETS_PER_ROW)
+  new_step = train.make_train_step(
+    model_lib.make_model(name, lora_rank=R_TGT), lr=LR, warmup=WARMUP, max_targets=TARGETS_PER_ROW
+  )
   new_state, first_new_s = run_loop(new_step, new_state, base, data, 1)
   new_state, _ = run_loop(new_step, new_state, base, data, 3)
   new_state, seconds_new = run_loop(new_step, new_state, base, data, steps)
@@ -128,13 +138,30 @@ def bench_model(name: str, mesh, *, batch: int, length: int, steps: int, key) ->
   peak = peak_flops(jax.devices()[0].device_kind)
   achieved = flops["flops_per_step"] / step_s
   return {
-      "model": name, "rank": RANK, "batch": batch, "length": length, "base_dtype": "bfloat16",
-      "first_step_s": first_s, "step_s": step_s, "steps_per_s": 1 / step_s, "tokens_per_s": batch * length / step_s,
-      **flops, "achieved_flops_per_s": achieved, "peak_flops_per_s_per_device": peak,
-      "mfu": achieved / (peak * len(jax.devices())) if peak else None,
-      "rank_change": {"r_src": RANK, "r_tgt": R_TGT, "modules": len(report.modules), "squeeze_s": squeeze_s,
-                      "optimizer_reinit_s": reinit_s, "first_step_s": first_new_s, "recompile_s": recompile_s,
-                      "total_s": squeeze_s + reinit_s + recompile_s, "steady_step_s_after": seconds_new / steps},
+    "model": name,
+    "rank": RANK,
+    "batch": batch,
+    "length": length,
+    "base_dtype": "bfloat16",
+    "first_step_s": first_s,
+    "step_s": step_s,
+    "steps_per_s": 1 / step_s,
+    "tokens_per_s": batch * length / step_s,
+    **flops,
+    "achieved_flops_per_s": achieved,
+    "peak_flops_per_s_per_device": peak,
+    "mfu": achieved / (peak * len(jax.devices())) if peak else None,
+    "rank_change": {
+      "r_src": RANK,
+      "r_tgt": R_TGT,
+      "modules": len(report.modules),
+      "squeeze_s": squeeze_s,
+      "optimizer_reinit_s": reinit_s,
+      "first_step_s": first_new_s,
+      "recompile_s": recompile_s,
+      "total_s": squeeze_s + reinit_s + recompile_s,
+      "steady_step_s_after": seconds_new / steps,
+    },
   }
 
 
@@ -148,26 +175,39 @@ def main() -> None:
   args = parser.parse_args()
   key = jax.random.key(0)
   mesh = sharding.make_mesh()
-  rows = [bench_model(name, mesh, batch=args.batch, length=args.length, steps=args.steps, key=key)
-          for name in args.models.split(",")]
-  result = {"host": {"platform": platform.platform(), "backend": jax.default_backend(), "jax": jax.__version__,
-                     "device_kind": jax.devices()[0].device_kind, "devices": [str(d) for d in jax.devices()]},
-            "command": "python -m benchmarks.gpu_train_bench " + " ".join(
-                f"--{k}={v}" for k, v in vars(args).items() if k != "out"),
-            "rows": rows}
+  rows = [
+    bench_model(name, mesh, batch=args.batch, length=args.length, steps=args.steps, key=key)
+    for name in args.models.split(",")
+  ]
+  result = {
+    "host": {
+      "platform": platform.platform(),
+      "backend": jax.default_backend(),
+      "jax": jax.__version__,
+      "device_kind": jax.devices()[0].device_kind,
+      "devices": [str(d) for d in jax.devices()],
+    },
+    "command": "python -m benchmarks.gpu_train_bench "
+    + " ".join(f"--{k}={v}" for k, v in vars(args).items() if k != "out"),
+    "rows": rows,
+  }
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   tmp = out.with_name(out.name + ".tmp")
   tmp.write_text(json.dumps(result, indent=2) + "\n")
   os.replace(tmp, out)
   print(f"{jax.devices()[0].device_kind} x {len(jax.devices())} ({jax.default_backend()})")
-  print(f"{'model':<12} {'steps/s':>8} {'tokens/s':>10} {'TFLOP/step':>10} {'MFU':>6} {'compile s':>9} "
-        f"{'squeeze s':>9} {'recompile s':>11}")
+  print(
+    f"{'model':<12} {'steps/s':>8} {'tokens/s':>10} {'TFLOP/step':>10} {'MFU':>6} {'compile s':>9} "
+    f"{'squeeze s':>9} {'recompile s':>11}"
+  )
   for r in rows:
     rc = r["rank_change"]
     mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-    print(f"{r['model']:<12} {r['steps_per_s']:>8.2f} {r['tokens_per_s']:>10.0f} {r['flops_per_step'] / 1e12:>10.2f} "
-          f"{mfu:>6} {r['first_step_s']:>9.1f} {rc['squeeze_s']:>9.2f} {rc['recompile_s']:>11.1f}")
+    print(
+      f"{r['model']:<12} {r['steps_per_s']:>8.2f} {r['tokens_per_s']:>10.0f} {r['flops_per_step'] / 1e12:>10.2f} "
+      f"{mfu:>6} {r['first_step_s']:>9.1f} {rc['squeeze_s']:>9.2f} {rc['recompile_s']:>11.1f}"
+    )
   print(f"wrote {out}")
 
 

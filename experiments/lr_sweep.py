@@ -52,14 +52,16 @@ def sweep_cells(study: ml_collections.ConfigDict) -> list[common.Cell]:
       for lr in study.lrs:
         for seed in study.seeds:
           plan = protocols.direct(rank=rank, steps=common.steps_for(study, task), lr=lr, warmup=study.warmup)
-          cells.append(common.Cell(
+          cells.append(
+            common.Cell(
               name=f"{task}/sweep/r{rank}_lr{lr:g}_s{seed}",
               plan=plan,
               overrides=common.run_overrides(task=task, seed=seed),
               labels={"study": "sweep", "task": task, "rank": rank, "lr": lr, "seed": seed},
               evals={tag: {} for tag in protocols.eval_tags(plan)},
               cost=common.steps_for(study, task),
-          ))
+            )
+          )
   return cells
 
 
@@ -72,16 +74,24 @@ def post_cells(study: ml_collections.ConfigDict, lr_src: float) -> list[common.C
   cells = []
   for task in study.tasks:
     for seed in study.seeds:
-      plan = protocols.post_squeeze(r_src=r_src, steps=common.steps_for(study, task), lr=lr_src, targets=targets,
-                                    warmup=study.warmup, method=study.method)
-      cells.append(common.Cell(
+      plan = protocols.post_squeeze(
+        r_src=r_src,
+        steps=common.steps_for(study, task),
+        lr=lr_src,
+        targets=targets,
+        warmup=study.warmup,
+        method=study.method,
+      )
+      cells.append(
+        common.Cell(
           name=f"{task}/post/r{r_src}_lr{lr_src:g}_s{seed}",
           plan=plan,
           overrides=common.run_overrides(task=task, seed=seed),
           labels={"study": "post", "task": task, "r_src": r_src, "lr": lr_src, "seed": seed},
           evals=dict(zip(protocols.eval_tags(plan), [{"rank": r} for r in (r_src, *targets)], strict=True)),
           cost=common.steps_for(study, task),
-      ))
+        )
+      )
   return cells
 
 
@@ -117,25 +127,39 @@ def write_sweep_report(rows: Sequence[common.Row], workdir: pathlib.Path, *, mod
   lrs = sorted({lr for _, lr in means})
   best = best_lrs(rows)
   sem = seed_sem(sweep)
-  common.write_csv(workdir / "lr_sweep.csv",
-                   [{"rank": r, "lr": lr, "score": means[(r, lr)], "sem": sem[(r, lr)], "best": best.get(r) == lr}
-                    for r, lr in sorted(means)])
+  common.write_csv(
+    workdir / "lr_sweep.csv",
+    [
+      {"rank": r, "lr": lr, "score": means[(r, lr)], "sem": sem[(r, lr)], "best": best.get(r) == lr}
+      for r, lr in sorted(means)
+    ],
+  )
   body = [[r, *(means.get((r, lr), math.nan) for lr in lrs), f"{best[r]:g}" if r in best else "none"] for r in ranks]
   bold = {(i, 1 + lrs.index(best[r])) for i, r in enumerate(ranks) if r in best}
-  common.atomic_write_text(workdir / "lr_sweep.md", common.markdown_table(
-      ["rank", *(f"lr {lr:g}" for lr in lrs), "best lr"], body, bold=bold))
+  common.atomic_write_text(
+    workdir / "lr_sweep.md", common.markdown_table(["rank", *(f"lr {lr:g}" for lr in lrs), "best lr"], body, bold=bold)
+  )
   tasks = sorted({r["task"] for r in sweep})
   seeds = sorted({r["seed"] for r in sweep})
-  common.write_json(workdir / "lr_table.json", {
+  common.write_json(
+    workdir / "lr_table.json",
+    {
       "note": f"Best lr per rank by experiments.lr_sweep: highest mean score over tasks {tasks} and seeds {seeds}.",
       "grid": lrs,
       "lr": {model: {str(r): lr for r, lr in sorted(best.items())}},
-  })
+    },
+  )
   common.plot_lines(
-      {f"r={r}": ([lr for lr in lrs if (r, lr) in means], [means[(r, lr)] for lr in lrs if (r, lr) in means])
-       for r in ranks},
-      path=workdir / "lr_sweep.png", title="LR sweep: mean score over tasks and seeds", xlabel="learning rate",
-      ylabel="score (%)", x_scale="log10")
+    {
+      f"r={r}": ([lr for lr in lrs if (r, lr) in means], [means[(r, lr)] for lr in lrs if (r, lr) in means])
+      for r in ranks
+    },
+    path=workdir / "lr_sweep.png",
+    title="LR sweep: mean score over tasks and seeds",
+    xlabel="learning rate",
+    ylabel="score (%)",
+    x_scale="log10",
+  )
   return best
 
 
@@ -155,14 +179,19 @@ def write_fig3(rows: Sequence[common.Row], workdir: pathlib.Path, *, r_src: int)
     direct_best = common.mean_score([r for r in sweep if best.get(r["rank"]) == r["lr"]], key=lambda r: r["rank"])
     squeezed = common.mean_score(common.select(pick(post), lr=lr_src), key=lambda r: r["rank"])
     series = {
-        f"direct, lr {lr_src:g} (best for r={r_src})": _xy(direct_src_lr),
-        f"Post-Squeeze from r={r_src}": _xy(squeezed),
-        "direct, best lr per rank": _xy(direct_best),
+      f"direct, lr {lr_src:g} (best for r={r_src})": _xy(direct_src_lr),
+      f"Post-Squeeze from r={r_src}": _xy(squeezed),
+      "direct, best lr per rank": _xy(direct_best),
     }
     name = "average" if task is None else task
     path = workdir / f"sweep_only_r{r_src}_{name}.png"
-    common.plot_lines(series, path=path, title=f"{name}: sweep only r={r_src}, Post-Squeeze the rest",
-                      xlabel="LoRA rank", ylabel="score (%)")
+    common.plot_lines(
+      series,
+      path=path,
+      title=f"{name}: sweep only r={r_src}, Post-Squeeze the rest",
+      xlabel="LoRA rank",
+      ylabel="score (%)",
+    )
     written.append(path)
   return written
 
@@ -172,8 +201,14 @@ def _xy(by_rank: dict[int, float]) -> tuple[list[int], list[float]]:
   return ranks, [by_rank[r] for r in ranks]
 
 
-def run_study(study: ml_collections.ConfigDict, *, workdir: pathlib.Path, train: bool = True,
-              train_fn: Callable = common.train_run, log: Callable[[str], None] = common.log_line) -> dict[int, float]:
+def run_study(
+  study: ml_collections.ConfigDict,
+  *,
+  workdir: pathlib.Path,
+  train: bool = True,
+  train_fn: Callable = common.train_run,
+  log: Callable[[str], None] = common.log_line,
+) -> dict[int, float]:
   """Both phases (unless train=False: report only from the files) and every report; returns best lr per rank."""
   workdir = pathlib.Path(workdir)
   base = common.training_config(study)
@@ -186,10 +221,13 @@ def run_study(study: ml_collections.ConfigDict, *, workdir: pathlib.Path, train:
   if study.source_rank:
     if train:
       if study.source_rank not in best:
-        raise ValueError(f"source_rank={study.source_rank} has no finished sweep run with a finite score; "
-                         f"ranks with a best lr: {sorted(best)}")
-      common.run_cells(post_cells(study, best[study.source_rank]), workdir=workdir, base_config=base,
-                       train_fn=train_fn, log=log)
+        raise ValueError(
+          f"source_rank={study.source_rank} has no finished sweep run with a finite score; "
+          f"ranks with a best lr: {sorted(best)}"
+        )
+      common.run_cells(
+        post_cells(study, best[study.source_rank]), workdir=workdir, base_config=base, train_fn=train_fn, log=log
+      )
       rows, unfinished = common.collect_rows(workdir)
     write_fig3(rows, workdir, r_src=study.source_rank)
   common.write_rows(workdir, rows, unfinished, log=log)

@@ -63,7 +63,7 @@ def copy_examples(n: int, seed: int) -> list[dict[str, np.ndarray]]:
     x = rng.integers(*VOCAB, HALF)
     tokens = np.concatenate([[2], x, [3], x]).astype(np.int32)
     mask = np.zeros(LENGTH, bool)
-    mask[HALF + 2:] = True
+    mask[HALF + 2 :] = True
     out.append({"tokens": tokens, "target_mask": mask})
   return out
 
@@ -72,15 +72,33 @@ def plans(args) -> dict[str, protocols.Plan]:
   lr = lambda rank: args.lr  # noqa: E731  one lr for every rank: the comparison is reset vs project
   ranks = tuple(args.ranks)
   return {
-      "in_squeeze_standard": protocols.in_squeeze(
-          ranks=ranks, total_steps=args.steps, lr_for_rank=lr, scheme="proportional", warmup=args.warmup,
-          stage_warmup=args.stage_warmup),
-      "in_squeeze_min_steps": protocols.in_squeeze(
-          ranks=ranks, total_steps=args.steps, lr_for_rank=lr, scheme="min_steps", min_steps=args.min_steps,
-          warmup=args.warmup, stage_warmup=args.stage_warmup),
-      "cont_squeeze": protocols.cont_squeeze(
-          r_src=ranks[0], r_tgt=ranks[-1], steps=args.steps - args.extra_steps, extra_steps=args.extra_steps,
-          lr_src=args.lr, lr_tgt=args.lr, warmup=args.warmup, extra_warmup=args.stage_warmup),
+    "in_squeeze_standard": protocols.in_squeeze(
+      ranks=ranks,
+      total_steps=args.steps,
+      lr_for_rank=lr,
+      scheme="proportional",
+      warmup=args.warmup,
+      stage_warmup=args.stage_warmup,
+    ),
+    "in_squeeze_min_steps": protocols.in_squeeze(
+      ranks=ranks,
+      total_steps=args.steps,
+      lr_for_rank=lr,
+      scheme="min_steps",
+      min_steps=args.min_steps,
+      warmup=args.warmup,
+      stage_warmup=args.stage_warmup,
+    ),
+    "cont_squeeze": protocols.cont_squeeze(
+      r_src=ranks[0],
+      r_tgt=ranks[-1],
+      steps=args.steps - args.extra_steps,
+      extra_steps=args.extra_steps,
+      lr_src=args.lr,
+      lr_tgt=args.lr,
+      warmup=args.warmup,
+      extra_warmup=args.stage_warmup,
+    ),
   }
 
 
@@ -99,18 +117,17 @@ def mode_plan(plan, mode, args):
 def run_one(plan, mode, seed, args, base, eval_batch, workdir) -> dict:
   plan, mode = mode_plan(plan, mode, args)
   setup = train.RunSetup(
-      model_for_rank=lambda r: model_lib.make_model("tiny", lora_rank=r),
-      base_params=base,
-      batches=train.batch_dataset(copy_examples(args.train_examples, 1000 + seed), batch_size=args.batch_size,
-                                  seed=seed),
-      workdir=workdir,
-      key=jax.random.key(seed),
-      max_targets=HALF,
-      run_config={"mode": mode, "seed": seed},
-      checkpoint_every=10**9,
-      log_every=10**9,
-      printer=lambda line: None,
-      optimizer_state_at_squeeze=mode,
+    model_for_rank=lambda r: model_lib.make_model("tiny", lora_rank=r),
+    base_params=base,
+    batches=train.batch_dataset(copy_examples(args.train_examples, 1000 + seed), batch_size=args.batch_size, seed=seed),
+    workdir=workdir,
+    key=jax.random.key(seed),
+    max_targets=HALF,
+    run_config={"mode": mode, "seed": seed},
+    checkpoint_every=10**9,
+    log_every=10**9,
+    printer=lambda line: None,
+    optimizer_state_at_squeeze=mode,
   )
   start = time.perf_counter()
   out = train.execute_plan(plan, setup)
@@ -119,8 +136,13 @@ def run_one(plan, mode, seed, args, base, eval_batch, workdir) -> dict:
   loss, _ = train.loss_fn(out["lora"], base, eval_batch, model=model, max_targets=HALF)
   metrics = [json.loads(line) for line in (workdir / train.METRICS_FILE).read_text().splitlines()]
   losses = [r["loss"] for r in metrics if r["event"] == "train"]
-  return {"eval_loss": float(loss), "final_train_loss": float(np.mean(losses[-10:])), "seconds": seconds,
-          "rank": out["rank"], "loss_curve": losses}
+  return {
+    "eval_loss": float(loss),
+    "final_train_loss": float(np.mean(losses[-10:])),
+    "seconds": seconds,
+    "rank": out["rank"],
+    "loss_curve": losses,
+  }
 
 
 def lowrank_problem(seed: int, args):
@@ -146,8 +168,14 @@ def run_lowrank(plan, mode, seed, args) -> dict:
   d, noise = args.dim, 0.1
   first = next(p for p in plan if isinstance(p, protocols.Stage))
   key = jax.random.key(seed)
-  params = {"m": {"lora": {"a": jax.random.normal(key, (d, first.rank), jnp.float32) / np.sqrt(d),
-                           "b": jnp.zeros((first.rank, d), jnp.float32)}}}
+  params = {
+    "m": {
+      "lora": {
+        "a": jax.random.normal(key, (d, first.rank), jnp.float32) / np.sqrt(d),
+        "b": jnp.zeros((first.rank, d), jnp.float32),
+      }
+    }
+  }
 
   def loss(p, x, y):
     return jnp.mean(jnp.square(x @ p["m"]["lora"]["a"] @ p["m"]["lora"]["b"] - y))
@@ -185,16 +213,22 @@ def run_lowrank(plan, mode, seed, args) -> dict:
       new, _, bases = opt_state_projection.squeeze_with_basis(params, item.rank, method=item.method)
       if state is not None:
         nxt = next(p for p in plan[i:] if isinstance(p, protocols.Stage))
-        state = opt_state_projection.project_opt_state(state, optim.make_optimizer(nxt.lr, nxt.warmup), params, new,
-                                                       bases=bases)
+        state = opt_state_projection.project_opt_state(
+          state, optim.make_optimizer(nxt.lr, nxt.warmup), params, new, bases=bases
+        )
       params = new
   delta = np.asarray(params["m"]["lora"]["a"] @ params["m"]["lora"]["b"], np.float64)
   # Held-out excess MSE = E‖x (ΔW − W*)‖² / d = ‖ΔW − W*‖²_F / d for x ~ N(0, I).
   # Reported above the best fit at the final rank (Eckart-Young), so 0 = that optimum.
   s = np.linalg.svd(w_star.astype(np.float64), compute_uv=False)
-  excess = float(np.sum(np.square(delta - w_star)) / d - np.sum(np.square(s[last_stage.rank:])) / d)
-  return {"eval_loss": excess, "final_train_loss": float(np.mean(losses[-10:])), "seconds": 0.0,
-          "rank": last_stage.rank, "loss_curve": losses}
+  excess = float(np.sum(np.square(delta - w_star)) / d - np.sum(np.square(s[last_stage.rank :])) / d)
+  return {
+    "eval_loss": excess,
+    "final_train_loss": float(np.mean(losses[-10:])),
+    "seconds": 0.0,
+    "rank": last_stage.rank,
+    "loss_curve": losses,
+  }
 
 
 def paired(diffs: list[float]) -> dict:
@@ -208,9 +242,13 @@ def paired(diffs: list[float]) -> dict:
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--setting", choices=("lowrank", "tiny_gemma"), default="lowrank",
-                      help="lowrank: LoRA factors on a regression with a decaying spectrum (seconds per run); "
-                      "tiny_gemma: the trainer's runner on the tiny Gemma 3 and a copy task (minutes per run)")
+  parser.add_argument(
+    "--setting",
+    choices=("lowrank", "tiny_gemma"),
+    default="lowrank",
+    help="lowrank: LoRA factors on a regression with a decaying spectrum (seconds per run); "
+    "tiny_gemma: the trainer's runner on the tiny Gemma 3 and a copy task (minutes per run)",
+  )
   parser.add_argument("--dim", type=int, default=64, help="lowrank: d of the d×d target")
   parser.add_argument("--seeds", type=int, default=3)
   parser.add_argument("--steps", type=int, default=160, help="total steps of every run")
@@ -225,8 +263,12 @@ def main(argv=None):
   parser.add_argument("--train_examples", type=int, default=2048)
   parser.add_argument("--eval_examples", type=int, default=256)
   parser.add_argument("--protocols", nargs="+", default=None)
-  parser.add_argument("--modes", nargs="+", default=["reset", "project", "project_same_warmup"],
-                      help="arms; each is paired with 'reset' (which must come first)")
+  parser.add_argument(
+    "--modes",
+    nargs="+",
+    default=["reset", "project", "project_same_warmup"],
+    help="arms; each is paired with 'reset' (which must come first)",
+  )
   parser.add_argument("--out", default="docs/results/opt_state_projection")
   args = parser.parse_args(argv)
 
@@ -247,11 +289,16 @@ def main(argv=None):
           if args.setting == "lowrank":
             row = run_lowrank(all_plans[name], mode, seed, args)
           else:
-            row = run_one(all_plans[name], mode, seed, args, base, eval_batch, pathlib.Path(tmp) / f"{name}_{mode}_{seed}")
+            row = run_one(
+              all_plans[name], mode, seed, args, base, eval_batch, pathlib.Path(tmp) / f"{name}_{mode}_{seed}"
+            )
           row["seconds"] = time.perf_counter() - start
           runs.append({"protocol": name, "mode": mode, "seed": seed, **row})
-          print(f"{name:22s} seed {seed} {mode:8s} eval {row['eval_loss']:.4f} "
-                f"train loss {row['final_train_loss']:.4f} ({row['seconds']:.1f}s)", flush=True)
+          print(
+            f"{name:22s} seed {seed} {mode:8s} eval {row['eval_loss']:.4f} "
+            f"train loss {row['final_train_loss']:.4f} ({row['seconds']:.1f}s)",
+            flush=True,
+          )
       write_outputs(args, names, all_plans, runs)
 
 
@@ -269,22 +316,26 @@ def write_outputs(args, names, all_plans, runs):
       for arm in arms:
         values = [by[arm, s][metric] for s in seeds]
         summary[name][metric][arm] = {
-            "mean": float(np.mean(values)) if seeds else float("nan"),
-            "minus_reset": paired([v - r for v, r in zip(values, reset)]),
-            "ratio_to_reset": float(np.mean(values) / np.mean(reset)) if seeds else float("nan"),
+          "mean": float(np.mean(values)) if seeds else float("nan"),
+          "minus_reset": paired([v - r for v, r in zip(values, reset)]),
+          "ratio_to_reset": float(np.mean(values) / np.mean(reset)) if seeds else float("nan"),
         }
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   (out / "results.json").write_text(json.dumps({"args": vars(args), "summary": summary, "runs": runs}, indent=1))
-  lines = ["| protocol | metric | reset | arm | arm mean | arm − reset (95% CI, paired over seeds) | arm / reset |",
-           "|---|---|---|---|---|---|---|"]
+  lines = [
+    "| protocol | metric | reset | arm | arm mean | arm − reset (95% CI, paired over seeds) | arm / reset |",
+    "|---|---|---|---|---|---|---|",
+  ]
   for name in names:
     for metric, s in summary[name].items():
       for arm in [m for m in args.modes if m != "reset"]:
         d = s[arm]["minus_reset"]
-        lines.append(f"| {name} | {metric} | {s['reset_mean']:.4f} | {arm} | {s[arm]['mean']:.4f} | "
-                     f"{d['mean']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}] (n={d['n']}) | "
-                     f"{s[arm]['ratio_to_reset']:.2f} |")
+        lines.append(
+          f"| {name} | {metric} | {s['reset_mean']:.4f} | {arm} | {s[arm]['mean']:.4f} | "
+          f"{d['mean']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}] (n={d['n']}) | "
+          f"{s[arm]['ratio_to_reset']:.2f} |"
+        )
   table = "\n".join(lines)
   (out / "summary.md").write_text(table + "\n")
   print(table, flush=True)

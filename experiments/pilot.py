@@ -86,11 +86,20 @@ def report(workdir: pathlib.Path) -> str:
   for (mbps, rank, lr), rs in sorted(groups.items()):
     acc = np.array([r["metrics"]["accuracy"] for r in rs]) * 100
     nll = np.array([r["metrics"]["option_nll"] for r in rs])
-    table.append({"multiply_by_parameter_scale": mbps, "rank": rank, "lr": lr, "seeds": len(rs),
-                  "accuracy": acc.mean(), "accuracy_std": acc.std(ddof=1) if len(rs) > 1 else float("nan"),
-                  "option_nll": nll.mean(), "option_nll_std": nll.std(ddof=1) if len(rs) > 1 else float("nan"),
-                  "delta_w_fro": float(np.mean([r["adapter"]["delta_w_fro"] for r in rs])),
-                  "seconds": float(np.mean([r["seconds"] for r in rs]))})
+    table.append(
+      {
+        "multiply_by_parameter_scale": mbps,
+        "rank": rank,
+        "lr": lr,
+        "seeds": len(rs),
+        "accuracy": acc.mean(),
+        "accuracy_std": acc.std(ddof=1) if len(rs) > 1 else float("nan"),
+        "option_nll": nll.mean(),
+        "option_nll_std": nll.std(ddof=1) if len(rs) > 1 else float("nan"),
+        "delta_w_fro": float(np.mean([r["adapter"]["delta_w_fro"] for r in rs])),
+        "seconds": float(np.mean([r["seconds"] for r in rs])),
+      }
+    )
   common.write_csv(workdir / "pilot.csv", table)
   zero = [r["zero_shot"] for r in rows if r.get("zero_shot")]
   lines = [common.markdown_table(list(table[0]), [list(t.values()) for t in table], float_format="{:.3g}")]
@@ -107,12 +116,18 @@ def report(workdir: pathlib.Path) -> str:
       seeds = sorted(s for (rk, lr_, s) in by if rk == hi and lr_ == lr and (1, lr, s) in by)
       if not seeds:
         continue
-      gaps = np.array([by[(hi, lr, s)]["metrics"]["accuracy"] - by[(1, lr, s)]["metrics"]["accuracy"] for s in seeds]) * 100
-      nll_gaps = np.array([by[(1, lr, s)]["metrics"]["option_nll"] - by[(hi, lr, s)]["metrics"]["option_nll"] for s in seeds])
+      gaps = (
+        np.array([by[(hi, lr, s)]["metrics"]["accuracy"] - by[(1, lr, s)]["metrics"]["accuracy"] for s in seeds]) * 100
+      )
+      nll_gaps = np.array(
+        [by[(1, lr, s)]["metrics"]["option_nll"] - by[(hi, lr, s)]["metrics"]["option_nll"] for s in seeds]
+      )
       sd = lambda x: x.std(ddof=1) if len(x) > 1 else float("nan")  # noqa: E731
-      lines.append(f"mbps={mbps} lr={lr:g}: r{hi} minus r1 per seed {seeds}: accuracy {np.round(gaps, 2).tolist()} "
-                   f"(mean {gaps.mean():+.2f}, std {sd(gaps):.2f}); option NLL r1 minus r{hi} "
-                   f"{np.round(nll_gaps, 4).tolist()} (mean {nll_gaps.mean():+.4f}, std {sd(nll_gaps):.4f})\n")
+      lines.append(
+        f"mbps={mbps} lr={lr:g}: r{hi} minus r1 per seed {seeds}: accuracy {np.round(gaps, 2).tolist()} "
+        f"(mean {gaps.mean():+.2f}, std {sd(gaps):.2f}); option NLL r1 minus r{hi} "
+        f"{np.round(nll_gaps, 4).tolist()} (mean {nll_gaps.mean():+.4f}, std {sd(nll_gaps):.4f})\n"
+      )
       # Items are paired across seeds only where the runs scored the same questions (the first
       # pilot runs predate the de-duplicated split: their digest is missing, "v0").
       digests = {}
@@ -121,23 +136,31 @@ def report(workdir: pathlib.Path) -> str:
         if pair[0] == pair[1]:  # a seed whose two runs scored different questions is not paired by item
           digests.setdefault(pair[0], []).append(s)
       for digest, group in sorted(digests.items()):
-        acc = stats.paired_bootstrap([by[(hi, lr, s)]["per_item"]["accuracy"] for s in group],
-                                     [by[(1, lr, s)]["per_item"]["accuracy"] for s in group])
-        nll = stats.paired_bootstrap([by[(1, lr, s)]["per_item"]["option_nll"] for s in group],
-                                     [by[(hi, lr, s)]["per_item"]["option_nll"] for s in group])
-        lines.append(f"  paired bootstrap over the {acc.n_items} items (seeds {group}, eval split {digest}): "
-                     f"accuracy r{hi} - r1 {stats.format_comparison(acc, scale=100, digits=1)}; option NLL r1 - r{hi} "
-                     f"{stats.format_comparison(nll, digits=4)}\n")
+        acc = stats.paired_bootstrap(
+          [by[(hi, lr, s)]["per_item"]["accuracy"] for s in group],
+          [by[(1, lr, s)]["per_item"]["accuracy"] for s in group],
+        )
+        nll = stats.paired_bootstrap(
+          [by[(1, lr, s)]["per_item"]["option_nll"] for s in group],
+          [by[(hi, lr, s)]["per_item"]["option_nll"] for s in group],
+        )
+        lines.append(
+          f"  paired bootstrap over the {acc.n_items} items (seeds {group}, eval split {digest}): "
+          f"accuracy r{hi} - r1 {stats.format_comparison(acc, scale=100, digits=1)}; option NLL r1 - r{hi} "
+          f"{stats.format_comparison(nll, digits=4)}\n"
+        )
   # The two Adafactor settings at the same rank and seed (their own lr each).
-  for (rank, seed) in sorted({(r["rank"], r["seed"]) for r in rows}):
+  for rank, seed in sorted({(r["rank"], r["seed"]) for r in rows}):
     pair = {r["mbps"]: r for r in rows if (r["rank"], r["seed"]) == (rank, seed)}
     if len(pair) == 2:
       acc = stats.paired_bootstrap(pair[False]["per_item"]["accuracy"], pair[True]["per_item"]["accuracy"])
       nll = stats.paired_bootstrap(pair[True]["per_item"]["option_nll"], pair[False]["per_item"]["option_nll"])
-      lines.append(f"rank {rank} seed {seed}: accuracy without minus with the parameter scale (lr "
-                   f"{pair[False]['lr']:g} vs {pair[True]['lr']:g}): {stats.format_comparison(acc, scale=100, digits=1)}; "
-                   f"option NLL with minus without: {stats.format_comparison(nll, digits=4)}; "
-                   f"|ΔW|_F {pair[False]['adapter']['delta_w_fro']:.3g} vs {pair[True]['adapter']['delta_w_fro']:.3g}\n")
+      lines.append(
+        f"rank {rank} seed {seed}: accuracy without minus with the parameter scale (lr "
+        f"{pair[False]['lr']:g} vs {pair[True]['lr']:g}): {stats.format_comparison(acc, scale=100, digits=1)}; "
+        f"option NLL with minus without: {stats.format_comparison(nll, digits=4)}; "
+        f"|ΔW|_F {pair[False]['adapter']['delta_w_fro']:.3g} vs {pair[True]['adapter']['delta_w_fro']:.3g}\n"
+      )
   text = "\n".join(lines)
   common.atomic_write_text(workdir / "pilot.md", text)
   return text
@@ -169,17 +192,25 @@ def main(argv):
     config.rank, config.lr = run["rank"], run["lr"]
     config.optim.multiply_by_parameter_scale = run["mbps"]
     zero_shot = not done
-    plan = [protocols.Stage(rank=run["rank"], steps=_STEPS.value, lr=run["lr"], warmup=_WARMUP.value),
-            protocols.Evaluate(tag="final")]
+    plan = [
+      protocols.Stage(rank=run["rank"], steps=_STEPS.value, lr=run["lr"], warmup=_WARMUP.value),
+      protocols.Evaluate(tag="final"),
+    ]
     if zero_shot:
       plan.insert(0, protocols.Evaluate(tag="zero_shot"))
     plan = protocols.validate_plan(plan)
     run_dir = workdir / "runs" / name
     shutil.rmtree(run_dir, ignore_errors=True)  # a run killed midway starts again (no resume in a pilot)
     if run["seed"] not in setups:
-      setups[run["seed"]] = train.setup_from_config(config, workdir=run_dir, plan=plan, printer=lambda s: print(s, flush=True))
-    setup = dataclasses.replace(setups[run["seed"]], workdir=run_dir, run_config=train.run_identity(config, plan),
-                                optimizer=optim.OptimizerOptions(multiply_by_parameter_scale=run["mbps"]))
+      setups[run["seed"]] = train.setup_from_config(
+        config, workdir=run_dir, plan=plan, printer=lambda s: print(s, flush=True)
+      )
+    setup = dataclasses.replace(
+      setups[run["seed"]],
+      workdir=run_dir,
+      run_config=train.run_identity(config, plan),
+      optimizer=optim.OptimizerOptions(multiply_by_parameter_scale=run["mbps"]),
+    )
     print(f"[pilot] {name}: starting", flush=True)
     load_before = os.getloadavg()
     start = time.time()
@@ -189,22 +220,37 @@ def main(argv):
     size = [s for s in sizes if s.get("event") == "stage_end"][-1]
     losses = [s["loss"] for s in sizes if s.get("event") == "train"]
     final = out["evals"]["final"]
-    record = {"name": name, **run, "task": _TASK.value, "source": _SOURCE.value, "eval_digest": eval_digest(),
-              "steps": _STEPS.value,
-              "warmup": _WARMUP.value, "batch": _BATCH.value, "max_len": _MAX_LEN.value,
-              "metrics": final["metrics"], "per_item": final.get("per_item"),
-              "zero_shot": out["evals"]["zero_shot"]["metrics"] if zero_shot else None,
-              "adapter": {k: size[k] for k in ("delta_w_fro", "a_rms", "b_rms")},
-              "loss_first10": float(np.mean(losses[:10])), "loss_last10": float(np.mean(losses[-10:])),
-              "seconds": seconds, "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
-              "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    record = {
+      "name": name,
+      **run,
+      "task": _TASK.value,
+      "source": _SOURCE.value,
+      "eval_digest": eval_digest(),
+      "steps": _STEPS.value,
+      "warmup": _WARMUP.value,
+      "batch": _BATCH.value,
+      "max_len": _MAX_LEN.value,
+      "metrics": final["metrics"],
+      "per_item": final.get("per_item"),
+      "zero_shot": out["evals"]["zero_shot"]["metrics"] if zero_shot else None,
+      "adapter": {k: size[k] for k in ("delta_w_fro", "a_rms", "b_rms")},
+      "loss_first10": float(np.mean(losses[:10])),
+      "loss_last10": float(np.mean(losses[-10:])),
+      "seconds": seconds,
+      "loadavg_before": load_before,
+      "loadavg_after": os.getloadavg(),
+      "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     with open(workdir / "pilot.jsonl", "a") as f:
       f.write(json.dumps(record) + "\n")
     done.add(name)
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     shutil.rmtree(run_dir / "adapters", ignore_errors=True)
-    print(f"[pilot] {name}: accuracy {final['metrics']['accuracy']:.4f} option_nll {final['metrics']['option_nll']:.4f} "
-          f"|ΔW|_F {size['delta_w_fro']:.4g} in {seconds:.0f}s (load {load_before[0]:.2f})", flush=True)
+    print(
+      f"[pilot] {name}: accuracy {final['metrics']['accuracy']:.4f} option_nll {final['metrics']['option_nll']:.4f} "
+      f"|ΔW|_F {size['delta_w_fro']:.4g} in {seconds:.0f}s (load {load_before[0]:.2f})",
+      flush=True,
+    )
   print(report(workdir))
 
 

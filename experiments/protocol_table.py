@@ -50,8 +50,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 def protocol_names(study: ml_collections.ConfigDict) -> list[str]:
   """Table columns, in the paper's order."""
   extras = list(study.extra_steps)
-  return ["zero_shot", "direct", *(f"direct+{m}" for m in extras), "post", *(f"cont+{m}" for m in extras), "in_squeeze",
-          "in_squeeze_min"]
+  return [
+    "zero_shot",
+    "direct",
+    *(f"direct+{m}" for m in extras),
+    "post",
+    *(f"cont+{m}" for m in extras),
+    "in_squeeze",
+    "in_squeeze_min",
+  ]
 
 
 def cells(study: ml_collections.ConfigDict, lr_for_rank: Callable[[int], float]) -> list[common.Cell]:
@@ -63,15 +70,26 @@ def cells(study: ml_collections.ConfigDict, lr_for_rank: Callable[[int], float])
   for task in study.tasks:
     steps = common.steps_for(study, task)
     for seed in study.seeds:
+
       def cell(name, plan, evals, task=task, seed=seed):
-        return common.Cell(name=f"{task}/{name}_s{seed}", plan=plan,
-                           overrides=common.run_overrides(task=task, seed=seed),
-                           labels={"study": "protocols", "task": task, "r_src": r_src, "r_tgt": r_tgt, "seed": seed},
-                           evals=evals, cost=protocols.plan_steps(plan))
+        return common.Cell(
+          name=f"{task}/{name}_s{seed}",
+          plan=plan,
+          overrides=common.run_overrides(task=task, seed=seed),
+          labels={"study": "protocols", "task": task, "r_src": r_src, "r_tgt": r_tgt, "seed": seed},
+          evals=evals,
+          cost=protocols.plan_steps(plan),
+        )
 
       for i, m in enumerate(study.extra_steps):
-        plan = protocols.direct(rank=r_tgt, steps=steps, lr=lr_for_rank(r_tgt), warmup=study.warmup, extra_steps=m,
-                                extra_warmup=study.extra_warmup)
+        plan = protocols.direct(
+          rank=r_tgt,
+          steps=steps,
+          lr=lr_for_rank(r_tgt),
+          warmup=study.warmup,
+          extra_steps=m,
+          extra_warmup=study.extra_warmup,
+        )
         direct_tag, plus_tag = protocols.eval_tags(plan)
         evals = {plus_tag: {"protocol": f"direct+{m}"}}
         if i == 0:
@@ -79,9 +97,17 @@ def cells(study: ml_collections.ConfigDict, lr_for_rank: Callable[[int], float])
           plan = protocols.validate_plan((protocols.Evaluate(tag="zero_shot"), *plan))
           evals["zero_shot"] = {"protocol": "zero_shot"}
         out.append(cell(plus_tag, plan, evals))
-        plan = protocols.cont_squeeze(r_src=r_src, r_tgt=r_tgt, steps=steps, extra_steps=m, lr_src=lr_for_rank(r_src),
-                                      lr_tgt=lr_for_rank(r_tgt), warmup=study.warmup, extra_warmup=study.extra_warmup,
-                                      method=study.method)
+        plan = protocols.cont_squeeze(
+          r_src=r_src,
+          r_tgt=r_tgt,
+          steps=steps,
+          extra_steps=m,
+          lr_src=lr_for_rank(r_src),
+          lr_tgt=lr_for_rank(r_tgt),
+          warmup=study.warmup,
+          extra_warmup=study.extra_warmup,
+          method=study.method,
+        )
         post_tag, plus_tag = protocols.eval_tags(plan)
         evals = {plus_tag: {"protocol": f"cont+{m}"}}
         if i == 0:
@@ -89,19 +115,28 @@ def cells(study: ml_collections.ConfigDict, lr_for_rank: Callable[[int], float])
         out.append(cell(f"cont_{plus_tag}", plan, evals))
       ranks = protocols.halving_ranks(r_src, r_tgt)
       for scheme, name in (("proportional", "in_squeeze"), ("min_steps", "in_squeeze_min")):
-        plan = protocols.in_squeeze(ranks=ranks, total_steps=steps + study.in_squeeze_extra, lr_for_rank=lr_for_rank,
-                                    scheme=scheme, min_steps=study.min_steps, warmup=study.warmup,
-                                    stage_warmup=study.stage_warmup, method=study.method)
-        out.append(cell(f"{name}_r{r_src}_to_r{r_tgt}", plan,
-                        {tag: {"protocol": name} for tag in protocols.eval_tags(plan)}))
+        plan = protocols.in_squeeze(
+          ranks=ranks,
+          total_steps=steps + study.in_squeeze_extra,
+          lr_for_rank=lr_for_rank,
+          scheme=scheme,
+          min_steps=study.min_steps,
+          warmup=study.warmup,
+          stage_warmup=study.stage_warmup,
+          method=study.method,
+        )
+        out.append(
+          cell(f"{name}_r{r_src}_to_r{r_tgt}", plan, {tag: {"protocol": name} for tag in protocols.eval_tags(plan)})
+        )
   return out
 
 
 def table(rows: Sequence[common.Row], columns: Sequence[str], *, field: str = "score") -> tuple[list[str], list[list]]:
   """Task rows (mean of `field` over seeds) plus an "average" row over tasks with every column;
   NaN if missing."""
-  means = common.mean_score(common.select(rows, study="protocols"), key=lambda r: (r["task"], r["protocol"]),
-                            field=field)
+  means = common.mean_score(
+    common.select(rows, study="protocols"), key=lambda r: (r["task"], r["protocol"]), field=field
+  )
   tasks = sorted({task for task, _ in means})
   body = [[task, *(means.get((task, c), math.nan) for c in columns)] for task in tasks]
   if len(tasks) > 1:
@@ -113,8 +148,9 @@ def table(rows: Sequence[common.Row], columns: Sequence[str], *, field: str = "s
   return tasks, body
 
 
-def write_table(body: Sequence[list], workdir: pathlib.Path, name: str, *, columns: Sequence[str], best: Callable,
-                float_format: str) -> None:
+def write_table(
+  body: Sequence[list], workdir: pathlib.Path, name: str, *, columns: Sequence[str], best: Callable, float_format: str
+) -> None:
   """<name>.csv and <name>.md; in each row the `best` (max or min) trained protocol is bold."""
   common.write_csv(workdir / f"{name}.csv", [dict(zip(["task", *columns], row)) for row in body], ["task", *columns])
   bold = set()
@@ -123,8 +159,9 @@ def write_table(body: Sequence[list], workdir: pathlib.Path, name: str, *, colum
     if trained:
       target = best(v for _, v in trained)
       bold |= {(i, j) for j, v in trained if v == target}
-  common.atomic_write_text(workdir / f"{name}.md", common.markdown_table(["task", *columns], body, bold=bold,
-                                                                        float_format=float_format))
+  common.atomic_write_text(
+    workdir / f"{name}.md", common.markdown_table(["task", *columns], body, bold=bold, float_format=float_format)
+  )
 
 
 def write_report(rows: Sequence[common.Row], workdir: pathlib.Path, *, columns: Sequence[str]) -> list[list]:
@@ -162,14 +199,24 @@ def write_comparisons(rows: Sequence[common.Row], workdir: pathlib.Path, *, colu
   grouped = stats.group_items(rows, common.collect_items(workdir), key=lambda r: (r["task"], r["protocol"]))
   records = stats.compare_groups(grouped, comparison_pairs(sorted({r["task"] for r in rows}), columns))
   if records:
-    stats.write_comparisons(workdir, "protocol_comparisons", records,
-                            label=lambda r: f"{r['treatment'][0]}: {r['treatment'][1]} vs {r['baseline'][1]}",
-                            title="Protocols against direct training")
+    stats.write_comparisons(
+      workdir,
+      "protocol_comparisons",
+      records,
+      label=lambda r: f"{r['treatment'][0]}: {r['treatment'][1]} vs {r['baseline'][1]}",
+      title="Protocols against direct training",
+    )
   return records
 
 
-def run_study(study: ml_collections.ConfigDict, *, workdir: pathlib.Path, train: bool = True,
-              train_fn: Callable = common.train_run, log: Callable[[str], None] = common.log_line) -> list[list]:
+def run_study(
+  study: ml_collections.ConfigDict,
+  *,
+  workdir: pathlib.Path,
+  train: bool = True,
+  train_fn: Callable = common.train_run,
+  log: Callable[[str], None] = common.log_line,
+) -> list[list]:
   """Trains the missing cells (unless train=False), then writes the table from the run files."""
   rows = common.run_grid(study, cells, workdir=workdir, train=train, train_fn=train_fn, log=log)
   return write_report(rows, pathlib.Path(workdir), columns=protocol_names(study))

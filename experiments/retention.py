@@ -44,13 +44,22 @@ def cells(study: ml_collections.ConfigDict, lr_for_rank: Callable[[int], float])
     for r_src in common.check_ranks("source_ranks", study.source_ranks):
       targets = [2**i for i in range(r_src.bit_length()) if 2**i < r_src]
       for seed in study.seeds:
-        plan = protocols.validate_plan([
+        plan = protocols.validate_plan(
+          [
             protocols.Stage(rank=r_src, steps=steps, lr=lr_for_rank(r_src), warmup=study.warmup),
             *(protocols.Branch(items=(protocols.Squeeze(rank=t, method=study.method),)) for t in targets),
-        ])
-        out.append(common.Cell(
-            name=f"{task}/r{r_src}_s{seed}", plan=plan, overrides=common.run_overrides(task=task, seed=seed),
-            labels={"study": "retention", "task": task, "r_src": r_src, "seed": seed}, evals={}, cost=steps))
+          ]
+        )
+        out.append(
+          common.Cell(
+            name=f"{task}/r{r_src}_s{seed}",
+            plan=plan,
+            overrides=common.run_overrides(task=task, seed=seed),
+            labels={"study": "retention", "task": task, "r_src": r_src, "seed": seed},
+            evals={},
+            cost=steps,
+          )
+        )
   return out
 
 
@@ -62,8 +71,13 @@ def retention_rows(squeezes: Sequence[common.Row], *, method: str) -> list[commo
   """
   picked = [dict(s, score=100.0 * s["retention"]) for s in squeezes if s["method"] == method]
   picked += [dict(s, r_tgt=s["r_src"], score=100.0) for s in picked]
-  picked += [dict(s, r_tgt=r, score=100.0 * v) for s in picked if s["r_tgt"] != s["r_src"]
-             for r, v in enumerate(s.get("curve") or (), start=1) if r < s["r_src"]]
+  picked += [
+    dict(s, r_tgt=r, score=100.0 * v)
+    for s in picked
+    if s["r_tgt"] != s["r_src"]
+    for r, v in enumerate(s.get("curve") or (), start=1)
+    if r < s["r_src"]
+  ]
   means = common.mean_score(picked, key=lambda s: (s["task"], s["r_src"], s["r_tgt"]))
   return [{"task": t, "r_src": s, "r_tgt": r, "retention": v} for (t, s, r), v in sorted(means.items())]
 
@@ -81,14 +95,21 @@ def write_report(rows: Sequence[common.Row], workdir: pathlib.Path) -> list[path
       series[f"r_src={r_src}"] = (xs, [means[(r_src, t)] for t in xs])
     name = "average" if task is None else task
     path = workdir / f"retention_{name}.png"
-    common.plot_lines(series, path=path, title=f"{name}: variance retention V_r (Eq. 10)", xlabel="target rank r_tgt",
-                      ylabel="V_r (%)")
+    common.plot_lines(
+      series, path=path, title=f"{name}: variance retention V_r (Eq. 10)", xlabel="target rank r_tgt", ylabel="V_r (%)"
+    )
     written.append(path)
   return written
 
 
-def run_study(study: ml_collections.ConfigDict, *, workdir: pathlib.Path, train: bool = True,
-              train_fn: Callable = common.train_run, log: Callable[[str], None] = common.log_line) -> list[common.Row]:
+def run_study(
+  study: ml_collections.ConfigDict,
+  *,
+  workdir: pathlib.Path,
+  train: bool = True,
+  train_fn: Callable = common.train_run,
+  log: Callable[[str], None] = common.log_line,
+) -> list[common.Row]:
   """Trains the missing cells (unless train=False or reused folders hold them), then reports."""
   workdir = pathlib.Path(workdir)
   reused = []
@@ -97,8 +118,11 @@ def run_study(study: ml_collections.ConfigDict, *, workdir: pathlib.Path, train:
   have = {(s["task"], s["r_src"], s["seed"]) for s in reused if s["method"] == study.method}
   if train:
     base = common.training_config(study)
-    todo = [c for c in cells(study, common.lr_table(study, base))
-            if (c.labels["task"], c.labels["r_src"], c.labels["seed"]) not in have]
+    todo = [
+      c
+      for c in cells(study, common.lr_table(study, base))
+      if (c.labels["task"], c.labels["r_src"], c.labels["seed"]) not in have
+    ]
     common.run_cells(todo, workdir=workdir, base_config=base, train_fn=train_fn, log=log)
   squeezes, unfinished = common.collect_squeeze_rows(workdir)
   wanted = [s for s in [*squeezes, *reused] if s["task"] in study.tasks and s["r_src"] in study.source_ranks]

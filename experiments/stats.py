@@ -18,8 +18,12 @@ from lora_squeeze.bootstrap import CONFIDENCE, N_BOOT, Comparison, format_compar
 METRICS = {"accuracy": ("accuracy (points)", 100.0, 1, True), "option_nll": ("option NLL (nats)", 1.0, 4, False)}
 
 
-def compare_groups(items: Mapping[Any, Mapping[int, Mapping[str, Sequence[float]]]],
-                   pairs: Sequence[tuple[Any, Any]], *, metrics: Sequence[str] = tuple(METRICS)) -> list[dict[str, Any]]:
+def compare_groups(
+  items: Mapping[Any, Mapping[int, Mapping[str, Sequence[float]]]],
+  pairs: Sequence[tuple[Any, Any]],
+  *,
+  metrics: Sequence[str] = tuple(METRICS),
+) -> list[dict[str, Any]]:
   """One record per (treatment, baseline) pair of group keys: per metric the Comparison over the
   seeds both groups have (per-item scores `items[group][seed][metric]`). Pairs with no common seed,
   or a metric either side lacks, are left out."""
@@ -33,13 +37,16 @@ def compare_groups(items: Mapping[Any, Mapping[int, Mapping[str, Sequence[float]
     record = {"treatment": treatment, "baseline": baseline, "seeds": seeds}
     for metric in metrics:
       if all(metric in items[g][s] for g in (treatment, baseline) for s in seeds):
-        record[metric] = paired_bootstrap([items[treatment][s][metric] for s in seeds],
-                                          [items[baseline][s][metric] for s in seeds])
+        record[metric] = paired_bootstrap(
+          [items[treatment][s][metric] for s in seeds], [items[baseline][s][metric] for s in seeds]
+        )
     out.append(record)
   return out
 
 
-def comparison_table(records: Sequence[Mapping[str, Any]], *, label=str, metrics: Sequence[str] = tuple(METRICS)) -> str:
+def comparison_table(
+  records: Sequence[Mapping[str, Any]], *, label=str, metrics: Sequence[str] = tuple(METRICS)
+) -> str:
   """Markdown: comparison, seeds, then per metric "mean [95 % interval] signs" (bold = interval
   excludes zero) and the verdict (better / worse / no difference, for the treatment)."""
   from experiments import common  # pylint: disable=g-import-not-at-top
@@ -73,14 +80,22 @@ def comparison_rows(records: Sequence[Mapping[str, Any]], *, label=str) -> list[
     for metric in METRICS:
       c = r.get(metric)
       if c is not None:
-        row.update({f"{metric}_mean": c.mean, f"{metric}_low": c.low, f"{metric}_high": c.high,
-                    f"{metric}_signs": c.signs, f"{metric}_excludes_zero": c.excludes_zero})
+        row.update(
+          {
+            f"{metric}_mean": c.mean,
+            f"{metric}_low": c.low,
+            f"{metric}_high": c.high,
+            f"{metric}_signs": c.signs,
+            f"{metric}_excludes_zero": c.excludes_zero,
+          }
+        )
     rows.append(row)
   return rows
 
 
-def group_items(rows: Sequence[Mapping[str, Any]], items: Mapping[tuple[str, str], Mapping[str, Sequence[float]]],
-                key) -> dict[Any, dict[int, Mapping[str, Sequence[float]]]]:
+def group_items(
+  rows: Sequence[Mapping[str, Any]], items: Mapping[tuple[str, str], Mapping[str, Sequence[float]]], key
+) -> dict[Any, dict[int, Mapping[str, Sequence[float]]]]:
   """{key(row): {seed: per-item scores}} for the rows whose (cell, tag) has per-item scores."""
   out: dict[Any, dict[int, Mapping[str, Sequence[float]]]] = {}
   for row in rows:
@@ -95,8 +110,10 @@ def write_comparisons(workdir, name: str, records: Sequence[Mapping[str, Any]], 
   returns the Markdown."""
   from experiments import common  # pylint: disable=g-import-not-at-top
 
-  note = (f"Mean over seeds and items, paired bootstrap {CONFIDENCE:.0%} interval over the evaluation items "
-          f"({N_BOOT:,} resamples), then the sign per seed; bold = the interval excludes zero.\n\n")
+  note = (
+    f"Mean over seeds and items, paired bootstrap {CONFIDENCE:.0%} interval over the evaluation items "
+    f"({N_BOOT:,} resamples), then the sign per seed; bold = the interval excludes zero.\n\n"
+  )
   text = (f"{title}\n\n" if title else "") + note + comparison_table(records, label=label)
   common.atomic_write_text(pathlib.Path(workdir) / f"{name}.md", text)
   common.write_csv(pathlib.Path(workdir) / f"{name}.csv", comparison_rows(records, label=label))

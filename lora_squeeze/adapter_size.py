@@ -31,5 +31,9 @@ def adapter_size(lora: Any) -> dict[str, float]:
     fro2 += float(np.trace((a.T @ a) @ (b @ b.T)))
     a2, b2 = a2 + float(np.sum(a * a)), b2 + float(np.sum(b * b))
     a_n, b_n = a_n + a.size, b_n + b.size
-  return {"delta_w_fro": math.sqrt(max(fro2, 0.0)), "a_rms": math.sqrt(a2 / a_n), "b_rms": math.sqrt(b2 / b_n),
-          "modules": len(modules)}
+  return {
+    "delta_w_fro": math.sqrt(max(fro2, 0.0)),
+    "a_rms": math.sqrt(a2 / a_n),
+    "b_rms": math.sqrt(b2 / b_n),
+    "modules": len(modules),
+  }

@@ -72,18 +72,20 @@ def check_output_name(dst: str | os.PathLike, *, error: type[UserInputError] = U
   """dst as a Path, when its last component can name a new file or folder."""
   path = pathlib.Path(dst)
   if path.name in ("", ".", ".."):
-    raise error(f"output {os.fspath(dst)!r} does not name a file or folder of its own (it ends in "
-                f"{path.name or '/'!r}); give the new output's name, e.g. {os.fspath(path)!r}/squeezed")
+    raise error(
+      f"output {os.fspath(dst)!r} does not name a file or folder of its own (it ends in "
+      f"{path.name or '/'!r}); give the new output's name, e.g. {os.fspath(path)!r}/squeezed"
+    )
   limit = _name_max(path.parent)
   size = len(os.fsencode(path.name))
   if size > limit:
-    raise error(f"output name {path.name[:40]!r}... is {size} bytes; the file system allows names of at most "
-                f"{limit} bytes")
+    raise error(
+      f"output name {path.name[:40]!r}... is {size} bytes; the file system allows names of at most {limit} bytes"
+    )
   return path
 
 
-def check_output(dst: str | os.PathLike, *, force: bool,
-                 error: type[UserInputError] = UserInputError) -> pathlib.Path:
+def check_output(dst: str | os.PathLike, *, force: bool, error: type[UserInputError] = UserInputError) -> pathlib.Path:
   """Checks, before any compute, that dst can be written: a proper name, an existing writable folder,
   and dst absent unless force. Restores or removes what killed runs left over dst first."""
   path = check_output_name(dst, error=error)
@@ -97,8 +99,9 @@ def check_output(dst: str | os.PathLike, *, force: bool,
   return path
 
 
-def check_writable_folder(folder: str | os.PathLike, *, what: str,
-                          error: type[UserInputError] = UserInputError) -> pathlib.Path:
+def check_writable_folder(
+  folder: str | os.PathLike, *, what: str, error: type[UserInputError] = UserInputError
+) -> pathlib.Path:
   """Checks that `folder` is (or can be created as) a folder this process can write in."""
   path = pathlib.Path(folder)
   if path.exists() and not path.is_dir():
@@ -122,8 +125,13 @@ def _probe_writable(folder: pathlib.Path, what: str, *, error: type[UserInputErr
 
 
 @contextlib.contextmanager
-def atomic_output(dst: str | os.PathLike, *, force: bool = False, mode_like: str | os.PathLike | None = None,
-                  error: type[UserInputError] = UserInputError) -> Iterator[pathlib.Path]:
+def atomic_output(
+  dst: str | os.PathLike,
+  *,
+  force: bool = False,
+  mode_like: str | os.PathLike | None = None,
+  error: type[UserInputError] = UserInputError,
+) -> Iterator[pathlib.Path]:
   """Yields a path to write (a file or a folder) that becomes dst when the block succeeds.
 
   Args:
@@ -171,8 +179,7 @@ def _tmp_prefix(path: pathlib.Path) -> str:
 
 def _make_tmp(path: pathlib.Path) -> pathlib.Path:
   tmp_dir = pathlib.Path(tempfile.mkdtemp(prefix=f"{_tmp_prefix(path)}{os.getpid()}-", dir=path.parent))
-  owner = {"pid": os.getpid(), "host": socket.gethostname(), "start": _process_start(os.getpid()),
-           "dst": path.name}
+  owner = {"pid": os.getpid(), "host": socket.gethostname(), "start": _process_start(os.getpid()), "dst": path.name}
   (tmp_dir / OWNER_FILE).write_text(json.dumps(owner))
   return tmp_dir
 
@@ -225,8 +232,11 @@ def recover(path: str | os.PathLike) -> list[pathlib.Path]:
     parked = tmp_dir / PARKED
     if parked.exists() and not (path.exists() or path.is_symlink()):
       os.rename(parked, path)
-      logging.warning("restored %s from an interrupted replacement (process %s was killed mid-swap)",
-                      path, owner.get("pid") if owner else "?")
+      logging.warning(
+        "restored %s from an interrupted replacement (process %s was killed mid-swap)",
+        path,
+        owner.get("pid") if owner else "?",
+      )
     shutil.rmtree(tmp_dir, ignore_errors=True)
     logging.warning("removed %s, left behind by a killed run", tmp_dir)
     removed.append(tmp_dir)
@@ -240,8 +250,9 @@ def _discard(tmp_dir: pathlib.Path, dst: pathlib.Path) -> None:
   shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
-def _move_into_place(target: pathlib.Path, dst: pathlib.Path, tmp_dir: pathlib.Path, *, force: bool,
-                     error: type[UserInputError]) -> None:
+def _move_into_place(
+  target: pathlib.Path, dst: pathlib.Path, tmp_dir: pathlib.Path, *, force: bool, error: type[UserInputError]
+) -> None:
   if not dst.exists() and not dst.is_symlink():
     os.rename(target, dst)
     return
@@ -279,8 +290,9 @@ def _signals_end_the_block() -> Iterator[None]:
   """Inside: SIGTERM raises _Terminated (so `finally` blocks clean up); after the cleanup the process
   ends by SIGTERM as it would have. SIGINT already raises KeyboardInterrupt. Main thread only; a
   SIGTERM handler the program installed itself is left alone."""
-  if (threading.current_thread() is not threading.main_thread()
-      or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
+  if (
+    threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+  ):
     yield
     return
 

@@ -65,15 +65,18 @@ def _as_matrix(name: str, values: Any) -> np.ndarray:
   if array.ndim == 1:
     array = array[None, :]
   if array.ndim != 2 or array.shape[1] == 0 or array.shape[0] == 0:
-    raise UserInputError(f"{name}: expected per-item scores of shape (items,) or (seeds, items) with at least one "
-                         f"item, got shape {np.shape(values)}")
+    raise UserInputError(
+      f"{name}: expected per-item scores of shape (items,) or (seeds, items) with at least one "
+      f"item, got shape {np.shape(values)}"
+    )
   if not np.all(np.isfinite(array)):
     raise UserInputError(f"{name}: per-item scores must be finite (a failed run has none)")
   return array
 
 
-def paired_bootstrap(treatment: Any, baseline: Any, *, n_boot: int = N_BOOT, confidence: float = CONFIDENCE,
-                     seed: int = 0) -> Comparison:
+def paired_bootstrap(
+  treatment: Any, baseline: Any, *, n_boot: int = N_BOOT, confidence: float = CONFIDENCE, seed: int = 0
+) -> Comparison:
   """treatment - baseline over the same items: mean, percentile-bootstrap interval, per-seed means.
 
   Args:
@@ -83,8 +86,9 @@ def paired_bootstrap(treatment: Any, baseline: Any, *, n_boot: int = N_BOOT, con
   """
   t, b = _as_matrix("treatment", treatment), _as_matrix("baseline", baseline)
   if t.shape != b.shape:
-    raise UserInputError(f"treatment and baseline must be scored on the same seeds and items, got shapes "
-                         f"{t.shape} and {b.shape}")
+    raise UserInputError(
+      f"treatment and baseline must be scored on the same seeds and items, got shapes {t.shape} and {b.shape}"
+    )
   if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
     raise UserInputError(f"n_boot={n_boot!r}: expected an integer >= 1")
   if not 0 < confidence < 1:
@@ -102,9 +106,15 @@ def paired_bootstrap(treatment: Any, baseline: Any, *, n_boot: int = N_BOOT, con
     means[start:stop] = per_item[index].mean(axis=1)
   alpha = (1 - confidence) / 2
   low, high = np.quantile(means, [alpha, 1 - alpha])
-  return Comparison(mean=float(per_item.mean()), low=float(low), high=float(high),
-                    per_seed=tuple(float(x) for x in d.mean(axis=1)), n_items=n, confidence=confidence,
-                    n_boot=n_boot)
+  return Comparison(
+    mean=float(per_item.mean()),
+    low=float(low),
+    high=float(high),
+    per_seed=tuple(float(x) for x in d.mean(axis=1)),
+    n_items=n,
+    confidence=confidence,
+    n_boot=n_boot,
+  )
 
 
 def format_comparison(c: Comparison, *, scale: float = 1.0, digits: int = 2) -> str:

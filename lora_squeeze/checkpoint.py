@@ -83,8 +83,8 @@ def claim_workdir(workdir: pathlib.Path | str, config: Mapping[str, Any]) -> boo
   foreign = [name for name in RUN_ARTIFACTS if (workdir / name).exists()]
   if foreign:
     raise WorkdirConflictError(
-        f"workdir {workdir} holds {', '.join(foreign)} but no {RUN_CONFIG_FILE}; refusing to write a run "
-        "into it, choose a new --workdir"
+      f"workdir {workdir} holds {', '.join(foreign)} but no {RUN_CONFIG_FILE}; refusing to write a run "
+      "into it, choose a new --workdir"
     )
   workdir.mkdir(parents=True, exist_ok=True)
   write_json_atomic(marker, config)
@@ -151,8 +151,9 @@ class RunCheckpoints:
     """Numbers of the complete checkpoints, newest first."""
     return sorted(self._manager.all_steps(), reverse=True)
 
-  def restore_verified(self, number: int, targets: Callable[[dict[str, Any]], tuple[Any, Any]]
-                       ) -> tuple[dict[str, Any], Any, Any]:
+  def restore_verified(
+    self, number: int, targets: Callable[[dict[str, Any]], tuple[Any, Any]]
+  ) -> tuple[dict[str, Any], Any, Any]:
     """(meta, lora, opt_state) of checkpoint `number`; `targets(meta)` gives the abstract (lora,
     opt_state) to restore into (see `restore`).
 
@@ -163,14 +164,17 @@ class RunCheckpoints:
     try:
       meta = self.restore_meta(number)
     except Exception as e:  # Orbax raises many types (JSON, tensorstore, OSError) for damaged files.
-      raise CorruptCheckpointError(f"checkpoint {number}: {folder / 'meta' / 'metadata'} cannot be read: "
-                                   f"{_one_line(e)}") from e
+      raise CorruptCheckpointError(
+        f"checkpoint {number}: {folder / 'meta' / 'metadata'} cannot be read: {_one_line(e)}"
+      ) from e
     abstract_lora, abstract_opt = targets(meta)
     try:
       lora, opt_state = self.restore(number, abstract_lora=abstract_lora, abstract_opt_state=abstract_opt)
     except Exception as e:  # as above
-      raise CorruptCheckpointError(f"checkpoint {number}: {folder} (lora{' / opt_state' if abstract_opt else ''}) "
-                                   f"cannot be restored: {_one_line(e)}") from e
+      raise CorruptCheckpointError(
+        f"checkpoint {number}: {folder} (lora{' / opt_state' if abstract_opt else ''}) "
+        f"cannot be restored: {_one_line(e)}"
+      ) from e
     return meta, lora, opt_state
 
 

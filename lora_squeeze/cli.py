@@ -17,10 +17,10 @@ from absl import app
 from absl import flags
 
 COMMANDS = {
-    "train": ("lora_squeeze.train_cli", "train LoRA by a protocol config (direct, post/cont/in-squeeze)"),
-    "squeeze": ("lora_squeeze.adapters.squeeze_cli", "change the rank of an existing adapter offline"),
-    "export": ("lora_squeeze.adapters.export_cli", "our adapter -> a PEFT folder for Hugging Face Gemma 3"),
-    "import": ("lora_squeeze.adapters.import_cli", "a PEFT adapter for Gemma 3 -> one of ours"),
+  "train": ("lora_squeeze.train_cli", "train LoRA by a protocol config (direct, post/cont/in-squeeze)"),
+  "squeeze": ("lora_squeeze.adapters.squeeze_cli", "change the rank of an existing adapter offline"),
+  "export": ("lora_squeeze.adapters.export_cli", "our adapter -> a PEFT folder for Hugging Face Gemma 3"),
+  "import": ("lora_squeeze.adapters.import_cli", "a PEFT adapter for Gemma 3 -> one of ours"),
 }
 
 

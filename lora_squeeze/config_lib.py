@@ -86,10 +86,10 @@ DTYPES = ("bfloat16", "float32")
 PAPER_RANKS = (128, 64, 32, 16, 8, 4, 2, 1)
 # The keys each protocol's file adds to base_config.
 PROTOCOL_KEYS = {
-    "direct": ("rank", "extra_steps", "extra_warmup"),
-    "post_squeeze": ("r_src", "targets"),
-    "cont_squeeze": ("r_src", "r_tgt", "extra_steps", "extra_warmup", "lr_tgt"),
-    "in_squeeze": ("ranks", "scheme", "min_steps", "stage_warmup"),
+  "direct": ("rank", "extra_steps", "extra_warmup"),
+  "post_squeeze": ("r_src", "targets"),
+  "cont_squeeze": ("r_src", "r_tgt", "extra_steps", "extra_warmup", "lr_tgt"),
+  "in_squeeze": ("ranks", "scheme", "min_steps", "stage_warmup"),
 }
 # Models whose weights ship with the project (or are random): no checkpoint path needed.
 EMBEDDED_MODELS = ("gemma3_270m", "tiny", "tiny_vision")
@@ -120,8 +120,9 @@ def base_config(protocol: str) -> ml_collections.ConfigDict:
   c.seed = 42
   c.squeeze = ml_collections.ConfigDict({"method": "qr_core", "precision": "auto"})
   # Adafactor's settings (lora_squeeze.optim.OptimizerOptions); optax's defaults.
-  c.optim = ml_collections.ConfigDict({"multiply_by_parameter_scale": True,
-                                       "clipping_threshold": config_dict.placeholder(float)})
+  c.optim = ml_collections.ConfigDict(
+    {"multiply_by_parameter_scale": True, "clipping_threshold": config_dict.placeholder(float)}
+  )
   c.optim.clipping_threshold = 1.0
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
   c.eval = ml_collections.ConfigDict({"examples": 0, "batch_size": 8, "zero_shot": False})
@@ -222,8 +223,8 @@ def lr_for(config: ml_collections.ConfigDict, rank: int, *, override: float | No
   if config.model not in table or rank not in table[config.model]:
     ranks = sorted(table.get(config.model, {}))
     raise UserInputError(
-        f"config.lr is None and {config.lr_table or 'the packaged lr_table.json'} has no learning rate for model "
-        f"{config.model!r} at rank {rank} (it has ranks {ranks}); set --config.lr or add the entry"
+      f"config.lr is None and {config.lr_table or 'the packaged lr_table.json'} has no learning rate for model "
+      f"{config.model!r} at rank {rank} (it has ranks {ranks}); set --config.lr or add the entry"
     )
   return table[config.model][rank]
 
@@ -233,12 +234,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _one_of("protocol", config.protocol, protocols.PROTOCOLS)
   missing = [k for k in PROTOCOL_KEYS[config.protocol] if k not in config]
   if missing:
-    _fail("protocol", config.protocol, f"the protocol the config was built for ({config.protocol} needs the keys "
-          f"{missing}, which base_config({config.protocol!r}) plus the protocol's own keys give)")
+    _fail(
+      "protocol",
+      config.protocol,
+      f"the protocol the config was built for ({config.protocol} needs the keys "
+      f"{missing}, which base_config({config.protocol!r}) plus the protocol's own keys give)",
+    )
   _one_of("model", config.model, model_lib.MODEL_NAMES)
   if not config.checkpoint and config.model not in EMBEDDED_MODELS:
-    _fail("checkpoint", config.checkpoint, f"the official Orbax checkpoint folder of {config.model} "
-          f"(only {EMBEDDED_MODELS} need none)")
+    _fail(
+      "checkpoint",
+      config.checkpoint,
+      f"the official Orbax checkpoint folder of {config.model} (only {EMBEDDED_MODELS} need none)",
+    )
   if config.checkpoint and not pathlib.Path(config.checkpoint).is_dir():
     _fail("checkpoint", config.checkpoint, "an existing checkpoint folder")
   _one_of("dtype", config.dtype, DTYPES)
@@ -252,12 +260,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _fail("data_source", config.data_source, f"'' (default {task.default_source!r}) or one of {tuple(task.sources)}")
   missing = [s for s in task_types.SPLITS if s not in source.splits]
   if missing:
-    _fail("data_source", config.data_source or source.name, f"a source of {task.name} with train and eval splits "
-          f"({source.name!r} lacks {missing}; sources: {tuple(task.sources)})")
+    _fail(
+      "data_source",
+      config.data_source or source.name,
+      f"a source of {task.name} with train and eval splits "
+      f"({source.name!r} lacks {missing}; sources: {tuple(task.sources)})",
+    )
   if task.modality == "vision" and config.model not in model_lib.MULTIMODAL_MODEL_NAMES:
     _fail("model", config.model, f"a multimodal model {model_lib.MULTIMODAL_MODEL_NAMES} for vision task {task.name}")
   if task.modality == "vision":
-    expected = model_lib.base_model(model_lib.make_model(config.model, text_only=False)).config.vision_encoder.image_height
+    expected = model_lib.base_model(
+      model_lib.make_model(config.model, text_only=False)
+    ).config.vision_encoder.image_height
     if config.image_size != expected:
       _fail("image_size", config.image_size, f"{expected}, the input size of {config.model}'s vision encoder")
   _one_of("template", config.template, batching.TEMPLATES)
@@ -280,8 +294,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not isinstance(config.optim.multiply_by_parameter_scale, bool):
       _fail("optim.multiply_by_parameter_scale", config.optim.multiply_by_parameter_scale, "true or false")
     if config.optim.clipping_threshold is not None:
-      validation.positive_number("config.optim.clipping_threshold", config.optim.clipping_threshold,
-                                 allowed="None (no clipping) or a finite number > 0")
+      validation.positive_number(
+        "config.optim.clipping_threshold",
+        config.optim.clipping_threshold,
+        allowed="None (no clipping) or a finite number > 0",
+      )
   _int(config, "eval.examples", minimum=0)
   _int(config, "eval.batch_size", minimum=1)
   if not isinstance(config.eval.get("zero_shot", False), bool):
@@ -312,8 +329,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _int(config, "extra_steps", minimum=1)
     _int(config, "extra_warmup", minimum=0)
     if config.lr_tgt is not None:
-      validation.positive_number("config.lr_tgt", config.lr_tgt,
-                                 allowed="None (take it from lr_table) or a finite number > 0")
+      validation.positive_number(
+        "config.lr_tgt", config.lr_tgt, allowed="None (take it from lr_table) or a finite number > 0"
+      )
   else:
     ranks = _ranks("ranks", config.ranks, decreasing=True)
     if len(ranks) < 2:
@@ -344,17 +362,36 @@ def _protocol_plan(config: ml_collections.ConfigDict) -> protocols.Plan:
   lr = lambda rank: lr_for(config, rank, override=config.lr)  # noqa: E731
   method = config.squeeze.method
   if config.protocol == "direct":
-    return protocols.direct(rank=config.rank, steps=config.steps, lr=lr(config.rank), warmup=config.warmup,
-                            extra_steps=config.extra_steps, extra_warmup=config.extra_warmup)
+    return protocols.direct(
+      rank=config.rank,
+      steps=config.steps,
+      lr=lr(config.rank),
+      warmup=config.warmup,
+      extra_steps=config.extra_steps,
+      extra_warmup=config.extra_warmup,
+    )
   if config.protocol == "post_squeeze":
-    return protocols.post_squeeze(r_src=config.r_src, steps=config.steps, lr=lr(config.r_src),
-                                  targets=tuple(config.targets), warmup=config.warmup, method=method)
+    return protocols.post_squeeze(
+      r_src=config.r_src,
+      steps=config.steps,
+      lr=lr(config.r_src),
+      targets=tuple(config.targets),
+      warmup=config.warmup,
+      method=method,
+    )
   if config.protocol == "cont_squeeze":
     return protocols.cont_squeeze(
         r_src=config.r_src, r_tgt=config.r_tgt, steps=config.steps, extra_steps=config.extra_steps,
         lr_src=lr(config.r_src), lr_tgt=lr_for(config, config.r_tgt, override=config.lr_tgt),
         warmup=config.warmup, extra_warmup=config.extra_warmup, method=method,
     )  # fmt: skip
-  return protocols.in_squeeze(ranks=tuple(config.ranks), total_steps=config.steps, lr_for_rank=lr,
-                              scheme=config.scheme, min_steps=config.min_steps, warmup=config.warmup,
-                              stage_warmup=config.stage_warmup, method=method)
+  return protocols.in_squeeze(
+    ranks=tuple(config.ranks),
+    total_steps=config.steps,
+    lr_for_rank=lr,
+    scheme=config.scheme,
+    min_steps=config.min_steps,
+    warmup=config.warmup,
+    stage_warmup=config.stage_warmup,
+    method=method,
+  )

@@ -40,8 +40,9 @@ def _param_dtype(params: Params) -> jnp.dtype:
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens"))
-def cached_greedy(model, params: Params, tokens: jax.Array, stop_ids: jax.Array, images: jax.Array | None, *,
-                  max_new_tokens: int) -> jax.Array:
+def cached_greedy(
+  model, params: Params, tokens: jax.Array, stop_ids: jax.Array, images: jax.Array | None, *, max_new_tokens: int
+) -> jax.Array:
   """Greedy continuations with a KV cache.
 
   Args:
@@ -63,8 +64,15 @@ def cached_greedy(model, params: Params, tokens: jax.Array, stop_ids: jax.Array,
   cache = base.config.init_cache(batch_size=batch, dtype=_param_dtype(params), cache_length=cache_length)
   # Prefill: the prompt's own mask, no key beyond it (the generated slots are still empty).
   prefill_mask = jnp.pad(prompt.attention_mask, ((0, 0), (0, 0), (0, max_new_tokens)))
-  out = model.apply({"params": params}, tokens, images=images, cache=cache, positions=prompt.positions,
-                    attention_mask=prefill_mask, return_last_only=True)
+  out = model.apply(
+    {"params": params},
+    tokens,
+    images=images,
+    cache=cache,
+    positions=prompt.positions,
+    attention_mask=prefill_mask,
+    return_last_only=True,
+  )
   last_pos = prompt.last_token_pos  # (B,) position of each row's last prompt token (with soft tokens)
   # Keys a new token may attend to: the row's prompt tokens, then the generated slots so far.
   visible = jnp.pad(prompt.inputs_mask, ((0, 0), (0, max_new_tokens)))
@@ -75,8 +83,14 @@ def cached_greedy(model, params: Params, tokens: jax.Array, stop_ids: jax.Array,
   def step(state):
     i, token, cache, visible, generated, done = state
     visible = visible.at[:, length_mm + i].set(True)
-    out = model.apply({"params": params}, token[:, None], cache=cache, positions=(last_pos + 1 + i)[:, None],
-                      attention_mask=visible[:, None, :], return_last_only=True)
+    out = model.apply(
+      {"params": params},
+      token[:, None],
+      cache=cache,
+      positions=(last_pos + 1 + i)[:, None],
+      attention_mask=visible[:, None, :],
+      return_last_only=True,
+    )
     new = jnp.where(done, batching.PAD, jnp.argmax(out.logits, axis=-1).astype(jnp.int32))
     generated = generated.at[:, i + 1].set(new)
     return i + 1, new, out.cache, visible, generated, done | jnp.isin(new, stop_ids)
@@ -89,10 +103,18 @@ def cached_greedy(model, params: Params, tokens: jax.Array, stop_ids: jax.Array,
   return jax.lax.while_loop(running, step, state)[4]
 
 
-def cached_greedy_decode(model, params: Params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-                         stop_ids: Sequence[int] = (batching.END_OF_TURN, batching.EOS), batch_size: int = 8,
-                         buckets: Sequence[int] = batching.DEFAULT_BUCKETS, images: Sequence[Any] | None = None,
-                         image_size: int | None = None) -> list[list[int]]:
+def cached_greedy_decode(
+  model,
+  params: Params,
+  prompts: Sequence[Sequence[int]],
+  *,
+  max_new_tokens: int,
+  stop_ids: Sequence[int] = (batching.END_OF_TURN, batching.EOS),
+  batch_size: int = 8,
+  buckets: Sequence[int] = batching.DEFAULT_BUCKETS,
+  images: Sequence[Any] | None = None,
+  image_size: int | None = None,
+) -> list[list[int]]:
   """Like evaluate.greedy_decode (same arguments, same outputs token for token), with a KV cache.
 
   Rows are grouped by length bucket and padded to `batch_size` (static shapes: one compilation

@@ -45,8 +45,14 @@ Params = Any
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
-def slot_log_probs(model, params: Params, tokens: jax.Array, slot_positions: jax.Array, slot_ids: jax.Array,
-                   images: jax.Array | None = None) -> jax.Array:
+def slot_log_probs(
+  model,
+  params: Params,
+  tokens: jax.Array,
+  slot_positions: jax.Array,
+  slot_ids: jax.Array,
+  images: jax.Array | None = None,
+) -> jax.Array:
   """log p(slot_ids[b, k] | tokens[b, : slot_positions[b, k] + 1]): tokens (B, T), slots (B, K) -> (B, K) float32."""
   hidden = model_lib.hidden_states(model, params, tokens, images=images)
   softcap = model_lib.base_model(model).config.final_logit_softcap
@@ -55,9 +61,19 @@ def slot_log_probs(model, params: Params, tokens: jax.Array, slot_positions: jax
   return jnp.take_along_axis(logp, slot_ids[..., None], axis=-1)[..., 0]
 
 
-def score_options(model, params: Params, tokenizer, examples: Sequence[Example], *, max_len: int,
-                  batch_size: int = 8, template: str = "chat", buckets: Sequence[int] = batching.DEFAULT_BUCKETS,
-                  image_size: int | None = None, progress: Callable[[str], None] | None = None) -> list[np.ndarray]:
+def score_options(
+  model,
+  params: Params,
+  tokenizer,
+  examples: Sequence[Example],
+  *,
+  max_len: int,
+  batch_size: int = 8,
+  template: str = "chat",
+  buckets: Sequence[int] = batching.DEFAULT_BUCKETS,
+  image_size: int | None = None,
+  progress: Callable[[str], None] | None = None,
+) -> list[np.ndarray]:
   """The log-likelihood of every option of every example: a list of (n_options,) float arrays.
 
   Args:
@@ -69,16 +85,21 @@ def score_options(model, params: Params, tokenizer, examples: Sequence[Example],
     image_size: resize images to this square size (vision tasks); None for text.
     progress: receives a progress line every ~10 s.
   """
-  rows = [row for i, ex in enumerate(examples) for row in batching.scoring_rows(tokenizer, ex, i, max_len=max_len,
-                                                                               template=template)]
+  rows = [
+    row
+    for i, ex in enumerate(examples)
+    for row in batching.scoring_rows(tokenizer, ex, i, max_len=max_len, template=template)
+  ]
   scores = [np.zeros(len(ex.options), np.float64) for ex in examples]
   images = [ex.image for ex in examples] if image_size is not None else None
   start = last = time.monotonic()
   done = 0
-  for members, batch in batching.scoring_batches(rows, batch_size=batch_size, buckets=batching.buckets_for(max_len, buckets),
-                                                 images=images, image_size=image_size):
-    logp = np.asarray(slot_log_probs(model, params, batch["tokens"], batch["slot_positions"], batch["slot_ids"],
-                                     batch.get("images")))
+  for members, batch in batching.scoring_batches(
+    rows, batch_size=batch_size, buckets=batching.buckets_for(max_len, buckets), images=images, image_size=image_size
+  ):
+    logp = np.asarray(
+      slot_log_probs(model, params, batch["tokens"], batch["slot_positions"], batch["slot_ids"], batch.get("images"))
+    )
     for b, row_index in enumerate(members):
       used = batch["slot_options"][b] >= 0
       np.add.at(scores[rows[row_index].example], batch["slot_options"][b][used], logp[b][used])
@@ -128,8 +149,16 @@ PER_ITEM = "per_item"
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens"))
-def _greedy(model, params: Params, tokens: jax.Array, lengths: jax.Array, stop_ids: jax.Array, images: jax.Array | None,
-            *, max_new_tokens: int) -> jax.Array:
+def _greedy(
+  model,
+  params: Params,
+  tokens: jax.Array,
+  lengths: jax.Array,
+  stop_ids: jax.Array,
+  images: jax.Array | None,
+  *,
+  max_new_tokens: int,
+) -> jax.Array:
   batch = tokens.shape[0]
   softcap = model_lib.base_model(model).config.final_logit_softcap
   rows = jnp.arange(batch)
@@ -151,10 +180,19 @@ def _greedy(model, params: Params, tokens: jax.Array, lengths: jax.Array, stop_i
   return jnp.take_along_axis(buffer, index, axis=1)
 
 
-def greedy_decode(model, params: Params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-                  stop_ids: Sequence[int] = (batching.END_OF_TURN, batching.EOS), batch_size: int = 8,
-                  buckets: Sequence[int] = batching.DEFAULT_BUCKETS, images: Sequence[np.ndarray] | None = None,
-                  image_size: int | None = None, kv_cache: bool = True) -> list[list[int]]:
+def greedy_decode(
+  model,
+  params: Params,
+  prompts: Sequence[Sequence[int]],
+  *,
+  max_new_tokens: int,
+  stop_ids: Sequence[int] = (batching.END_OF_TURN, batching.EOS),
+  batch_size: int = 8,
+  buckets: Sequence[int] = batching.DEFAULT_BUCKETS,
+  images: Sequence[np.ndarray] | None = None,
+  image_size: int | None = None,
+  kv_cache: bool = True,
+) -> list[list[int]]:
   """Greedy continuations of `prompts` (token ids), at most `max_new_tokens` each, stop token excluded.
 
   kv_cache=True (the default): lora_squeeze.decoding, one prefill pass (images encoded once per
@@ -166,8 +204,17 @@ def greedy_decode(model, params: Params, prompts: Sequence[Sequence[int]], *, ma
   if kv_cache:
     from lora_squeeze import decoding  # pylint: disable=g-import-not-at-top
 
-    return decoding.cached_greedy_decode(model, params, prompts, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
-                                         batch_size=batch_size, buckets=buckets, images=images, image_size=image_size)
+    return decoding.cached_greedy_decode(
+      model,
+      params,
+      prompts,
+      max_new_tokens=max_new_tokens,
+      stop_ids=stop_ids,
+      batch_size=batch_size,
+      buckets=buckets,
+      images=images,
+      image_size=image_size,
+    )
   if max_new_tokens <= 0:
     raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
   stops = jnp.asarray(stop_ids, jnp.int32)
@@ -183,8 +230,17 @@ def greedy_decode(model, params: Params, prompts: Sequence[Sequence[int]], *, ma
       batch_images = None
       if images is not None:
         batch_images = np.stack([batching.resize_image(images[i], image_size) for i in padded])
-      generated = np.asarray(_greedy(model, params, tokens, jnp.asarray(lengths[padded], jnp.int32), stops, batch_images,
-                                     max_new_tokens=max_new_tokens))
+      generated = np.asarray(
+        _greedy(
+          model,
+          params,
+          tokens,
+          jnp.asarray(lengths[padded], jnp.int32),
+          stops,
+          batch_images,
+          max_new_tokens=max_new_tokens,
+        )
+      )
       for b, i in enumerate(chunk):
         ids = generated[b].tolist()
         stop_at = [k for k, t in enumerate(ids) if t in stop_ids]
@@ -375,42 +431,94 @@ GENERATIVE_METRICS: Mapping[str, Callable[[str, Sequence[str]], float]] = {
 # A task's metrics, and the trainer's evaluator.
 
 
-def evaluate_examples(model, params: Params, tokenizer, task: Task, examples: Sequence[Example], *, max_len: int,
-                      batch_size: int = 8, template: str = "chat", buckets: Sequence[int] = batching.DEFAULT_BUCKETS,
-                      image_size: int | None = None, progress: Callable[[str], None] | None = None) -> dict[str, float]:
+def evaluate_examples(
+  model,
+  params: Params,
+  tokenizer,
+  task: Task,
+  examples: Sequence[Example],
+  *,
+  max_len: int,
+  batch_size: int = 8,
+  template: str = "chat",
+  buckets: Sequence[int] = batching.DEFAULT_BUCKETS,
+  image_size: int | None = None,
+  progress: Callable[[str], None] | None = None,
+) -> dict[str, float]:
   """The task's metrics over `examples`: {"accuracy", "option_nll"} for scored tasks, {"f1", "em"} for DROP,
   {metric name} for the other generative ones. The first key is the headline score."""
   if not examples:
     raise ValueError(f"task {task.name}: no examples to evaluate")
-  metrics, _ = evaluate_items(model, params, tokenizer, task, examples, max_len=max_len, batch_size=batch_size,
-                              template=template, buckets=buckets, image_size=image_size, progress=progress)
+  metrics, _ = evaluate_items(
+    model,
+    params,
+    tokenizer,
+    task,
+    examples,
+    max_len=max_len,
+    batch_size=batch_size,
+    template=template,
+    buckets=buckets,
+    image_size=image_size,
+    progress=progress,
+  )
   return metrics
 
 
-def evaluate_items(model, params: Params, tokenizer, task: Task, examples: Sequence[Example], *, max_len: int,
-                   batch_size: int = 8, template: str = "chat", buckets: Sequence[int] = batching.DEFAULT_BUCKETS,
-                   image_size: int | None = None,
-                   progress: Callable[[str], None] | None = None) -> tuple[dict[str, float], dict[str, list[float]]]:
+def evaluate_items(
+  model,
+  params: Params,
+  tokenizer,
+  task: Task,
+  examples: Sequence[Example],
+  *,
+  max_len: int,
+  batch_size: int = 8,
+  template: str = "chat",
+  buckets: Sequence[int] = batching.DEFAULT_BUCKETS,
+  image_size: int | None = None,
+  progress: Callable[[str], None] | None = None,
+) -> tuple[dict[str, float], dict[str, list[float]]]:
   """(metrics as evaluate_examples returns them, per-example values of each metric: the metric is
   their mean)."""
   if not examples:
     raise ValueError(f"task {task.name}: no examples to evaluate")
   if not task.generative:
-    scores = score_options(model, params, tokenizer, examples, max_len=max_len, batch_size=batch_size,
-                           template=template, buckets=buckets, image_size=image_size, progress=progress)
-    items = {"accuracy": [float(int(np.argmax(s)) in ex.correct) for s, ex in zip(scores, examples)],
-             "option_nll": option_nll_items(scores, examples)}
+    scores = score_options(
+      model,
+      params,
+      tokenizer,
+      examples,
+      max_len=max_len,
+      batch_size=batch_size,
+      template=template,
+      buckets=buckets,
+      image_size=image_size,
+      progress=progress,
+    )
+    items = {
+      "accuracy": [float(int(np.argmax(s)) in ex.correct) for s, ex in zip(scores, examples)],
+      "option_nll": option_nll_items(scores, examples),
+    }
     return {k: float(np.mean(v)) for k, v in items.items()}, items
   prompts = [
-      batching.encode_prompt(tokenizer, ex.prompt, template=template, image=ex.image is not None).fit(
-          max_len - task.max_new_tokens)
-      for ex in examples
+    batching.encode_prompt(tokenizer, ex.prompt, template=template, image=ex.image is not None).fit(
+      max_len - task.max_new_tokens
+    )
+    for ex in examples
   ]
   images = [ex.image for ex in examples] if image_size is not None else None
-  generated = greedy_decode(model, params, prompts, max_new_tokens=task.max_new_tokens,
-                            stop_ids=(batching.end_of_answer(template), batching.EOS), batch_size=batch_size,
-                            buckets=batching.buckets_for(max_len - task.max_new_tokens, buckets),
-                            images=images, image_size=image_size)
+  generated = greedy_decode(
+    model,
+    params,
+    prompts,
+    max_new_tokens=task.max_new_tokens,
+    stop_ids=(batching.end_of_answer(template), batching.EOS),
+    batch_size=batch_size,
+    buckets=batching.buckets_for(max_len - task.max_new_tokens, buckets),
+    images=images,
+    image_size=image_size,
+  )
   predictions = [tokenizer.decode(ids).strip() for ids in generated]
   if task.metric == "drop":
     pairs = np.array([drop_metrics(p, ex.answers) for p, ex in zip(predictions, examples)])
@@ -421,8 +529,16 @@ def evaluate_items(model, params: Params, tokenizer, task: Task, examples: Seque
   return {k: float(np.mean(v)) for k, v in items.items()}, items
 
 
-def make_evaluator(model_for_rank: Callable[[int], Any], base_params: Params, tokenizer, task: Task,
-                   examples: Sequence[Example], *, plain_model=None, **kwargs) -> Callable[[int, Params], dict[str, float]]:
+def make_evaluator(
+  model_for_rank: Callable[[int], Any],
+  base_params: Params,
+  tokenizer,
+  task: Task,
+  examples: Sequence[Example],
+  *,
+  plain_model=None,
+  **kwargs,
+) -> Callable[[int, Params], dict[str, float]]:
   """The trainer's Evaluator: (rank, lora_params) -> the task's metrics on `examples`, and under
   PER_ITEM their per-example values.
 
@@ -435,8 +551,9 @@ def make_evaluator(model_for_rank: Callable[[int], Any], base_params: Params, to
 
   def evaluate(rank: int, lora: Params) -> dict[str, Any]:
     if plain_model is not None:
-      metrics, items = evaluate_items(plain_model, model_lib.fold_lora(base_params, lora), tokenizer, task, examples,
-                                      **kwargs)
+      metrics, items = evaluate_items(
+        plain_model, model_lib.fold_lora(base_params, lora), tokenizer, task, examples, **kwargs
+      )
     else:
       params = model_lib.merge_params(base_params, lora)
       metrics, items = evaluate_items(model_for_rank(rank), params, tokenizer, task, examples, **kwargs)

@@ -75,9 +75,13 @@ def parse_address(address: str, *, where: str = "coordinator address") -> tuple[
   return host, int(port)
 
 
-def resolve_args(*, coordinator_address: str | None = None, num_processes: int | None = None,
-                 process_id: int | None = None, environ: Mapping[str, str] | None = None
-                 ) -> tuple[str | None, int | None, int | None]:
+def resolve_args(
+  *,
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+  environ: Mapping[str, str] | None = None,
+) -> tuple[str | None, int | None, int | None]:
   """(address, count, id): explicit values, else the JAX_* variables, else None (JAX detects them).
 
   Raises:
@@ -97,8 +101,9 @@ def resolve_args(*, coordinator_address: str | None = None, num_processes: int |
     parse_address(coordinator_address, where=source.get("address", "coordinator_address"))
   if count is not None and index is not None and index >= count:
     raise UserInputError(
-        f"{source.get('id', 'process_id')}={index} is not a process of a job of "
-        f"{source.get('count', 'num_processes')}={count} (allowed: 0..{count - 1})")
+      f"{source.get('id', 'process_id')}={index} is not a process of a job of "
+      f"{source.get('count', 'num_processes')}={count} (allowed: 0..{count - 1})"
+    )
   return coordinator_address, count, index
 
 
@@ -135,8 +140,10 @@ def _handshake_coordinator(port: int, count: int, deadline: float, timeout_s: fl
       try:
         conn, _ = server.accept()
       except TimeoutError:
-        problem = (f"only processes {sorted({0, *peers})} of JAX_NUM_PROCESSES/num_processes={count} reached the "
-                   f"coordinator {address} within {timeout_s:g} s")
+        problem = (
+          f"only processes {sorted({0, *peers})} of JAX_NUM_PROCESSES/num_processes={count} reached the "
+          f"coordinator {address} within {timeout_s:g} s"
+        )
         break
       try:
         fields = _recv_line(conn, deadline).split()
@@ -148,8 +155,10 @@ def _handshake_coordinator(port: int, count: int, deadline: float, timeout_s: fl
         continue
       their_count, their_id = int(fields[1]), int(fields[2])
       if their_count != count:
-        problem = (f"process {their_id} says num_processes={their_count}, but process 0 says {count}; "
-                   "every process needs the same count")
+        problem = (
+          f"process {their_id} says num_processes={their_count}, but process 0 says {count}; "
+          "every process needs the same count"
+        )
       elif their_id in peers or their_id == 0:
         problem = f"process_id={their_id} is used by two processes; each of 0..{count - 1} exactly once"
       peers[their_id] = conn
@@ -169,8 +178,9 @@ def _handshake_coordinator(port: int, count: int, deadline: float, timeout_s: fl
     raise UserInputError(problem)
 
 
-def _handshake_peer(host: str, port: int, count: int, index: int, deadline: float, timeout_s: float,
-                    address: str) -> None:
+def _handshake_peer(
+  host: str, port: int, count: int, index: int, deadline: float, timeout_s: float, address: str
+) -> None:
   while True:
     try:
       conn = socket.create_connection((host, port), timeout=max(0.01, min(2.0, deadline - time.monotonic())))
@@ -178,8 +188,9 @@ def _handshake_peer(host: str, port: int, count: int, index: int, deadline: floa
     except OSError as e:
       if time.monotonic() >= deadline:
         raise UserInputError(
-            f"process {index}: the coordinator {address} was not reachable within {timeout_s:g} s ({e.strerror or e}); "
-            "check the address and that process 0 runs") from None
+          f"process {index}: the coordinator {address} was not reachable within {timeout_s:g} s ({e.strerror or e}); "
+          "check the address and that process 0 runs"
+        ) from None
       time.sleep(0.2)
   with conn:
     conn.sendall(f"{_HANDSHAKE.decode()} {count} {index}\n".encode())
@@ -188,14 +199,20 @@ def _handshake_peer(host: str, port: int, count: int, index: int, deadline: floa
     except (OSError, TimeoutError):
       reply = ""
   if reply.startswith("error "):
-    raise UserInputError(reply[len("error "):])
+    raise UserInputError(reply[len("error ") :])
   if reply != "ok":
     raise UserInputError(f"process {index}: no answer from the coordinator {address} within {timeout_s:g} s")
 
 
-def initialize(*, enabled: bool | None = None, coordinator_address: str | None = None,
-               num_processes: int | None = None, process_id: int | None = None, timeout_s: int = 300,
-               environ: Mapping[str, str] | None = None) -> bool:
+def initialize(
+  *,
+  enabled: bool | None = None,
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+  timeout_s: int = 300,
+  environ: Mapping[str, str] | None = None,
+) -> bool:
   """Joins the processes of a multi-process job (before any other JAX call); returns whether it did.
 
   enabled=None starts when the environment says multi-process or any argument is given; True
@@ -206,17 +223,19 @@ def initialize(*, enabled: bool | None = None, coordinator_address: str | None =
   if enabled is False or (enabled is None and not explicit and not multiprocess_env(environ)):
     return False
   timeout_s = _int_value("distributed timeout", timeout_s, minimum=1)
-  address, count, index = resolve_args(coordinator_address=coordinator_address, num_processes=num_processes,
-                                       process_id=process_id, environ=environ)
+  address, count, index = resolve_args(
+    coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id, environ=environ
+  )
   if address is not None and count is not None and index is not None and count > 1:
     handshake(address, count, index, timeout_s=timeout_s)
   try:
-    jax.distributed.initialize(coordinator_address=address, num_processes=count, process_id=index,
-                               initialization_timeout=timeout_s)
+    jax.distributed.initialize(
+      coordinator_address=address, num_processes=count, process_id=index, initialization_timeout=timeout_s
+    )
   except ValueError as e:  # JAX could not detect what was not given
     raise UserInputError(
-        f"cannot start a multi-process job: {str(e).splitlines()[0]} (set {ENV_ADDRESS}, {ENV_COUNT} and {ENV_ID}, "
-        "pass --coordinator_address/--num_processes/--process_id, or run under SLURM, Open MPI or on a TPU pod)"
+      f"cannot start a multi-process job: {str(e).splitlines()[0]} (set {ENV_ADDRESS}, {ENV_COUNT} and {ENV_ID}, "
+      "pass --coordinator_address/--num_processes/--process_id, or run under SLURM, Open MPI or on a TPU pod)"
     ) from None
   if count is not None and jax.process_count() != count:
     raise UserInputError(f"num_processes={count}, but {jax.process_count()} processes joined the job")
@@ -239,7 +258,7 @@ def _broadcast_message(message: str | None) -> str | None:
   buffer = np.zeros(_MESSAGE_BYTES + 1, np.uint8)
   if message is not None:
     data = message.encode()[:_MESSAGE_BYTES]
-    buffer[0], buffer[1:1 + len(data)] = 1, np.frombuffer(data, np.uint8)
+    buffer[0], buffer[1 : 1 + len(data)] = 1, np.frombuffer(data, np.uint8)
   buffer = np.asarray(multihost_utils.broadcast_one_to_all(buffer))
   if not buffer[0]:
     return None
@@ -262,7 +281,9 @@ def on_writer[T](fn: Callable[[], T], *, error_types: tuple[type[Exception], ...
       result = fn()
     except Exception as e:  # pylint: disable=broad-except
       error = e
-      message = json.dumps({"type": type(e).__name__, "user": isinstance(e, error_types), "text": str(e)[:_MESSAGE_BYTES // 2]})
+      message = json.dumps(
+        {"type": type(e).__name__, "user": isinstance(e, error_types), "text": str(e)[: _MESSAGE_BYTES // 2]}
+      )
   shared = _broadcast_message(message)
   if error is not None:
     raise error

@@ -166,9 +166,13 @@ def bases_between(before: Any, after: Any, *, stack_axes: int = 0) -> dict[str, 
   if set(old) != set(new):
     raise ValueError(f"the param trees hold different LoRA modules: {sorted(set(old) ^ set(new))}")
   return {
-      path: change_of_basis(_matrix_a(old[path]["a"], stack_axes), _matrix_b(old[path]["b"], stack_axes),
-                            _matrix_a(new[path]["a"], stack_axes), _matrix_b(new[path]["b"], stack_axes))
-      for path in old
+    path: change_of_basis(
+      _matrix_a(old[path]["a"], stack_axes),
+      _matrix_b(old[path]["b"], stack_axes),
+      _matrix_a(new[path]["a"], stack_axes),
+      _matrix_b(new[path]["b"], stack_axes),
+    )
+    for path in old
   }
 
 
@@ -211,6 +215,7 @@ def _leaf_paths(tree: Any) -> dict[str, tuple[str, str]]:
 
 def _map_params_tree(tree, template, bases, kind, stack_axes, before_shapes):
   """Maps every leaf of a params-shaped state tree; ``template`` gives the new shapes."""
+
   def one(path, x, t):
     module, side = _module_side(path)
     if module not in bases or side not in ("a", "b") or np.shape(x) != before_shapes[(module, side)]:
@@ -257,7 +262,9 @@ def _refactor(dense, t_row, t_col, t_v, shape):
   d1, d0 = _factored_axes(shape)
   v_row, v_col = jnp.mean(dense, axis=d0), jnp.mean(dense, axis=d1)
   if np.shape(v_row) != np.shape(t_row) or np.shape(v_col) != np.shape(t_col):
-    raise _Unknown(f"cannot lay out a factored second moment of a param {shape} like {np.shape(t_row)}, {np.shape(t_col)}")
+    raise _Unknown(
+      f"cannot lay out a factored second moment of a param {shape} like {np.shape(t_row)}, {np.shape(t_col)}"
+    )
   return v_row.astype(t_row.dtype), v_col.astype(t_col.dtype), t_v
 
 
@@ -265,8 +272,13 @@ def _project_factored(old, tmpl, bases, stack_axes, before_shapes, after_shapes)
   rows, cols, vs = {}, {}, {}
   old_rows = jax.tree_util.tree_leaves_with_path(old.v_row)
   for (path, v_row), v_col, v, t_row, t_col, t_v in zip(
-      old_rows, jax.tree.leaves(old.v_col), jax.tree.leaves(old.v), jax.tree.leaves(tmpl.v_row),
-      jax.tree.leaves(tmpl.v_col), jax.tree.leaves(tmpl.v)):
+    old_rows,
+    jax.tree.leaves(old.v_col),
+    jax.tree.leaves(old.v),
+    jax.tree.leaves(tmpl.v_row),
+    jax.tree.leaves(tmpl.v_col),
+    jax.tree.leaves(tmpl.v),
+  ):
     module, side = _module_side(path)
     if module not in bases or (module, side) not in before_shapes:
       raise _Unknown(f"leaf {jax.tree_util.keystr(path)} is not a LoRA factor's state")
@@ -312,8 +324,15 @@ def _project_node(old, tmpl, ctx, preconditioned: bool):
   raise _Unknown(f"optax state {type(old).__module__}.{type(old).__name__}")
 
 
-def project_opt_state(opt_state, optimizer: optax.GradientTransformation, before: Any, after: Any, *,
-                      stack_axes: int = 0, bases: Mapping[str, Basis] | None = None):
+def project_opt_state(
+  opt_state,
+  optimizer: optax.GradientTransformation,
+  before: Any,
+  after: Any,
+  *,
+  stack_axes: int = 0,
+  bases: Mapping[str, Basis] | None = None,
+):
   """The optimizer state of ``before`` (LoRA params) moved to ``after`` = the squeezed params.
 
   Args:
@@ -332,16 +351,21 @@ def project_opt_state(opt_state, optimizer: optax.GradientTransformation, before
   template = optimizer.init(after)
   if bases is None:
     bases = bases_between(before, after, stack_axes=stack_axes)
-  before_shapes = {(m, s): np.shape(x) for m, mod in lora_tree.find_lora_modules(before).items() for s, x in mod.items()}
+  before_shapes = {
+    (m, s): np.shape(x) for m, mod in lora_tree.find_lora_modules(before).items() for s, x in mod.items()
+  }
   after_shapes = {(m, s): np.shape(x) for m, mod in lora_tree.find_lora_modules(after).items() for s, x in mod.items()}
   try:
     if not _same_structure(opt_state, template):
       raise _Unknown("its tree structure differs from the next optimizer's fresh state")
     new_state, _ = _project_node(opt_state, template, (bases, stack_axes, before_shapes, after_shapes), False)
   except _Unknown as err:
-    warnings.warn(f"optimizer_state_at_squeeze='project' cannot project this optimizer state ({err}); "
-                  "the next stage starts a fresh optimizer state as with 'reset'", UnknownOptimizerStateWarning,
-                  stacklevel=2)
+    warnings.warn(
+      f"optimizer_state_at_squeeze='project' cannot project this optimizer state ({err}); "
+      "the next stage starts a fresh optimizer state as with 'reset'",
+      UnknownOptimizerStateWarning,
+      stacklevel=2,
+    )
     return template
   return new_state
 
@@ -366,7 +390,7 @@ def carried_at(plan: Sequence[protocols.PlanItem], index: int) -> bool:
   last = next((i for i in range(min(index, len(plan)) - 1, -1, -1) if isinstance(plan[i], protocols.Stage)), None)
   if last is None:
     return False
-  following = plan[last + 1:]
+  following = plan[last + 1 :]
   stop = next((i for i, p in enumerate(following) if isinstance(p, protocols.Stage)), None)
   if stop is None or index > last + 1 + stop:
     return False
@@ -376,7 +400,9 @@ def carried_at(plan: Sequence[protocols.PlanItem], index: int) -> bool:
 def with_projected_warmup(plan: Sequence[protocols.PlanItem], warmup: int) -> protocols.Plan:
   """The plan with every Stage that starts from a projected state warming up over ``warmup`` steps."""
   validation.integer("warmup_after_projection", warmup, minimum=0)
-  return protocols.validate_plan([
+  return protocols.validate_plan(
+    [
       dataclasses.replace(p, warmup=warmup) if isinstance(p, protocols.Stage) and carried_at(plan, i) else p
       for i, p in enumerate(plan)
-  ])
+    ]
+  )

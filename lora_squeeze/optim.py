@@ -66,6 +66,8 @@ def make_optimizer(lr: float, warmup: int, options: OptimizerOptions = DEFAULT_O
   Its state is as float32 as the LoRA params it is initialised on (the trainer keeps those in
   float32 whatever the base dtype: with bf16 LoRA params the loss barely moved).
   """
-  return optax.adafactor(learning_rate=warmup_constant(lr, warmup),
-                         multiply_by_parameter_scale=options.multiply_by_parameter_scale,
-                         clipping_threshold=options.clipping_threshold)
+  return optax.adafactor(
+    learning_rate=warmup_constant(lr, warmup),
+    multiply_by_parameter_scale=options.multiply_by_parameter_scale,
+    clipping_threshold=options.clipping_threshold,
+  )

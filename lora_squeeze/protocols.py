@@ -101,8 +101,7 @@ def _check_decreasing(ranks: Sequence[int]) -> None:
   for i in range(1, len(ranks)):
     if ranks[i] >= ranks[i - 1]:
       raise UserInputError(
-          f"ranks must strictly decrease, got {tuple(ranks)} ({ranks[i]} at position {i} is not "
-          f"below {ranks[i - 1]})"
+        f"ranks must strictly decrease, got {tuple(ranks)} ({ranks[i]} at position {i} is not below {ranks[i - 1]})"
       )
 
 
@@ -122,11 +121,11 @@ def _largest_remainder(total: int, weights: Sequence[int]) -> list[int]:
 
 
 def stage_plan(
-    total_steps: int,
-    ranks: Sequence[int],
-    *,
-    scheme: str = "proportional",
-    min_steps: int = 200,
+  total_steps: int,
+  ranks: Sequence[int],
+  *,
+  scheme: str = "proportional",
+  min_steps: int = 200,
 ) -> tuple[int, ...]:
   """Steps per In-Squeeze stage (paper §4.1); the result always sums to `total_steps`.
 
@@ -155,9 +154,9 @@ def stage_plan(
     if min(steps) == 0:
       short = ranks[steps.index(0)]
       raise UserInputError(
-          f"total_steps={total_steps} is too small for ranks {tuple(ranks)} with scheme "
-          f"'proportional': the rank-{short} stage would get 0 steps; raise total_steps or use "
-          "scheme='min_steps'"
+        f"total_steps={total_steps} is too small for ranks {tuple(ranks)} with scheme "
+        f"'proportional': the rank-{short} stage would get 0 steps; raise total_steps or use "
+        "scheme='min_steps'"
       )
     return tuple(steps)
   if scheme == "min_steps":
@@ -165,8 +164,7 @@ def stage_plan(
     floor_total = min_steps * len(ranks)
     if floor_total > total_steps:
       raise UserInputError(
-          f"impossible plan: {len(ranks)} stages x min_steps {min_steps} = {floor_total} > "
-          f"total_steps {total_steps}"
+        f"impossible plan: {len(ranks)} stages x min_steps {min_steps} = {floor_total} > total_steps {total_steps}"
       )
     rest = _largest_remainder(total_steps - floor_total, list(ranks))
     return tuple(min_steps + s for s in rest)
@@ -200,8 +198,8 @@ def validate_plan(plan: Sequence[PlanItem]) -> Plan:
   first = next((item for item in plan if not isinstance(item, Evaluate)), None)
   if not isinstance(first, Stage):
     raise UserInputError(
-        f"a plan must start with a Stage (it sets the first rank), optionally after Evaluate items "
-        f"(they score the untrained adapter, i.e. the base model), got {first!r} first"
+      f"a plan must start with a Stage (it sets the first rank), optionally after Evaluate items "
+      f"(they score the untrained adapter, i.e. the base model), got {first!r} first"
     )
   tags = set()
 
@@ -226,7 +224,7 @@ def validate_plan(plan: Sequence[PlanItem]) -> Plan:
       check(item, f"plan[{i}]")
       if isinstance(item, Stage) and item.rank != rank:
         raise UserInputError(
-            f"plan[{i}]: Stage at rank {item.rank} follows an adapter of rank {rank}; insert a Squeeze"
+          f"plan[{i}]: Stage at rank {item.rank} follows an adapter of rank {rank}; insert a Squeeze"
         )
       if isinstance(item, Squeeze):
         _check_squeeze_rank(item, rank, f"plan[{i}]")
@@ -236,7 +234,9 @@ def validate_plan(plan: Sequence[PlanItem]) -> Plan:
 
 def _check_squeeze_rank(item: Squeeze, rank: int, where: str) -> None:
   if item.rank > rank:
-    raise UserInputError(f"{where}: Squeeze to rank {item.rank} above the adapter's rank {rank}; a squeeze only lowers it")
+    raise UserInputError(
+      f"{where}: Squeeze to rank {item.rank} above the adapter's rank {rank}; a squeeze only lowers it"
+    )
 
 
 def plan_record(plan: Sequence[PlanItem]) -> list[dict]:
@@ -264,7 +264,7 @@ def eval_tags(plan: Sequence[PlanItem]) -> tuple[str, ...]:
 
 
 def direct(
-    *, rank: int, steps: int, lr: float, warmup: int = 1000, extra_steps: int = 0, extra_warmup: int = 100
+  *, rank: int, steps: int, lr: float, warmup: int = 1000, extra_steps: int = 0, extra_warmup: int = 100
 ) -> Plan:
   """Direct LoRA at `rank` for `steps`; with extra_steps = M, the equal-budget baseline continues
   M more steps with a fresh optimizer and `extra_warmup` (paper §4.1, "Direct +M")."""
@@ -272,14 +272,14 @@ def direct(
   if extra_steps:
     validation.positive_int("extra_steps", extra_steps)
     plan += [
-        Stage(rank=rank, steps=extra_steps, lr=lr, warmup=extra_warmup),
-        Evaluate(tag=f"direct_r{rank}_plus{extra_steps}"),
+      Stage(rank=rank, steps=extra_steps, lr=lr, warmup=extra_warmup),
+      Evaluate(tag=f"direct_r{rank}_plus{extra_steps}"),
     ]
   return validate_plan(plan)
 
 
 def post_squeeze(
-    *, r_src: int, steps: int, lr: float, targets: Sequence[int], warmup: int = 1000, method: str = "qr_core"
+  *, r_src: int, steps: int, lr: float, targets: Sequence[int], warmup: int = 1000, method: str = "qr_core"
 ) -> Plan:
   """Train once at r_src, then squeeze a copy to every target rank and evaluate each."""
   validation.positive_int("r_src", r_src)
@@ -296,16 +296,16 @@ def post_squeeze(
 
 
 def cont_squeeze(
-    *,
-    r_src: int,
-    r_tgt: int,
-    steps: int,
-    extra_steps: int,
-    lr_src: float,
-    lr_tgt: float,
-    warmup: int = 1000,
-    extra_warmup: int = 100,
-    method: str = "qr_core",
+  *,
+  r_src: int,
+  r_tgt: int,
+  steps: int,
+  extra_steps: int,
+  lr_src: float,
+  lr_tgt: float,
+  warmup: int = 1000,
+  extra_warmup: int = 100,
+  method: str = "qr_core",
 ) -> Plan:
   """Train at r_src for N steps, squeeze to r_tgt, train M more steps at r_tgt (fresh optimizer,
   `extra_warmup`, the r_tgt learning rate); evaluates after the squeeze and at the end."""
@@ -314,25 +314,27 @@ def cont_squeeze(
   validation.positive_int("extra_steps", extra_steps)
   if r_tgt > r_src:
     raise UserInputError(f"r_tgt={r_tgt} must not exceed r_src={r_src} for Cont-Squeeze")
-  return validate_plan([
+  return validate_plan(
+    [
       Stage(rank=r_src, steps=steps, lr=lr_src, warmup=warmup),
       Squeeze(rank=r_tgt, method=method),
       Evaluate(tag=f"r{r_src}_to_r{r_tgt}"),
       Stage(rank=r_tgt, steps=extra_steps, lr=lr_tgt, warmup=extra_warmup),
       Evaluate(tag=f"r{r_src}_to_r{r_tgt}_plus{extra_steps}"),
-  ])
+    ]
+  )
 
 
 def in_squeeze(
-    *,
-    ranks: Sequence[int],
-    total_steps: int,
-    lr_for_rank: Callable[[int], float],
-    scheme: str = "proportional",
-    min_steps: int = 200,
-    warmup: int = 1000,
-    stage_warmup: int = 100,
-    method: str = "qr_core",
+  *,
+  ranks: Sequence[int],
+  total_steps: int,
+  lr_for_rank: Callable[[int], float],
+  scheme: str = "proportional",
+  min_steps: int = 200,
+  warmup: int = 1000,
+  stage_warmup: int = 100,
+  method: str = "qr_core",
 ) -> Plan:
   """Anneal ranks[0] -> ... -> ranks[-1] within `total_steps` (paper §4.1 In-Squeeze).
 

@@ -29,12 +29,12 @@ multiprocess_env = multihost.multiprocess_env
 
 
 def maybe_initialize_distributed(
-    *,
-    enabled: bool | None = None,
-    coordinator_address: str | None = None,
-    num_processes: int | None = None,
-    process_id: int | None = None,
-    timeout_s: int = 300,
+  *,
+  enabled: bool | None = None,
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+  timeout_s: int = 300,
 ) -> bool:
   """Calls jax.distributed.initialize when configured (enabled=True, or any argument given) or,
   with enabled=None, when the environment says multi-process; must run before any other JAX call.
@@ -44,8 +44,13 @@ def maybe_initialize_distributed(
   are auto-detected by JAX (TPU pods, SLURM, Open MPI). See lora_squeeze.multihost.initialize:
   bad values and unreachable coordinators are a UserInputError within `timeout_s`.
   """
-  return multihost.initialize(enabled=enabled, coordinator_address=coordinator_address,
-                              num_processes=num_processes, process_id=process_id, timeout_s=timeout_s)
+  return multihost.initialize(
+    enabled=enabled,
+    coordinator_address=coordinator_address,
+    num_processes=num_processes,
+    process_id=process_id,
+    timeout_s=timeout_s,
+  )
 
 
 def make_mesh(*, data: int = -1, fsdp: int = 1, devices: list[jax.Device] | None = None) -> Mesh:
@@ -115,10 +120,8 @@ def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Ar
   for name, value in batch.items():
     value = np.asarray(value)
     if value.shape[0] % n_devices:
-      raise ValueError(
-        f"batch size {value.shape[0]} ({name}) is not divisible by the {n_devices} devices of the mesh"
-      )
+      raise ValueError(f"batch size {value.shape[0]} ({name}) is not divisible by the {n_devices} devices of the mesh")
     rows = value.shape[0] // jax.process_count()
-    local = value[jax.process_index() * rows:(jax.process_index() + 1) * rows]
+    local = value[jax.process_index() * rows : (jax.process_index() + 1) * rows]
     out[name] = jax.make_array_from_process_local_data(sharding, local, value.shape)
   return out

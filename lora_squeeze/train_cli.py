@@ -25,22 +25,32 @@ from absl import logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Training config file, `path/to/file.py[:key=value,...]` (see lora_squeeze/config_lib.py).",
-    lock_config=True)
+  "config",
+  None,
+  "Training config file, `path/to/file.py[:key=value,...]` (see lora_squeeze/config_lib.py).",
+  lock_config=True,
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (created; resumed when it holds this same run).")
 flags.mark_flags_as_required(["config", "workdir"])
 _DISTRIBUTED = flags.DEFINE_enum(
-    "distributed", "auto", ["auto", "on", "off"],
-    "Multi-process start: auto = when the flags below or the environment (JAX_*, SLURM, Open MPI, TPU pod) "
-    "say so; on = always (JAX detects what is not given); off = never.")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (default: "
-                                   "JAX_COORDINATOR_ADDRESS, else detected).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job (default: JAX_NUM_PROCESSES, "
-                                      "else detected).")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id, 0..num_processes-1 (default: "
-                                   "JAX_PROCESS_ID, else detected).")
-_DISTRIBUTED_TIMEOUT = flags.DEFINE_integer("distributed_timeout", 300, "Seconds the processes may take to "
-                                            "find each other before the job fails.")
+  "distributed",
+  "auto",
+  ["auto", "on", "off"],
+  "Multi-process start: auto = when the flags below or the environment (JAX_*, SLURM, Open MPI, TPU pod) "
+  "say so; on = always (JAX detects what is not given); off = never.",
+)
+_COORDINATOR = flags.DEFINE_string(
+  "coordinator_address", None, "host:port of process 0 (default: JAX_COORDINATOR_ADDRESS, else detected)."
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+  "num_processes", None, "Processes in the job (default: JAX_NUM_PROCESSES, else detected)."
+)
+_PROCESS_ID = flags.DEFINE_integer(
+  "process_id", None, "This process's id, 0..num_processes-1 (default: JAX_PROCESS_ID, else detected)."
+)
+_DISTRIBUTED_TIMEOUT = flags.DEFINE_integer(
+  "distributed_timeout", 300, "Seconds the processes may take to find each other before the job fails."
+)
 
 
 def main(argv: list[str]) -> None:
@@ -56,9 +66,12 @@ def main(argv: list[str]) -> None:
   try:
     # Before any other JAX call: joins the processes of a multi-process job.
     sharding.maybe_initialize_distributed(
-        enabled={"auto": None, "on": True, "off": False}[_DISTRIBUTED.value],
-        coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
-        timeout_s=_DISTRIBUTED_TIMEOUT.value)
+      enabled={"auto": None, "on": True, "off": False}[_DISTRIBUTED.value],
+      coordinator_address=_COORDINATOR.value,
+      num_processes=_NUM_PROCESSES.value,
+      process_id=_PROCESS_ID.value,
+      timeout_s=_DISTRIBUTED_TIMEOUT.value,
+    )
   except UserInputError as e:
     sys.exit(f"lora-squeeze train: {e}")
   from lora_squeeze import train  # pylint: disable=g-import-not-at-top
@@ -84,7 +97,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     for arg in argv[1:]:
       if not arg.startswith("--config."):
         continue
-      key = arg[len("--config."):].split("=", 1)[0]
+      key = arg[len("--config.") :].split("=", 1)[0]
       node, allowed = config, []
       for part in key.split("."):
         allowed = sorted(node.keys()) if hasattr(node, "keys") else []

@@ -28,8 +28,9 @@ def main(argv):
   if source.builder_module is not None and _MANUAL_DIR.value is None:
     raise app.UsageError(f"{argv[1]} reads the public files from --manual_dir (see {source.builder_module})")
   manual = None if _MANUAL_DIR.value is None else Path(_MANUAL_DIR.value).expanduser()
-  path = readers.prepare_tfds(source.tfds_name, data_dir=Path(_DATA_DIR.value).expanduser(), manual_dir=manual,
-                              module=source.builder_module)
+  path = readers.prepare_tfds(
+    source.tfds_name, data_dir=Path(_DATA_DIR.value).expanduser(), manual_dir=manual, module=source.builder_module
+  )
   print(f"prepared {source.tfds_name} in {path}")
 
 

@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-# Lint (rules in pyproject.toml) before the tests: a lint error fails CI in seconds.
+# Format and lint (settings in pyproject.toml) before the tests: either fails CI in seconds.
+.venv/bin/python -m ruff format --check .
 .venv/bin/python -m ruff check .
 exec .venv/bin/python -m pytest -q -n 2 --durations=15 "$@"

@@ -6,15 +6,15 @@ import pytest
 
 @pytest.fixture(scope="session")
 def gemma3_270m_params():
-    """Real Gemma 3 270M base params (float32, from the embedded GGUF)."""
-    from lora_squeeze import model  # pylint: disable=import-outside-toplevel
+  """Real Gemma 3 270M base params (float32, from the embedded GGUF)."""
+  from lora_squeeze import model  # pylint: disable=import-outside-toplevel
 
-    return model.load_base_params("gemma3_270m")
+  return model.load_base_params("gemma3_270m")
 
 
 @pytest.fixture(scope="session")
 def gemma3_tokenizer():
-    """The Gemma 3 tokenizer rebuilt from the embedded GGUF."""
-    from lora_squeeze.weights import tokenizer  # pylint: disable=import-outside-toplevel
+  """The Gemma 3 tokenizer rebuilt from the embedded GGUF."""
+  from lora_squeeze.weights import tokenizer  # pylint: disable=import-outside-toplevel
 
-    return tokenizer.load_tokenizer()
+  return tokenizer.load_tokenizer()

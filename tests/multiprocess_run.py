@@ -27,8 +27,14 @@ class SlowBatches:
 def plan():
   from lora_squeeze.protocols import Evaluate, Squeeze, Stage  # pylint: disable=g-import-not-at-top
 
-  return (Stage(rank=4, steps=STEPS_1, lr=0.5, warmup=2), Evaluate(tag="r4"), Squeeze(rank=2),
-          Evaluate(tag="r4_to_r2"), Stage(rank=2, steps=STEPS_2, lr=0.5, warmup=2), Evaluate(tag="r4_to_r2_plus4"))
+  return (
+    Stage(rank=4, steps=STEPS_1, lr=0.5, warmup=2),
+    Evaluate(tag="r4"),
+    Squeeze(rank=2),
+    Evaluate(tag="r4_to_r2"),
+    Stage(rank=2, steps=STEPS_2, lr=0.5, warmup=2),
+    Evaluate(tag="r4_to_r2_plus4"),
+  )
 
 
 def run(workdir, *, seconds_per_batch: float = 0.0, printer=print, fsdp: int | None = None):
@@ -43,8 +49,9 @@ def run(workdir, *, seconds_per_batch: float = 0.0, printer=print, fsdp: int | N
   base = model_lib.init_base_params("tiny", key=jax.random.key(0))
   model_for_rank = lambda r: model_lib.make_model("tiny", lora_rank=r)
   mesh = sharding.make_mesh(data=-1 if fsdp else 1, fsdp=fsdp or jax.device_count())
-  held_out = sharding.shard_batch({k: np.stack([e[k] for e in copy_examples(8, 1)]) for k in ("tokens", "target_mask")},
-                                  mesh)
+  held_out = sharding.shard_batch(
+    {k: np.stack([e[k] for e in copy_examples(8, 1)]) for k in ("tokens", "target_mask")}, mesh
+  )
 
   # Jitted: in a multi-process job every eager op is a compiled program and a collective.
   loss_fn = jax.jit(train.loss_fn, static_argnames=("model", "max_targets"))
@@ -55,11 +62,21 @@ def run(workdir, *, seconds_per_batch: float = 0.0, printer=print, fsdp: int | N
 
   batches = train.batch_dataset(copy_examples(32, 0), batch_size=4, seed=1)
   setup = train.RunSetup(
-      model_for_rank=model_for_rank, base_params=base,
-      batches=SlowBatches(batches, seconds_per_batch) if seconds_per_batch else batches,
-      workdir=pathlib.Path(workdir), key=jax.random.key(7), max_targets=MAX_TARGETS, evaluate=evaluate,
-      run_config={"test": "multiprocess"}, adapter_metadata={"model": "tiny"}, mesh=mesh, checkpoint_every=2,
-      log_every=3, printer=printer, min_shard_size=1)  # min_shard_size=1: every LoRA leaf is split
+    model_for_rank=model_for_rank,
+    base_params=base,
+    batches=SlowBatches(batches, seconds_per_batch) if seconds_per_batch else batches,
+    workdir=pathlib.Path(workdir),
+    key=jax.random.key(7),
+    max_targets=MAX_TARGETS,
+    evaluate=evaluate,
+    run_config={"test": "multiprocess"},
+    adapter_metadata={"model": "tiny"},
+    mesh=mesh,
+    checkpoint_every=2,
+    log_every=3,
+    printer=printer,
+    min_shard_size=1,
+  )  # min_shard_size=1: every LoRA leaf is split
   return train.execute_plan(plan(), setup)
 
 
@@ -70,7 +87,11 @@ if __name__ == "__main__":
 
   try:
     sharding.maybe_initialize_distributed(timeout_s=60)
-    run(sys.argv[1], seconds_per_batch=float(sys.argv[2]) if len(sys.argv) > 2 else 0.0,
-        fsdp=int(sys.argv[3]) if len(sys.argv) > 3 else None, printer=lambda line: print(line, flush=True))
+    run(
+      sys.argv[1],
+      seconds_per_batch=float(sys.argv[2]) if len(sys.argv) > 2 else 0.0,
+      fsdp=int(sys.argv[3]) if len(sys.argv) > 3 else None,
+      printer=lambda line: print(line, flush=True),
+    )
   except UserInputError as e:
     sys.exit(f"multiprocess_run: {e}")

@@ -29,74 +29,74 @@ TARGETS = ["embed", "q", "o"]
 
 
 class Block(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.q = nn.Linear(D_MODEL, D_HIDDEN)
-        self.o = nn.Linear(D_HIDDEN, D_MODEL)
+  def __init__(self):
+    super().__init__()
+    self.q = nn.Linear(D_MODEL, D_HIDDEN)
+    self.o = nn.Linear(D_HIDDEN, D_MODEL)
 
 
 class TinyModel(nn.Module):
-    """outputs = head(h_L), h_0 = embed(tokens), h_{l+1} = h_l + o_l(tanh(q_l(h_l)))."""
+  """outputs = head(h_L), h_0 = embed(tokens), h_{l+1} = h_l + o_l(tanh(q_l(h_l)))."""
 
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Embedding(VOCAB, D_MODEL)
-        self.layers = nn.ModuleList([Block() for _ in range(N_LAYERS)])
-        self.head = nn.Linear(D_MODEL, N_OUT)
+  def __init__(self):
+    super().__init__()
+    self.embed = nn.Embedding(VOCAB, D_MODEL)
+    self.layers = nn.ModuleList([Block() for _ in range(N_LAYERS)])
+    self.head = nn.Linear(D_MODEL, N_OUT)
 
-    def forward(self, tokens):
-        h = self.embed(tokens)
-        for layer in self.layers:
-            h = h + layer.o(torch.tanh(layer.q(h)))
-        return self.head(h)
+  def forward(self, tokens):
+    h = self.embed(tokens)
+    for layer in self.layers:
+      h = h + layer.o(torch.tanh(layer.q(h)))
+    return self.head(h)
 
 
 def base_model() -> TinyModel:
-    torch.manual_seed(0)
-    return TinyModel().eval()
+  torch.manual_seed(0)
+  return TinyModel().eval()
 
 
 def build(folder: str, spec: dict) -> None:
-    spec = dict(spec)
-    generator = torch.Generator().manual_seed(spec.pop("seed", 1))
-    config = LoraConfig(target_modules=TARGETS, modules_to_save=["head"], **spec)
-    model = get_peft_model(base_model(), config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_" in name or "modules_to_save" in name:
-                param.copy_(0.3 * torch.randn(param.shape, generator=generator))
-    model.save_pretrained(folder)
+  spec = dict(spec)
+  generator = torch.Generator().manual_seed(spec.pop("seed", 1))
+  config = LoraConfig(target_modules=TARGETS, modules_to_save=["head"], **spec)
+  model = get_peft_model(base_model(), config)
+  with torch.no_grad():
+    for name, param in model.named_parameters():
+      if "lora_" in name or "modules_to_save" in name:
+        param.copy_(0.3 * torch.randn(param.shape, generator=generator))
+  model.save_pretrained(folder)
 
 
 def dump(folder: str, npz: str) -> None:
-    base = base_model()
-    out = {f"base/{k}": v.numpy().copy() for k, v in base.state_dict().items()}
-    model = PeftModel.from_pretrained(base_model(), folder).eval()
-    for name, module in model.base_model.model.named_modules():
-        if isinstance(module, LoraLayer) and "default" in module.r:
-            out[f"delta/{name}"] = module.get_delta_weight("default").detach().numpy()
-            out[f"r/{name}"] = np.array(module.r["default"])
-            out[f"scaling/{name}"] = np.array(module.scaling["default"])
-    head = model.base_model.model.head.modules_to_save["default"]
-    out["head/weight"], out["head/bias"] = head.weight.detach().numpy(), head.bias.detach().numpy()
-    tokens = np.random.default_rng(0).integers(0, VOCAB, size=(3, 5))
-    with torch.no_grad():
-        out["outputs"] = model(torch.from_numpy(tokens)).numpy()
-    out["tokens"] = tokens
-    np.savez(npz, **out)
+  base = base_model()
+  out = {f"base/{k}": v.numpy().copy() for k, v in base.state_dict().items()}
+  model = PeftModel.from_pretrained(base_model(), folder).eval()
+  for name, module in model.base_model.model.named_modules():
+    if isinstance(module, LoraLayer) and "default" in module.r:
+      out[f"delta/{name}"] = module.get_delta_weight("default").detach().numpy()
+      out[f"r/{name}"] = np.array(module.r["default"])
+      out[f"scaling/{name}"] = np.array(module.scaling["default"])
+  head = model.base_model.model.head.modules_to_save["default"]
+  out["head/weight"], out["head/bias"] = head.weight.detach().numpy(), head.bias.detach().numpy()
+  tokens = np.random.default_rng(0).integers(0, VOCAB, size=(3, 5))
+  with torch.no_grad():
+    out["outputs"] = model(torch.from_numpy(tokens)).numpy()
+  out["tokens"] = tokens
+  np.savez(npz, **out)
 
 
 def main(argv: list[str]) -> None:
-    torch.set_num_threads(1)
-    command, rest = argv[1], argv[2:]
-    if command not in ("build", "dump") or not rest or len(rest) % 2:
-        sys.exit(__doc__)
-    for first, second in zip(rest[::2], rest[1::2]):
-        if command == "build":
-            build(first, json.loads(second))
-        else:
-            dump(first, second)
+  torch.set_num_threads(1)
+  command, rest = argv[1], argv[2:]
+  if command not in ("build", "dump") or not rest or len(rest) % 2:
+    sys.exit(__doc__)
+  for first, second in zip(rest[::2], rest[1::2]):
+    if command == "build":
+      build(first, json.loads(second))
+    else:
+      dump(first, second)
 
 
 if __name__ == "__main__":
-    main(sys.argv)
+  main(sys.argv)

@@ -13,7 +13,9 @@ from lora_squeeze import optim
 
 def lora_tree(rank, seed=0):
   k1, k2 = jax.random.split(jax.random.key(seed))
-  return {"layer_0": {"q": {"lora": {"a": jax.random.normal(k1, (32, rank)), "b": jax.random.normal(k2, (rank, 4, 8))}}}}
+  return {
+    "layer_0": {"q": {"lora": {"a": jax.random.normal(k1, (32, rank)), "b": jax.random.normal(k2, (rank, 4, 8))}}}
+  }
 
 
 def test_claim_workdir_new_same_and_different(tmp_path):
@@ -21,8 +23,10 @@ def test_claim_workdir_new_same_and_different(tmp_path):
   assert ckpt_lib.claim_workdir(tmp_path / "run", config) is False
   assert json.loads((tmp_path / "run" / ckpt_lib.RUN_CONFIG_FILE).read_text()) == config
   assert ckpt_lib.claim_workdir(tmp_path / "run", dict(config)) is True
-  with pytest.raises(ckpt_lib.WorkdirConflictError,
-                     match=r"holds a different run \(config differs at ranks, steps\); choose a new --workdir"):
+  with pytest.raises(
+    ckpt_lib.WorkdirConflictError,
+    match=r"holds a different run \(config differs at ranks, steps\); choose a new --workdir",
+  ):
     ckpt_lib.claim_workdir(tmp_path / "run", {**config, "steps": 20, "ranks": [8, 2]})
 
 
@@ -47,7 +51,8 @@ def test_checkpoint_round_trip_with_optimizer_state(tmp_path):
   assert checkpoints.save(lora=lora_tree(2, 1), opt_state=None, meta={"position": {"item": 3}}) == 1
   assert checkpoints.restore_meta(0) == meta
   restored_lora, restored_opt = checkpoints.restore(
-      0, abstract_lora=ckpt_lib.abstract_like(lora), abstract_opt_state=ckpt_lib.abstract_like(opt_state))
+    0, abstract_lora=ckpt_lib.abstract_like(lora), abstract_opt_state=ckpt_lib.abstract_like(opt_state)
+  )
   assert jax.tree.structure(restored_opt) == jax.tree.structure(opt_state)
   for got, want in zip(jax.tree.leaves((restored_lora, restored_opt)), jax.tree.leaves((lora, opt_state))):
     np.testing.assert_array_equal(got, want)

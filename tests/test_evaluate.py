@@ -31,11 +31,17 @@ def full_log_softmax(model, params, sequences, length):
 
 
 EXAMPLES = [
-    Example(example_id="mc", prompt="Which one?\nA. x\nB. y\nC. z", target="B", options=("A", "B", "C"), correct=(1,)),
-    Example(example_id="nli", prompt="Premise: it rains. Hypothesis: it is wet.", target="entailment",
-            options=text_tasks.ANLI_LABELS, correct=(0,)),
-    Example(example_id="long", prompt="word " * 120 + "Answer yes or no.", target="no", options=("yes", "no"),
-            correct=(1,)),
+  Example(example_id="mc", prompt="Which one?\nA. x\nB. y\nC. z", target="B", options=("A", "B", "C"), correct=(1,)),
+  Example(
+    example_id="nli",
+    prompt="Premise: it rains. Hypothesis: it is wet.",
+    target="entailment",
+    options=text_tasks.ANLI_LABELS,
+    correct=(0,),
+  ),
+  Example(
+    example_id="long", prompt="word " * 120 + "Answer yes or no.", target="no", options=("yes", "no"), correct=(1,)
+  ),
 ]
 
 
@@ -60,15 +66,19 @@ def test_scores_equal_the_full_logit_log_likelihood(tiny, gemma3_tokenizer):
 
 
 def test_accuracy_counts_any_correct_option():
-  examples = [Example(example_id=str(i), prompt="p", target="a", options=("a", "b", "c"), correct=c)
-              for i, c in enumerate([(0,), (1, 2), (2,)])]
+  examples = [
+    Example(example_id=str(i), prompt="p", target="a", options=("a", "b", "c"), correct=c)
+    for i, c in enumerate([(0,), (1, 2), (2,)])
+  ]
   scores = [np.array([0.0, -1.0, -2.0]), np.array([-3.0, -2.0, -0.5]), np.array([-1.0, -0.1, -2.0])]
   assert evaluate.option_accuracy(scores, examples) == pytest.approx(2 / 3)
 
 
 def test_option_nll_renormalises_over_the_options():
-  examples = [Example(example_id=str(i), prompt="p", target="a", options=("a", "b", "c"), correct=c)
-              for i, c in enumerate([(0,), (1, 2)])]
+  examples = [
+    Example(example_id=str(i), prompt="p", target="a", options=("a", "b", "c"), correct=c)
+    for i, c in enumerate([(0,), (1, 2)])
+  ]
   scores = [np.log(np.array([0.2, 0.3, 0.5]) * 1e-3), np.log(np.array([0.5, 0.1, 0.4]))]
   # Example 0: p(a) = 0.2 after renormalising; example 1: any correct option, p = 0.1 + 0.4.
   assert evaluate.option_nll(scores, examples) == pytest.approx(-(np.log(0.2) + np.log(0.5)) / 2)
@@ -85,30 +95,37 @@ def test_folded_evaluation_equals_the_lora_model(tiny, gemma3_tokenizer):
   kwargs = {"max_len": 64, "batch_size": 4, "buckets": (64,)}
   examples = EXAMPLES[:1]
   merged = evaluate.score_options(model, model_lib.merge_params(base, lora), gemma3_tokenizer, examples, **kwargs)
-  folded = evaluate.score_options(model_lib.make_model("tiny"), model_lib.fold_lora(base, lora), gemma3_tokenizer,
-                                  examples, **kwargs)
+  folded = evaluate.score_options(
+    model_lib.make_model("tiny"), model_lib.fold_lora(base, lora), gemma3_tokenizer, examples, **kwargs
+  )
   for a, b in zip(merged, folded):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
-  evaluator = evaluate.make_evaluator(lambda rank: model, base, gemma3_tokenizer, task, examples,
-                                      plain_model=model_lib.make_model("tiny"), **kwargs)
+  evaluator = evaluate.make_evaluator(
+    lambda rank: model, base, gemma3_tokenizer, task, examples, plain_model=model_lib.make_model("tiny"), **kwargs
+  )
   result = evaluator(2, lora)
-  assert result == {"accuracy": evaluate.option_accuracy(merged, examples),
-                    "option_nll": evaluate.option_nll(merged, examples),
-                    evaluate.PER_ITEM: {"accuracy": [evaluate.option_accuracy(merged, examples)],
-                                        "option_nll": [evaluate.option_nll(merged, examples)]}}
+  assert result == {
+    "accuracy": evaluate.option_accuracy(merged, examples),
+    "option_nll": evaluate.option_nll(merged, examples),
+    evaluate.PER_ITEM: {
+      "accuracy": [evaluate.option_accuracy(merged, examples)],
+      "option_nll": [evaluate.option_nll(merged, examples)],
+    },
+  }
 
 
 def test_greedy_decode_matches_step_by_step_argmax(tiny, gemma3_tokenizer):
   model, _, _, params = tiny
   prompts = [batching.encode_prompt(gemma3_tokenizer, p).fit(40) for p in ("hi", "tell me a longer story please")]
-  got = evaluate.greedy_decode(model, params, prompts, max_new_tokens=4, stop_ids=(batching.EOS,), batch_size=2,
-                               buckets=(16, 32))
+  got = evaluate.greedy_decode(
+    model, params, prompts, max_new_tokens=4, stop_ids=(batching.EOS,), batch_size=2, buckets=(16, 32)
+  )
   sequences = [list(p) for p in prompts]
   for _ in range(4):
     logp = full_log_softmax(model, params, sequences, 48)
     for i, seq in enumerate(sequences):
       seq.append(int(jnp.argmax(logp[i, len(seq) - 1])))
-  assert got == [seq[len(p):] for seq, p in zip(sequences, prompts)]
+  assert got == [seq[len(p) :] for seq, p in zip(sequences, prompts)]
 
 
 def test_greedy_decode_stops_at_a_stop_token(tiny, gemma3_tokenizer):
@@ -122,11 +139,14 @@ def test_greedy_decode_stops_at_a_stop_token(tiny, gemma3_tokenizer):
 def test_generative_task_metrics_run_end_to_end(tiny, gemma3_tokenizer):
   model, _, _, params = tiny
   examples = [Example(example_id="d", prompt="How many?", target="2", answers=("2", "two"))]
-  metrics = evaluate.evaluate_examples(model, params, gemma3_tokenizer, get_task("drop"), examples, max_len=64,
-                                       buckets=(64,))
-  prediction = gemma3_tokenizer.decode(evaluate.greedy_decode(
-      model, params, [batching.encode_prompt(gemma3_tokenizer, "How many?").fit(48)], max_new_tokens=16,
-      buckets=(48,))[0]).strip()
+  metrics = evaluate.evaluate_examples(
+    model, params, gemma3_tokenizer, get_task("drop"), examples, max_len=64, buckets=(64,)
+  )
+  prediction = gemma3_tokenizer.decode(
+    evaluate.greedy_decode(
+      model, params, [batching.encode_prompt(gemma3_tokenizer, "How many?").fit(48)], max_new_tokens=16, buckets=(48,)
+    )[0]
+  ).strip()
   assert metrics == dict(zip(("f1", "em"), reversed(evaluate.drop_metrics(prediction, ("2", "two")))))
 
 
@@ -134,7 +154,9 @@ def test_generative_task_metrics_run_end_to_end(tiny, gemma3_tokenizer):
 # DROP.
 
 
-@pytest.mark.parametrize("prediction, gold, em, f1", [
+@pytest.mark.parametrize(
+  "prediction, gold, em, f1",
+  [
     ("The Cat", "cat", 1.0, 1.0),
     ("1,000", "1000", 1.0, 1.0),
     ("john smith", "smith", 0.0, 0.67),
@@ -142,7 +164,8 @@ def test_generative_task_metrics_run_end_to_end(tiny, gemma3_tokenizer):
     (["paris", "rome"], ["rome", "paris"], 1.0, 1.0),
     (["paris"], ["rome", "paris"], 0.0, 0.5),
     ("twenty-one", "twenty one", 1.0, 1.0),
-])
+  ],
+)
 def test_drop_em_f1(prediction, gold, em, f1):
   assert evaluate.drop_em_f1(prediction, gold) == (em, f1)
 

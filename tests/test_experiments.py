@@ -27,11 +27,14 @@ def _write_results(train_dir: pathlib.Path, scores: dict[str, float], squeezes=(
   """A finished run's results file in the trainer's format (lora_squeeze.train: results.json)."""
   train_dir.mkdir(parents=True, exist_ok=True)
   nlls = nlls or {}
-  results = {"complete": True,
-             "evals": {tag: {"tag": tag, "score": s,
-                             "metrics": {"accuracy": s, **({"option_nll": nlls[tag]} if tag in nlls else {})}}
-                       for tag, s in scores.items()},
-             "squeezes": [{"r_src": a, "r_tgt": b, "method": m, "overall_retention": v} for a, b, m, v in squeezes]}
+  results = {
+    "complete": True,
+    "evals": {
+      tag: {"tag": tag, "score": s, "metrics": {"accuracy": s, **({"option_nll": nlls[tag]} if tag in nlls else {})}}
+      for tag, s in scores.items()
+    },
+    "squeezes": [{"r_src": a, "r_tgt": b, "method": m, "overall_retention": v} for a, b, m, v in squeezes],
+  }
   (train_dir / "results.json").write_text(json.dumps(results))
 
 
@@ -45,10 +48,13 @@ def test_apply_overrides_sets_nested_keys_on_a_copy():
   assert (base.optim.lr, base.seed, base.ranks) == (0.01, 0, (1, 2))
 
 
-@pytest.mark.parametrize("key, match", [
+@pytest.mark.parametrize(
+  "key, match",
+  [
     ("optim.lrr", r"no key 'optim.lrr'; optim has \['lr', 'warmup'\]"),
     ("optimizer.lr", r"no key 'optimizer' \(override 'optimizer.lr'\)"),
-])
+  ],
+)
 def test_apply_overrides_names_unknown_keys(key, match):
   with pytest.raises(ValueError, match=match):
     common.apply_overrides(_base_config(), {key: 1.0})
@@ -56,9 +62,9 @@ def test_apply_overrides_names_unknown_keys(key, match):
 
 def test_load_config_file_passes_the_argument(tmp_path):
   path = tmp_path / "cfg.py"
-  path.write_text("import ml_collections\n"
-                  "def get_config(arg=None):\n"
-                  "  return ml_collections.ConfigDict({'arg': arg or 'none'})\n")
+  path.write_text(
+    "import ml_collections\ndef get_config(arg=None):\n  return ml_collections.ConfigDict({'arg': arg or 'none'})\n"
+  )
   assert common.load_config_file(f"{path}:reduced").arg == "reduced"
   assert common.load_config_file(str(path)).arg == "none"
   with pytest.raises(ValueError, match="does not exist"):
@@ -90,20 +96,31 @@ def test_claim_run_dir_refuses_a_folder_made_by_other_overrides(tmp_path):
 
 
 def test_collect_rows_reads_finished_cells_and_lists_unfinished(tmp_path):
-  done = common.Cell(plan=_PLAN, name="boolq/r4", overrides={}, labels={"task": "boolq", "r_src": 4},
-                     evals={"r4": {"r_tgt": 4}, "r4_to_r2": {"r_tgt": 2}})
-  half = common.Cell(plan=_PLAN, name="boolq/r8", overrides={}, labels={"task": "boolq", "r_src": 8}, evals={"r8": {"r_tgt": 8}})
+  done = common.Cell(
+    plan=_PLAN,
+    name="boolq/r4",
+    overrides={},
+    labels={"task": "boolq", "r_src": 4},
+    evals={"r4": {"r_tgt": 4}, "r4_to_r2": {"r_tgt": 2}},
+  )
+  half = common.Cell(
+    plan=_PLAN, name="boolq/r8", overrides={}, labels={"task": "boolq", "r_src": 8}, evals={"r8": {"r_tgt": 8}}
+  )
   for cell in (done, half):
     common.claim_run_dir(tmp_path, cell)
-  _write_results(common.run_dir(tmp_path, done) / common.TRAIN_DIR, {"r4": 0.7, "r4_to_r2": 0.685, "unlisted": 0.01},
-                 squeezes=[(4, 2, "qr_core", 0.9)])
+  _write_results(
+    common.run_dir(tmp_path, done) / common.TRAIN_DIR,
+    {"r4": 0.7, "r4_to_r2": 0.685, "unlisted": 0.01},
+    squeezes=[(4, 2, "qr_core", 0.9)],
+  )
   rows, unfinished = common.collect_rows(tmp_path)
   assert unfinished == ["boolq/r8"]
   assert sorted((r["r_tgt"], r["score"], r["tag"]) for r in rows) == [(2, 68.5, "r4_to_r2"), (4, 70.0, "r4")]
   assert all(r["task"] == "boolq" and r["r_src"] == 4 and r["cell"] == "boolq/r4" for r in rows)
   squeezes, _ = common.collect_squeeze_rows(tmp_path)
-  assert squeezes == [{"task": "boolq", "r_src": 4, "r_tgt": 2, "method": "qr_core", "retention": 0.9, "curve": None,
-                       "cell": "boolq/r4"}]
+  assert squeezes == [
+    {"task": "boolq", "r_src": 4, "r_tgt": 2, "method": "qr_core", "retention": 0.9, "curve": None, "cell": "boolq/r4"}
+  ]
 
 
 def test_collect_rows_names_a_missing_evaluation(tmp_path):
@@ -115,8 +132,11 @@ def test_collect_rows_names_a_missing_evaluation(tmp_path):
 
 
 def test_mean_score_and_select():
-  rows = [{"task": "a", "rank": 1, "score": 1.0}, {"task": "b", "rank": 1, "score": 3.0},
-          {"task": "a", "rank": 2, "score": 5.0}]
+  rows = [
+    {"task": "a", "rank": 1, "score": 1.0},
+    {"task": "b", "rank": 1, "score": 3.0},
+    {"task": "a", "rank": 2, "score": 5.0},
+  ]
   assert common.mean_score(rows, key=lambda r: r["rank"]) == {1: 2.0, 2: 5.0}
   assert common.select(rows, task="a", rank=2) == [rows[2]]
   assert common.select(rows, missing=1) == []
@@ -146,20 +166,41 @@ def _png(path: pathlib.Path) -> np.ndarray:
 
 def test_heatmap_is_red_for_gains_and_blue_for_losses(tmp_path):
   values = np.array([[2.0, np.nan], [-2.0, 0.0]])
-  common.plot_heatmap(values, row_labels=[4, 2], col_labels=[1, 2], path=tmp_path / "h.png", title="t",
-                      xlabel="r_tgt", ylabel="r_src", cbar_label="gain")
+  common.plot_heatmap(
+    values,
+    row_labels=[4, 2],
+    col_labels=[1, 2],
+    path=tmp_path / "h.png",
+    title="t",
+    xlabel="r_tgt",
+    ylabel="r_src",
+    cbar_label="gain",
+  )
   image = _png(tmp_path / "h.png")[..., :3]
   reddish = image[..., 0] - image[..., 2] > 0.25
   bluish = image[..., 2] - image[..., 0] > 0.25
   assert reddish.sum() > 500 and bluish.sum() > 500
   with pytest.raises(ValueError, match=r"values have shape \(2, 2\), labels need \(1, 2\)"):
-    common.plot_heatmap(values, row_labels=[4], col_labels=[1, 2], path=tmp_path / "bad.png", title="t",
-                        xlabel="x", ylabel="y", cbar_label="c")
+    common.plot_heatmap(
+      values,
+      row_labels=[4],
+      col_labels=[1, 2],
+      path=tmp_path / "bad.png",
+      title="t",
+      xlabel="x",
+      ylabel="y",
+      cbar_label="c",
+    )
 
 
 def test_lines_plot_is_written(tmp_path):
-  common.plot_lines({"direct": ([1, 2, 4], [50.0, 60.0, 65.0]), "post": ([1, 2], [55.0, 61.0])},
-                    path=tmp_path / "l.png", title="t", xlabel="rank", ylabel="score")
+  common.plot_lines(
+    {"direct": ([1, 2, 4], [50.0, 60.0, 65.0]), "post": ([1, 2], [55.0, 61.0])},
+    path=tmp_path / "l.png",
+    title="t",
+    xlabel="rank",
+    ylabel="score",
+  )
   assert _png(tmp_path / "l.png").std() > 0.01
 
 
@@ -205,8 +246,10 @@ def test_lr_sweep_grid_is_complete_and_unique():
 
 
 def test_lr_sweep_seed_sem_and_a_diverged_run_never_wins():
-  rows = [{"study": "sweep", "task": t, "rank": 1, "lr": 0.1, "seed": s, "score": v}
-          for t, s, v in [("a", 1, 50.0), ("b", 1, 60.0), ("a", 2, 54.0), ("b", 2, 60.0)]]
+  rows = [
+    {"study": "sweep", "task": t, "rank": 1, "lr": 0.1, "seed": s, "score": v}
+    for t, s, v in [("a", 1, 50.0), ("b", 1, 60.0), ("a", 2, 54.0), ("b", 2, 60.0)]
+  ]
   assert lr_sweep.seed_sem(rows) == {(1, 0.1): pytest.approx(1.0)}  # seed means 55, 57: std sqrt(2), / sqrt(2)
   rows += [{"study": "sweep", "task": "a", "rank": 1, "lr": 0.01, "seed": 1, "score": float("nan")}]
   assert lr_sweep.best_lrs(rows) == {1: 0.1}
@@ -234,8 +277,11 @@ def test_lr_sweep_report_is_built_from_the_files(tmp_path):
   assert (tmp_path / "lr_sweep.csv").read_text().splitlines()[1] == "1,0.01,56.0,nan,False"  # one seed: no SEM
   # Phase 2 (the Post-Squeeze run at r=4 with lr 0.01) then Fig. 3 from its files.
   post = lr_sweep.post_cells(study, best[4])
-  assert [c.labels["lr"] for c in post] == [0.01, 0.01] and post[0].evals == {"r4": {"rank": 4}, "r4_to_r1": {"rank": 1},
-                                                                     "r4_to_r2": {"rank": 2}}
+  assert [c.labels["lr"] for c in post] == [0.01, 0.01] and post[0].evals == {
+    "r4": {"rank": 4},
+    "r4_to_r1": {"rank": 1},
+    "r4_to_r2": {"rank": 2},
+  }
   _finish(tmp_path, post, _sweep_score)
   lr_sweep.run_study(study, workdir=tmp_path, train=False, log=lambda line: None)
   for name in ("a", "b", "average"):
@@ -276,7 +322,11 @@ def test_heatmap_gains_come_from_the_files(tmp_path):
     assert _png(tmp_path / f"heatmap_{name}.png").std() > 0.01
   # Table 6 for the pair 2 -> 1: direct r1 is 51 (a) / 55 (b), Post-Squeeze adds 1 + 1 (qr_core).
   assert (tmp_path / "heatmap_tasks.md").read_text().splitlines()[1:] == [
-      "|---|---|---|---|", "| a | 51.0 | 53.0 | 2.0 |", "| b | 55.0 | 57.0 | 2.0 |", "| average | 53.0 | 55.0 | 2.0 |"]
+    "|---|---|---|---|",
+    "| a | 51.0 | 53.0 | 2.0 |",
+    "| b | 55.0 | 57.0 | 2.0 |",
+    "| average | 53.0 | 55.0 | 2.0 |",
+  ]
   assert len((tmp_path / "heatmap.csv").read_text().splitlines()) == 1 + 2 * 6 * 2
 
 
@@ -286,12 +336,25 @@ def test_protocol_table_marks_the_best_per_row(tmp_path):
   cells = protocol_table.cells(study, _LR)
   assert len(cells) == 2 * 2 * (2 * 2 + 2)
   columns = protocol_table.protocol_names(study)
-  assert columns == ["zero_shot", "direct", "direct+2", "direct+5", "post", "cont+2", "cont+5", "in_squeeze",
-                     "in_squeeze_min"]
+  assert columns == [
+    "zero_shot",
+    "direct",
+    "direct+2",
+    "direct+5",
+    "post",
+    "cont+2",
+    "cont+5",
+    "in_squeeze",
+    "in_squeeze_min",
+  ]
   # Only the first direct run scores the base model, before it trains.
   zero_shot = [c for c in cells if "zero_shot" in c.evals]
-  assert [c.name for c in zero_shot] == ["a/direct_r1_plus2_s1", "a/direct_r1_plus2_s2", "b/direct_r1_plus2_s1",
-                                         "b/direct_r1_plus2_s2"]
+  assert [c.name for c in zero_shot] == [
+    "a/direct_r1_plus2_s1",
+    "a/direct_r1_plus2_s2",
+    "b/direct_r1_plus2_s1",
+    "b/direct_r1_plus2_s2",
+  ]
   assert all(c.plan[0] == protocols.Evaluate(tag="zero_shot") for c in zero_shot)
   # In-Squeeze gets N + M = 2 + 2 steps over ranks 4 -> 2 -> 1, proportional to the rank (largest remainder).
   in_cell = next(c for c in cells if c.name == "a/in_squeeze_r4_to_r1_s1")
@@ -301,7 +364,7 @@ def test_protocol_table_marks_the_best_per_row(tmp_path):
   values["in_squeeze_min"] = 45.5  # below in_squeeze (46) for task a ...
 
   def score(labels, coords):  # ... but task b adds 2 to it (and seed 2 adds 1 to everything)
-    bonus = (2.0 if labels["task"] == "b" and coords["protocol"] == "in_squeeze_min" else 0.0)
+    bonus = 2.0 if labels["task"] == "b" and coords["protocol"] == "in_squeeze_min" else 0.0
     return values[coords["protocol"]] + bonus + (labels["seed"] - 1)
 
   _finish(tmp_path, cells, score, nll=lambda labels, coords: 1.0 - score(labels, coords) / 100)
@@ -336,26 +399,45 @@ def test_protocol_comparisons_come_from_per_item_scores(tmp_path):
       results["evals"][tag]["per_item"] = {"accuracy": items.tolist(), "option_nll": (1.0 - items).tolist()}
     path.write_text(json.dumps(results))
   protocol_table.run_study(study, workdir=tmp_path, train=False, log=lambda line: None)
-  lines = {line.split(" | ")[0]: line for line in (tmp_path / "protocol_comparisons.md").read_text().splitlines()
-           if line.startswith("| a:")}
+  lines = {
+    line.split(" | ")[0]: line
+    for line in (tmp_path / "protocol_comparisons.md").read_text().splitlines()
+    if line.startswith("| a:")
+  }
   # 20 of 200 items differ: the interval is about 10 ± 1.96 * sqrt(0.1 * 0.9 / 200) points.
-  assert re.fullmatch(r"\| a: cont\+2 vs direct \| 1,2 \| \*\*\+10\.0 \[\+(5|6|7)\.\d, \+1(3|4|5)\.\d\] \+\+\*\* \| better "
-                      r"\| \*\*-0\.1000 \[-0\.1\d+, -0\.0\d+\] --\*\* \| better \|", lines["| a: cont+2 vs direct"])
+  assert re.fullmatch(
+    r"\| a: cont\+2 vs direct \| 1,2 \| \*\*\+10\.0 \[\+(5|6|7)\.\d, \+1(3|4|5)\.\d\] \+\+\*\* \| better "
+    r"\| \*\*-0\.1000 \[-0\.1\d+, -0\.0\d+\] --\*\* \| better \|",
+    lines["| a: cont+2 vs direct"],
+  )
   assert lines["| a: cont+2 vs direct+2"].endswith("| better |")
-  assert lines["| a: post vs direct"].endswith("| +0.0 [+0.0, +0.0] 00 | no difference | +0.0000 [+0.0000, +0.0000] 00 "
-                                               "| no difference |")
-  assert set(lines) == {f"| a: {c}" for c in ("direct vs zero_shot", "direct+2 vs direct", "post vs direct",
-                                                "cont+2 vs direct", "cont+2 vs direct+2", "in_squeeze vs direct",
-                                                "in_squeeze vs direct+2", "in_squeeze_min vs direct",
-                                                "in_squeeze_min vs direct+2")}
+  assert lines["| a: post vs direct"].endswith(
+    "| +0.0 [+0.0, +0.0] 00 | no difference | +0.0000 [+0.0000, +0.0000] 00 | no difference |"
+  )
+  assert set(lines) == {
+    f"| a: {c}"
+    for c in (
+      "direct vs zero_shot",
+      "direct+2 vs direct",
+      "post vs direct",
+      "cont+2 vs direct",
+      "cont+2 vs direct+2",
+      "in_squeeze vs direct",
+      "in_squeeze vs direct+2",
+      "in_squeeze_min vs direct",
+      "in_squeeze_min vs direct+2",
+    )
+  }
   csv_text = (tmp_path / "protocol_comparisons.csv").read_text()
   assert csv_text.startswith("comparison,seeds,accuracy_mean,accuracy_low,accuracy_high,accuracy_signs,")
 
 
 def test_retention_rows_expand_a_recorded_curve():
   curve = [0.5, 0.7, 0.9, 1.0]
-  squeezes = [{"task": "t", "r_src": 4, "r_tgt": t, "method": "qr_core", "retention": curve[t - 1], "curve": curve,
-               "seed": 1} for t in (1, 2)]
+  squeezes = [
+    {"task": "t", "r_src": 4, "r_tgt": t, "method": "qr_core", "retention": curve[t - 1], "curve": curve, "seed": 1}
+    for t in (1, 2)
+  ]
   squeezes.append({"task": "t", "r_src": 4, "r_tgt": 1, "method": "rsvd", "retention": 0.1, "curve": [0.1] * 4})
   rows = retention.retention_rows(squeezes, method="qr_core")
   assert [(r["r_tgt"], round(r["retention"], 9)) for r in rows] == [(1, 50.0), (2, 70.0), (3, 90.0), (4, 100.0)]
@@ -368,8 +450,13 @@ def test_retention_curves_from_the_squeeze_records(tmp_path):
   _finish(tmp_path, cells, score=None, retention_of=lambda r_src, r_tgt: (r_tgt / r_src) ** 0.5)
   rows = retention.run_study(study, workdir=tmp_path, train=False, log=lambda line: None)
   got = {(r["r_src"], r["r_tgt"]): round(r["retention"], 6) for r in rows}
-  assert got == {(2, 1): round(100 * 0.5**0.5, 6), (2, 2): 100.0, (4, 1): 50.0, (4, 2): round(100 * 0.5**0.5, 6),
-                 (4, 4): 100.0}
+  assert got == {
+    (2, 1): round(100 * 0.5**0.5, 6),
+    (2, 2): 100.0,
+    (4, 1): 50.0,
+    (4, 2): round(100 * 0.5**0.5, 6),
+    (4, 4): 100.0,
+  }
   assert _png(tmp_path / "retention_average.png").std() > 0.01
   assert _png(tmp_path / "retention_boolq.png").std() > 0.01
   # Another study's folder can stand in for training (e.g. a heatmap study that squeezed the same way).
@@ -399,7 +486,7 @@ def _copy_examples(n, seed):
   for _ in range(n):
     x = rng.integers(4, 24, _HALF)
     mask = np.zeros(_LENGTH, bool)
-    mask[_HALF + 2:] = True
+    mask[_HALF + 2 :] = True
     out.append({"tokens": np.concatenate([[2], x, [3], x]).astype(np.int32), "target_mask": mask})
   return out
 
@@ -421,10 +508,16 @@ def tiny_train_fn():
   def train_fn(config, plan, run_dir):
     calls.append(run_dir)
     setup = train.RunSetup(
-        model_for_rank=model_for_rank, base_params=base, workdir=run_dir, key=jax.random.key(config.seed),
-        batches=train.batch_dataset(_copy_examples(16, 0), batch_size=4, seed=config.seed), max_targets=_HALF,
-        evaluate=evaluate, run_config={"task": config.task, "seed": config.seed, "plan": protocols.plan_record(plan)},
-        printer=lambda line: None)
+      model_for_rank=model_for_rank,
+      base_params=base,
+      workdir=run_dir,
+      key=jax.random.key(config.seed),
+      batches=train.batch_dataset(_copy_examples(16, 0), batch_size=4, seed=config.seed),
+      max_targets=_HALF,
+      evaluate=evaluate,
+      run_config={"task": config.task, "seed": config.seed, "plan": protocols.plan_record(plan)},
+      printer=lambda line: None,
+    )
     train.execute_plan(plan, setup)
 
   train_fn.calls = calls
@@ -445,9 +538,14 @@ def test_heatmap_end_to_end_on_the_tiny_model_resumes_and_skips(tmp_path, tiny_t
   assert all(0 < r["score"] < 100 for r in rows)
   by_tag = {r["tag"]: r["score"] for r in rows}
   # The heatmap holds Post-Squeeze minus direct as read from the files.
-  np.testing.assert_allclose(out["qr_core"], [[by_tag["r2_to_r1_qr_core"] - by_tag["r1"],
-                                               by_tag["r2_to_r2_qr_core"] - by_tag["r2"]],
-                                              [by_tag["r1_to_r1_qr_core"] - by_tag["r1"], np.nan]], rtol=1e-6)
+  np.testing.assert_allclose(
+    out["qr_core"],
+    [
+      [by_tag["r2_to_r1_qr_core"] - by_tag["r1"], by_tag["r2_to_r2_qr_core"] - by_tag["r2"]],
+      [by_tag["r1_to_r1_qr_core"] - by_tag["r1"], np.nan],
+    ],
+    rtol=1e-6,
+  )
   # Squeezing r -> r with the exact core keeps the adapter: the same score.
   assert by_tag["r2_to_r2_qr_core"] == pytest.approx(by_tag["r2"], rel=1e-4)
 
@@ -477,9 +575,20 @@ def test_retention_command_line_on_the_tiny_preset(tmp_path):
 
   root = pathlib.Path(__file__).resolve().parents[1]
   done = subprocess.run(
-      [sys.executable, "-m", "experiments.retention", "--config=experiments/retention.py:tiny",
-       "--config.source_ranks=(2,)", f"--workdir={tmp_path}"],
-      cwd=root, capture_output=True, text=True, timeout=600, check=False)
+    [
+      sys.executable,
+      "-m",
+      "experiments.retention",
+      "--config=experiments/retention.py:tiny",
+      "--config.source_ranks=(2,)",
+      f"--workdir={tmp_path}",
+    ],
+    cwd=root,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    check=False,
+  )
   assert done.returncode == 0, done.stderr[-3000:]
   assert "[grid 1/1] boolq/r2_s42 done in " in done.stdout
   rows = (tmp_path / "retention.csv").read_text().splitlines()
@@ -488,12 +597,15 @@ def test_retention_command_line_on_the_tiny_preset(tmp_path):
   assert _png(tmp_path / "retention_boolq.png").std() > 0.01
 
 
-@pytest.mark.parametrize("driver, expected", [
+@pytest.mark.parametrize(
+  "driver, expected",
+  [
     (lr_sweep, {"paper": 13 * 8 * 5, "reduced": 3 * 3}),
     (heatmap, {"paper": 13 * 8, "reduced": 3}),
     (protocol_table, {"paper": 13 * (2 * 2 + 2), "reduced": 2 + 2}),
     (retention, {"paper": 13 * 3, "reduced": 2}),
-])
+  ],
+)
 def test_presets_build_their_grids_and_valid_training_configs(driver, expected, tmp_path):
   from lora_squeeze import config_lib as configs_common  # pylint: disable=g-import-not-at-top
 

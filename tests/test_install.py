@@ -47,8 +47,24 @@ def build_wheel(out: pathlib.Path) -> pathlib.Path:
   for name in ("setup.cfg", "pyproject.toml", "README.md"):
     shutil.copy(REPO / name, src / name)
   shutil.copytree(REPO / "lora_squeeze", src / "lora_squeeze", ignore=shutil.ignore_patterns("__pycache__"))
-  subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
-                  "-w", str(out / "dist"), str(src)], check=True, cwd=src, env=_env())
+  subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "pip",
+      "wheel",
+      "--no-deps",
+      "--no-build-isolation",
+      "--no-index",
+      "-q",
+      "-w",
+      str(out / "dist"),
+      str(src),
+    ],
+    check=True,
+    cwd=src,
+    env=_env(),
+  )
   (wheel,) = (out / "dist").glob("lora_squeeze-*.whl")
   return wheel
 
@@ -57,8 +73,14 @@ def fresh_venv(folder: pathlib.Path, wheel: pathlib.Path) -> pathlib.Path:
   """A venv with the wheel installed and this venv's site-packages for the dependencies; its python."""
   subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(folder)], check=True)
   python = folder / "bin" / "python"
-  purelib = pathlib.Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                        check=True, capture_output=True, text=True).stdout.strip())
+  purelib = pathlib.Path(
+    subprocess.run(
+      [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+      check=True,
+      capture_output=True,
+      text=True,
+    ).stdout.strip()
+  )
   # A wheel is a zip laid out as site-packages (pip install --target would do the same here).
   with zipfile.ZipFile(wheel) as z:
     z.extractall(purelib)
@@ -81,17 +103,29 @@ def test_the_wheel_trains_a_config_file_from_outside_the_repository(tmp_path):
   elsewhere.mkdir()
   (elsewhere / "my_config.py").write_text(textwrap.dedent(CONFIG))
 
-  probe = subprocess.run([str(python), "-c", "import lora_squeeze, configs"], cwd=elsewhere, env=_env(),
-                         capture_output=True, text=True)
+  probe = subprocess.run(
+    [str(python), "-c", "import lora_squeeze, configs"], cwd=elsewhere, env=_env(), capture_output=True, text=True
+  )
   assert "No module named 'configs'" in probe.stderr  # the checkout's configs/ is not importable
-  where = subprocess.run([str(python), "-c", "import lora_squeeze; print(lora_squeeze.__file__)"], cwd=elsewhere,
-                         env=_env(), capture_output=True, text=True, check=True).stdout.strip()
+  where = subprocess.run(
+    [str(python), "-c", "import lora_squeeze; print(lora_squeeze.__file__)"],
+    cwd=elsewhere,
+    env=_env(),
+    capture_output=True,
+    text=True,
+    check=True,
+  ).stdout.strip()
   assert pathlib.Path(where).is_relative_to(tmp_path / "venv"), where
 
   # The config's lr is None: the rank-2 rate comes from the LR table shipped in the wheel.
   result = subprocess.run(
-      [str(python), "-m", "lora_squeeze.cli", "train", "--config=my_config.py", "--workdir=run"],
-      cwd=elsewhere, env=_env(), capture_output=True, text=True, timeout=600)
+    [str(python), "-m", "lora_squeeze.cli", "train", "--config=my_config.py", "--workdir=run"],
+    cwd=elsewhere,
+    env=_env(),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   run = elsewhere / "run"
   assert (run / "results.json").is_file() and (run / "adapters" / "direct_r2").is_dir()

@@ -21,26 +21,49 @@ REPO_PACKAGES = ("lora_squeeze", "configs", "experiments", "benchmarks", "tests"
 # Lowest first. A module may import modules of its own layer or of a lower one (and never in a
 # cycle); names are relative to lora_squeeze.
 LAYERS = (
-    # What everything may raise and check with.
-    ("", "errors", "validation", "atomic", "orbax_paths", "bootstrap"),
-    # Leaves: pure math and plans, file formats, run checkpoints, device meshes; task types.
-    ("protocols", "squeeze", "multihost", "sharding", "optim", "checkpoint", "weights.cache", "weights.gguf",
-     "data.tasks", "data.readers", "data.images", "data.builders"),
-    # Built on the leaves: LoRA pytrees, weights and tokenizer, task definitions, batching, adapters.
-    ("lora_tree", "opt_state_projection", "adapter_size", "weights", "data.text_tasks", "data.vl_tasks", "data.digits", "data.field_tasks", "data.batching", "adapters"),
-    # The model and the task registry.
-    ("model", "data.registry", "data", "adapters.hf_gemma3", "adapters.import_peft", "adapters.export"),
-    # Scoring and the config schema (config → plan).
-    ("decoding", "evaluate", "config_lib"),
-    # The trainer: one step and the run folder's files, what a run shares, its jobs, the plan
-    # runner, config -> run; `train` (its __init__) re-exports them all.
-    ("train.step", "train.run_dir", "train.progress"),
-    ("train.context",),
-    ("train.jobs",),
-    ("train.runner",),
-    ("train.setup", "train"),
-    # Command lines.
-    ("train_cli", "adapters.squeeze_cli", "adapters.export_cli", "adapters.import_cli", "cli"),
+  # What everything may raise and check with.
+  ("", "errors", "validation", "atomic", "orbax_paths", "bootstrap"),
+  # Leaves: pure math and plans, file formats, run checkpoints, device meshes; task types.
+  (
+    "protocols",
+    "squeeze",
+    "multihost",
+    "sharding",
+    "optim",
+    "checkpoint",
+    "weights.cache",
+    "weights.gguf",
+    "data.tasks",
+    "data.readers",
+    "data.images",
+    "data.builders",
+  ),
+  # Built on the leaves: LoRA pytrees, weights and tokenizer, task definitions, batching, adapters.
+  (
+    "lora_tree",
+    "opt_state_projection",
+    "adapter_size",
+    "weights",
+    "data.text_tasks",
+    "data.vl_tasks",
+    "data.digits",
+    "data.field_tasks",
+    "data.batching",
+    "adapters",
+  ),
+  # The model and the task registry.
+  ("model", "data.registry", "data", "adapters.hf_gemma3", "adapters.import_peft", "adapters.export"),
+  # Scoring and the config schema (config → plan).
+  ("decoding", "evaluate", "config_lib"),
+  # The trainer: one step and the run folder's files, what a run shares, its jobs, the plan
+  # runner, config -> run; `train` (its __init__) re-exports them all.
+  ("train.step", "train.run_dir", "train.progress"),
+  ("train.context",),
+  ("train.jobs",),
+  ("train.runner",),
+  ("train.setup", "train"),
+  # Command lines.
+  ("train_cli", "adapters.squeeze_cli", "adapters.export_cli", "adapters.import_cli", "cli"),
 )
 
 
@@ -148,11 +171,13 @@ def test_configs_import_only_the_package():
 
 def test_the_checker_finds_cycles_and_upward_imports():
   # The same checker on small graphs it must reject: it can fail.
-  graph = {"lora_squeeze.data.tasks": {"lora_squeeze.data.text_tasks"},
-           "lora_squeeze.data.text_tasks": {"lora_squeeze.data.tasks"},
-           "lora_squeeze.squeeze": {"lora_squeeze.train"},
-           "lora_squeeze.model": {"configs.common"},
-           "lora_squeeze.train.step": {"lora_squeeze.train.runner"}}
+  graph = {
+    "lora_squeeze.data.tasks": {"lora_squeeze.data.text_tasks"},
+    "lora_squeeze.data.text_tasks": {"lora_squeeze.data.tasks"},
+    "lora_squeeze.squeeze": {"lora_squeeze.train"},
+    "lora_squeeze.model": {"configs.common"},
+    "lora_squeeze.train.step": {"lora_squeeze.train.runner"},
+  }
   errors = layering_errors(graph)
   assert errors[0] == "import cycle: lora_squeeze.data.tasks <-> lora_squeeze.data.text_tasks"
   assert "lora_squeeze.data.tasks (layer 1) imports lora_squeeze.data.text_tasks (layer 2): an upward import" in errors

@@ -35,14 +35,36 @@ def launch(workdir, port, *, n=2, seconds_per_batch=0.0, env_for=lambda i: {}, l
   """Starts the n processes of one job; returns the Popen objects (stdout+stderr to logs[i])."""
   procs = []
   for i in range(n):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]),
-           "JAX_PLATFORMS": "cpu", "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": str(n),
-           "JAX_PROCESS_ID": str(i), **env_for(i)}
+    env = {
+      **os.environ,
+      "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]),
+      "JAX_PLATFORMS": "cpu",
+      "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+      "JAX_NUM_PROCESSES": str(n),
+      "JAX_PROCESS_ID": str(i),
+      **env_for(i),
+    }
     env.pop("XLA_FLAGS", None)  # one CPU device per process
     out = open(logs[i], "w") if logs else subprocess.DEVNULL
-    procs.append(subprocess.Popen(
-        ["timeout", "-s", "KILL", str(LIMIT_S), sys.executable, str(HERE / "multiprocess_run.py"), str(workdir),
-         str(seconds_per_batch), *extra], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
+    procs.append(
+      subprocess.Popen(
+        [
+          "timeout",
+          "-s",
+          "KILL",
+          str(LIMIT_S),
+          sys.executable,
+          str(HERE / "multiprocess_run.py"),
+          str(workdir),
+          str(seconds_per_batch),
+          *extra,
+        ],
+        env=env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+      )
+    )
   return procs
 
 
@@ -57,7 +79,9 @@ def test_two_processes_killed_and_resumed_equal_one_process(tmp_path):
   # Kill both (as a scheduler's preemption does) once the first mid-stage checkpoint is committed.
   deadline = time.monotonic() + LIMIT_S
   while not (job / "checkpoints" / "0").is_dir():
-    assert time.monotonic() < deadline and all(p.poll() is None for p in procs), [log.read_text()[-3000:] for log in logs]
+    assert time.monotonic() < deadline and all(p.poll() is None for p in procs), [
+      log.read_text()[-3000:] for log in logs
+    ]
     time.sleep(0.05)
   for p in procs:
     os.killpg(p.pid, signal.SIGKILL)  # the session of `timeout` and its python child
@@ -84,8 +108,9 @@ def test_two_processes_killed_and_resumed_equal_one_process(tmp_path):
     assert meta["ranks"] == _["ranks"] and meta["global_step"] == _["global_step"]
     for (path, x), (_, y) in zip(sorted(flat(lora).items()), sorted(flat(ref).items())):
       np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5, err_msg=f"{tag}: {path}")
-  np.testing.assert_allclose(got["squeezes"][0]["overall_retention"], want["squeezes"][0]["overall_retention"],
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    got["squeezes"][0]["overall_retention"], want["squeezes"][0]["overall_retention"], rtol=1e-5
+  )
   records = [json.loads(line) for line in (job / "metrics.jsonl").read_text().splitlines()]
   steps = [r["step"] for r in records if r["event"] == "train"]
   assert steps == list(range(1, 11))
@@ -107,14 +132,18 @@ def test_a_mesh_that_does_not_divide_the_devices_of_all_processes_fails_fast_and
   assert codes == [1, 1]
   for log in logs:
     assert log.read_text().strip().splitlines()[-1] == (
-        "multiprocess_run: mesh fsdp=3 does not divide the 2 devices of 2 processes; allowed: a divisor of 2")
+      "multiprocess_run: mesh fsdp=3 does not divide the 2 devices of 2 processes; allowed: a divisor of 2"
+    )
   assert not job.exists()
 
 
 def test_bad_process_count_id_or_address_name_the_value():
   env = {"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1234", "JAX_NUM_PROCESSES": "2"}
-  with pytest.raises(UserInputError, match=r"^JAX_PROCESS_ID=2 is not a process of a job of JAX_NUM_PROCESSES=2 "
-                     r"\(allowed: 0..1\)$"):
+  with pytest.raises(
+    UserInputError,
+    match=r"^JAX_PROCESS_ID=2 is not a process of a job of JAX_NUM_PROCESSES=2 "
+    r"\(allowed: 0..1\)$",
+  ):
     multihost.resolve_args(environ={**env, "JAX_PROCESS_ID": "2"})
   with pytest.raises(UserInputError, match=r"^JAX_NUM_PROCESSES='two': expected an integer >= 1$"):
     multihost.resolve_args(environ={**env, "JAX_NUM_PROCESSES": "two", "JAX_PROCESS_ID": "0"})
@@ -162,15 +191,38 @@ def test_handshake_accepts_a_consistent_job_and_names_a_count_mismatch_or_a_dupl
 
 
 def test_cli_names_an_unreachable_coordinator_in_one_line_and_writes_nothing(tmp_path):
-  env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]),
-         "JAX_PLATFORMS": "cpu", "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{free_port()}", "JAX_NUM_PROCESSES": "2",
-         "JAX_PROCESS_ID": "1"}
+  env = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]),
+    "JAX_PLATFORMS": "cpu",
+    "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{free_port()}",
+    "JAX_NUM_PROCESSES": "2",
+    "JAX_PROCESS_ID": "1",
+  }
   done = subprocess.run(
-      ["timeout", "-s", "KILL", str(LIMIT_S), sys.executable, "-m", "lora_squeeze.cli", "train",
-       f"--config={HERE.parent / 'configs' / 'default.py'}", f"--workdir={tmp_path / 'run'}", "--distributed_timeout=1"],
-      env=env, capture_output=True, text=True, timeout=LIMIT_S + 30)
+    [
+      "timeout",
+      "-s",
+      "KILL",
+      str(LIMIT_S),
+      sys.executable,
+      "-m",
+      "lora_squeeze.cli",
+      "train",
+      f"--config={HERE.parent / 'configs' / 'default.py'}",
+      f"--workdir={tmp_path / 'run'}",
+      "--distributed_timeout=1",
+    ],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=LIMIT_S + 30,
+  )
   assert done.returncode == 1
   address = env["JAX_COORDINATOR_ADDRESS"]
-  assert done.stderr.strip().splitlines()[-1].startswith(
-      f"lora-squeeze train: process 1: the coordinator {address} was not reachable within 1 s")
+  assert (
+    done.stderr.strip()
+    .splitlines()[-1]
+    .startswith(f"lora-squeeze train: process 1: the coordinator {address} was not reachable within 1 s")
+  )
   assert not (tmp_path / "run").exists()

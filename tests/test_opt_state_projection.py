@@ -21,8 +21,11 @@ PATH = "layer_0/attn/_LoRAEinsum_0/lora"
 
 
 def module_tree(a, b):
-  return {"layer_0": {"attn": {"_LoRAEinsum_0": {"lora": {"a": jnp.asarray(a, jnp.float32),
-                                                           "b": jnp.asarray(b, jnp.float32)}}}}}
+  return {
+    "layer_0": {
+      "attn": {"_LoRAEinsum_0": {"lora": {"a": jnp.asarray(a, jnp.float32), "b": jnp.asarray(b, jnp.float32)}}}
+    }
+  }
 
 
 def leaves(tree):
@@ -32,17 +35,19 @@ def leaves(tree):
 def delta_w(tree, stack_axes=0):
   a, b = leaves(tree)["a"], leaves(tree)["b"]
   a = np.asarray(a, np.float64).reshape(*a.shape[:stack_axes], -1, a.shape[-1])
-  b = np.asarray(b, np.float64).reshape(*b.shape[:stack_axes + 1], -1)
+  b = np.asarray(b, np.float64).reshape(*b.shape[: stack_axes + 1], -1)
   return a @ b
 
 
 def loss_fn(target, stack_axes):
   """½‖a b − T‖² over the module: a loss of ΔW alone, so its gradients are the LoRA covectors."""
+
   def loss(tree):
     a, b = leaves(tree)["a"], leaves(tree)["b"]
     a = a.reshape(*a.shape[:stack_axes], -1, a.shape[-1])
-    b = b.reshape(*b.shape[:stack_axes + 1], -1)
+    b = b.reshape(*b.shape[: stack_axes + 1], -1)
     return 0.5 * jnp.sum(jnp.square(jnp.matmul(a, b, precision="highest") - target))
+
   return loss
 
 
@@ -74,8 +79,13 @@ def balanced_signed_permuted(rng, in_dims, out_dims, rank, stack=()):
 
 
 @hypothesis.settings(max_examples=8, deadline=None)
-@hypothesis.given(r_src=st.integers(2, 8), r_tgt=st.integers(1, 8), stack=st.sampled_from([(), (2,)]),
-                  seed=st.integers(0, 2**16), spread=st.floats(0.0, 4.0))
+@hypothesis.given(
+  r_src=st.integers(2, 8),
+  r_tgt=st.integers(1, 8),
+  stack=st.sampled_from([(), (2,)]),
+  seed=st.integers(0, 2**16),
+  spread=st.floats(0.0, 4.0),
+)
 def test_basis_reproduces_the_squeezed_factors(r_src, r_tgt, stack, seed, spread):
   r_tgt = min(r_tgt, r_src)
   rng = np.random.default_rng(seed)
@@ -102,12 +112,12 @@ def test_basis_reproduces_the_squeezed_factors(r_src, r_tgt, stack, seed, spread
 
 
 OPTIMIZERS = {
-    "adam": lambda: optax.adam(0.05),
-    "adamw": lambda: optax.adamw(0.05, weight_decay=0.1),
-    "adafactor": lambda: optax.adafactor(optax.constant_schedule(0.05)),  # leaves too small: dense v
-    "adafactor_factored": lambda: optax.adafactor(0.05, min_dim_size_to_factor=4),
-    "adafactor_momentum": lambda: optax.adafactor(0.05, min_dim_size_to_factor=4, momentum=0.9),
-    "sgd_momentum": lambda: optax.sgd(0.01, momentum=0.9),
+  "adam": lambda: optax.adam(0.05),
+  "adamw": lambda: optax.adamw(0.05, weight_decay=0.1),
+  "adafactor": lambda: optax.adafactor(optax.constant_schedule(0.05)),  # leaves too small: dense v
+  "adafactor_factored": lambda: optax.adafactor(0.05, min_dim_size_to_factor=4),
+  "adafactor_momentum": lambda: optax.adafactor(0.05, min_dim_size_to_factor=4, momentum=0.9),
+  "sgd_momentum": lambda: optax.sgd(0.01, momentum=0.9),
 }
 
 
@@ -166,8 +176,9 @@ def test_adam_first_moment_is_exact_and_second_moment_misses_exactly_the_cross_t
   # ... which differs from the EMA of the squared new-coordinate gradients by the cross terms.
   true_a = sum(w * np.square(g_a @ q.T) for w, (g_a, _) in zip(weights2, history))
   off_diagonal = 1.0 - np.eye(r)
-  cross_a = sum(w * np.einsum("ik,il,jk,jl,kl->ij", g_a, g_a, q, q, off_diagonal)
-                for w, (g_a, _) in zip(weights2, history))
+  cross_a = sum(
+    w * np.einsum("ik,il,jk,jl,kl->ij", g_a, g_a, q, q, off_diagonal) for w, (g_a, _) in zip(weights2, history)
+  )
   np.testing.assert_allclose(true_a - np.asarray(leaves(new.nu)["a"], np.float64), cross_a, rtol=1e-4, atol=1e-6)
   assert np.abs(cross_a).max() > 1e-3  # a real approximation here, not a vacuous identity
   assert int(new.count) == steps  # bias correction continues
@@ -222,8 +233,9 @@ def test_projected_adafactor_step_matches_numpy_reference():
   dense_b = v_col[:, :, None] * (v_row / v_row.mean(axis=1, keepdims=True))[None]
   dense_b = np.einsum("kl,kji->lji", np.square(p), dense_b)
   # b_t (3, 6, 7): d1 = 1, d0 = 2.
-  want_b = _np_adafactor_step(f64(g_new, "b"), dense_b.mean(axis=2), dense_b.mean(axis=1), None,
-                              f64(new_params, "b"), 4, lr, factored_axes=(1, 2))
+  want_b = _np_adafactor_step(
+    f64(g_new, "b"), dense_b.mean(axis=2), dense_b.mean(axis=1), None, f64(new_params, "b"), 4, lr, factored_axes=(1, 2)
+  )
   np.testing.assert_allclose(leaves(updates)["a"], want_a, rtol=2e-4, atol=1e-7)
   np.testing.assert_allclose(leaves(updates)["b"], want_b, rtol=2e-4, atol=1e-7)
   # b's new v_row (3, 6) (the mean over the last axis) is the projection of the old statistic that
@@ -280,12 +292,12 @@ def test_unknown_optimizer_warns_and_resets():
 
 
 def test_carried_at_and_projected_warmup_follow_the_squeezes():
-  cont = protocols.cont_squeeze(r_src=8, r_tgt=2, steps=10, extra_steps=5, lr_src=0.1, lr_tgt=0.1,
-                                warmup=4, extra_warmup=3)
+  cont = protocols.cont_squeeze(
+    r_src=8, r_tgt=2, steps=10, extra_steps=5, lr_src=0.1, lr_tgt=0.1, warmup=4, extra_warmup=3
+  )
   assert [osp.carried_at(cont, i) for i in range(len(cont) + 1)] == [False, True, True, True, False, False]
   assert [p.warmup for p in osp.with_projected_warmup(cont, 0) if isinstance(p, Stage)] == [4, 0]
-  anneal = protocols.in_squeeze(ranks=(8, 4, 2), total_steps=30, lr_for_rank=lambda r: 0.1, warmup=5,
-                                stage_warmup=2)
+  anneal = protocols.in_squeeze(ranks=(8, 4, 2), total_steps=30, lr_for_rank=lambda r: 0.1, warmup=5, stage_warmup=2)
   assert [p.warmup for p in osp.with_projected_warmup(anneal, 1) if isinstance(p, Stage)] == [5, 1, 1]
   # Nothing is carried where no training follows a squeeze, or across a stage boundary without one.
   post = protocols.post_squeeze(r_src=8, steps=10, lr=0.1, targets=(4, 2), warmup=4)
@@ -296,7 +308,9 @@ def test_carried_at_and_projected_warmup_follow_the_squeezes():
     assert osp.with_projected_warmup(plan, 0) == plan
   with pytest.raises(errors.UserInputError, match=r"warmup_after_projection must be a non-negative integer, got -1"):
     osp.with_projected_warmup(cont, -1)
-  with pytest.raises(errors.UserInputError, match=r"optimizer_state_at_squeeze must be one of \('reset', 'project'\), got 'keep'"):
+  with pytest.raises(
+    errors.UserInputError, match=r"optimizer_state_at_squeeze must be one of \('reset', 'project'\), got 'keep'"
+  ):
     osp.check_mode("keep")
 
 
@@ -304,17 +318,21 @@ def test_config_keys_default_to_reset_and_project_changes_only_the_warmups():
   from lora_squeeze import config_lib as common
 
   config = common.base_config("cont_squeeze")
-  config.update(model="tiny", task="boolq", r_src=8, r_tgt=2, steps=10, extra_steps=5, extra_warmup=3,
-                lr=0.1, lr_tgt=None)
+  config.update(
+    model="tiny", task="boolq", r_src=8, r_tgt=2, steps=10, extra_steps=5, extra_warmup=3, lr=0.1, lr_tgt=None
+  )
   assert config.optimizer_state_at_squeeze == "reset" and config.warmup_after_projection == 0
   reset_plan = common.make_plan(config)
   config.optimizer_state_at_squeeze, config.warmup_after_projection = "project", 2
   project_plan = common.make_plan(config)
   assert [p.warmup for p in project_plan if isinstance(p, Stage)] == [config.warmup, 2]
-  assert [dataclasses.replace(p, warmup=0) if isinstance(p, Stage) else p for p in project_plan] == \
-      [dataclasses.replace(p, warmup=0) if isinstance(p, Stage) else p for p in reset_plan]
+  assert [dataclasses.replace(p, warmup=0) if isinstance(p, Stage) else p for p in project_plan] == [
+    dataclasses.replace(p, warmup=0) if isinstance(p, Stage) else p for p in reset_plan
+  ]
   config.optimizer_state_at_squeeze = "carry"
-  with pytest.raises(ValueError, match=r"config.optimizer_state_at_squeeze must be one of \('reset', 'project'\), got 'carry'"):
+  with pytest.raises(
+    ValueError, match=r"config.optimizer_state_at_squeeze must be one of \('reset', 'project'\), got 'carry'"
+  ):
     common.validate(config)
 
 
@@ -358,36 +376,53 @@ def runner_setup(workdir, base, mode, *, batches=None, lines=None):
   from lora_squeeze import model as model_lib
 
   return train.RunSetup(
-      model_for_rank=lambda r: model_lib.make_model("tiny", lora_rank=r),
-      base_params=base, batches=batches if batches is not None else copy_batches(0), workdir=workdir,
-      key=jax.random.key(7), max_targets=5, run_config={"test": "projection", "mode": mode},
-      checkpoint_every=2, log_every=100, optimizer_state_at_squeeze=mode,
-      printer=(lines.append if lines is not None else lambda line: None),
+    model_for_rank=lambda r: model_lib.make_model("tiny", lora_rank=r),
+    base_params=base,
+    batches=batches if batches is not None else copy_batches(0),
+    workdir=workdir,
+    key=jax.random.key(7),
+    max_targets=5,
+    run_config={"test": "projection", "mode": mode},
+    checkpoint_every=2,
+    log_every=100,
+    optimizer_state_at_squeeze=mode,
+    printer=(lines.append if lines is not None else lambda line: None),
   )
 
 
 def test_runner_projects_across_the_squeeze_and_resumes_bit_identically(tiny_base, tmp_path):
-  plan = protocols.validate_plan((
-      Stage(rank=4, steps=3, lr=0.5, warmup=2), Squeeze(rank=2), Stage(rank=2, steps=3, lr=0.5, warmup=2),
+  plan = protocols.validate_plan(
+    (
+      Stage(rank=4, steps=3, lr=0.5, warmup=2),
+      Squeeze(rank=2),
+      Stage(rank=2, steps=3, lr=0.5, warmup=2),
       Evaluate(tag="final"),
-  ))
+    )
+  )
   project_plan = osp.with_projected_warmup(plan, 0)
   reset = train.execute_plan(plan, runner_setup(tmp_path / "reset", tiny_base, "reset"))
   straight = train.execute_plan(project_plan, runner_setup(tmp_path / "a", tiny_base, "project"))
   # The carried state changes training after the squeeze (and only after it).
-  read = lambda d: [r for r in map(__import__("json").loads, (d / train.METRICS_FILE).read_text().splitlines())  # noqa: E731
-                    if r["event"] == "train"]
+  read = lambda d: [
+    r
+    for r in map(__import__("json").loads, (d / train.METRICS_FILE).read_text().splitlines())  # noqa: E731
+    if r["event"] == "train"
+  ]
   a, r = read(tmp_path / "a"), read(tmp_path / "reset")
   assert [x["loss"] for x in a[:3]] == [x["loss"] for x in r[:3]]
   assert a[3]["lr"] == 0.5 and r[3]["lr"] == 0.25  # no warmup after the projection; 'reset' warms up
-  assert not np.allclose(np.asarray(jax.tree.leaves(straight["lora"])[0]), np.asarray(jax.tree.leaves(reset["lora"])[0]))
+  assert not np.allclose(
+    np.asarray(jax.tree.leaves(straight["lora"])[0]), np.asarray(jax.tree.leaves(reset["lora"])[0])
+  )
   # Crashes mid first stage (batch 2), right after the squeeze (batch 3: the newest checkpoint is the
   # projected state at the plan boundary) and mid second stage (batch 5).
   lines = []
   for crash_step in (2, 3, 5):
     with pytest.raises(Crash):
-      train.execute_plan(project_plan, runner_setup(tmp_path / "b", tiny_base, "project", lines=lines,
-                                                    batches=CrashAt(copy_batches(0), crash_step)))
+      train.execute_plan(
+        project_plan,
+        runner_setup(tmp_path / "b", tiny_base, "project", lines=lines, batches=CrashAt(copy_batches(0), crash_step)),
+      )
   resumed = train.execute_plan(project_plan, runner_setup(tmp_path / "b", tiny_base, "project", lines=lines))
   assert any("global step 3, rank 2" in line for line in lines if line.startswith("resumed from checkpoint"))
   for got, want in zip(jax.tree.leaves(resumed["lora"]), jax.tree.leaves(straight["lora"])):
@@ -400,9 +435,37 @@ def test_experiment_driver_pairs_arms_per_seed(tmp_path):
 
   from experiments import opt_state_projection as driver
 
-  driver.main(["--setting", "lowrank", "--seeds", "2", "--ranks", "4", "2", "--steps", "12", "--warmup", "2",
-               "--stage_warmup", "3", "--extra_steps", "4", "--min_steps", "3", "--dim", "8", "--protocols", "cont_squeeze",
-               "--modes", "reset", "project", "reset_no_warmup", "--out", str(tmp_path)])
+  driver.main(
+    [
+      "--setting",
+      "lowrank",
+      "--seeds",
+      "2",
+      "--ranks",
+      "4",
+      "2",
+      "--steps",
+      "12",
+      "--warmup",
+      "2",
+      "--stage_warmup",
+      "3",
+      "--extra_steps",
+      "4",
+      "--min_steps",
+      "3",
+      "--dim",
+      "8",
+      "--protocols",
+      "cont_squeeze",
+      "--modes",
+      "reset",
+      "project",
+      "reset_no_warmup",
+      "--out",
+      str(tmp_path),
+    ]
+  )
   result = json.loads((tmp_path / "results.json").read_text())
   runs = {(r["mode"], r["seed"]): r for r in result["runs"]}
   assert len(runs) == 6 and all(len(r["loss_curve"]) == 12 for r in runs.values())

@@ -27,16 +27,23 @@ def test_default_options_are_optax_defaults():
   params = {"w": jnp.full((3, 5), 0.2)}
   grads = {"w": jnp.arange(15.0).reshape(3, 5)}
   import optax  # pylint: disable=g-import-not-at-top
+
   ours = optim.make_optimizer(0.01, 0)
   ref = optax.adafactor(learning_rate=0.01)
-  np.testing.assert_allclose(ours.update(grads, ours.init(params), params)[0]["w"],
-                             ref.update(grads, ref.init(params), params)[0]["w"], rtol=1e-6)
+  np.testing.assert_allclose(
+    ours.update(grads, ours.init(params), params)[0]["w"],
+    ref.update(grads, ref.init(params), params)[0]["w"],
+    rtol=1e-6,
+  )
 
 
-@pytest.mark.parametrize("kwargs, match", [
+@pytest.mark.parametrize(
+  "kwargs, match",
+  [
     ({"multiply_by_parameter_scale": "yes"}, "multiply_by_parameter_scale must be true or false, got 'yes'"),
     ({"clipping_threshold": 0.0}, "clipping_threshold must be None or a number > 0, got 0.0"),
-])
+  ],
+)
 def test_bad_options_fail(kwargs, match):
   with pytest.raises(ValueError, match=match):
     optim.OptimizerOptions(**kwargs)
@@ -44,14 +51,17 @@ def test_bad_options_fail(kwargs, match):
 
 def test_adapter_size_matches_the_dense_product():
   rng = np.random.default_rng(0)
-  tree = {"layer_0": {"q": {"lora": {"a": rng.normal(size=(6, 3)), "b": rng.normal(size=(3, 2, 4))}}},
-          "layer_1": {"o": {"lora": {"a": rng.normal(size=(2, 4, 3)), "b": rng.normal(size=(3, 6))}}}}
-  dense = [m["a"].reshape(-1, 3) @ m["b"].reshape(3, -1) for m in
-           (tree["layer_0"]["q"]["lora"], tree["layer_1"]["o"]["lora"])]
+  tree = {
+    "layer_0": {"q": {"lora": {"a": rng.normal(size=(6, 3)), "b": rng.normal(size=(3, 2, 4))}}},
+    "layer_1": {"o": {"lora": {"a": rng.normal(size=(2, 4, 3)), "b": rng.normal(size=(3, 6))}}},
+  }
+  dense = [
+    m["a"].reshape(-1, 3) @ m["b"].reshape(3, -1) for m in (tree["layer_0"]["q"]["lora"], tree["layer_1"]["o"]["lora"])
+  ]
   size = adapter_size.adapter_size(tree)
   assert size["delta_w_fro"] == pytest.approx(np.sqrt(sum(np.sum(d * d) for d in dense)))
   bs = np.concatenate([tree["layer_0"]["q"]["lora"]["b"].ravel(), tree["layer_1"]["o"]["lora"]["b"].ravel()])
-  assert size["b_rms"] == pytest.approx(np.sqrt(np.mean(bs ** 2))) and size["modules"] == 2
+  assert size["b_rms"] == pytest.approx(np.sqrt(np.mean(bs**2))) and size["modules"] == 2
   zero = {"x": {"lora": {"a": np.ones((4, 2)), "b": np.zeros((2, 4))}}}
   assert adapter_size.adapter_size(zero)["delta_w_fro"] == 0.0
   with pytest.raises(ValueError, match="no LoRA modules"):

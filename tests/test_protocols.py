@@ -69,19 +69,19 @@ def test_largest_remainder_tie_goes_to_the_higher_rank():
 
 
 @pytest.mark.parametrize(
-    "total, ranks, kwargs, message",
-    [
-        (0, (4, 2), {}, "total_steps must be a positive integer, got 0"),
-        (-5, (4, 2), {}, "total_steps must be a positive integer, got -5"),
-        (10, (4, 4), {}, r"ranks must strictly decrease, got \(4, 4\)"),
-        (10, (2, 4), {}, r"ranks must strictly decrease, got \(2, 4\)"),
-        (10, (4, 0), {}, r"ranks\[1\] must be a positive integer, got 0"),
-        (10, (), {}, "at least one rank"),
-        (10, (4, 2), {"scheme": "cosine"}, "scheme must be one of"),
-        (3, (8, 4, 2, 1), {}, "the rank-2 stage would get 0 steps"),
-        (100, (8, 4), {"scheme": "min_steps", "min_steps": 60}, r"2 stages x min_steps 60 = 120 > total_steps 100"),
-        (100, (8, 4), {"scheme": "min_steps", "min_steps": 0}, "min_steps must be a positive integer"),
-    ],
+  "total, ranks, kwargs, message",
+  [
+    (0, (4, 2), {}, "total_steps must be a positive integer, got 0"),
+    (-5, (4, 2), {}, "total_steps must be a positive integer, got -5"),
+    (10, (4, 4), {}, r"ranks must strictly decrease, got \(4, 4\)"),
+    (10, (2, 4), {}, r"ranks must strictly decrease, got \(2, 4\)"),
+    (10, (4, 0), {}, r"ranks\[1\] must be a positive integer, got 0"),
+    (10, (), {}, "at least one rank"),
+    (10, (4, 2), {"scheme": "cosine"}, "scheme must be one of"),
+    (3, (8, 4, 2, 1), {}, "the rank-2 stage would get 0 steps"),
+    (100, (8, 4), {"scheme": "min_steps", "min_steps": 60}, r"2 stages x min_steps 60 = 120 > total_steps 100"),
+    (100, (8, 4), {"scheme": "min_steps", "min_steps": 0}, "min_steps must be a positive integer"),
+  ],
 )
 def test_stage_plan_bad_input(total, ranks, kwargs, message):
   with pytest.raises(ValueError, match=message):
@@ -98,10 +98,10 @@ def test_halving_ranks():
 def test_direct_plan_with_equal_budget_continuation():
   plan = protocols.direct(rank=8, steps=100, lr=0.01, extra_steps=20)
   assert plan == (
-      Stage(rank=8, steps=100, lr=0.01, warmup=1000),
-      Evaluate(tag="direct_r8"),
-      Stage(rank=8, steps=20, lr=0.01, warmup=100),
-      Evaluate(tag="direct_r8_plus20"),
+    Stage(rank=8, steps=100, lr=0.01, warmup=1000),
+    Evaluate(tag="direct_r8"),
+    Stage(rank=8, steps=20, lr=0.01, warmup=100),
+    Evaluate(tag="direct_r8_plus20"),
   )
   assert protocols.plan_steps(plan) == 120
 
@@ -111,8 +111,8 @@ def test_post_squeeze_branches_per_target():
   assert plan[0] == Stage(rank=16, steps=50, lr=0.003, warmup=1000)
   assert plan[1] == Evaluate(tag="r16")
   assert plan[2:] == (
-      Branch(items=(Squeeze(rank=8, method="rsvd"), Evaluate(tag="r16_to_r8"))),
-      Branch(items=(Squeeze(rank=2, method="rsvd"), Evaluate(tag="r16_to_r2"))),
+    Branch(items=(Squeeze(rank=8, method="rsvd"), Evaluate(tag="r16_to_r8"))),
+    Branch(items=(Squeeze(rank=2, method="rsvd"), Evaluate(tag="r16_to_r2"))),
   )
   with pytest.raises(ValueError, match="target rank 32 exceeds r_src=16"):
     protocols.post_squeeze(r_src=16, steps=50, lr=0.003, targets=(32,))
@@ -121,11 +121,11 @@ def test_post_squeeze_branches_per_target():
 def test_cont_squeeze_plan():
   plan = protocols.cont_squeeze(r_src=128, r_tgt=1, steps=10_000, extra_steps=200, lr_src=0.01, lr_tgt=0.1)
   assert plan == (
-      Stage(rank=128, steps=10_000, lr=0.01, warmup=1000),
-      Squeeze(rank=1, method="qr_core"),
-      Evaluate(tag="r128_to_r1"),
-      Stage(rank=1, steps=200, lr=0.1, warmup=100),
-      Evaluate(tag="r128_to_r1_plus200"),
+    Stage(rank=128, steps=10_000, lr=0.01, warmup=1000),
+    Squeeze(rank=1, method="qr_core"),
+    Evaluate(tag="r128_to_r1"),
+    Stage(rank=1, steps=200, lr=0.1, warmup=100),
+    Evaluate(tag="r128_to_r1_plus200"),
   )
   with pytest.raises(ValueError, match="extra_steps must be a positive integer, got 0"):
     protocols.cont_squeeze(r_src=8, r_tgt=2, steps=10, extra_steps=0, lr_src=0.1, lr_tgt=0.1)
@@ -137,12 +137,12 @@ def test_in_squeeze_plan_uses_per_rank_lr_and_total_budget():
   lrs = protocols.lr_lookup({"8": 0.01, 4: 0.03, 2: 0.1})
   plan = protocols.in_squeeze(ranks=(8, 4, 2), total_steps=140, lr_for_rank=lrs, warmup=10, stage_warmup=5)
   assert plan == (
-      Stage(rank=8, steps=80, lr=0.01, warmup=10),
-      Squeeze(rank=4, method="qr_core"),
-      Stage(rank=4, steps=40, lr=0.03, warmup=5),
-      Squeeze(rank=2, method="qr_core"),
-      Stage(rank=2, steps=20, lr=0.1, warmup=5),
-      Evaluate(tag="in_proportional_r8_to_r2"),
+    Stage(rank=8, steps=80, lr=0.01, warmup=10),
+    Squeeze(rank=4, method="qr_core"),
+    Stage(rank=4, steps=40, lr=0.03, warmup=5),
+    Squeeze(rank=2, method="qr_core"),
+    Stage(rank=2, steps=20, lr=0.1, warmup=5),
+    Evaluate(tag="in_proportional_r8_to_r2"),
   )
   assert protocols.plan_steps(plan) == 140
   with pytest.raises(ValueError, match=r"no learning rate for rank 16; the table has ranks \[2, 4, 8\]"):
@@ -150,18 +150,22 @@ def test_in_squeeze_plan_uses_per_rank_lr_and_total_budget():
 
 
 @pytest.mark.parametrize(
-    "plan, message",
-    [
-        ((), "a plan must start with a Stage"),
-        ((Squeeze(rank=2),), "a plan must start with a Stage"),
-        ((Evaluate(tag="zero_shot"),), r"a plan must start with a Stage .* got None first"),
-        ((Evaluate(tag="zero_shot"), Squeeze(rank=2), Stage(rank=2, steps=3, lr=0.1, warmup=0)),
-         r"must start with a Stage .* got Squeeze\(rank=2"),
-        ((Evaluate(tag="x"), Stage(rank=4, steps=3, lr=0.1, warmup=0), Evaluate(tag="x")), "used twice"),
-        ((Stage(rank=4, steps=3, lr=0.1, warmup=0), Evaluate(tag="x"), Evaluate(tag="x")),
-         r"plan\[2\]: Evaluate.tag 'x' is used twice"),
-        ((Stage(rank=4, steps=3, lr=0.1, warmup=0), "Squeeze(rank=2)"), r"plan\[1\]: unknown plan item 'Squeeze"),
-    ],
+  "plan, message",
+  [
+    ((), "a plan must start with a Stage"),
+    ((Squeeze(rank=2),), "a plan must start with a Stage"),
+    ((Evaluate(tag="zero_shot"),), r"a plan must start with a Stage .* got None first"),
+    (
+      (Evaluate(tag="zero_shot"), Squeeze(rank=2), Stage(rank=2, steps=3, lr=0.1, warmup=0)),
+      r"must start with a Stage .* got Squeeze\(rank=2",
+    ),
+    ((Evaluate(tag="x"), Stage(rank=4, steps=3, lr=0.1, warmup=0), Evaluate(tag="x")), "used twice"),
+    (
+      (Stage(rank=4, steps=3, lr=0.1, warmup=0), Evaluate(tag="x"), Evaluate(tag="x")),
+      r"plan\[2\]: Evaluate.tag 'x' is used twice",
+    ),
+    ((Stage(rank=4, steps=3, lr=0.1, warmup=0), "Squeeze(rank=2)"), r"plan\[1\]: unknown plan item 'Squeeze"),
+  ],
 )
 def test_validate_plan_bad_input(plan, message):
   with pytest.raises(UserInputError, match=message):
@@ -169,21 +173,23 @@ def test_validate_plan_bad_input(plan, message):
 
 
 @pytest.mark.parametrize(
-    "make, message",
-    [
-        (lambda: Stage(rank=4, steps=0, lr=0.1, warmup=0), r"^Stage.steps must be a positive integer, got 0$"),
-        (lambda: Stage(rank=4, steps=-3, lr=0.1, warmup=0), r"^Stage.steps must be a positive integer, got -3$"),
-        (lambda: Stage(rank=True, steps=3, lr=0.1, warmup=0), r"^Stage.rank must be a positive integer, got True$"),
-        (lambda: Stage(rank=4, steps=3, lr=0.0, warmup=0), r"^Stage.lr must be a finite number > 0, got 0.0$"),
-        (lambda: Stage(rank=4, steps=3, lr=float("nan"), warmup=0), r"^Stage.lr must be a finite number > 0, got nan$"),
-        (lambda: Stage(rank=4, steps=3, lr=0.1, warmup=-1), r"^Stage.warmup must be a non-negative integer, got -1$"),
-        (lambda: Squeeze(rank=0), r"^Squeeze.rank must be a positive integer, got 0$"),
-        (lambda: Squeeze(rank=2, method="pca"), r"^Squeeze.method must be one of \('qr_core', .*\), got 'pca'$"),
-        (lambda: Evaluate(tag="a/b"), r"^Evaluate.tag must be a file-name-safe string .*, got 'a/b'$"),
-        (lambda: Evaluate(tag=""), r"^Evaluate.tag must be a file-name-safe string"),
-        (lambda: Branch(items=(Squeeze(rank=1), Stage(rank=4, steps=3, lr=0.1, warmup=0))),
-         r"^Branch.items\[1\] must be a Squeeze or an Evaluate \(a Branch holds only those\), got Stage\(rank=4"),
-    ],
+  "make, message",
+  [
+    (lambda: Stage(rank=4, steps=0, lr=0.1, warmup=0), r"^Stage.steps must be a positive integer, got 0$"),
+    (lambda: Stage(rank=4, steps=-3, lr=0.1, warmup=0), r"^Stage.steps must be a positive integer, got -3$"),
+    (lambda: Stage(rank=True, steps=3, lr=0.1, warmup=0), r"^Stage.rank must be a positive integer, got True$"),
+    (lambda: Stage(rank=4, steps=3, lr=0.0, warmup=0), r"^Stage.lr must be a finite number > 0, got 0.0$"),
+    (lambda: Stage(rank=4, steps=3, lr=float("nan"), warmup=0), r"^Stage.lr must be a finite number > 0, got nan$"),
+    (lambda: Stage(rank=4, steps=3, lr=0.1, warmup=-1), r"^Stage.warmup must be a non-negative integer, got -1$"),
+    (lambda: Squeeze(rank=0), r"^Squeeze.rank must be a positive integer, got 0$"),
+    (lambda: Squeeze(rank=2, method="pca"), r"^Squeeze.method must be one of \('qr_core', .*\), got 'pca'$"),
+    (lambda: Evaluate(tag="a/b"), r"^Evaluate.tag must be a file-name-safe string .*, got 'a/b'$"),
+    (lambda: Evaluate(tag=""), r"^Evaluate.tag must be a file-name-safe string"),
+    (
+      lambda: Branch(items=(Squeeze(rank=1), Stage(rank=4, steps=3, lr=0.1, warmup=0))),
+      r"^Branch.items\[1\] must be a Squeeze or an Evaluate \(a Branch holds only those\), got Stage\(rank=4",
+    ),
+  ],
 )
 def test_plan_items_check_their_fields_when_made(make, message):
   with pytest.raises(UserInputError, match=message):

@@ -15,24 +15,36 @@ from lora_squeeze.train import progress, run_dir  # noqa: E402
 
 
 def test_names_are_the_workdir_guards():
-  assert (run_dir.CHECKPOINTS_DIR, run_dir.ADAPTERS_DIR, run_dir.METRICS_FILE, run_dir.RESULTS_FILE) == \
-      ckpt_lib.RUN_ARTIFACTS
+  assert (
+    run_dir.CHECKPOINTS_DIR,
+    run_dir.ADAPTERS_DIR,
+    run_dir.METRICS_FILE,
+    run_dir.RESULTS_FILE,
+  ) == ckpt_lib.RUN_ARTIFACTS
   assert run_dir.adapter_dir("w", "r4_to_r2") == pathlib.Path("w/adapters/r4_to_r2")
 
 
 def test_results_round_trip_and_the_experiments_reader(tmp_path):
   assert run_dir.read_results(tmp_path) is None and common.read_run_results(tmp_path) is None
-  squeeze = {"r_src": 4, "r_tgt": 2, "method": "qr_core", "overall_retention": 0.75, "retention_curve": [0.5, 0.75],
-             "modules": [{"path": "a", "retention": 0.75}]}
+  squeeze = {
+    "r_src": 4,
+    "r_tgt": 2,
+    "method": "qr_core",
+    "overall_retention": 0.75,
+    "retention_curve": [0.5, 0.75],
+    "modules": [{"path": "a", "retention": 0.75}],
+  }
   evals = {"r4_to_r2": {"score": 0.5, "metrics": {"accuracy": 0.5, "option_nll": 1.25}, "rank": 2}}
-  run_dir.write_results(tmp_path, complete=False, run_id="abc", global_step=7, evals=evals, squeezes=[squeeze],
-                        config={"x": 1})
+  run_dir.write_results(
+    tmp_path, complete=False, run_id="abc", global_step=7, evals=evals, squeezes=[squeeze], config={"x": 1}
+  )
   written = json.loads((tmp_path / "results.json").read_text())
   assert written == run_dir.read_results(tmp_path)
   assert written["squeezes"] == [{k: v for k, v in squeeze.items() if k != "modules"}]
   assert common.read_run_results(tmp_path) is None  # not complete yet
-  run_dir.write_results(tmp_path, complete=True, run_id="abc", global_step=7, evals=evals, squeezes=[squeeze],
-                        config={"x": 1})
+  run_dir.write_results(
+    tmp_path, complete=True, run_id="abc", global_step=7, evals=evals, squeezes=[squeeze], config={"x": 1}
+  )
   got = common.read_run_results(tmp_path)
   assert got.scores == {"r4_to_r2": 50.0} and got.nll == {"r4_to_r2": 1.25}
   assert got.squeezes == ({"r_src": 4, "r_tgt": 2, "method": "qr_core", "retention": 0.75, "curve": [0.5, 0.75]},)
@@ -57,8 +69,21 @@ def test_metrics_log_truncates_to_a_checkpoints_byte_size_or_step(tmp_path):
 def test_one_duration_format_for_the_trainer_and_the_grid():
   assert common.format_duration is progress.format_duration
   assert [progress.format_duration(s) for s in (0.4, 62, 3725, float("nan"))] == ["0s", "1m02s", "1h02m05s", "?"]
-  line = progress.train_line(global_step=3, total_steps=10, stage_no=1, n_stages=2, rank=4, loss=0.5, grad_norm=0.25,
-                             lr=0.01, tokens_per_s=None, eta_seconds=125.0)
+  line = progress.train_line(
+    global_step=3,
+    total_steps=10,
+    stage_no=1,
+    n_stages=2,
+    rank=4,
+    loss=0.5,
+    grad_norm=0.25,
+    lr=0.01,
+    tokens_per_s=None,
+    eta_seconds=125.0,
+  )
   assert line == "step 3/10 stage 1/2 r=4 loss 0.5000 grad_norm 0.25 lr 0.01 tokens/s ? ETA 2m05s"
   assert progress.table_lines({"r4": {"rank": 4, "retention": None, "metrics": {"acc": 0.5}}}) == [
-      "tag  rank  V_r  acc   ", "---  ----  ---  ------", "r4   4     -    0.5000"]
+    "tag  rank  V_r  acc   ",
+    "---  ----  ---  ------",
+    "r4   4     -    0.5000",
+  ]

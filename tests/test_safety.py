@@ -49,8 +49,9 @@ print("done")
 
 def start_paused(command: list[str], point: str, *, cwd=None, pause_env: str = atomic.PAUSE_ENV) -> subprocess.Popen:
   """Starts `command` with the pause hook at `point` and returns once it is paused there."""
-  proc = subprocess.Popen(command, env={**ENV, pause_env: point}, cwd=cwd, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+    command, env={**ENV, pause_env: point}, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+  )
   lines = []
   deadline = time.time() + 600
   while time.time() < deadline:
@@ -87,8 +88,11 @@ def old_output(parent: pathlib.Path) -> pathlib.Path:
 def test_orbax_adapters_open_and_squeeze_by_a_relative_path(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   rng = np.random.default_rng(0)
-  tree = {"layer_0": {"lora": {"a": rng.normal(size=(6, 4)).astype(np.float32),
-                               "b": rng.normal(size=(4, 5)).astype(np.float32)}}}
+  tree = {
+    "layer_0": {
+      "lora": {"a": rng.normal(size=(6, 4)).astype(np.float32), "b": rng.normal(size=(4, 5)).astype(np.float32)}
+    }
+  }
   (tmp_path / "run" / "adapters").mkdir(parents=True)
   save_adapter("run/adapters/r4", tree, {"model": "tiny"})
   loaded, meta = load_adapter("run/adapters/r4")
@@ -207,8 +211,10 @@ def test_resume_falls_back_past_a_corrupt_checkpoint_and_names_it(tmp_path):
   base = model_lib.init_base_params("tiny", key=jax.random.key(0))
   plan = tt.anneal_plan()
   with pytest.raises(tt.Crash):
-    train.execute_plan(plan, tt.make_setup(tmp_path, base, checkpoint_every=2,
-                                           batches=tt.CrashAt(tt.make_setup(tmp_path, base).batches, 5)))
+    train.execute_plan(
+      plan,
+      tt.make_setup(tmp_path, base, checkpoint_every=2, batches=tt.CrashAt(tt.make_setup(tmp_path, base).batches, 5)),
+    )
   directory = tmp_path / train.CHECKPOINTS_DIR
   newest, previous = sorted((int(p.name) for p in directory.iterdir() if p.name.isdigit()), reverse=True)[:2]
   meta_file = directory / str(newest) / "meta" / "metadata"
@@ -256,16 +262,24 @@ def test_a_kill_after_a_squeeze_record_and_before_its_checkpoint_does_not_duplic
   straight = tmp_path / "straight"
   train.execute_plan(tt.anneal_plan(), tt.make_setup(straight, base, checkpoint_every=2))
   run = tmp_path / "run"
-  proc = subprocess.Popen([sys.executable, "-c", RUN_TINY, str(run), str(TESTS)],
-                          env={**ENV, "PAUSE_ON_LINE": "squeeze"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True)
+  proc = subprocess.Popen(
+    [sys.executable, "-c", RUN_TINY, str(run), str(TESTS)],
+    env={**ENV, "PAUSE_ON_LINE": "squeeze"},
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   wait_for_line(proc, "paused at line")
   assert finish(proc, signal.SIGKILL) == -signal.SIGKILL
   assert len(tt.read_metrics(run, "squeeze")) == 1  # written before the kill, after the last checkpoint
   train.execute_plan(tt.anneal_plan(), tt.make_setup(run, base, checkpoint_every=2))
-  records = lambda d: [(r["event"], r.get("step")) for r in map(json.loads, (d / train.METRICS_FILE).read_text().splitlines())]  # noqa: E731
+  records = lambda d: [
+    (r["event"], r.get("step")) for r in map(json.loads, (d / train.METRICS_FILE).read_text().splitlines())
+  ]  # noqa: E731
   assert records(run) == records(straight)
-  assert [r["event"] for r in map(json.loads, (run / train.METRICS_FILE).read_text().splitlines())].count("squeeze") == 1
+  assert [r["event"] for r in map(json.loads, (run / train.METRICS_FILE).read_text().splitlines())].count(
+    "squeeze"
+  ) == 1
 
 
 def wait_for_line(proc: subprocess.Popen, text: str) -> None:
@@ -285,7 +299,8 @@ def wait_for_line(proc: subprocess.Popen, text: str) -> None:
 def write_peft(folder: pathlib.Path, tensors: dict, **config) -> pathlib.Path:
   folder.mkdir()
   (folder / "adapter_config.json").write_text(
-      json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q"], **config}))
+    json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q"], **config})
+  )
   save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
   return folder
 
@@ -298,12 +313,15 @@ def peft_tensors(rng, modules=("layers.0.q", "layers.1.q"), r=4, d_in=6, d_out=5
   return tensors
 
 
-@pytest.mark.parametrize("config, message", [
+@pytest.mark.parametrize(
+  "config, message",
+  [
     ('{"lora_alpha": NaN}', r"adapter_config.json: lora_alpha must be a finite positive number, got nan"),
     ('{"lora_alpha": Infinity}', r"adapter_config.json: lora_alpha must be a finite positive number, got inf"),
     ('{"alpha_pattern": {"layers.0.q": "16"}}', r"alpha_pattern\['layers.0.q'\] = '16'; its values must be finite"),
     ('{"rank_pattern": {"layers.(0.q": 4}}', r"rank_pattern key 'layers.\(0.q' is not a valid regular expression"),
-])
+  ],
+)
 def test_bad_peft_config_values_are_named_before_any_compute(tmp_path, config, message):
   src = write_peft(tmp_path / "src", peft_tensors(np.random.default_rng(0)))
   cfg = json.loads((src / "adapter_config.json").read_text())
@@ -342,21 +360,31 @@ def test_bad_output_paths_are_refused_before_any_compute(tmp_path, monkeypatch):
 
 
 def run_train_cli(*args: str, cwd) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, "-m", "lora_squeeze.cli", "train", *args], capture_output=True, text=True,
-                        timeout=600, env=ENV, cwd=cwd)
+  return subprocess.run(
+    [sys.executable, "-m", "lora_squeeze.cli", "train", *args],
+    capture_output=True,
+    text=True,
+    timeout=600,
+    env=ENV,
+    cwd=cwd,
+  )
 
 
 def test_train_cli_gives_one_line_errors_for_bad_keys_and_workdirs(tmp_path):
   config = f"--config={REPO / 'configs' / 'direct.py'}"
   bogus = run_train_cli(config, "--config.bogus=3", f"--workdir={tmp_path / 'w'}", cwd=tmp_path)
   assert bogus.returncode == 1 and "Traceback" not in bogus.stderr
-  assert bogus.stderr.strip().splitlines()[-1].startswith(
-      "lora-squeeze train: error: --config.bogus=3: the config has no key 'bogus'; allowed keys: batch_size,")
+  assert (
+    bogus.stderr.strip()
+    .splitlines()[-1]
+    .startswith("lora-squeeze train: error: --config.bogus=3: the config has no key 'bogus'; allowed keys: batch_size,")
+  )
   (tmp_path / "file").write_text("")
   as_file = run_train_cli(config, "--workdir=file", cwd=tmp_path)
   assert as_file.returncode == 1 and "Traceback" not in as_file.stderr
   assert as_file.stderr.strip().splitlines()[-1] == (
-      "lora-squeeze train: error: --workdir file is a file, not a folder; give a folder path")
+    "lora-squeeze train: error: --workdir file is a file, not a folder; give a folder path"
+  )
 
 
 def test_workdir_in_an_immutable_folder_is_refused(tmp_path):
@@ -394,8 +422,11 @@ def test_nan_in_modules_to_save_is_refused_with_the_tensor_named(tmp_path):
   embed[4, 1] = np.nan
   tensors["base_model.model.embed_tokens.modules_to_save.default.weight"] = embed
   src = write_peft(tmp_path / "src", tensors)
-  with pytest.raises(AdapterError, match=r"tensor 'base_model.model.embed_tokens.modules_to_save.default.weight' "
-                                         r"\(copied through unchanged\) holds 1 NaN/inf values"):
+  with pytest.raises(
+    AdapterError,
+    match=r"tensor 'base_model.model.embed_tokens.modules_to_save.default.weight' "
+    r"\(copied through unchanged\) holds 1 NaN/inf values",
+  ):
     squeeze_adapter(src, tmp_path / "out", rank=2)
   assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 

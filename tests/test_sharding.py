@@ -24,8 +24,13 @@ def test_multiprocess_env():
 
 
 def test_single_process_does_not_initialize_distributed(monkeypatch):
-  for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE",
-               "TPU_WORKER_HOSTNAMES"):
+  for name in (
+    "JAX_COORDINATOR_ADDRESS",
+    "JAX_NUM_PROCESSES",
+    "SLURM_NTASKS",
+    "OMPI_COMM_WORLD_SIZE",
+    "TPU_WORKER_HOSTNAMES",
+  ):
     monkeypatch.delenv(name, raising=False)
   assert sharding.maybe_initialize_distributed() is False
   assert sharding.maybe_initialize_distributed(enabled=False) is False
@@ -96,8 +101,7 @@ _SCRIPT = textwrap.dedent("""
 def test_sharded_step_equals_single_device_step():
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  out = subprocess.run([sys.executable, "-c", _SCRIPT], cwd=root, env=env, capture_output=True, text=True,
-                       timeout=600)
+  out = subprocess.run([sys.executable, "-c", _SCRIPT], cwd=root, env=env, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   result = json.loads(out.stdout.strip().splitlines()[-1])
   assert result["embed_devices"] == 8 and "fsdp" in result["embed_spec"]

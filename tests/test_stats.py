@@ -61,24 +61,30 @@ def test_pairing_narrows_the_interval_of_correlated_scores():
 def test_coverage_near_nominal():
   """Under a true difference of zero, about 95 % of intervals contain zero."""
   rng = np.random.default_rng(6)
-  hits = sum(not stats.paired_bootstrap(rng.normal(size=60), np.zeros(60), n_boot=1000, seed=s).excludes_zero
-             for s in range(200))
+  hits = sum(
+    not stats.paired_bootstrap(rng.normal(size=60), np.zeros(60), n_boot=1000, seed=s).excludes_zero for s in range(200)
+  )
   assert 0.89 <= hits / 200 <= 0.99
 
 
-@pytest.mark.parametrize("t, b, match", [
+@pytest.mark.parametrize(
+  "t, b, match",
+  [
     (np.zeros(5), np.zeros(6), "same seeds and items"),
     (np.zeros((0,)), np.zeros((0,)), "at least one item"),
     (np.array([0.0, np.nan]), np.zeros(2), "finite"),
-])
+  ],
+)
 def test_bad_input_raises_one_line(t, b, match):
   with pytest.raises(UserInputError, match=match):
     stats.paired_bootstrap(t, b)
 
 
 def test_compare_groups_pairs_by_common_seeds_and_formats():
-  items = {"x": {1: {"accuracy": [1, 1, 1, 0]}, 2: {"accuracy": [1, 1, 0, 0]}},
-           "y": {1: {"accuracy": [0, 0, 0, 0]}, 3: {"accuracy": [1, 1, 1, 1]}}}
+  items = {
+    "x": {1: {"accuracy": [1, 1, 1, 0]}, 2: {"accuracy": [1, 1, 0, 0]}},
+    "y": {1: {"accuracy": [0, 0, 0, 0]}, 3: {"accuracy": [1, 1, 1, 1]}},
+  }
   [record] = stats.compare_groups(items, [("x", "y"), ("x", "missing")], metrics=("accuracy",))
   assert record["seeds"] == [1] and record["accuracy"].mean == pytest.approx(0.75)
   table = stats.comparison_table([record], metrics=("accuracy",))

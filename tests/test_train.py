@@ -30,7 +30,7 @@ def copy_examples(n: int, seed: int) -> list[dict[str, np.ndarray]]:
     x = rng.integers(4, 24, HALF)
     tokens = np.concatenate([[2], x, [3], x]).astype(np.int32)
     mask = np.zeros(LENGTH, bool)
-    mask[HALF + 2:] = True
+    mask[HALF + 2 :] = True
     out.append({"tokens": tokens, "target_mask": mask})
   return out
 
@@ -42,18 +42,18 @@ def base():
 
 def make_setup(workdir, base, *, batches=None, evaluate=None, checkpoint_every=100, lines=None):
   return train.RunSetup(
-      model_for_rank=lambda r: model_lib.make_model("tiny", lora_rank=r),
-      base_params=base,
-      batches=batches if batches is not None else train.batch_dataset(copy_examples(32, 0), batch_size=4, seed=1),
-      workdir=pathlib.Path(workdir),
-      key=jax.random.key(7),
-      max_targets=MAX_TARGETS,
-      evaluate=evaluate,
-      run_config={"test": "tiny-copy", "workdir": str(workdir)},
-      adapter_metadata={"model": "tiny"},
-      checkpoint_every=checkpoint_every,
-      log_every=2,
-      printer=(lines.append if lines is not None else lambda line: None),
+    model_for_rank=lambda r: model_lib.make_model("tiny", lora_rank=r),
+    base_params=base,
+    batches=batches if batches is not None else train.batch_dataset(copy_examples(32, 0), batch_size=4, seed=1),
+    workdir=pathlib.Path(workdir),
+    key=jax.random.key(7),
+    max_targets=MAX_TARGETS,
+    evaluate=evaluate,
+    run_config={"test": "tiny-copy", "workdir": str(workdir)},
+    adapter_metadata={"model": "tiny"},
+    checkpoint_every=checkpoint_every,
+    log_every=2,
+    printer=(lines.append if lines is not None else lambda line: None),
   )
 
 
@@ -95,14 +95,18 @@ def test_direct_plan_loss_decreases_and_writes_run_files(base, tmp_path):
   assert last < first - 0.05, (first, last)
   assert all(np.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in records)
   assert records[0]["lr"] == pytest.approx(0.25) and records[-1]["lr"] == pytest.approx(0.5)
-  assert any(line.startswith("step 16/16 stage 1/1 r=4 loss") and "tokens/s" in line and "ETA" in line for line in lines)
+  assert any(
+    line.startswith("step 16/16 stage 1/1 r=4 loss") and "tokens/s" in line and "ETA" in line for line in lines
+  )
   results = json.loads((tmp_path / train.RESULTS_FILE).read_text())
   assert results["complete"] and results["evals"]["direct_r4"]["score"] == -1.0
   [size] = read_metrics(tmp_path, event="stage_end")
   assert size["step"] == 16 and size["rank"] == 4
   assert size["delta_w_fro"] == pytest.approx(adapter_size.adapter_size(jax.device_get(out["lora"]))["delta_w_fro"])
   assert size["delta_w_fro"] > 0 and any(line.startswith("stage end (rank 4, step 16): ||ΔW||_F") for line in lines)
-  lora, meta = __import__("lora_squeeze.adapters.orbax_io", fromlist=["x"]).load_adapter(tmp_path / "adapters" / "direct_r4")
+  lora, meta = __import__("lora_squeeze.adapters.orbax_io", fromlist=["x"]).load_adapter(
+    tmp_path / "adapters" / "direct_r4"
+  )
   assert meta["rank"] == 4 and meta["model"] == "tiny"
   for got, want in zip(jax.tree.leaves(lora), jax.tree.leaves(out["lora"])):
     np.testing.assert_array_equal(got, want)
@@ -139,12 +143,14 @@ class CrashAt:
 
 
 def anneal_plan():
-  return protocols.validate_plan((
+  return protocols.validate_plan(
+    (
       Stage(rank=4, steps=3, lr=STAGE_LR, warmup=STAGE_WARMUP),
       Squeeze(rank=2, method="qr_core"),
       Stage(rank=2, steps=3, lr=STAGE_LR, warmup=STAGE_WARMUP),
       Evaluate(tag="final"),
-  ))
+    )
+  )
 
 
 def test_resume_mid_stage_and_mid_anneal_is_bit_identical(base, tmp_path):
@@ -157,8 +163,12 @@ def test_resume_mid_stage_and_mid_anneal_is_bit_identical(base, tmp_path):
   # batch 5 mid second stage, after the squeeze (step 4).
   for crash_step in (2, 5):
     with pytest.raises(Crash):
-      train.execute_plan(plan, make_setup(tmp_path / "b", base, checkpoint_every=2,
-                                          batches=CrashAt(make_setup(tmp_path, base).batches, crash_step)))
+      train.execute_plan(
+        plan,
+        make_setup(
+          tmp_path / "b", base, checkpoint_every=2, batches=CrashAt(make_setup(tmp_path, base).batches, crash_step)
+        ),
+      )
   resumed = train.execute_plan(plan, make_setup(tmp_path / "b", base, checkpoint_every=2, lines=lines))
   assert any(line.startswith("resumed from checkpoint") and "global step 4, rank 2" in line for line in lines)
   for got, want in zip(jax.tree.leaves(resumed["lora"]), jax.tree.leaves(straight["lora"])):
@@ -174,12 +184,16 @@ def test_resume_mid_stage_and_mid_anneal_is_bit_identical(base, tmp_path):
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(base, tmp_path):
   plan = protocols.validate_plan((Stage(rank=4, steps=6, lr=STAGE_LR, warmup=STAGE_WARMUP), Evaluate(tag="final")))
   with pytest.raises(Crash):
-    train.execute_plan(plan, make_setup(tmp_path, base, checkpoint_every=2,
-                                        batches=CrashAt(make_setup(tmp_path, base).batches, 4)))
+    train.execute_plan(
+      plan, make_setup(tmp_path, base, checkpoint_every=2, batches=CrashAt(make_setup(tmp_path, base).batches, 4))
+    )
   poisoned = jax.tree.map(lambda x: x, base)
   poisoned["final_norm"]["scale"] = poisoned["final_norm"]["scale"].at[0].set(jnp.nan)
-  with pytest.raises(train.NonFiniteLossError, match=r"loss is nan at global step 4 \(stage 1/1, rank 4, lr 0.5\).*"
-                     r"last good checkpoint .* is kept"):
+  with pytest.raises(
+    train.NonFiniteLossError,
+    match=r"loss is nan at global step 4 \(stage 1/1, rank 4, lr 0.5\).*"
+    r"last good checkpoint .* is kept",
+  ):
     train.execute_plan(plan, make_setup(tmp_path, poisoned, checkpoint_every=2))
   checkpoints = ckpt_lib.RunCheckpoints(tmp_path / train.CHECKPOINTS_DIR)
   meta = checkpoints.restore_meta()
@@ -240,8 +254,9 @@ def test_optimizer_options_reach_the_train_step(base, tmp_path):
   ≤ lr·1e-3: the adapter grows far more in the same steps."""
   sizes = {}
   for scale in (True, False):
-    setup = dataclasses.replace(make_setup(tmp_path / str(scale), base),
-                                optimizer=optim.OptimizerOptions(multiply_by_parameter_scale=scale))
+    setup = dataclasses.replace(
+      make_setup(tmp_path / str(scale), base), optimizer=optim.OptimizerOptions(multiply_by_parameter_scale=scale)
+    )
     train.execute_plan(protocols.direct(rank=2, steps=2, lr=0.01, warmup=0), setup)
     sizes[scale] = read_metrics(tmp_path / str(scale), event="stage_end")[0]["b_rms"]
   assert sizes[True] <= 2 * 0.01 * 1e-3 * (1 + 1e-5) and sizes[False] > 10 * sizes[True]
@@ -256,8 +271,11 @@ def test_zero_shot_evaluation_scores_the_base_model_and_changes_no_training(base
   def logits_of(rank, lora):
     params = model_lib.merge_params(base, lora)
     model = model_lib.make_model("tiny", lora_rank=rank)
-    return {"logit_sum": float(jnp.sum(model_lib.logits_at(params, model_lib.hidden_states(model, params, batch["tokens"]),
-                                                           positions)))}
+    return {
+      "logit_sum": float(
+        jnp.sum(model_lib.logits_at(params, model_lib.hidden_states(model, params, batch["tokens"]), positions))
+      )
+    }
 
   direct = protocols.direct(rank=4, steps=3, lr=STAGE_LR, warmup=STAGE_WARMUP)
   with_zero_shot = protocols.validate_plan((Evaluate(tag="zero_shot"), *direct))
@@ -300,5 +318,6 @@ def test_bf16_base_keeps_float32_lora_and_optimizer_state(base):
     losses[dtype] = float(metrics["loss"])
     assert {x.dtype for x in jax.tree.leaves(state.lora)} == {jnp.dtype(jnp.float32)}
     assert {x.dtype for x in jax.tree.leaves(state.opt_state) if jnp.issubdtype(x.dtype, jnp.floating)} == {
-        jnp.dtype(jnp.float32)}
+      jnp.dtype(jnp.float32)
+    }
   assert losses[jnp.bfloat16] == pytest.approx(losses[jnp.float32], rel=2e-2)

@@ -74,8 +74,7 @@ def test_training_batches_decode_only_their_own_images(tmp_path, gemma3_tokenize
   split = get_task("tallyqa").load("train", data_dir=tmp_path)
   examples = [split[i] for i in range(6)]
   assert all(isinstance(ex.image, ImageFile) for ex in examples)
-  ds = batching.train_batches(examples, gemma3_tokenizer, batch_size=2, max_len=64, seed=0, buckets=(64,),
-                              image_size=8)
+  ds = batching.train_batches(examples, gemma3_tokenizer, batch_size=2, max_len=64, seed=0, buckets=(64,), image_size=8)
   members = ds._source.epoch_plan(0)  # pylint: disable=protected-access  (the TrainBatches under grain)
   # Deleting the images of batches 1 and 2 after the examples exist: batch 0 never reads them.
   for i in (*members[1], *members[2]):
@@ -105,8 +104,13 @@ def test_kv_cached_decoding_equals_uncached_token_for_token(name):
   # Lengths across two buckets and a partial batch; longer than tiny's sliding window of 8.
   prompts = [[batching.BOS, *image_token, *rng.integers(3, 1000, n).tolist()] for n in (3, 9, 17, 5, 30)]
   images = None if text_only else [rng.integers(0, 256, (28, 28, 3), dtype=np.uint8) for _ in prompts]
-  kwargs = {"max_new_tokens": 10, "batch_size": 4, "buckets": (16, 32), "images": images,
-            "image_size": None if text_only else 28}
+  kwargs = {
+    "max_new_tokens": 10,
+    "batch_size": 4,
+    "buckets": (16, 32),
+    "images": images,
+    "image_size": None if text_only else 28,
+  }
   reference = evaluate.greedy_decode(model, params, prompts, stop_ids=(batching.EOS,), kv_cache=False, **kwargs)
   assert all(len(r) == 10 for r in reference)
   assert decoding.cached_greedy_decode(model, params, prompts, stop_ids=(batching.EOS,), **kwargs) == reference
@@ -183,20 +187,24 @@ def test_vl_cont_squeeze_runs_end_to_end_resumes_bit_identically_and_leaves_the_
   folded = model_lib.fold_lora(setup.base_params, lora)
   for got, want in zip(jax.tree.leaves(folded["vision_encoder"]), jax.tree.leaves(setup.base_params["vision_encoder"])):
     np.testing.assert_array_equal(got, want)
-  assert not np.array_equal(folded["layer_0"]["attn"]["q_einsum"]["w"], setup.base_params["layer_0"]["attn"]["q_einsum"]["w"])
+  assert not np.array_equal(
+    folded["layer_0"]["attn"]["q_einsum"]["w"], setup.base_params["layer_0"]["attn"]["q_einsum"]["w"]
+  )
 
   # Killed at step 5 (mid first stage, checkpoint at 3) and at step 10 (after the squeeze, checkpoint at 9).
   for crash_step in (5, 10):
     crashing = train.setup_from_config(config, workdir=tmp_path / "b", plan=plan, printer=lines.append)
     with pytest.raises(Crash):
       train.execute_plan(plan, dataclasses.replace(crashing, batches=CrashAt(crashing.batches, crash_step)))
-  resumed = train.execute_plan(plan, train.setup_from_config(config, workdir=tmp_path / "b", plan=plan,
-                                                             printer=lines.append))
+  resumed = train.execute_plan(
+    plan, train.setup_from_config(config, workdir=tmp_path / "b", plan=plan, printer=lines.append)
+  )
   assert any(line.startswith("resumed from checkpoint") and "global step 9, rank 2" in line for line in lines)
   for got, want in zip(jax.tree.leaves(resumed["lora"]), jax.tree.leaves(lora)):
     np.testing.assert_array_equal(got, want)
   resumed_records = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
   assert [r["loss"] for r in resumed_records if r.get("event") == "train"] == losses
+
   def metrics(workdir):
     return {t: r["metrics"] for t, r in json.loads((workdir / "results.json").read_text())["evals"].items()}
 

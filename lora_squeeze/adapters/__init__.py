@@ -9,11 +9,11 @@ from lora_squeeze.adapters.orbax_io import load_adapter, save_adapter
 from lora_squeeze.adapters.squeeze_adapter import ModuleRow, SqueezeSummary, open_adapter, squeeze_adapter
 
 __all__ = [
-    "AdapterError",
-    "ModuleRow",
-    "SqueezeSummary",
-    "load_adapter",
-    "open_adapter",
-    "save_adapter",
-    "squeeze_adapter",
+  "AdapterError",
+  "ModuleRow",
+  "SqueezeSummary",
+  "load_adapter",
+  "open_adapter",
+  "save_adapter",
+  "squeeze_adapter",
 ]

@@ -22,9 +22,12 @@ from lora_squeeze.adapters.hf_gemma3 import HF_CLASSES
 
 _TO = flags.DEFINE_enum("to", "peft", ["peft"], "Output format.")
 _MODEL = flags.DEFINE_string("model", None, "Model name (default: the one the adapter records), e.g. gemma3_270m.")
-_HF_CLASS = flags.DEFINE_enum("hf-class", None, list(HF_CLASSES),
-                              "Hugging Face class to load into (default: Gemma3ForCausalLM up to 1B, "
-                              "Gemma3ForConditionalGeneration from 4B).")
+_HF_CLASS = flags.DEFINE_enum(
+  "hf-class",
+  None,
+  list(HF_CLASSES),
+  "Hugging Face class to load into (default: Gemma3ForCausalLM up to 1B, Gemma3ForConditionalGeneration from 4B).",
+)
 _BASE = flags.DEFINE_string("base-model", None, "base_model_name_or_path (default: google/gemma-3-<size>[-pt]).")
 _RANK = flags.DEFINE_integer("rank", None, "Squeeze every exported module to this rank.")
 _ENERGY = flags.DEFINE_float("energy", None, "Per module the smallest rank keeping V_r >= ENERGY.")
@@ -39,19 +42,29 @@ USAGE = "usage: lora-squeeze export ADAPTER OUT --to=peft [--rank=R | --energy=T
 
 
 def main(argv: list[str]) -> None:
-    args = argv[1:]
-    if not (len(args) == 2 or (len(args) == 1 and _DRY_RUN.value)):
-        sys.exit(f"{USAGE}\n(got positional arguments {args}; OUT may be left out only with --dry-run)")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
-    try:
-        allowed = parse_allowed_ranks(_ALLOWED.value)
-        summary, table = export_peft(
-            args[0], args[1] if len(args) == 2 else None, model=_MODEL.value, hf_class=_HF_CLASS.value,
-            base_model=_BASE.value, rank=_RANK.value, energy=_ENERGY.value, max_rank=_MAX_RANK.value,
-            budget=_BUDGET.value, allowed_ranks=allowed, dtype=_DTYPE.value, dry_run=_DRY_RUN.value,
-            force=_FORCE.value)
-    except UserInputError as e:  # only bad input: a bug keeps its traceback
-        sys.exit(f"lora-squeeze export: error: {e}")
-    print(table or summary.table())
-    print(f"wrote PEFT adapter {summary.dst}" if summary.written else "dry run: nothing written")
+  args = argv[1:]
+  if not (len(args) == 2 or (len(args) == 1 and _DRY_RUN.value)):
+    sys.exit(f"{USAGE}\n(got positional arguments {args}; OUT may be left out only with --dry-run)")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  try:
+    allowed = parse_allowed_ranks(_ALLOWED.value)
+    summary, table = export_peft(
+      args[0],
+      args[1] if len(args) == 2 else None,
+      model=_MODEL.value,
+      hf_class=_HF_CLASS.value,
+      base_model=_BASE.value,
+      rank=_RANK.value,
+      energy=_ENERGY.value,
+      max_rank=_MAX_RANK.value,
+      budget=_BUDGET.value,
+      allowed_ranks=allowed,
+      dtype=_DTYPE.value,
+      dry_run=_DRY_RUN.value,
+      force=_FORCE.value,
+    )
+  except UserInputError as e:  # only bad input: a bug keeps its traceback
+    sys.exit(f"lora-squeeze export: error: {e}")
+  print(table or summary.table())
+  print(f"wrote PEFT adapter {summary.dst}" if summary.written else "dry run: nothing written")

@@ -26,15 +26,17 @@ USAGE = "usage: lora-squeeze import PEFT_ADAPTER OUT [--model=M] [--rank=R]"
 
 
 def main(argv: list[str]) -> None:
-    args = argv[1:]
-    if len(args) != 2:
-        sys.exit(f"{USAGE}\n(got positional arguments {args})")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
-    try:
-        meta = import_peft(args[0], args[1], model=_MODEL.value, rank=_RANK.value)
-    except UserInputError as e:  # only bad input: a bug keeps its traceback
-        sys.exit(f"lora-squeeze import: error: {e}")
-    ranks = sorted(set(meta["ranks"].values()))
-    print(f"wrote {args[1]}: model {meta['model']}, targets {json.dumps(meta['targets'])}, "
-          f"{len(meta['ranks'])} modules, ranks {ranks}")
+  args = argv[1:]
+  if len(args) != 2:
+    sys.exit(f"{USAGE}\n(got positional arguments {args})")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  try:
+    meta = import_peft(args[0], args[1], model=_MODEL.value, rank=_RANK.value)
+  except UserInputError as e:  # only bad input: a bug keeps its traceback
+    sys.exit(f"lora-squeeze import: error: {e}")
+  ranks = sorted(set(meta["ranks"].values()))
+  print(
+    f"wrote {args[1]}: model {meta['model']}, targets {json.dumps(meta['targets'])}, "
+    f"{len(meta['ranks'])} modules, ranks {ranks}"
+  )

@@ -48,9 +48,11 @@ class PromptTokens:
     prompt holds the question and the options)."""
     keep = budget - len(self.head) - len(self.tail)
     if keep < 1:
-      raise ValueError(f"a budget of {budget} tokens leaves no room for the prompt text (template alone: "
-                       f"{len(self.head) + len(self.tail)})")
-    return [*self.head, *self.body[max(0, len(self.body) - keep):], *self.tail]
+      raise ValueError(
+        f"a budget of {budget} tokens leaves no room for the prompt text (template alone: "
+        f"{len(self.head) + len(self.tail)})"
+      )
+    return [*self.head, *self.body[max(0, len(self.body) - keep) :], *self.tail]
 
 
 def encode_prompt(tokenizer, prompt: str, *, template: str = "chat", image: bool = False) -> PromptTokens:
@@ -88,7 +90,7 @@ def training_row(tokenizer, example: Example, *, max_len: int, template: str = "
   prompt = encode_prompt(tokenizer, example.prompt, template=template, image=example.image is not None)
   tokens = [*prompt.fit(max_len - len(target)), *target]
   mask = np.zeros(len(tokens), bool)
-  mask[-len(target):] = True
+  mask[-len(target) :] = True
   return np.asarray(tokens, np.int32), mask
 
 
@@ -128,8 +130,16 @@ class TrainBatches(Sequence):
   Its length is effectively infinite (epochs repeat).
   """
 
-  def __init__(self, rows: Sequence[tuple[np.ndarray, np.ndarray]], *, batch_size: int, buckets: Sequence[int],
-               seed: int, images: Sequence[np.ndarray | None] | None = None, image_size: int | None = None):
+  def __init__(
+    self,
+    rows: Sequence[tuple[np.ndarray, np.ndarray]],
+    *,
+    batch_size: int,
+    buckets: Sequence[int],
+    seed: int,
+    images: Sequence[np.ndarray | None] | None = None,
+    image_size: int | None = None,
+  ):
     validation.positive_int("batch_size", batch_size)
     self._rows, self._images, self._image_size = rows, images, image_size
     self._batch_size, self._seed = batch_size, seed
@@ -158,22 +168,38 @@ class TrainBatches(Sequence):
     members = self.epoch_plan(epoch)[index]
     length = int(self._bucket_of_row[members[0]])
     batch = {
-        "tokens": pad_to([self._rows[i][0] for i in members], length),
-        "target_mask": pad_to([self._rows[i][1] for i in members], length, False),
+      "tokens": pad_to([self._rows[i][0] for i in members], length),
+      "target_mask": pad_to([self._rows[i][1] for i in members], length, False),
     }
     if self._images is not None:
       batch["images"] = np.stack([resize_image(self._images[i], self._image_size) for i in members])
     return batch
 
 
-def train_batches(examples: Sequence[Example], tokenizer, *, batch_size: int, max_len: int, seed: int,
-                  template: str = "chat", buckets: Sequence[int] = DEFAULT_BUCKETS,
-                  image_size: int | None = None) -> grain.MapDataset:
+def train_batches(
+  examples: Sequence[Example],
+  tokenizer,
+  *,
+  batch_size: int,
+  max_len: int,
+  seed: int,
+  template: str = "chat",
+  buckets: Sequence[int] = DEFAULT_BUCKETS,
+  image_size: int | None = None,
+) -> grain.MapDataset:
   """Random-access bucketed training batches (ds[i] = batch of global step i) as a grain.MapDataset."""
   rows = [training_row(tokenizer, ex, max_len=max_len, template=template) for ex in examples]
   images = [ex.image for ex in examples] if image_size is not None else None
-  return grain.MapDataset.source(TrainBatches(rows, batch_size=batch_size, buckets=buckets_for(max_len, buckets),
-                                              seed=seed, images=images, image_size=image_size))
+  return grain.MapDataset.source(
+    TrainBatches(
+      rows,
+      batch_size=batch_size,
+      buckets=buckets_for(max_len, buckets),
+      seed=seed,
+      images=images,
+      image_size=image_size,
+    )
+  )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -199,17 +225,29 @@ def scoring_rows(tokenizer, example: Example, index: int, *, max_len: int, templ
   if all(len(ids) == 1 for ids in options):
     tokens = np.asarray(prompt.fit(max_len), np.int32)
     k = len(options)
-    return [ScoringRow(example=index, tokens=tokens, slot_positions=np.full(k, len(tokens) - 1, np.int32),
-                       slot_ids=np.asarray([ids[0] for ids in options], np.int32),
-                       slot_options=np.arange(k, dtype=np.int32))]
+    return [
+      ScoringRow(
+        example=index,
+        tokens=tokens,
+        slot_positions=np.full(k, len(tokens) - 1, np.int32),
+        slot_ids=np.asarray([ids[0] for ids in options], np.int32),
+        slot_options=np.arange(k, dtype=np.int32),
+      )
+    ]
   longest = max(len(ids) for ids in options)
   base = prompt.fit(max_len - longest)
   rows = []
   for j, ids in enumerate(options):
     tokens = np.asarray([*base, *ids], np.int32)
-    rows.append(ScoringRow(example=index, tokens=tokens,
-                           slot_positions=np.arange(len(base) - 1, len(tokens) - 1, dtype=np.int32),
-                           slot_ids=np.asarray(ids, np.int32), slot_options=np.full(len(ids), j, np.int32)))
+    rows.append(
+      ScoringRow(
+        example=index,
+        tokens=tokens,
+        slot_positions=np.arange(len(base) - 1, len(tokens) - 1, dtype=np.int32),
+        slot_ids=np.asarray(ids, np.int32),
+        slot_options=np.full(len(ids), j, np.int32),
+      )
+    )
   return rows
 
 
@@ -217,9 +255,14 @@ def next_power_of_two(n: int) -> int:
   return 1 << max(0, int(n) - 1).bit_length()
 
 
-def scoring_batches(rows: Sequence[ScoringRow], *, batch_size: int, buckets: Sequence[int],
-                    images: Sequence[np.ndarray | None] | None = None,
-                    image_size: int | None = None) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+def scoring_batches(
+  rows: Sequence[ScoringRow],
+  *,
+  batch_size: int,
+  buckets: Sequence[int],
+  images: Sequence[np.ndarray | None] | None = None,
+  image_size: int | None = None,
+) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
   """(row indices, batch) over `rows`, grouped by length bucket; the last batch of a bucket is
   padded with copies of its first row (their indices are not returned) so shapes stay static.
 
@@ -236,10 +279,10 @@ def scoring_batches(rows: Sequence[ScoringRow], *, batch_size: int, buckets: Seq
       padded = chunk + [chunk[0]] * (batch_size - len(chunk))
       k = next_power_of_two(max(len(rows[i].slot_ids) for i in padded))
       batch = {
-          "tokens": pad_to([rows[i].tokens for i in padded], length),
-          "slot_positions": pad_to([rows[i].slot_positions for i in padded], k),
-          "slot_ids": pad_to([rows[i].slot_ids for i in padded], k),
-          "slot_options": pad_to([rows[i].slot_options for i in padded], k, -1),
+        "tokens": pad_to([rows[i].tokens for i in padded], length),
+        "slot_positions": pad_to([rows[i].slot_positions for i in padded], k),
+        "slot_ids": pad_to([rows[i].slot_ids for i in padded], k),
+        "slot_options": pad_to([rows[i].slot_options for i in padded], k, -1),
       }
       if images is not None:
         batch["images"] = np.stack([resize_image(images[rows[i].example], image_size) for i in padded])

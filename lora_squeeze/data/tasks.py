@@ -51,9 +51,7 @@ class Example:
       raise ValueError(f"example {self.example_id!r}: options given but no correct index")
     bad = [i for i in self.correct if not 0 <= i < len(self.options)]
     if bad:
-      raise ValueError(
-          f"example {self.example_id!r}: correct indices {bad} outside options 0..{len(self.options) - 1}"
-      )
+      raise ValueError(f"example {self.example_id!r}: correct indices {bad} outside options 0..{len(self.options) - 1}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -128,8 +126,8 @@ class Task:
     src = self.source(source)
     if split not in src.splits:
       raise ValueError(
-          f"task {self.name}: source {src.name!r} has no {split!r} split (it has {sorted(src.splits)}); "
-          f"sources: {sorted(self.sources)}"
+        f"task {self.name}: source {src.name!r} has no {split!r} split (it has {sorted(src.splits)}); "
+        f"sources: {sorted(self.sources)}"
       )
     records = src.read(src.splits[split], None if data_dir is None else Path(data_dir))
     return grain.MapDataset.source(records).map_with_index(lambda i, r: src.to_example(r, i))

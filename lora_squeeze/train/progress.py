@@ -26,13 +26,24 @@ def format_duration(seconds: float) -> str:
   return f"{secs}s"
 
 
-def train_line(*, global_step: int, total_steps: int, stage_no: int, n_stages: int, rank: int, loss: float,
-               grad_norm: float, lr: float, tokens_per_s: float | None, eta_seconds: float) -> str:
+def train_line(
+  *,
+  global_step: int,
+  total_steps: int,
+  stage_no: int,
+  n_stages: int,
+  rank: int,
+  loss: float,
+  grad_norm: float,
+  lr: float,
+  tokens_per_s: float | None,
+  eta_seconds: float,
+) -> str:
   """The console line of a logging step."""
   return (
-      f"step {global_step}/{total_steps} stage {stage_no}/{n_stages} r={rank} "
-      f"loss {loss:.4f} grad_norm {grad_norm:.3g} lr {lr:.3g} "
-      f"tokens/s {'?' if tokens_per_s is None else f'{tokens_per_s:.1f}'} ETA {format_duration(eta_seconds)}"
+    f"step {global_step}/{total_steps} stage {stage_no}/{n_stages} r={rank} "
+    f"loss {loss:.4f} grad_norm {grad_norm:.3g} lr {lr:.3g} "
+    f"tokens/s {'?' if tokens_per_s is None else f'{tokens_per_s:.1f}'} ETA {format_duration(eta_seconds)}"
   )
 
 
@@ -42,9 +53,15 @@ def table_lines(evals: Mapping[str, Mapping[str, Any]]) -> list[str]:
   bootstrap 95 % interval over the items (lora_squeeze.bootstrap; * = the interval excludes zero)."""
   metric_names = list(dict.fromkeys(k for row in evals.values() for k in row["metrics"]))
   header = ["tag", "rank", "V_r", *metric_names]
-  rows = [[tag, str(row["rank"]), "-" if row["retention"] is None else f"{row['retention']:.4f}",
-           *(f"{row['metrics'][m]:.4f}" if m in row["metrics"] else "-" for m in metric_names)]
-          for tag, row in evals.items()]
+  rows = [
+    [
+      tag,
+      str(row["rank"]),
+      "-" if row["retention"] is None else f"{row['retention']:.4f}",
+      *(f"{row['metrics'][m]:.4f}" if m in row["metrics"] else "-" for m in metric_names),
+    ]
+    for tag, row in evals.items()
+  ]
   scored = [(tag, row["per_item"]) for tag, row in evals.items() if row.get("per_item")]
   if len(scored) > 1:
     first, first_items = scored[0]

@@ -70,7 +70,9 @@ class MetricsLog:
       if len(data) > size:
         atomic.write_text(self.path, data[:size].decode())
       return
-    kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= global_step]
+    kept = [
+      line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= global_step
+    ]
     atomic.write_text(self.path, "".join(line + "\n" for line in kept))
 
   def write(self, record: Mapping[str, Any]) -> None:
@@ -80,20 +82,29 @@ class MetricsLog:
       f.write(json.dumps(record, sort_keys=True, default=float) + "\n")
 
 
-def write_results(workdir: pathlib.Path | str, *, complete: bool,
-                  run_id: str, global_step: int,  # pylint: disable=redefined-outer-name
-                  evals: Mapping[str, Any], squeezes: Sequence[Mapping[str, Any]],
-                  config: Mapping[str, Any]) -> None:
+def write_results(
+  workdir: pathlib.Path | str,
+  *,
+  complete: bool,
+  run_id: str,
+  global_step: int,  # pylint: disable=redefined-outer-name
+  evals: Mapping[str, Any],
+  squeezes: Sequence[Mapping[str, Any]],
+  config: Mapping[str, Any],
+) -> None:
   """results.json (atomically): the evaluation rows by tag and the squeeze reports without their
   per-module lists (those stay in metrics.jsonl)."""
-  ckpt_lib.write_json_atomic(results_path(workdir), {
+  ckpt_lib.write_json_atomic(
+    results_path(workdir),
+    {
       "complete": complete,
       "run_id": run_id,
       "global_step": global_step,
       "evals": evals,
       "squeezes": [{k: v for k, v in s.items() if k != "modules"} for s in squeezes],
       "config": config,
-  })
+    },
+  )
 
 
 def read_results(workdir: pathlib.Path | str) -> dict[str, Any] | None:

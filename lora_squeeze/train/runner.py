@@ -87,8 +87,15 @@ class Runner:
   def write_results(self, pos: Position, *, complete: bool) -> None:
     if not self.ctx.writer:
       return
-    run_dir.write_results(self.ctx.workdir, complete=complete, run_id=self.ctx.run_id, global_step=pos.global_step,
-                          evals=pos.evals, squeezes=pos.squeezes, config=self.ctx.setup.run_config)
+    run_dir.write_results(
+      self.ctx.workdir,
+      complete=complete,
+      run_id=self.ctx.run_id,
+      global_step=pos.global_step,
+      evals=pos.evals,
+      squeezes=pos.squeezes,
+      config=self.ctx.setup.run_config,
+    )
 
 
 def execute_plan(plan: Sequence[protocols.PlanItem], setup: RunSetup) -> dict[str, Any]:
@@ -107,6 +114,8 @@ def execute_plan(plan: Sequence[protocols.PlanItem], setup: RunSetup) -> dict[st
   Raises:
     NonFiniteLossError: NaN/inf loss (the last good checkpoint stays).
   """
-  multihost.on_writer(lambda: ckpt_lib.claim_workdir(setup.workdir, setup.run_config),
-                      error_types=(ckpt_lib.WorkdirConflictError, ValueError))
+  multihost.on_writer(
+    lambda: ckpt_lib.claim_workdir(setup.workdir, setup.run_config),
+    error_types=(ckpt_lib.WorkdirConflictError, ValueError),
+  )
   return Runner(tuple(plan), setup).run()

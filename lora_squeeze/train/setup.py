@@ -21,8 +21,14 @@ from lora_squeeze.train.context import Evaluator, RunSetup
 from lora_squeeze.train.runner import execute_plan
 
 
-def setup_from_config(config, *, workdir: str | pathlib.Path, plan: Sequence[protocols.PlanItem],
-                      evaluate: Evaluator | None = None, printer: Callable[[str], None] = print) -> RunSetup:
+def setup_from_config(
+  config,
+  *,
+  workdir: str | pathlib.Path,
+  plan: Sequence[protocols.PlanItem],
+  evaluate: Evaluator | None = None,
+  printer: Callable[[str], None] = print,
+) -> RunSetup:
   """Loads the model, data and evaluator a config names (see lora_squeeze/config_lib.py for the keys).
 
   Args:
@@ -42,11 +48,11 @@ def setup_from_config(config, *, workdir: str | pathlib.Path, plan: Sequence[pro
   text_only = task.modality == "text"
   image_size = None if text_only else config.image_size
   if config.model in ("tiny", "tiny_vision"):
-    base = model_lib.init_base_params(config.model, key=step_lib.run_keys(root)[3], dtype=dtype,
-                                      text_only=text_only)
+    base = model_lib.init_base_params(config.model, key=step_lib.run_keys(root)[3], dtype=dtype, text_only=text_only)
   else:
-    base = model_lib.load_base_params(config.model, checkpoint=config.checkpoint or None, dtype=dtype,
-                                      text_only=text_only)
+    base = model_lib.load_base_params(
+      config.model, checkpoint=config.checkpoint or None, dtype=dtype, text_only=text_only
+    )
   targets = tuple(config.lora_targets)
   model_for_rank = functools.partial(_lora_model, config.model, targets=targets, text_only=text_only)
   tokenizer = tokenizer_lib.load_tokenizer(config.tokenizer or None)
@@ -54,9 +60,16 @@ def setup_from_config(config, *, workdir: str | pathlib.Path, plan: Sequence[pro
   train_split = task.load("train", source=source, data_dir=data_dir)
   n_train = config.train_examples or len(train_split)
   examples = [train_split[i] for i in range(min(n_train, len(train_split)))]
-  batches = batching.train_batches(examples, tokenizer, batch_size=config.batch_size, max_len=config.max_len,
-                                   seed=step_lib.data_seed(root), template=config.template,
-                                   buckets=tuple(config.buckets), image_size=image_size)
+  batches = batching.train_batches(
+    examples,
+    tokenizer,
+    batch_size=config.batch_size,
+    max_len=config.max_len,
+    seed=step_lib.data_seed(root),
+    template=config.template,
+    buckets=tuple(config.buckets),
+    image_size=image_size,
+  )
   if evaluate is None:
     eval_split = task.load("eval", source=source, data_dir=data_dir)
     n_eval = min(config.eval.examples or len(eval_split), len(eval_split))
@@ -64,30 +77,43 @@ def setup_from_config(config, *, workdir: str | pathlib.Path, plan: Sequence[pro
     # evaluates (a bfloat16 base would lose most of a small ΔW's bits, so it keeps the LoRA model).
     plain_model = model_lib.make_model(config.model, text_only=text_only) if dtype == jnp.float32 else None
     evaluate = evaluate_lib.make_evaluator(
-        model_for_rank, base, tokenizer, task, [eval_split[i] for i in range(n_eval)], plain_model=plain_model,
-        max_len=config.max_len,
-        batch_size=config.eval.batch_size, template=config.template, buckets=tuple(config.buckets),
-        image_size=image_size, progress=printer)
+      model_for_rank,
+      base,
+      tokenizer,
+      task,
+      [eval_split[i] for i in range(n_eval)],
+      plain_model=plain_model,
+      max_len=config.max_len,
+      batch_size=config.eval.batch_size,
+      template=config.template,
+      buckets=tuple(config.buckets),
+      image_size=image_size,
+      progress=printer,
+    )
   mesh_config = config.get("mesh", None) or {}
   mesh = sharding_lib.make_mesh(data=mesh_config.get("data", -1), fsdp=mesh_config.get("fsdp", 1))
   return RunSetup(
-      model_for_rank=model_for_rank,
-      base_params=base,
-      batches=batches,
-      workdir=pathlib.Path(workdir),
-      key=root,
-      evaluate=evaluate,
-      run_config=run_identity(config, plan),
-      adapter_metadata={"model": config.model, "targets": list(targets), "task": config.task,
-                        "protocol": config.protocol},
-      mesh=mesh,
-      initial_lora=_initial_lora(config.get("init_adapter", "")),
-      checkpoint_every=config.checkpoint_every,
-      log_every=config.log_every,
-      printer=printer,
-      optimizer_state_at_squeeze=config.get("optimizer_state_at_squeeze", "reset"),
-      squeeze_precision=config.squeeze.get("precision", "auto"),
-      optimizer=optim.OptimizerOptions(**config.get("optim", {})),
+    model_for_rank=model_for_rank,
+    base_params=base,
+    batches=batches,
+    workdir=pathlib.Path(workdir),
+    key=root,
+    evaluate=evaluate,
+    run_config=run_identity(config, plan),
+    adapter_metadata={
+      "model": config.model,
+      "targets": list(targets),
+      "task": config.task,
+      "protocol": config.protocol,
+    },
+    mesh=mesh,
+    initial_lora=_initial_lora(config.get("init_adapter", "")),
+    checkpoint_every=config.checkpoint_every,
+    log_every=config.log_every,
+    printer=printer,
+    optimizer_state_at_squeeze=config.get("optimizer_state_at_squeeze", "reset"),
+    squeeze_precision=config.squeeze.get("precision", "auto"),
+    optimizer=optim.OptimizerOptions(**config.get("optim", {})),
   )
 
 
@@ -109,8 +135,14 @@ def run_identity(config, plan: Sequence[protocols.PlanItem]) -> dict[str, Any]:
   return json.loads(json.dumps({"config": config.to_dict(), "plan": protocols.plan_record(plan)}, default=str))
 
 
-def run_plan(plan: Sequence[protocols.PlanItem], *, config, workdir: str | pathlib.Path,
-             evaluate: Evaluator | None = None, printer: Callable[[str], None] = print) -> dict[str, Any]:
+def run_plan(
+  plan: Sequence[protocols.PlanItem],
+  *,
+  config,
+  workdir: str | pathlib.Path,
+  evaluate: Evaluator | None = None,
+  printer: Callable[[str], None] = print,
+) -> dict[str, Any]:
   """Executes `plan` with the model, data and evaluation of `config` into `workdir` (resuming
   when the workdir holds this same run). config_lib.validate(config) runs first."""
   from lora_squeeze import config_lib as common  # pylint: disable=g-import-not-at-top

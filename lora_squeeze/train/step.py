@@ -71,8 +71,13 @@ def target_positions(target_mask: jax.Array, max_targets: int) -> tuple[jax.Arra
 
 
 def target_nll(
-    model, params: Params, tokens: jax.Array, target_mask: jax.Array, *, max_targets: int,
-    images: jax.Array | None = None,
+  model,
+  params: Params,
+  tokens: jax.Array,
+  target_mask: jax.Array,
+  *,
+  max_targets: int,
+  images: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Per-target negative log-likelihood.
 
@@ -101,21 +106,33 @@ def target_nll(
 def loss_fn(lora: Params, base: Params, batch: Mapping[str, jax.Array], *, model, max_targets: int):
   """Mean NLL over all target tokens of the batch; returns (loss, number of target tokens)."""
   params = model_lib.merge_params(base, lora)
-  nll, weights = target_nll(model, params, batch["tokens"], batch["target_mask"], max_targets=max_targets,
-                            images=batch.get("images"))
+  nll, weights = target_nll(
+    model, params, batch["tokens"], batch["target_mask"], max_targets=max_targets, images=batch.get("images")
+  )
   n_targets = jnp.sum(weights)
   return jnp.sum(nll * weights) / jnp.maximum(n_targets, 1.0), n_targets
 
 
-@functools.partial(jax.jit, static_argnames=("model", "lr", "warmup", "max_targets", "state_shardings",
-                                             "optimizer_options"),
-                   donate_argnums=(0,))
-def _train_step(state: TrainState, base: Params, batch: Mapping[str, jax.Array], *, model, lr: float, warmup: int,
-                max_targets: int, state_shardings: tuple,
-                optimizer_options: optim.OptimizerOptions = optim.DEFAULT_OPTIONS):
+@functools.partial(
+  jax.jit,
+  static_argnames=("model", "lr", "warmup", "max_targets", "state_shardings", "optimizer_options"),
+  donate_argnums=(0,),
+)
+def _train_step(
+  state: TrainState,
+  base: Params,
+  batch: Mapping[str, jax.Array],
+  *,
+  model,
+  lr: float,
+  warmup: int,
+  max_targets: int,
+  state_shardings: tuple,
+  optimizer_options: optim.OptimizerOptions = optim.DEFAULT_OPTIONS,
+):
   optimizer = optim.make_optimizer(lr, warmup, optimizer_options)
   (loss, n_targets), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.lora, base, batch, model=model, max_targets=max_targets
+    state.lora, base, batch, model=model, max_targets=max_targets
   )
   updates, opt_state = optimizer.update(grads, state.opt_state, state.lora)
   lora = optax.apply_updates(state.lora, updates)
@@ -127,8 +144,9 @@ def _train_step(state: TrainState, base: Params, batch: Mapping[str, jax.Array],
   return jax.tree.unflatten(treedef, leaves), metrics
 
 
-def make_train_step(model, *, lr: float, warmup: int, max_targets: int,
-                    optimizer_options: optim.OptimizerOptions = optim.DEFAULT_OPTIONS):
+def make_train_step(
+  model, *, lr: float, warmup: int, max_targets: int, optimizer_options: optim.OptimizerOptions = optim.DEFAULT_OPTIONS
+):
   """The jitted (state, base, batch) -> (state, metrics) of a stage; only the LoRA params get
   gradients (the frozen base is an argument, not a differentiated input).
 
@@ -139,14 +157,32 @@ def make_train_step(model, *, lr: float, warmup: int, max_targets: int,
 
   def step(state: TrainState, base: Params, batch: Mapping[str, jax.Array]):
     shardings = tuple(x.sharding for x in jax.tree.leaves(state))
-    return _train_step(state, base, batch, model=model, lr=lr, warmup=warmup, max_targets=max_targets,
-                       state_shardings=shardings, optimizer_options=optimizer_options)
+    return _train_step(
+      state,
+      base,
+      batch,
+      model=model,
+      lr=lr,
+      warmup=warmup,
+      max_targets=max_targets,
+      state_shardings=shardings,
+      optimizer_options=optimizer_options,
+    )
 
   return step
 
 
-def compile_step(model, state: TrainState, base: Params, batch: Mapping[str, Any], *, lr: float, warmup: int,
-                 max_targets: int, optimizer_options: optim.OptimizerOptions = optim.DEFAULT_OPTIONS) -> None:
+def compile_step(
+  model,
+  state: TrainState,
+  base: Params,
+  batch: Mapping[str, Any],
+  *,
+  lr: float,
+  warmup: int,
+  max_targets: int,
+  optimizer_options: optim.OptimizerOptions = optim.DEFAULT_OPTIONS,
+) -> None:
   """Compiles the train step for the shapes and shardings of (state, base, batch) without running
   it (any thread); the later call of make_train_step(...) with such arguments finds it compiled.
 
@@ -154,13 +190,26 @@ def compile_step(model, state: TrainState, base: Params, batch: Mapping[str, Any
     state, base: arrays or jax.ShapeDtypeStruct with shardings (e.g. checkpoint.abstract_like).
     batch: jax.ShapeDtypeStruct with the batch sharding (or arrays).
   """
-  _train_step.lower(state, base, batch, model=model, lr=lr, warmup=warmup, max_targets=max_targets,
-                    state_shardings=tuple(x.sharding for x in jax.tree.leaves(state)),
-                    optimizer_options=optimizer_options).compile()
+  _train_step.lower(
+    state,
+    base,
+    batch,
+    model=model,
+    lr=lr,
+    warmup=warmup,
+    max_targets=max_targets,
+    state_shardings=tuple(x.sharding for x in jax.tree.leaves(state)),
+    optimizer_options=optimizer_options,
+  ).compile()
 
 
-def init_train_state(lora: Params, optimizer: optax.GradientTransformation,
-                     mesh: jax.sharding.Mesh | None = None, *, min_shard_size: int = 1 << 16) -> TrainState:
+def init_train_state(
+  lora: Params,
+  optimizer: optax.GradientTransformation,
+  mesh: jax.sharding.Mesh | None = None,
+  *,
+  min_shard_size: int = 1 << 16,
+) -> TrainState:
   """A fresh stage: the optimizer state is built for the current shapes (rank) of `lora`.
 
   With a mesh, the optimizer state and step counter are placed on it like parameters (the
@@ -185,7 +234,9 @@ def check_batch(batch: Mapping[str, np.ndarray], *, max_targets: int | None, ste
   if tokens.shape != mask.shape or tokens.ndim != 2:
     raise ValueError(f"batch {step}: tokens {tokens.shape} and target_mask {mask.shape} must be equal (B, T) shapes")
   if mask[:, 0].any():
-    raise ValueError(f"batch {step}: target_mask[:, 0] is True, but position 0 cannot be a target (nothing precedes it)")
+    raise ValueError(
+      f"batch {step}: target_mask[:, 0] is True, but position 0 cannot be a target (nothing precedes it)"
+    )
   most = int(mask.sum(axis=-1).max())
   if max_targets is not None and most > max_targets:
     raise ValueError(f"batch {step}: a row has {most} target tokens > max_targets={max_targets}")

@@ -37,14 +37,16 @@ class Mmlu(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self,
-        features=tfds.features.FeaturesDict({
-            "question": tfds.features.Text(),
-            "choices": tfds.features.Sequence(tfds.features.Text(), length=4),
-            "answer": tfds.features.ClassLabel(names=["A", "B", "C", "D"]),
-            "subject": tfds.features.Text(),
-        }),
-        homepage="https://github.com/hendrycks/test",
+      builder=self,
+      features=tfds.features.FeaturesDict(
+        {
+          "question": tfds.features.Text(),
+          "choices": tfds.features.Sequence(tfds.features.Text(), length=4),
+          "answer": tfds.features.ClassLabel(names=["A", "B", "C", "D"]),
+          "subject": tfds.features.Text(),
+        }
+      ),
+      homepage="https://github.com/hendrycks/test",
     )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):

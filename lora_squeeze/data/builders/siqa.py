@@ -31,16 +31,18 @@ class Siqa(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self,
-        features=tfds.features.FeaturesDict({
-            "context": tfds.features.Text(),
-            "question": tfds.features.Text(),
-            "answerA": tfds.features.Text(),
-            "answerB": tfds.features.Text(),
-            "answerC": tfds.features.Text(),
-            "label": tfds.features.ClassLabel(names=["A", "B", "C"]),
-        }),
-        homepage="https://leaderboard.allenai.org/socialiqa",
+      builder=self,
+      features=tfds.features.FeaturesDict(
+        {
+          "context": tfds.features.Text(),
+          "question": tfds.features.Text(),
+          "answerA": tfds.features.Text(),
+          "answerB": tfds.features.Text(),
+          "answerC": tfds.features.Text(),
+          "label": tfds.features.ClassLabel(names=["A", "B", "C"]),
+        }
+      ),
+      homepage="https://leaderboard.allenai.org/socialiqa",
     )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
