@@ -318,7 +318,8 @@ class StageTrainer:
 
   def log_adapter_size(self, item: protocols.Stage, lora: Params, pos: Position) -> None:
     """A "stage_end" record with the adapter's ‖ΔW‖_F and factor RMS: shows that (and how far) it moved."""
-    size = adapter_size_lib.adapter_size(jax.device_get(lora))
+    # A collective (every process calls it): the factors may span the devices of several processes.
+    size = adapter_size_lib.adapter_size(multihost.gather_to_host(lora))
     self.ctx.metrics.write({"event": "stage_end", "step": pos.global_step, "rank": item.rank, "lr": item.lr, **size})
     self.ctx.print(
       f"stage end (rank {item.rank}, step {pos.global_step}): ||ΔW||_F {size['delta_w_fro']:.4g}, "
