@@ -49,8 +49,16 @@ print("done")
 
 def start_paused(command: list[str], point: str, *, cwd=None, pause_env: str = atomic.PAUSE_ENV) -> subprocess.Popen:
   """Starts `command` with the pause hook at `point` and returns once it is paused there."""
+  # SIGINT back to its default in the child: a test run started in the background of a
+  # non-interactive shell inherits SIGINT ignored, and Python installs no KeyboardInterrupt handler then.
   proc = subprocess.Popen(
-    command, env={**ENV, pause_env: point}, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    command,
+    env={**ENV, pause_env: point},
+    cwd=cwd,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
   )
   lines = []
   deadline = time.time() + 600
