@@ -20,7 +20,7 @@ as in the uncached decoder where the new token sits right after the prompt.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import einops
@@ -103,6 +103,25 @@ def cached_greedy(
   return jax.lax.while_loop(running, step, state)[4]
 
 
+def decode_batches(
+  prompts: Sequence[Sequence[int]], *, buckets: Sequence[int], batch_size: int
+) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+  """The fixed-shape batches of a decoder: (bucket length, row indices, the indices padded to
+  `batch_size` by repeating the first row), rows grouped by length bucket (one compilation each)."""
+  bucket_of = np.array([batching.bucket_length(len(p), buckets) for p in prompts])
+  for length in sorted(set(bucket_of.tolist())):
+    members = np.flatnonzero(bucket_of == length)
+    for start in range(0, len(members), batch_size):
+      chunk = members[start : start + batch_size]
+      yield length, chunk, np.concatenate([chunk, np.repeat(chunk[:1], batch_size - len(chunk))])
+
+
+def cut_at_stop(ids: list[int], stop_ids: Sequence[int]) -> list[int]:
+  """`ids` up to (without) the first stop token."""
+  stop_at = [k for k, t in enumerate(ids) if t in stop_ids]
+  return ids[: stop_at[0]] if stop_at else ids
+
+
 def cached_greedy_decode(
   model,
   params: Params,
@@ -124,20 +143,12 @@ def cached_greedy_decode(
     raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
   stops = jnp.asarray(stop_ids, jnp.int32)
   out: list[list[int]] = [[] for _ in prompts]
-  lengths = np.array([len(p) for p in prompts])
-  bucket_of = np.array([batching.bucket_length(n, buckets) for n in lengths])
-  for length in sorted(set(bucket_of.tolist())):
-    members = np.flatnonzero(bucket_of == length)
-    for start in range(0, len(members), batch_size):
-      chunk = members[start : start + batch_size]
-      padded = np.concatenate([chunk, np.repeat(chunk[:1], batch_size - len(chunk))])
-      tokens = batching.pad_to([np.asarray(prompts[i], np.int32) for i in padded], length)
-      batch_images = None
-      if images is not None:
-        batch_images = np.stack([batching.resize_image(images[i], image_size) for i in padded])
-      generated = np.asarray(cached_greedy(model, params, tokens, stops, batch_images, max_new_tokens=max_new_tokens))
-      for b, i in enumerate(chunk):
-        ids = generated[b].tolist()
-        stop_at = [k for k, t in enumerate(ids) if t in stop_ids]
-        out[i] = ids[: stop_at[0]] if stop_at else ids
+  for length, chunk, padded in decode_batches(prompts, buckets=buckets, batch_size=batch_size):
+    tokens = batching.pad_to([np.asarray(prompts[i], np.int32) for i in padded], length)
+    batch_images = None
+    if images is not None:
+      batch_images = np.stack([batching.resize_image(images[i], image_size) for i in padded])
+    generated = np.asarray(cached_greedy(model, params, tokens, stops, batch_images, max_new_tokens=max_new_tokens))
+    for b, i in enumerate(chunk):
+      out[i] = cut_at_stop(generated[b].tolist(), stop_ids)
   return out

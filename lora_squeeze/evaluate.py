@@ -33,6 +33,7 @@ import numpy as np
 import scipy.optimize
 import scipy.special
 
+from lora_squeeze import decoding
 from lora_squeeze import model as model_lib
 from lora_squeeze.data import batching
 from lora_squeeze.data.tasks import Example, Task
@@ -202,8 +203,6 @@ def greedy_decode(
   lax.while_loop that stops early once every row has emitted a stop token.
   """
   if kv_cache:
-    from lora_squeeze import decoding  # pylint: disable=g-import-not-at-top
-
     return decoding.cached_greedy_decode(
       model,
       params,
@@ -220,31 +219,24 @@ def greedy_decode(
   stops = jnp.asarray(stop_ids, jnp.int32)
   out: list[list[int]] = [[] for _ in prompts]
   lengths = np.array([len(p) for p in prompts])
-  bucket_of = np.array([batching.bucket_length(n, buckets) for n in lengths])
-  for length in sorted(set(bucket_of.tolist())):
-    members = np.flatnonzero(bucket_of == length)
-    for start in range(0, len(members), batch_size):
-      chunk = members[start : start + batch_size]
-      padded = np.concatenate([chunk, np.repeat(chunk[:1], batch_size - len(chunk))])
-      tokens = batching.pad_to([np.asarray(prompts[i], np.int32) for i in padded], length + max_new_tokens)
-      batch_images = None
-      if images is not None:
-        batch_images = np.stack([batching.resize_image(images[i], image_size) for i in padded])
-      generated = np.asarray(
-        _greedy(
-          model,
-          params,
-          tokens,
-          jnp.asarray(lengths[padded], jnp.int32),
-          stops,
-          batch_images,
-          max_new_tokens=max_new_tokens,
-        )
+  for length, chunk, padded in decoding.decode_batches(prompts, buckets=buckets, batch_size=batch_size):
+    tokens = batching.pad_to([np.asarray(prompts[i], np.int32) for i in padded], length + max_new_tokens)
+    batch_images = None
+    if images is not None:
+      batch_images = np.stack([batching.resize_image(images[i], image_size) for i in padded])
+    generated = np.asarray(
+      _greedy(
+        model,
+        params,
+        tokens,
+        jnp.asarray(lengths[padded], jnp.int32),
+        stops,
+        batch_images,
+        max_new_tokens=max_new_tokens,
       )
-      for b, i in enumerate(chunk):
-        ids = generated[b].tolist()
-        stop_at = [k for k, t in enumerate(ids) if t in stop_ids]
-        out[i] = ids[: stop_at[0]] if stop_at else ids
+    )
+    for b, i in enumerate(chunk):
+      out[i] = decoding.cut_at_stop(generated[b].tolist(), stop_ids)
   return out
 
 
@@ -432,37 +424,12 @@ GENERATIVE_METRICS: Mapping[str, Callable[[str, Sequence[str]], float]] = {
 
 
 def evaluate_examples(
-  model,
-  params: Params,
-  tokenizer,
-  task: Task,
-  examples: Sequence[Example],
-  *,
-  max_len: int,
-  batch_size: int = 8,
-  template: str = "chat",
-  buckets: Sequence[int] = batching.DEFAULT_BUCKETS,
-  image_size: int | None = None,
-  progress: Callable[[str], None] | None = None,
+  model, params: Params, tokenizer, task: Task, examples: Sequence[Example], **options: Any
 ) -> dict[str, float]:
   """The task's metrics over `examples`: {"accuracy", "option_nll"} for scored tasks, {"f1", "em"} for DROP,
-  {metric name} for the other generative ones. The first key is the headline score."""
-  if not examples:
-    raise ValueError(f"task {task.name}: no examples to evaluate")
-  metrics, _ = evaluate_items(
-    model,
-    params,
-    tokenizer,
-    task,
-    examples,
-    max_len=max_len,
-    batch_size=batch_size,
-    template=template,
-    buckets=buckets,
-    image_size=image_size,
-    progress=progress,
-  )
-  return metrics
+  {metric name} for the other generative ones. The first key is the headline score. `options` are
+  evaluate_items' keyword arguments (max_len, batch_size, template, buckets, image_size, progress)."""
+  return evaluate_items(model, params, tokenizer, task, examples, **options)[0]
 
 
 def evaluate_items(
