@@ -16,6 +16,7 @@ from lora_squeeze import opt_state_projection as osp
 from lora_squeeze import protocols
 from lora_squeeze import train
 from lora_squeeze.protocols import Evaluate, Squeeze, Stage
+from test_train import Crash, CrashAt  # a run killed mid-stage (tests/ is on sys.path under pytest)
 
 PATH = "layer_0/attn/_LoRAEinsum_0/lora"
 
@@ -349,20 +350,6 @@ def copy_batches(seed):
     mask[7:] = True
     examples.append({"tokens": np.concatenate([[2], x, [3], x]).astype(np.int32), "target_mask": mask})
   return train.batch_dataset(examples, batch_size=4, seed=1)
-
-
-class Crash(Exception):
-  pass
-
-
-class CrashAt:
-  def __init__(self, inner, step):
-    self.inner, self.step = inner, step
-
-  def __getitem__(self, i):
-    if i == self.step:
-      raise Crash(f"simulated crash at batch {i}")
-    return self.inner[i]
 
 
 @pytest.fixture(scope="module")

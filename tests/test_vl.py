@@ -17,6 +17,7 @@ from lora_squeeze import model as model_lib
 from lora_squeeze.data import batching, get_task
 from lora_squeeze.data.images import ImageFile
 from lora_squeeze.data.readers import DatasetNotPreparedError
+from test_train import Crash, CrashAt  # a run killed mid-stage (tests/ is on sys.path under pytest)
 
 # ---------------------------------------------------------------------------------------------
 # The digits task.
@@ -139,22 +140,6 @@ def test_scored_vl_evaluation_sees_the_image():
 
 # ---------------------------------------------------------------------------------------------
 # A VL Cont-Squeeze plan through the runner.
-
-
-class Crash(Exception):
-  pass
-
-
-class CrashAt:
-  """The run's batches, raising at global step `step` (a run killed mid-stage)."""
-
-  def __init__(self, inner, step):
-    self.inner, self.step = inner, step
-
-  def __getitem__(self, i):
-    if i == self.step:
-      raise Crash(i)
-    return self.inner[i]
 
 
 def digits_config(task="digits_gen"):
