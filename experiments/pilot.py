@@ -69,9 +69,9 @@ def training_config(seed: int):
 def eval_digest() -> str:
   """sha256 (first 12 hex digits) of the scored questions' prompts and targets, in order: per-item
   scores are paired only between runs with the same digest (the same questions in the same order)."""
-  from lora_squeeze.data import tasks  # pylint: disable=g-import-not-at-top
+  from lora_squeeze.data import registry  # pylint: disable=g-import-not-at-top
 
-  split = tasks.get_task(_TASK.value).load("eval", source=_SOURCE.value)
+  split = registry.get_task(_TASK.value).load("eval", source=_SOURCE.value)
   n = min(_EXAMPLES.value or len(split), len(split))
   text = "\n".join(f"{split[i].prompt}\t{split[i].target}" for i in range(n))
   return hashlib.sha256(text.encode()).hexdigest()[:12]
