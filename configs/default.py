@@ -40,6 +40,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optim.multiply_by_parameter_scale = False
   config.r_src = 16
   config.targets = (4, 1)
+  # Then direct training at rank 1 in the same run (same steps, same batches): the closing table
+  # compares the source and both squeezed adapters with it.
+  config.direct_baselines = (1,)
   config.eval.examples = 0
   config.eval.batch_size = 16
   # The untrained adapter is scored first: every trained adapter's table row then shows its gain

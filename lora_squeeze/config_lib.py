@@ -53,7 +53,9 @@ Schema (all protocols):
   warmup_after_projection  warmup steps of a stage that starts from a projected state (0)
 Per protocol:
   direct          rank; extra_steps (M, 0 = none), extra_warmup ("Direct +M" baseline)
-  post_squeeze    r_src; targets (ranks <= r_src to squeeze a copy to, each evaluated)
+  post_squeeze    r_src; targets (ranks <= r_src to squeeze a copy to, each evaluated);
+                  direct_baselines (optional, () = none): ranks at which the run then restarts and
+                  trains a fresh adapter directly for the same steps and batches, tag direct_r<rank>
   cont_squeeze    r_src, r_tgt; extra_steps (M = 200), extra_warmup (100), lr_tgt (None = table)
   in_squeeze      ranks (strictly decreasing); steps = the total N + M; scheme ("proportional" |
                   "min_steps"); min_steps (200); stage_warmup (100, every stage after the first)
@@ -137,7 +139,9 @@ def base_config(protocol: str) -> ml_collections.ConfigDict:
 def parse_value(key: str, text: str, current: Any) -> Any:
   """`text` from a `key=value` argument, as the type of the key's current value."""
   if isinstance(current, tuple):
-    return tuple(parse_value(key, part, current[0] if current else "") for part in text.split("+") if part)
+    # An empty tuple gives no element type: a tuple key is a tuple of ranks unless it already holds strings.
+    element = current[0] if current else 0
+    return tuple(parse_value(key, part, element) for part in text.split("+") if part)
   if isinstance(current, bool):
     if text.lower() not in ("true", "false"):
       raise UserInputError(f"config argument {key}={text!r}: expected true or false")
@@ -321,6 +325,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     targets = _ranks("targets", config.targets)
     if max(targets) > r_src:
       _fail("targets", targets, f"ranks <= r_src={r_src}")
+    if config.get("direct_baselines", ()):
+      _ranks("direct_baselines", config.direct_baselines)
   elif config.protocol == "cont_squeeze":
     r_src = validation.positive_int("config.r_src", config.r_src)
     r_tgt = validation.positive_int("config.r_tgt", config.r_tgt)
@@ -378,6 +384,8 @@ def _protocol_plan(config: ml_collections.ConfigDict) -> protocols.Plan:
       targets=tuple(config.targets),
       warmup=config.warmup,
       method=method,
+      direct_baselines=tuple(config.get("direct_baselines", ())),
+      lr_for_rank=lr,
     )
   if config.protocol == "cont_squeeze":
     return protocols.cont_squeeze(

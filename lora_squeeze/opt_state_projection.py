@@ -394,7 +394,10 @@ def carried_at(plan: Sequence[protocols.PlanItem], index: int) -> bool:
   stop = next((i for i, p in enumerate(following) if isinstance(p, protocols.Stage)), None)
   if stop is None or index > last + 1 + stop:
     return False
-  return any(isinstance(p, protocols.Squeeze) for p in following[:stop])
+  between = following[:stop]
+  return any(isinstance(p, protocols.Squeeze) for p in between) and not any(
+    isinstance(p, protocols.Restart) for p in between
+  )
 
 
 def with_projected_warmup(plan: Sequence[protocols.PlanItem], warmup: int) -> protocols.Plan:

@@ -91,7 +91,21 @@ class Branch:
         validation.fail(f"Branch.items[{j}]", sub, "a Squeeze or an Evaluate (a Branch holds only those)")
 
 
-PlanItem = Stage | Squeeze | Evaluate | Branch
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Restart:
+  """Start over inside the same run: a fresh adapter at `rank` (the run's LoRA initialisation), a
+  fresh optimizer, and the training data from its first batch again. What came before stays
+  evaluated and exported. It puts a baseline into the run that it is compared with (e.g. direct
+  training at a squeeze's target rank, trained on the same batches as the source), sharing the
+  loaded model and the compiled steps; the next Stage must train at `rank`."""
+
+  rank: int
+
+  def __post_init__(self):
+    validation.positive_int("Restart.rank", self.rank)
+
+
+PlanItem = Stage | Squeeze | Evaluate | Branch | Restart
 Plan = tuple[PlanItem, ...]
 
 
@@ -208,7 +222,7 @@ def validate_plan(plan: Sequence[PlanItem]) -> Plan:
       if item.tag in tags:
         raise UserInputError(f"{where}: Evaluate.tag {item.tag!r} is used twice; tags name exports")
       tags.add(item.tag)
-    elif not isinstance(item, (Stage, Squeeze)):
+    elif not isinstance(item, (Stage, Squeeze, Restart)):
       raise UserInputError(f"{where}: unknown plan item {item!r}")
 
   rank = first.rank
@@ -224,10 +238,12 @@ def validate_plan(plan: Sequence[PlanItem]) -> Plan:
       check(item, f"plan[{i}]")
       if isinstance(item, Stage) and item.rank != rank:
         raise UserInputError(
-          f"plan[{i}]: Stage at rank {item.rank} follows an adapter of rank {rank}; insert a Squeeze"
+          f"plan[{i}]: Stage at rank {item.rank} follows an adapter of rank {rank}; insert a Squeeze or a Restart"
         )
       if isinstance(item, Squeeze):
         _check_squeeze_rank(item, rank, f"plan[{i}]")
+        rank = item.rank
+      if isinstance(item, Restart):
         rank = item.rank
   return plan
 
@@ -255,6 +271,17 @@ def plan_steps(plan: Sequence[PlanItem]) -> int:
   return sum(item.steps for item in plan if isinstance(item, Stage))
 
 
+def baseline_tags(plan: Sequence[PlanItem]) -> tuple[str, ...]:
+  """The Evaluate tags of the trunk after a Restart: baselines trained inside the run, which the
+  closing table compares every other adapter with."""
+  tags, restarted = [], False
+  for item in plan:
+    restarted = restarted or isinstance(item, Restart)
+    if restarted and isinstance(item, Evaluate):
+      tags.append(item.tag)
+  return tuple(tags)
+
+
 def eval_tags(plan: Sequence[PlanItem]) -> tuple[str, ...]:
   """The Evaluate tags of a plan in the order it runs them (those inside Branches included): the
   names its results and exported adapters get, for callers that label them without rebuilding
@@ -279,9 +306,21 @@ def direct(
 
 
 def post_squeeze(
-  *, r_src: int, steps: int, lr: float, targets: Sequence[int], warmup: int = 1000, method: str = "qr_core"
+  *,
+  r_src: int,
+  steps: int,
+  lr: float,
+  targets: Sequence[int],
+  warmup: int = 1000,
+  method: str = "qr_core",
+  direct_baselines: Sequence[int] = (),
+  lr_for_rank: Callable[[int], float] | None = None,
 ) -> Plan:
-  """Train once at r_src, then squeeze a copy to every target rank and evaluate each."""
+  """Train once at r_src, then squeeze a copy to every target rank and evaluate each.
+
+  With direct_baselines, the run then restarts (Restart) at each of those ranks and trains a fresh
+  adapter for the same `steps` on the same batches (lr_for_rank(rank), default `lr`), evaluated as
+  `direct_r<rank>`: the direct training that the squeezed adapters are compared with."""
   validation.positive_int("r_src", r_src)
   if not targets:
     raise UserInputError("targets must name at least one target rank, got ()")
@@ -292,6 +331,14 @@ def post_squeeze(
   plan = [Stage(rank=r_src, steps=steps, lr=lr, warmup=warmup), Evaluate(tag=f"r{r_src}")]
   for t in targets:
     plan.append(Branch(items=(Squeeze(rank=t, method=method), Evaluate(tag=f"r{r_src}_to_r{t}"))))
+  for rank in direct_baselines:
+    validation.positive_int("direct baseline rank", rank)
+    rank_lr = lr if lr_for_rank is None else lr_for_rank(rank)
+    plan += [
+      Restart(rank=rank),
+      Stage(rank=rank, steps=steps, lr=rank_lr, warmup=warmup),
+      Evaluate(tag=f"direct_r{rank}"),
+    ]
   return validate_plan(plan)
 
 

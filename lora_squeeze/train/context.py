@@ -90,6 +90,7 @@ class Position:
   stage_step: int = 0  # steps done in plan[item] when it is a Stage
   global_step: int = 0  # training steps done in total = index of the next batch
   rank: int = 0  # rank of the current adapter (0 before the first stage)
+  data_start: int = 0  # global step of the last Restart: a Stage reads batches[global_step - data_start]
   retention: float | None = None  # V_r of the last squeeze applied to the trunk adapter
   evals: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
   squeezes: list[dict[str, Any]] = dataclasses.field(default_factory=list)

@@ -163,7 +163,9 @@ class Precompiler:
     for item in plan[index + 1 :]:
       if isinstance(item, protocols.Stage):
         return squeezes, item
-      if isinstance(item, protocols.Squeeze):
+      if isinstance(item, protocols.Restart):
+        rank = item.rank
+      elif isinstance(item, protocols.Squeeze):
         squeezes.append((rank, item))
         rank = item.rank
       elif isinstance(item, protocols.Branch):
@@ -248,7 +250,7 @@ class StageTrainer:
     # step) pulls them all at once: between those, the host dispatches steps without waiting.
     pending: list[dict[str, Any]] = []
     while pos.stage_step < item.steps:
-      batch = setup.batches[pos.global_step]
+      batch = setup.batches[pos.global_step - pos.data_start]
       step_lib.check_batch(batch, max_targets=setup.max_targets, step=pos.global_step)
       tokens = step_lib.batch_tokens(batch)
       max_targets = setup.max_targets or step_lib.targets_bucket(batch["target_mask"])

@@ -6,7 +6,7 @@ The runner and experiments/ (its grid ETA) format durations with the one functio
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from lora_squeeze import bootstrap
@@ -47,10 +47,23 @@ def train_line(
   )
 
 
-def table_lines(evals: Mapping[str, Mapping[str, Any]]) -> list[str]:
+def _interval(items: Sequence[float], reference: Sequence[float]) -> str:
+  c = bootstrap.paired_bootstrap(items, reference)
+  return f"{c.mean:+.4f} [{c.low:+.4f}, {c.high:+.4f}]{' *' if c.excludes_zero else ''}"
+
+
+def _aligned(lines: list[list[str]]) -> list[str]:
+  widths = [max(len(c) for c in col) for col in zip(*lines)]
+  return ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines]
+
+
+def table_lines(evals: Mapping[str, Mapping[str, Any]], baselines: Sequence[str] = ()) -> list[str]:
   """The final table: one row per evaluation tag (rank, V_r, then every metric any row has), and,
   where the rows carry per-item scores, each later evaluation minus the first with its paired
-  bootstrap 95 % interval over the items (lora_squeeze.bootstrap; * = the interval excludes zero)."""
+  bootstrap 95 % interval over the items (lora_squeeze.bootstrap; * = the interval excludes zero).
+
+  Each tag in `baselines` (e.g. direct training after a Restart) then gets a second table: every
+  other trained evaluation minus that baseline, with the same intervals."""
   metric_names = list(dict.fromkeys(k for row in evals.values() for k in row["metrics"]))
   header = ["tag", "rank", "V_r", *metric_names]
   rows = [
@@ -73,10 +86,19 @@ def table_lines(evals: Mapping[str, Mapping[str, Any]]) -> list[str]:
         row += ["-"] * len(compared)
         continue
       for m in compared:
-        c = bootstrap.paired_bootstrap(items[m], first_items[m])
-        row.append(f"{c.mean:+.4f} [{c.low:+.4f}, {c.high:+.4f}]{' *' if c.excludes_zero else ''}")
+        row.append(_interval(items[m], first_items[m]))
   widths = [max(len(c) for c in col) for col in zip(header, *rows)]
-  lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in [header, ["-" * w for w in widths], *rows]]
+  lines = _aligned([header, ["-" * w for w in widths], *rows])
   if len(scored) > 1:
+    for baseline in baselines:
+      base_items = evals.get(baseline, {}).get("per_item")
+      others = [(tag, items) for tag, items in scored if tag != baseline]
+      if not base_items or not others:
+        continue
+      compared = [m for m in base_items if all(m in items for _, items in others)]
+      header = [f"minus {baseline}", *(f"{m} [95% CI]" for m in compared)]
+      table = [[tag, *(_interval(items[m], base_items[m]) for m in compared)] for tag, items in others]
+      widths = [max(len(c) for c in col) for col in zip(header, *table)]
+      lines += ["", *_aligned([header, ["-" * w for w in widths], *table])]
     lines.append("(* = the interval excludes zero: a difference beyond the sampling of evaluation items)")
   return lines

@@ -5,6 +5,7 @@ mid-stage and mid-anneal.
 
     execute_plan(plan, setup)      setup: train.context.RunSetup (train.setup builds it from a config)
       Runner.run: resume -> for each item: StageTrainer | SqueezeJob | EvaluateJob | Branch of those
+                  | Restart (a fresh adapter and optimizer, the data from its first batch)
                   -> checkpoint -> results.json (train.run_dir) -> the final table (train.progress)
 """
 
@@ -55,6 +56,9 @@ class Runner:
         if opt_state is not None:
           opt_state = self.squeeze.project_opt_state(opt_state, before, lora, index)
         pos.rank = item.rank
+      elif isinstance(item, protocols.Restart):
+        lora, opt_state = ctx.fresh_lora(item.rank), None
+        pos.rank, pos.retention, pos.data_start = item.rank, None, pos.global_step
       elif isinstance(item, protocols.Evaluate):
         if lora is None:  # before the first Stage: the fresh adapter (ΔW = 0) at that Stage's rank
           rank = next(p.rank for p in plan if isinstance(p, protocols.Stage))
@@ -68,7 +72,7 @@ class Runner:
         self.write_results(pos, complete=False)
     self.precompiler.wait()
     self.write_results(pos, complete=True)
-    for line in progress.table_lines(pos.evals):
+    for line in progress.table_lines(pos.evals, baselines=protocols.baseline_tags(plan)):
       ctx.print(line)
     self.checkpointer.close()
     return {"evals": pos.evals, "global_step": pos.global_step, "lora": lora, "rank": pos.rank}
@@ -106,6 +110,8 @@ def execute_plan(plan: Sequence[protocols.PlanItem], setup: RunSetup) -> dict[st
   fold_in(plan_key, plan index); V_r (Eq. 10) overall and per module goes to metrics.jsonl.
   Evaluate: setup.evaluate(rank, lora), export through adapters.orbax_io.save_adapter to
   adapters/<tag>, a row in results.json. Branch: its items on a copy; the trunk continues.
+  Restart: a fresh adapter at its rank (the same initialisation as the first), a fresh optimizer,
+  and the next Stage reads the batches from the first one again.
   A checkpoint follows every plan item, so a run resumes mid-stage and mid-anneal.
 
   Returns:
