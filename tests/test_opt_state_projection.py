@@ -12,7 +12,9 @@ import optax
 import pytest
 
 from lora_squeeze import errors
+from lora_squeeze import lora_tree
 from lora_squeeze import opt_state_projection as osp
+from lora_squeeze import optim
 from lora_squeeze import protocols
 from lora_squeeze import train
 from lora_squeeze.protocols import Evaluate, Squeeze, Stage
@@ -119,6 +121,9 @@ OPTIMIZERS = {
   "adafactor_factored": lambda: optax.adafactor(0.05, min_dim_size_to_factor=4),
   "adafactor_momentum": lambda: optax.adafactor(0.05, min_dim_size_to_factor=4, momentum=0.9),
   "sgd_momentum": lambda: optax.sgd(0.01, momentum=0.9),
+  # The trainer's own optimizers (config optim.name), warmup 0: the schedule restarts at a squeeze.
+  "trainer_adafactor": lambda: optim.make_optimizer(0.05, 0),
+  "trainer_adamw": lambda: optim.make_optimizer(0.05, 0, optim.OptimizerOptions(name="adamw", weight_decay=0.1)),
 }
 
 
@@ -359,7 +364,7 @@ def tiny_base():
   return model_lib.init_base_params("tiny", key=jax.random.key(0))
 
 
-def runner_setup(workdir, base, mode, *, batches=None, lines=None):
+def runner_setup(workdir, base, mode, *, batches=None, lines=None, optimizer=optim.DEFAULT_OPTIONS):
   from lora_squeeze import model as model_lib
 
   return train.RunSetup(
@@ -374,6 +379,7 @@ def runner_setup(workdir, base, mode, *, batches=None, lines=None):
     log_every=100,
     optimizer_state_at_squeeze=mode,
     printer=(lines.append if lines is not None else lambda line: None),
+    optimizer=optimizer,
   )
 
 
@@ -415,6 +421,33 @@ def test_runner_projects_across_the_squeeze_and_resumes_bit_identically(tiny_bas
   for got, want in zip(jax.tree.leaves(resumed["lora"]), jax.tree.leaves(straight["lora"])):
     np.testing.assert_array_equal(got, want)
   assert [(x["step"], x["loss"]) for x in read(tmp_path / "b")] == [(x["step"], x["loss"]) for x in a]
+
+
+@pytest.mark.filterwarnings("error::lora_squeeze.opt_state_projection.UnknownOptimizerStateWarning")
+def test_in_squeeze_with_adamw_projects_every_stage(tiny_base, tmp_path):
+  """optim.name = adamw through the runner: a 4 -> 2 -> 1 In-Squeeze carries Adam's moments across
+  both squeezes (no fallback warning: an unknown state would warn, an error here), and every
+  stage after a squeeze starts at its full lr (warmup_after_projection = 0)."""
+  import json
+
+  plan = protocols.in_squeeze(
+    ranks=(4, 2, 1),
+    total_steps=6,
+    lr_for_rank=lambda r: 0.05,
+    warmup=2,
+    stage_warmup=2,
+    scheme="min_steps",
+    min_steps=2,
+  )
+  lines = []
+  setup = runner_setup(tmp_path, tiny_base, "project", lines=lines, optimizer=optim.OptimizerOptions(name="adamw"))
+  out = train.execute_plan(osp.with_projected_warmup(plan, 0), setup)
+  assert sum(line.startswith("optimizer state projected") for line in lines) == 2
+  records = [json.loads(x) for x in (tmp_path / train.METRICS_FILE).read_text().splitlines()]
+  steps = [r for r in records if r["event"] == "train"]
+  assert [r["lr"] for r in steps] == pytest.approx([0.025] + [0.05] * 5)  # the first stage's warmup only
+  assert all(np.isfinite(r["loss"]) for r in steps)
+  assert {np.shape(m["a"])[-1] for m in lora_tree.find_lora_modules(out["lora"]).values()} == {1}
 
 
 def test_experiment_driver_pairs_arms_per_seed(tmp_path):
