@@ -12,7 +12,6 @@ import optax
 import pytest
 
 from lora_squeeze import errors
-from lora_squeeze import lora_tree
 from lora_squeeze import opt_state_projection as osp
 from lora_squeeze import optim
 from lora_squeeze import protocols
@@ -364,7 +363,7 @@ def tiny_base():
   return model_lib.init_base_params("tiny", key=jax.random.key(0))
 
 
-def runner_setup(workdir, base, mode, *, batches=None, lines=None, optimizer=optim.DEFAULT_OPTIONS):
+def runner_setup(workdir, base, mode, *, batches=None, lines=None):
   from lora_squeeze import model as model_lib
 
   return train.RunSetup(
@@ -379,7 +378,6 @@ def runner_setup(workdir, base, mode, *, batches=None, lines=None, optimizer=opt
     log_every=100,
     optimizer_state_at_squeeze=mode,
     printer=(lines.append if lines is not None else lambda line: None),
-    optimizer=optimizer,
   )
 
 
@@ -421,33 +419,6 @@ def test_runner_projects_across_the_squeeze_and_resumes_bit_identically(tiny_bas
   for got, want in zip(jax.tree.leaves(resumed["lora"]), jax.tree.leaves(straight["lora"])):
     np.testing.assert_array_equal(got, want)
   assert [(x["step"], x["loss"]) for x in read(tmp_path / "b")] == [(x["step"], x["loss"]) for x in a]
-
-
-@pytest.mark.filterwarnings("error::lora_squeeze.opt_state_projection.UnknownOptimizerStateWarning")
-def test_in_squeeze_with_adamw_projects_every_stage(tiny_base, tmp_path):
-  """optim.name = adamw through the runner: a 4 -> 2 -> 1 In-Squeeze carries Adam's moments across
-  both squeezes (no fallback warning: an unknown state would warn, an error here), and every
-  stage after a squeeze starts at its full lr (warmup_after_projection = 0)."""
-  import json
-
-  plan = protocols.in_squeeze(
-    ranks=(4, 2, 1),
-    total_steps=6,
-    lr_for_rank=lambda r: 0.05,
-    warmup=2,
-    stage_warmup=2,
-    scheme="min_steps",
-    min_steps=2,
-  )
-  lines = []
-  setup = runner_setup(tmp_path, tiny_base, "project", lines=lines, optimizer=optim.OptimizerOptions(name="adamw"))
-  out = train.execute_plan(osp.with_projected_warmup(plan, 0), setup)
-  assert sum(line.startswith("optimizer state projected") for line in lines) == 2
-  records = [json.loads(x) for x in (tmp_path / train.METRICS_FILE).read_text().splitlines()]
-  steps = [r for r in records if r["event"] == "train"]
-  assert [r["lr"] for r in steps] == pytest.approx([0.025] + [0.05] * 5)  # the first stage's warmup only
-  assert all(np.isfinite(r["loss"]) for r in steps)
-  assert {np.shape(m["a"])[-1] for m in lora_tree.find_lora_modules(out["lora"]).values()} == {1}
 
 
 def test_experiment_driver_pairs_arms_per_seed(tmp_path):
