@@ -224,3 +224,17 @@ def test_a_project_in_squeeze_cell_with_adamw_runs_in_the_real_trainer(tmp_path,
   assert [s.rank for s in stages] == [4, 2, 1] and [s.warmup for s in stages][1:] == [0, 0]
   want = [s.lr * (min(1.0, (t + 1) / s.warmup) if s.warmup else 1.0) for s in stages for t in range(s.steps)]
   assert [r["lr"] for r in steps] == pytest.approx(want) and all(np.isfinite(r["loss"]) for r in steps)
+
+
+def test_reduced_preset_with_both_states_builds_valid_training_configs():
+  from lora_squeeze import config_lib  # pylint: disable=g-import-not-at-top
+
+  study = protocol_table.get_config("reduced")
+  study.optimizer_states = ("reset", "project")
+  base = common.training_config(study)
+  cells = protocol_table.cells(study, common.lr_table(study, base))
+  assert len(cells) == 1 + 2 * 3  # per seed: direct+30; cont+30, in_squeeze, in_squeeze_min per state
+  for cell in cells:
+    config = common.apply_overrides(base, cell.overrides)
+    config_lib.validate(config)
+    assert config.optimizer_state_at_squeeze == cell.labels["optimizer_state"]
