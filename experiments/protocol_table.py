@@ -128,6 +128,9 @@ def cells(study: ml_collections.ConfigDict, lr_for_rank: Callable[[int], float])
     raise ValueError(f"need integer ranks 0 < r_tgt < r_src, got r_tgt={r_tgt!r}, r_src={r_src!r}")
   states = optimizer_states(study)
   warmup_after_projection = study.get("warmup_after_projection", 0)
+  # post (scored right after the squeeze, before any training) is the same for every state: one
+  # run scores it, reset's when there is one.
+  post_state = DEFAULT_STATE if DEFAULT_STATE in states else states[0]
   out = []
   for task in study.tasks:
     steps = common.steps_for(study, task)
@@ -183,7 +186,7 @@ def cells(study: ml_collections.ConfigDict, lr_for_rank: Callable[[int], float])
         post_tag, plus_tag = protocols.eval_tags(plan)
         for state in states:
           evals = {plus_tag: {"protocol": f"cont+{m}"}}
-          if i == 0 and state == states[0]:
+          if i == 0 and state == post_state:
             evals[post_tag] = {"protocol": "post"}
           out.append(cell(f"cont_{plus_tag}", plan, evals, state))
       ranks = protocols.halving_ranks(r_src, r_tgt)

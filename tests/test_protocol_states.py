@@ -91,6 +91,12 @@ def test_default_grid_is_unchanged_and_project_adds_only_the_runs_after_a_squeez
   # post (scored before the squeeze) is the same for both states: only reset's cont run scores it.
   cont = next(c for c in project if c.name.startswith("a/cont_"))
   assert protocols.eval_tags(cont.plan) == ("r4_to_r1_plus2",) and list(cont.evals) == ["r4_to_r1_plus2"]
+  # Without reset (or with it second) post still comes from exactly one run per seed.
+  for states in (("project",), ("project", "reset")):
+    posts = [c for c in protocol_table.cells(_study(states), _LR) if "r4_to_r1" in c.evals]
+    assert sorted(c.name for c in posts) == [
+      f"a/cont_r4_to_r1_plus2{'_project' * (states == ('project',))}_s{s}" for s in (1, 2)
+    ]
   assert protocol_table.protocol_names(_study())[4:] == [
     "cont+2",
     "cont+2/project",
