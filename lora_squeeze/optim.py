@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+from collections.abc import Mapping
+from typing import Any
 
 import jax.numpy as jnp
 import optax
@@ -14,6 +16,24 @@ from lora_squeeze import validation
 
 # config `optim.name`: Adafactor is the paper's (and the default); AdamW is optax.adamw.
 NAMES = ("adafactor", "adamw")
+# The `optim` keys each optimizer reads (besides `name`).
+KEYS = {
+  "adafactor": ("multiply_by_parameter_scale", "clipping_threshold"),
+  "adamw": ("b1", "b2", "eps", "weight_decay"),
+}
+
+
+def identity_keys(optim_config: Mapping[str, Any]) -> dict[str, Any]:
+  """The `optim` keys that can change a run: the chosen optimizer's own, plus `name` unless it is
+  Adafactor (the default). What a run's identity records (train.run_identity), so that a run started
+  before `name` and AdamW's keys existed is the same run, and AdamW's settings never make two
+  Adafactor runs different (nor Adafactor's two AdamW runs)."""
+  name = optim_config.get("name", DEFAULT_OPTIONS.name)
+  known = {"name", *(k for keys in KEYS.values() for k in keys)}
+  out = {k: v for k, v in optim_config.items() if k in KEYS.get(name, ()) or k not in known}
+  if name != DEFAULT_OPTIONS.name:
+    out["name"] = name
+  return out
 
 
 def warmup_constant(lr: float, warmup: int) -> optax.Schedule:

@@ -76,6 +76,37 @@ def test_bad_options_fail(kwargs, match):
     optim.OptimizerOptions(**kwargs)
 
 
+def test_run_identity_records_only_the_chosen_optimizers_keys(tmp_path):
+  """A run started before optim.name and AdamW's keys existed resumes (same identity, the real
+  workdir guard); AdamW's keys tell Adafactor runs apart only once name = adamw."""
+  from lora_squeeze import checkpoint, config_lib, protocols, train  # pylint: disable=g-import-not-at-top
+
+  config = config_lib.base_config("direct")
+  plan = protocols.direct(rank=2, steps=3, lr=0.01, warmup=1)
+  before = config_lib.base_config("direct")
+  for key in ("name", "b1", "b2", "eps", "weight_decay"):
+    del before.optim[key]
+  checkpoint.claim_workdir(tmp_path, train.run_identity(before, plan))
+  assert checkpoint.claim_workdir(tmp_path, train.run_identity(config, plan))  # True: the same run, resumed
+  assert train.run_identity(config, plan)["config"]["optim"] == {
+    "multiply_by_parameter_scale": True,
+    "clipping_threshold": 1.0,
+  }
+  other = config_lib.base_config("direct")
+  other.optim.b1 = 0.5  # not read by Adafactor
+  assert train.run_identity(other, plan) == train.run_identity(config, plan)
+  other.optim.name = "adamw"
+  assert train.run_identity(other, plan)["config"]["optim"] == {
+    "name": "adamw",
+    "b1": 0.5,
+    "b2": 0.999,
+    "eps": 1e-8,
+    "weight_decay": 1e-4,
+  }
+  with pytest.raises(checkpoint.WorkdirConflictError, match=r"config differs at config.optim"):
+    checkpoint.claim_workdir(tmp_path, train.run_identity(other, plan))
+
+
 def test_adapter_size_matches_the_dense_product():
   rng = np.random.default_rng(0)
   tree = {
