@@ -23,19 +23,6 @@ KEYS = {
 }
 
 
-def identity_keys(optim_config: Mapping[str, Any]) -> dict[str, Any]:
-  """The `optim` keys that can change a run: the chosen optimizer's own, plus `name` unless it is
-  Adafactor (the default). What a run's identity records (train.run_identity), so that a run started
-  before `name` and AdamW's keys existed is the same run, and AdamW's settings never make two
-  Adafactor runs different (nor Adafactor's two AdamW runs)."""
-  name = optim_config.get("name", DEFAULT_OPTIONS.name)
-  known = {"name", *(k for keys in KEYS.values() for k in keys)}
-  out = {k: v for k, v in optim_config.items() if k in KEYS.get(name, ()) or k not in known}
-  if name != DEFAULT_OPTIONS.name:
-    out["name"] = name
-  return out
-
-
 def warmup_constant(lr: float, warmup: int) -> optax.Schedule:
   """lr(t) = lr * min(1, (t + 1) / warmup) for optimizer step t = 0, 1, ...; lr for warmup = 0.
 
@@ -109,6 +96,19 @@ def check_adamw_settings(*, b1, b2, eps, weight_decay, prefix: str = "optim.") -
 
 
 DEFAULT_OPTIONS = OptimizerOptions()
+
+
+def identity_keys(optim_config: Mapping[str, Any]) -> dict[str, Any]:
+  """The `optim` keys that can change a run: the chosen optimizer's own, plus `name` unless it is
+  Adafactor (the default). What a run's identity records (train.run_identity), so that a run started
+  before `name` and AdamW's keys existed is the same run, and AdamW's settings never make two
+  Adafactor runs different (nor Adafactor's two AdamW runs)."""
+  name = optim_config.get("name", DEFAULT_OPTIONS.name)
+  known = {"name", *(k for keys in KEYS.values() for k in keys)}
+  out = {k: v for k, v in optim_config.items() if k in KEYS.get(name, ()) or k not in known}
+  if name != DEFAULT_OPTIONS.name:
+    out["name"] = name
+  return out
 
 
 def make_optimizer(lr: float, warmup: int, options: OptimizerOptions = DEFAULT_OPTIONS) -> optax.GradientTransformation:
