@@ -14,23 +14,40 @@ M in {200, 700}):
   in_squeeze_min   the same with at least `min_steps` per stage (the minimum-steps scheme)
 "direct" and "post" come from the first M's runs (the later ones repeat them exactly).
 
+The optimizer state at a squeeze (`optimizer_states`, lora_squeeze.opt_state_projection; default
+("reset",), the paper's): with ("reset", "project") the protocols that train after a squeeze
+(cont+M, in_squeeze, in_squeeze_min) run once per state, the "project" runs with
+optimizer_state_at_squeeze = "project" and `warmup_after_projection` on every stage that starts
+from a projected state; zero_shot, direct, direct+M and post do not depend on it and run once. Their
+table columns are `cont+M`, `in_squeeze`, ... for reset and `cont+M/project`, ... for project.
+Every row carries `optimizer_state` (a row without it, from before this axis, is "reset").
+
 Writes into --workdir: rows.json/rows.csv, protocol_table.csv (task x protocol, mean over seeds;
 an "average" row) and protocol_table.md (best trained protocol per row in bold; zero-shot is the
-reference); for scored tasks also protocol_table_nll.csv/.md (option NLL in nats, lowest in bold).
+reference); for scored tasks also protocol_table_nll.csv/.md (option NLL in nats, lowest in bold);
+with per-item scores protocol_comparisons.md/.csv (paired bootstrap intervals: each protocol
+against direct, and with both states each protocol's project minus its reset).
 """
 
 from __future__ import annotations
 
 import math
 import pathlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import ml_collections
 from absl import app
 
 from experiments import common
 from experiments import stats
+from lora_squeeze import opt_state_projection
 from lora_squeeze import protocols
+
+# The row label of the optimizer state a run carried across its squeezes, and its value in rows
+# written before the label existed (every run then reset its optimizer).
+OPTIMIZER_STATE = "optimizer_state"
+DEFAULT_STATE = "reset"
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -44,39 +61,97 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   study.min_steps = {"paper": 200, "reduced": 10, "tiny": 1}[study.preset]
   study.stage_warmup = study.extra_warmup
   study.method = "qr_core"
+  # The optimizer state at a squeeze ("reset" | "project"): the protocols that train after a squeeze
+  # run once per state; project's stages after a squeeze warm up over warmup_after_projection steps
+  # (0: the setting that helped most in docs/training.md's first measurement).
+  study.optimizer_states = ("reset",)
+  study.warmup_after_projection = 0
   return study
 
 
+def depends_on_state(protocol: str) -> bool:
+  """Whether a protocol trains after a squeeze, so that the optimizer state at the squeeze matters."""
+  return protocol.startswith("cont+") or protocol in ("in_squeeze", "in_squeeze_min")
+
+
+def column(protocol: str, state: str = DEFAULT_STATE) -> str:
+  """The table column of a protocol run with an optimizer state: `cont+30`, `cont+30/project`."""
+  return protocol if state == DEFAULT_STATE or not depends_on_state(protocol) else f"{protocol}/{state}"
+
+
+def row_column(row: common.Row) -> str:
+  """The table column of a result row (rows without the optimizer_state label are reset's)."""
+  return column(row["protocol"], row.get(OPTIMIZER_STATE, DEFAULT_STATE))
+
+
+def optimizer_states(study: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """study.optimizer_states, checked: distinct values of opt_state_projection.MODES, at least one."""
+  states = tuple(study.get("optimizer_states", (DEFAULT_STATE,)))
+  if not states or len(set(states)) != len(states):
+    raise ValueError(f"optimizer_states must name distinct states of {opt_state_projection.MODES}, got {states}")
+  for state in states:
+    opt_state_projection.check_mode(state)
+  return states
+
+
 def protocol_names(study: ml_collections.ConfigDict) -> list[str]:
-  """Table columns, in the paper's order."""
+  """Table columns, in the paper's order; a protocol that depends on the optimizer state has one
+  column per state of study.optimizer_states, side by side."""
   extras = list(study.extra_steps)
+  states = optimizer_states(study)
+  per_state = lambda protocol: [column(protocol, state) for state in states]  # noqa: E731
   return [
     "zero_shot",
     "direct",
     *(f"direct+{m}" for m in extras),
     "post",
-    *(f"cont+{m}" for m in extras),
-    "in_squeeze",
-    "in_squeeze_min",
+    *(c for m in extras for c in per_state(f"cont+{m}")),
+    *per_state("in_squeeze"),
+    *per_state("in_squeeze_min"),
   ]
 
 
+def _with_state(plan: protocols.Plan, state: str, warmup: int, evals: Mapping[str, Any]) -> protocols.Plan:
+  """The plan of a run with optimizer state `state` (not reset): project's stages after a squeeze
+  warm up over `warmup` steps, and only the Evaluate items of `evals` run (an evaluation before the
+  squeeze, e.g. post, is the same for every state and scored by one run)."""
+  if state == "project":
+    plan = opt_state_projection.with_projected_warmup(plan, warmup)
+  return protocols.validate_plan(p for p in plan if not (isinstance(p, protocols.Evaluate) and p.tag not in evals))
+
+
 def cells(study: ml_collections.ConfigDict, lr_for_rank: Callable[[int], float]) -> list[common.Cell]:
-  """Per task x seed: a direct(+M) and a cont(+M) run per M, and the two In-Squeeze runs."""
+  """Per task x seed: a direct(+M) run per M, and per optimizer state a cont(+M) run per M and the
+  two In-Squeeze runs (reset's cells keep their names; project's get a `_project` suffix)."""
   r_src, r_tgt = study.r_src, study.r_tgt
   if not (isinstance(r_src, int) and isinstance(r_tgt, int) and 0 < r_tgt < r_src):
     raise ValueError(f"need integer ranks 0 < r_tgt < r_src, got r_tgt={r_tgt!r}, r_src={r_src!r}")
+  states = optimizer_states(study)
+  warmup_after_projection = study.get("warmup_after_projection", 0)
+  # post (scored right after the squeeze, before any training) is the same for every state: one
+  # run scores it, reset's when there is one.
+  post_state = DEFAULT_STATE if DEFAULT_STATE in states else states[0]
   out = []
   for task in study.tasks:
     steps = common.steps_for(study, task)
     for seed in study.seeds:
 
-      def cell(name, plan, evals, task=task, seed=seed):
+      def cell(name, plan, evals, state=DEFAULT_STATE, task=task, seed=seed):
+        overrides = common.run_overrides(task=task, seed=seed)
+        if state != DEFAULT_STATE:  # the training config's keys (lora_squeeze/config_lib.py)
+          overrides.update(optimizer_state_at_squeeze=state, warmup_after_projection=warmup_after_projection)
         return common.Cell(
-          name=f"{task}/{name}_s{seed}",
-          plan=plan,
-          overrides=common.run_overrides(task=task, seed=seed),
-          labels={"study": "protocols", "task": task, "r_src": r_src, "r_tgt": r_tgt, "seed": seed},
+          name=f"{task}/{name}{'' if state == DEFAULT_STATE else '_' + state}_s{seed}",
+          plan=plan if state == DEFAULT_STATE else _with_state(plan, state, warmup_after_projection, evals),
+          overrides=overrides,
+          labels={
+            "study": "protocols",
+            "task": task,
+            "r_src": r_src,
+            "r_tgt": r_tgt,
+            "seed": seed,
+            OPTIMIZER_STATE: state,
+          },
           evals=evals,
           cost=protocols.plan_steps(plan),
         )
@@ -109,10 +184,11 @@ def cells(study: ml_collections.ConfigDict, lr_for_rank: Callable[[int], float])
           method=study.method,
         )
         post_tag, plus_tag = protocols.eval_tags(plan)
-        evals = {plus_tag: {"protocol": f"cont+{m}"}}
-        if i == 0:
-          evals[post_tag] = {"protocol": "post"}
-        out.append(cell(f"cont_{plus_tag}", plan, evals))
+        for state in states:
+          evals = {plus_tag: {"protocol": f"cont+{m}"}}
+          if i == 0 and state == post_state:
+            evals[post_tag] = {"protocol": "post"}
+          out.append(cell(f"cont_{plus_tag}", plan, evals, state))
       ranks = protocols.halving_ranks(r_src, r_tgt)
       for scheme, name in (("proportional", "in_squeeze"), ("min_steps", "in_squeeze_min")):
         plan = protocols.in_squeeze(
@@ -125,9 +201,9 @@ def cells(study: ml_collections.ConfigDict, lr_for_rank: Callable[[int], float])
           stage_warmup=study.stage_warmup,
           method=study.method,
         )
-        out.append(
-          cell(f"{name}_r{r_src}_to_r{r_tgt}", plan, {tag: {"protocol": name} for tag in protocols.eval_tags(plan)})
-        )
+        for state in states:
+          evals = {tag: {"protocol": name} for tag in protocols.eval_tags(plan)}
+          out.append(cell(f"{name}_r{r_src}_to_r{r_tgt}", plan, evals, state))
   return out
 
 
@@ -135,7 +211,7 @@ def table(rows: Sequence[common.Row], columns: Sequence[str], *, field: str = "s
   """Task rows (mean of `field` over seeds) plus an "average" row over tasks with every column;
   NaN if missing."""
   means = common.mean_score(
-    common.select(rows, study="protocols"), key=lambda r: (r["task"], r["protocol"]), field=field
+    common.select(rows, study="protocols"), key=lambda r: (r["task"], row_column(r)), field=field
   )
   tasks = sorted({task for task, _ in means})
   body = [[task, *(means.get((task, c), math.nan) for c in columns)] for task in tasks]
@@ -192,21 +268,48 @@ def comparison_pairs(tasks: Sequence[str], columns: Sequence[str]) -> list[tuple
   return pairs
 
 
+def state_pairs(tasks: Sequence[str], columns: Sequence[str]) -> list[tuple[tuple[str, str], tuple[str, str]]]:
+  """Per task: every protocol run with another optimizer state (`cont+M/project`) vs the same
+  protocol with reset (`cont+M`), where both are columns."""
+  return [
+    ((task, c), (task, c.partition("/")[0]))
+    for task in tasks
+    for c in columns
+    if "/" in c and c.partition("/")[0] in columns
+  ]
+
+
 def write_comparisons(rows: Sequence[common.Row], workdir: pathlib.Path, *, columns: Sequence[str]) -> list[dict]:
-  """protocol_comparisons.md/.csv: each comparison of comparison_pairs with its paired bootstrap
-  interval over items and sign per seed (experiments/stats.py); nothing without per-item scores."""
+  """protocol_comparisons.md/.csv: each comparison of comparison_pairs, then (with two optimizer
+  states) each of state_pairs in a section of its own, with its paired bootstrap interval over
+  items and sign per seed (experiments/stats.py); nothing without per-item scores."""
   rows = common.select(rows, study="protocols")
-  grouped = stats.group_items(rows, common.collect_items(workdir), key=lambda r: (r["task"], r["protocol"]))
-  records = stats.compare_groups(grouped, comparison_pairs(sorted({r["task"] for r in rows}), columns))
-  if records:
+  grouped = stats.group_items(rows, common.collect_items(workdir), key=lambda r: (r["task"], row_column(r)))
+  tasks = sorted({r["task"] for r in rows})
+  records = stats.compare_groups(grouped, comparison_pairs(tasks, columns))
+  state_records = stats.compare_groups(grouped, state_pairs(tasks, columns))
+  if records or state_records:
     stats.write_comparisons(
       workdir,
       "protocol_comparisons",
       records,
-      label=lambda r: f"{r['treatment'][0]}: {r['treatment'][1]} vs {r['baseline'][1]}",
+      label=_comparison_label,
       title="Protocols against direct training",
+      sections=[
+        (
+          "Optimizer state at the squeeze: project against reset (same seeds, data and budget; "
+          "the differences are project − reset)",
+          state_records,
+        )
+      ]
+      if state_records
+      else (),
     )
-  return records
+  return [*records, *state_records]
+
+
+def _comparison_label(record: dict) -> str:
+  return f"{record['treatment'][0]}: {record['treatment'][1]} vs {record['baseline'][1]}"
 
 
 def run_study(

@@ -125,7 +125,13 @@ def run_study(
     ]
     common.run_cells(todo, workdir=workdir, base_config=base, train_fn=train_fn, log=log)
   squeezes, unfinished = common.collect_squeeze_rows(workdir)
-  wanted = [s for s in [*squeezes, *reused] if s["task"] in study.tasks and s["r_src"] in study.source_ranks]
+  # Runs that carried a projected optimizer state across a squeeze (a protocol study's
+  # optimizer_state = "project" cells) trained differently after it: only reset's squeezes count.
+  wanted = [
+    s
+    for s in [*squeezes, *reused]
+    if s["task"] in study.tasks and s["r_src"] in study.source_ranks and s.get("optimizer_state", "reset") == "reset"
+  ]
   rows = retention_rows(wanted, method=study.method)
   if not rows:
     raise ValueError(f"no finished squeezes with method {study.method!r} under {workdir} or {study.reuse_workdirs}")

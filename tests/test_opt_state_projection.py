@@ -13,6 +13,7 @@ import pytest
 
 from lora_squeeze import errors
 from lora_squeeze import opt_state_projection as osp
+from lora_squeeze import optim
 from lora_squeeze import protocols
 from lora_squeeze import train
 from lora_squeeze.protocols import Evaluate, Squeeze, Stage
@@ -119,6 +120,9 @@ OPTIMIZERS = {
   "adafactor_factored": lambda: optax.adafactor(0.05, min_dim_size_to_factor=4),
   "adafactor_momentum": lambda: optax.adafactor(0.05, min_dim_size_to_factor=4, momentum=0.9),
   "sgd_momentum": lambda: optax.sgd(0.01, momentum=0.9),
+  # The trainer's own optimizers (config optim.name), warmup 0: the schedule restarts at a squeeze.
+  "trainer_adafactor": lambda: optim.make_optimizer(0.05, 0),
+  "trainer_adamw": lambda: optim.make_optimizer(0.05, 0, optim.OptimizerOptions(name="adamw", weight_decay=0.1)),
 }
 
 

@@ -1,4 +1,5 @@
-"""Adafactor's options (lora_squeeze.optim.OptimizerOptions) and the adapter-size record."""
+"""The optimizer options (lora_squeeze.optim.OptimizerOptions: Adafactor's settings, AdamW) and the
+adapter-size record."""
 
 import jax
 import jax.numpy as jnp
@@ -37,16 +38,73 @@ def test_default_options_are_optax_defaults():
   )
 
 
+def test_adamw_steps_match_a_numpy_adamw_under_the_warmup():
+  """optim.name = adamw: bias-corrected Adam moments with b1/b2/eps, decoupled weight decay, and
+  the trainer's warmup schedule, against float64 numpy over a few steps."""
+  lr, warmup, b1, b2, eps, wd = 0.05, 3, 0.8, 0.95, 1e-3, 0.2
+  options = optim.OptimizerOptions(name="adamw", b1=b1, b2=b2, eps=eps, weight_decay=wd)
+  tx = optim.make_optimizer(lr, warmup, options)
+  rng = np.random.default_rng(0)
+  param = rng.normal(size=(4, 5))
+  params, state = {"w": jnp.asarray(param, jnp.float32)}, None
+  state = tx.init(params)
+  mu, nu = np.zeros_like(param), np.zeros_like(param)
+  for t in range(5):
+    g = rng.normal(size=param.shape)
+    updates, state = tx.update({"w": jnp.asarray(g, jnp.float32)}, state, params)
+    params = {"w": params["w"] + updates["w"]}
+    mu, nu = b1 * mu + (1 - b1) * g, b2 * nu + (1 - b2) * g * g
+    adam = (mu / (1 - b1 ** (t + 1))) / (np.sqrt(nu / (1 - b2 ** (t + 1))) + eps)
+    param = param - lr * min(1.0, (t + 1) / warmup) * (adam + wd * param)
+    np.testing.assert_allclose(params["w"], param, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize(
   "kwargs, match",
   [
     ({"multiply_by_parameter_scale": "yes"}, "multiply_by_parameter_scale must be true or false, got 'yes'"),
     ({"clipping_threshold": 0.0}, "clipping_threshold must be None or a number > 0, got 0.0"),
+    ({"name": "sgd"}, r"^optim.name must be one of \('adafactor', 'adamw'\), got 'sgd'$"),
+    ({"name": "adamw", "b1": 1.0}, r"^optim.b1 must be a number in \[0, 1\), got 1.0$"),
+    ({"b2": -0.1}, r"^optim.b2 must be a number in \[0, 1\), got -0.1$"),
+    ({"eps": 0.0}, r"^optim.eps must be a finite number > 0, got 0.0$"),
+    ({"weight_decay": float("nan")}, r"^optim.weight_decay must be a finite number >= 0, got nan$"),
   ],
 )
 def test_bad_options_fail(kwargs, match):
-  with pytest.raises(ValueError, match=match):
+  with pytest.raises(ValueError, match=match):  # UserInputError (a ValueError) for the new keys
     optim.OptimizerOptions(**kwargs)
+
+
+def test_run_identity_records_only_the_chosen_optimizers_keys(tmp_path):
+  """A run started before optim.name and AdamW's keys existed resumes (same identity, the real
+  workdir guard); AdamW's keys tell Adafactor runs apart only once name = adamw."""
+  from lora_squeeze import checkpoint, config_lib, protocols, train  # pylint: disable=g-import-not-at-top
+
+  config = config_lib.base_config("direct")
+  plan = protocols.direct(rank=2, steps=3, lr=0.01, warmup=1)
+  before = config_lib.base_config("direct")
+  for key in ("name", "b1", "b2", "eps", "weight_decay"):
+    del before.optim[key]
+  checkpoint.claim_workdir(tmp_path, train.run_identity(before, plan))
+  assert checkpoint.claim_workdir(tmp_path, train.run_identity(config, plan))  # True: the same run, resumed
+  assert train.run_identity(config, plan)["config"]["optim"] == {
+    "multiply_by_parameter_scale": True,
+    "clipping_threshold": 1.0,
+  }
+  other = config_lib.base_config("direct")
+  other.optim.b1 = 0.5  # not read by Adafactor
+  assert train.run_identity(other, plan) == train.run_identity(config, plan)
+  other.optim.name = "adamw"
+  assert train.run_identity(other, plan)["config"]["optim"] == {
+    "name": "adamw",
+    "b1": 0.5,
+    "b2": 0.999,
+    "eps": 1e-8,
+    "weight_decay": 1e-4,
+  }
+  with pytest.raises(checkpoint.WorkdirConflictError, match=r"config differs at config.optim"):
+    checkpoint.claim_workdir(tmp_path, train.run_identity(other, plan))
 
 
 def test_adapter_size_matches_the_dense_product():

@@ -131,8 +131,12 @@ def _lora_model(name: str, rank: int, *, targets: tuple[str, ...], text_only: bo
 
 
 def run_identity(config, plan: Sequence[protocols.PlanItem]) -> dict[str, Any]:
-  """What makes a run the same run: its config and its plan, as JSON data."""
-  return json.loads(json.dumps({"config": config.to_dict(), "plan": protocols.plan_record(plan)}, default=str))
+  """What makes a run the same run: its config and its plan, as JSON data (of `optim`, only the
+  keys the chosen optimizer reads: optim.identity_keys)."""
+  record = config.to_dict()
+  if isinstance(record.get("optim"), dict):
+    record["optim"] = optim.identity_keys(record["optim"])
+  return json.loads(json.dumps({"config": record, "plan": protocols.plan_record(plan)}, default=str))
 
 
 def run_plan(
