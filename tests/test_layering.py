@@ -27,6 +27,8 @@ LAYERS = (
   (
     "protocols",
     "squeeze",
+    "param_trees",
+    "answer_metrics",
     "multihost",
     "sharding",
     "optim",
