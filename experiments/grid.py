@@ -10,7 +10,6 @@ experiments/results.py.
 
 from __future__ import annotations
 
-import math
 import pathlib
 import time
 from collections.abc import Callable, Sequence
@@ -22,9 +21,9 @@ from experiments import cells as cells_lib
 from experiments import presets, results, tables
 from experiments.cells import Cell, Row
 from lora_squeeze import protocols
-from lora_squeeze.train import progress
+from lora_squeeze import durations
 
-format_duration = progress.format_duration  # 62 -> '1m02s' (the trainer's ETA formatter)
+format_duration = durations.format_duration  # 62 -> '1m02s' (the trainer's ETA format)
 
 
 def log_line(line: str) -> None:
@@ -80,7 +79,7 @@ def run_cells(
     done_cost += cell.cost
     if results.cell_results(path) is None:
       raise RuntimeError(f"cell {cell.name!r} ran but left no complete results in {str(path)!r}")
-    eta = spent / done_cost * (total_cost - done_cost) if done_cost > 0 else math.nan
+    eta = durations.eta(spent, done_cost, total_cost)
     log(
       f"[grid {i + 1}/{len(todo)}] {cell.name} {outcome} in {format_duration(time.monotonic() - start)};"
       f" {len(todo) - i - 1} left, ETA {format_duration(eta)}"

@@ -46,7 +46,7 @@ from lora_squeeze.param_trees import (  # noqa: F401
   merge_params,
   split_params,
 )
-from lora_squeeze.weights import checkpoints
+from lora_squeeze.weights import pretrained
 
 
 MODEL_NAMES = ("gemma3_270m", "gemma3_1b", "gemma3_4b", "gemma3_12b", "gemma3_27b", "tiny", "tiny_vision")
@@ -279,9 +279,9 @@ def load_base_params(
   if checkpoint is None and model_name != "gemma3_270m":
     raise ValueError(f"{model_name!r} needs checkpoint=<official gemma Orbax checkpoint directory>")
   if checkpoint is None:
-    params = checkpoints.embedded_270m_params(cache_dir)
+    params = pretrained.embedded_270m_params(cache_dir)
   else:
-    params = checkpoints.load_orbax_params(checkpoint, text_only=text_only)
+    params = pretrained.load_orbax_params(checkpoint, text_only=text_only)
   param_trees.check_base_shapes(abstract_params(make_model(model_name, text_only=text_only)), params)
   flat = param_trees.flatten(params)
   del params

@@ -270,11 +270,11 @@ def test_load_base_params_shape_mismatch_from_a_saved_checkpoint(tmp_path):
 
 
 def test_official_checkpoint_loader_round_trip(tiny_base, tmp_path):
-  from lora_squeeze.weights import checkpoints  # pylint: disable=import-outside-toplevel
+  from lora_squeeze.weights import pretrained  # pylint: disable=import-outside-toplevel
 
   with ocp.StandardCheckpointer() as ckpt:
     ckpt.save(tmp_path / "ckpt", jax.tree.map(np.asarray, tiny_base))
-  restored = checkpoints.load_orbax_params(tmp_path / "ckpt", text_only=True)
+  restored = pretrained.load_orbax_params(tmp_path / "ckpt", text_only=True)
   assert jax.tree.structure(restored) == jax.tree.structure(tiny_base)
   for x, y in zip(jax.tree.leaves(restored), jax.tree.leaves(tiny_base)):
     np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y))

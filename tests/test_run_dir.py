@@ -4,6 +4,7 @@ writer reads back through the reader experiments/ uses; metrics.jsonl truncates 
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 import sys
 
@@ -11,6 +12,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from experiments import grid, results  # noqa: E402
 from lora_squeeze import checkpoint as ckpt_lib  # noqa: E402
+from lora_squeeze import durations  # noqa: E402
 from lora_squeeze.train import progress, run_dir  # noqa: E402
 
 
@@ -69,6 +71,9 @@ def test_metrics_log_truncates_to_a_checkpoints_byte_size_or_step(tmp_path):
 def test_one_duration_format_for_the_trainer_and_the_grid():
   assert grid.format_duration is progress.format_duration
   assert [progress.format_duration(s) for s in (0.4, 62, 3725, float("nan"))] == ["0s", "1m02s", "1h02m05s", "?"]
+  assert progress.format_duration is durations.format_duration  # also the squeeze command's
+  assert durations.eta(10.0, 2, 5) == 15.0 and durations.eta(10.0, 5, 5) == 0.0
+  assert math.isnan(durations.eta(0.0, 0, 5))  # no rate before the first unit: printed as '?'
   line = progress.train_line(
     global_step=3,
     total_steps=10,
