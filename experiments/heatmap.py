@@ -62,18 +62,19 @@ def cells(study: ml_collections.ConfigDict, lr_for_rank: Callable[[int], float])
           protocols.Stage(rank=r_src, steps=steps, lr=lr_for_rank(r_src), warmup=study.warmup),
           protocols.Evaluate(tag=f"r{r_src}"),
         ]
-        evals = {f"r{r_src}": {"kind": "direct", "r_tgt": r_src}}
+        coords = [{"kind": "direct", "r_tgt": r_src}]  # per Evaluate of the plan, in its order
         for r_tgt in (t for t in target_ranks(study) if t <= r_src):
           for method in study.methods:
-            tag = f"r{r_src}_to_r{r_tgt}_{method}"
-            plan.append(
-              protocols.Branch(items=(protocols.Squeeze(rank=r_tgt, method=method), protocols.Evaluate(tag=tag)))
-            )
-            evals[tag] = {"kind": "post", "r_tgt": r_tgt, "method": method}
+            squeeze = protocols.Squeeze(rank=r_tgt, method=method)
+            plan.append(protocols.Branch(items=(squeeze, protocols.Evaluate(tag=f"r{r_src}_to_r{r_tgt}_{method}"))))
+            coords.append({"kind": "post", "r_tgt": r_tgt, "method": method})
+        plan = protocols.validate_plan(plan)
+        # Rows are labelled by the plan's own tags (protocols.eval_tags), never by rebuilt strings.
+        evals = dict(zip(protocols.eval_tags(plan), coords, strict=True))
         out.append(
           Cell(
             name=f"{task}/r{r_src}_s{seed}",
-            plan=protocols.validate_plan(plan),
+            plan=plan,
             overrides=presets.run_overrides(task=task, seed=seed),
             labels={"study": "heatmap", "task": task, "r_src": r_src, "lr": lr_for_rank(r_src), "seed": seed},
             evals=evals,
