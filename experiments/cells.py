@@ -20,6 +20,7 @@ from typing import Any
 
 from experiments.tables import write_json
 from lora_squeeze import protocols
+from lora_squeeze.errors import UserInputError
 
 CELL_FILE = "cell.json"
 # Written instead of results when the run diverged (NaN/inf loss): a finished cell without scores.
@@ -75,7 +76,7 @@ def check_unique_names(cells: Sequence[Cell]) -> None:
   seen = set()
   for cell in cells:
     if cell.name in seen:
-      raise ValueError(f"two cells share the folder name {cell.name!r}; every cell needs its own run folder")
+      raise UserInputError(f"two cells share the folder name {cell.name!r}; every cell needs its own run folder")
     seen.add(cell.name)
 
 
@@ -91,7 +92,7 @@ def claim_run_dir(workdir: pathlib.Path, cell: Cell) -> pathlib.Path:
       stored = json.load(f)
     for field in ("plan", "overrides"):
       if stored[field] != cell.record()[field]:
-        raise ValueError(
+        raise UserInputError(
           f"run folder {str(path)!r} was made with {field} {stored[field]}, not {cell.record()[field]};"
           " use another --workdir or delete that folder"
         )

@@ -44,7 +44,9 @@ def driver_main(run_study: Callable[..., Any]) -> Callable[[Sequence[str]], None
       sharding.maybe_initialize_distributed()  # a multi-host job: before any other JAX call
     try:
       run_study(flags.FLAGS.config, workdir=pathlib.Path(flags.FLAGS.workdir), train=not flags.FLAGS.report_only)
-    except ValueError as e:  # bad config or folder: the message says what to change
+    except ValueError as e:
+      # Bad config or folder: the message says what to change. ValueError, not only UserInputError,
+      # while protocol_table.py still raises ValueError for its ranks.
       raise SystemExit(f"{pathlib.Path(argv[0]).name}: {e}") from None
 
   return main

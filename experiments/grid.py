@@ -22,6 +22,7 @@ from experiments import presets, results, tables
 from experiments.cells import Cell, Row
 from lora_squeeze import protocols
 from lora_squeeze import durations
+from lora_squeeze.errors import UserInputError
 
 format_duration = durations.format_duration  # 62 -> '1m02s' (the trainer's ETA format)
 
@@ -96,7 +97,7 @@ def run_grid(
   log: Callable[[str], None] = log_line,
 ) -> list[Row]:
   """Trains the missing cells of `make_cells(study, lr_table)` (unless train=False), then returns the
-  rows of every finished run under `workdir`, also written there (ValueError when there are none)."""
+  rows of every finished run under `workdir`, also written there (UserInputError when there are none)."""
   workdir = pathlib.Path(workdir)
   if train:
     base = presets.training_config(study)
@@ -105,6 +106,6 @@ def run_grid(
     )
   rows, unfinished = results.collect_rows(workdir)
   if not rows:
-    raise ValueError(f"no finished runs under {workdir}; run without --report_only first")
+    raise UserInputError(f"no finished runs under {workdir}; run without --report_only first")
   tables.write_rows(workdir, rows, unfinished, log=log)
   return rows

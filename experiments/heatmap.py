@@ -30,6 +30,7 @@ from absl import app
 from experiments import driver, grid, plots, presets, results, stats, tables
 from experiments.cells import Cell, Row
 from lora_squeeze import protocols
+from lora_squeeze.errors import UserInputError
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -52,7 +53,7 @@ def target_ranks(study: ml_collections.ConfigDict) -> tuple[int, ...]:
 def cells(study: ml_collections.ConfigDict, lr_for_rank: Callable[[int], float]) -> list[Cell]:
   """One Post-Squeeze run per task x r_src x seed, squeezing to every target <= r_src per method."""
   if not study.methods or any(m not in protocols.SQUEEZE_METHODS for m in study.methods):
-    raise ValueError(f"methods must name one or more of {protocols.SQUEEZE_METHODS}, got {tuple(study.methods)}")
+    raise UserInputError(f"methods must name one or more of {protocols.SQUEEZE_METHODS}, got {tuple(study.methods)}")
   out = []
   for task in study.tasks:
     steps = presets.steps_for(study, task)

@@ -28,6 +28,7 @@ from absl import app
 from experiments import driver, grid, plots, presets, results, tables
 from experiments.cells import Cell, Row
 from lora_squeeze import protocols
+from lora_squeeze.errors import UserInputError
 
 PAPER_LRS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 PAPER_RANKS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -217,12 +218,12 @@ def run_study(
     grid.run_cells(sweep_cells(study), workdir=workdir, base_config=base, train_fn=train_fn, log=log)
   rows, unfinished = results.collect_rows(workdir)
   if not results.select(rows, study="sweep"):
-    raise ValueError(f"no finished sweep runs under {workdir}; run without --report_only first")
+    raise UserInputError(f"no finished sweep runs under {workdir}; run without --report_only first")
   best = write_sweep_report(rows, workdir, model=base.model)
   if study.source_rank:
     if train:
       if study.source_rank not in best:
-        raise ValueError(
+        raise UserInputError(
           f"source_rank={study.source_rank} has no finished sweep run with a finite score; "
           f"ranks with a best lr: {sorted(best)}"
         )

@@ -42,7 +42,7 @@ def study_config(preset: str | None) -> ml_collections.ConfigDict:
   """
   preset = preset or "paper"
   if preset not in PRESETS:
-    raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+    raise UserInputError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
   study = ml_collections.ConfigDict()
   study.preset = preset
   study.seeds = (42,)
@@ -119,12 +119,12 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
   """
   path, _, arg = spec.partition(":")
   if not os.path.isfile(path):
-    raise ValueError(f"config file {path!r} does not exist (spec {spec!r}; expected 'file.py[:arg]')")
+    raise UserInputError(f"config file {path!r} does not exist (spec {spec!r}; expected 'file.py[:arg]')")
   module_spec = importlib.util.spec_from_file_location(f"_study_config_{abs(hash(path))}", path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   if not hasattr(module, "get_config"):
-    raise ValueError(f"config file {path!r} has no get_config(arg=None)")
+    raise UserInputError(f"config file {path!r} has no get_config(arg=None)")
   return module.get_config(arg) if arg else module.get_config()
 
 
@@ -182,7 +182,7 @@ def lr_table(study: ml_collections.ConfigDict, train_config: ml_collections.Conf
   path = table or train_config.lr_table
   by_model = config_lib.load_lr_table(path)
   if train_config.model not in by_model:
-    raise ValueError(
+    raise UserInputError(
       f"lr table {path or 'lora_squeeze/lr_table.json'!r} has no learning rates for model {train_config.model!r}; "
       f"it has {sorted(by_model)}"
     )
@@ -190,10 +190,10 @@ def lr_table(study: ml_collections.ConfigDict, train_config: ml_collections.Conf
 
 
 def check_ranks(name: str, ranks: Sequence[int]) -> tuple[int, ...]:
-  """Ranks as a sorted tuple of positive ints; ValueError naming the bad value otherwise."""
+  """Ranks as a sorted tuple of positive ints; UserInputError naming the bad value otherwise."""
   for rank in ranks:
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
-      raise ValueError(f"{name} must hold positive integers, got {rank!r} in {tuple(ranks)}")
+      raise UserInputError(f"{name} must hold positive integers, got {rank!r} in {tuple(ranks)}")
   if not ranks:
-    raise ValueError(f"{name} must name at least one rank, got ()")
+    raise UserInputError(f"{name} must name at least one rank, got ()")
   return tuple(sorted(set(ranks)))

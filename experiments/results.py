@@ -22,6 +22,7 @@ import numpy as np
 from experiments import cells as cells_lib
 from experiments.cells import Row
 from lora_squeeze.train import run_dir as run_dir_lib
+from lora_squeeze.errors import UserInputError
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -124,7 +125,9 @@ def collect_rows(workdir: pathlib.Path) -> tuple[list[Row], list[str]]:
       continue
     for tag, coords in cell["evals"].items():
       if tag not in results.scores:
-        raise ValueError(f"cell {cell['name']!r} finished without a score for {tag!r}; it has {sorted(results.scores)}")
+        raise UserInputError(
+          f"cell {cell['name']!r} finished without a score for {tag!r}; it has {sorted(results.scores)}"
+        )
       row = {**cell["labels"], **coords, "tag": tag, "cell": cell["name"], "score": results.scores[tag]}
       if tag in results.nll:
         row["nll"] = results.nll[tag]

@@ -23,6 +23,7 @@ from absl import app
 from experiments import driver, grid, plots, presets, results, tables
 from experiments.cells import Cell, Row
 from lora_squeeze import protocols
+from lora_squeeze.errors import UserInputError
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -129,7 +130,7 @@ def run_study(
   wanted = [s for s in [*squeezes, *reused] if s["task"] in study.tasks and s["r_src"] in study.source_ranks]
   rows = retention_rows(wanted, method=study.method)
   if not rows:
-    raise ValueError(f"no finished squeezes with method {study.method!r} under {workdir} or {study.reuse_workdirs}")
+    raise UserInputError(f"no finished squeezes with method {study.method!r} under {workdir} or {study.reuse_workdirs}")
   tables.write_rows(workdir, [{k: v for k, v in s.items() if k != "curve"} for s in wanted], unfinished, log=log)
   write_report(rows, workdir)
   return rows
