@@ -27,14 +27,15 @@ import ml_collections
 import numpy as np
 from absl import app
 
-from experiments import common
-from experiments import stats
+from experiments import driver, grid, plots, presets, results, stats, tables
+from experiments.cells import Cell, Row
 from lora_squeeze import protocols
+from lora_squeeze.errors import UserInputError
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Presets: "paper" (default), "reduced" (Gemma 3 270M + mmlu_field on CPU), "tiny" (tests)."""
-  study = common.study_config(arg)
+  study = presets.study_config(arg)
   study.source_ranks = {"paper": (1, 2, 4, 8, 16, 32, 64, 128), "reduced": (1, 4, 16), "tiny": (1, 2, 4)}[study.preset]
   # Empty: the source ranks. A target above every source rank has no direct baseline.
   study.target_ranks = ()
@@ -46,35 +47,36 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 
 def target_ranks(study: ml_collections.ConfigDict) -> tuple[int, ...]:
-  return common.check_ranks("target_ranks", study.target_ranks or study.source_ranks)
+  return presets.check_ranks("target_ranks", study.target_ranks or study.source_ranks)
 
 
-def cells(study: ml_collections.ConfigDict, lr_for_rank: Callable[[int], float]) -> list[common.Cell]:
+def cells(study: ml_collections.ConfigDict, lr_for_rank: Callable[[int], float]) -> list[Cell]:
   """One Post-Squeeze run per task x r_src x seed, squeezing to every target <= r_src per method."""
   if not study.methods or any(m not in protocols.SQUEEZE_METHODS for m in study.methods):
-    raise ValueError(f"methods must name one or more of {protocols.SQUEEZE_METHODS}, got {tuple(study.methods)}")
+    raise UserInputError(f"methods must name one or more of {protocols.SQUEEZE_METHODS}, got {tuple(study.methods)}")
   out = []
   for task in study.tasks:
-    steps = common.steps_for(study, task)
-    for r_src in common.check_ranks("source_ranks", study.source_ranks):
+    steps = presets.steps_for(study, task)
+    for r_src in presets.check_ranks("source_ranks", study.source_ranks):
       for seed in study.seeds:
         plan: list[protocols.PlanItem] = [
           protocols.Stage(rank=r_src, steps=steps, lr=lr_for_rank(r_src), warmup=study.warmup),
           protocols.Evaluate(tag=f"r{r_src}"),
         ]
-        evals = {f"r{r_src}": {"kind": "direct", "r_tgt": r_src}}
+        coords = [{"kind": "direct", "r_tgt": r_src}]  # per Evaluate of the plan, in its order
         for r_tgt in (t for t in target_ranks(study) if t <= r_src):
           for method in study.methods:
-            tag = f"r{r_src}_to_r{r_tgt}_{method}"
-            plan.append(
-              protocols.Branch(items=(protocols.Squeeze(rank=r_tgt, method=method), protocols.Evaluate(tag=tag)))
-            )
-            evals[tag] = {"kind": "post", "r_tgt": r_tgt, "method": method}
+            squeeze = protocols.Squeeze(rank=r_tgt, method=method)
+            plan.append(protocols.Branch(items=(squeeze, protocols.Evaluate(tag=f"r{r_src}_to_r{r_tgt}_{method}"))))
+            coords.append({"kind": "post", "r_tgt": r_tgt, "method": method})
+        plan = protocols.validate_plan(plan)
+        # Rows are labelled by the plan's own tags (protocols.eval_tags), never by rebuilt strings.
+        evals = dict(zip(protocols.eval_tags(plan), coords, strict=True))
         out.append(
-          common.Cell(
+          Cell(
             name=f"{task}/r{r_src}_s{seed}",
-            plan=protocols.validate_plan(plan),
-            overrides=common.run_overrides(task=task, seed=seed),
+            plan=plan,
+            overrides=presets.run_overrides(task=task, seed=seed),
             labels={"study": "heatmap", "task": task, "r_src": r_src, "lr": lr_for_rank(r_src), "seed": seed},
             evals=evals,
             cost=steps,
@@ -83,7 +85,7 @@ def cells(study: ml_collections.ConfigDict, lr_for_rank: Callable[[int], float])
   return out
 
 
-def gain_rows(rows: Sequence[common.Row]) -> list[common.Row]:
+def gain_rows(rows: Sequence[Row]) -> list[Row]:
   """Per task x r_src x r_tgt x method: mean Post-Squeeze score, mean direct score at r_tgt, gain;
   and the same for option_nll (nll_gain = direct minus Post-Squeeze: positive = Post-Squeeze better).
 
@@ -91,10 +93,10 @@ def gain_rows(rows: Sequence[common.Row]) -> list[common.Row]:
   """
   direct_key = lambda r: (r["task"], r["r_tgt"])  # noqa: E731
   post_key = lambda r: (r["task"], r["r_src"], r["r_tgt"], r["method"])  # noqa: E731
-  direct = common.mean_score(common.select(rows, kind="direct"), key=direct_key)
-  direct_nll = common.mean_score(common.select(rows, kind="direct"), key=direct_key, field="nll")
-  post = common.mean_score(common.select(rows, kind="post"), key=post_key)
-  post_nll = common.mean_score(common.select(rows, kind="post"), key=post_key, field="nll")
+  direct = results.mean_score(results.select(rows, kind="direct"), key=direct_key)
+  direct_nll = results.mean_score(results.select(rows, kind="direct"), key=direct_key, field="nll")
+  post = results.mean_score(results.select(rows, kind="post"), key=post_key)
+  post_nll = results.mean_score(results.select(rows, kind="post"), key=post_key, field="nll")
   out = []
   for (task, r_src, r_tgt, method), score in sorted(post.items()):
     base = direct.get((task, r_tgt), math.nan)
@@ -118,7 +120,7 @@ def gain_rows(rows: Sequence[common.Row]) -> list[common.Row]:
 
 
 def gain_matrix(
-  gains: Sequence[common.Row], *, value: Callable[[common.Row], float], sources: Sequence[int], targets: Sequence[int]
+  gains: Sequence[Row], *, value: Callable[[Row], float], sources: Sequence[int], targets: Sequence[int]
 ) -> np.ndarray:
   """(len(sources), len(targets)) mean over tasks of `value`; NaN where no task has a finite value."""
   matrix = np.full((len(sources), len(targets)), np.nan)
@@ -132,7 +134,7 @@ def gain_matrix(
 
 
 def write_task_table(
-  gains: Sequence[common.Row], path: pathlib.Path, *, method: str, pairs: Sequence[tuple[int, int]]
+  gains: Sequence[Row], path: pathlib.Path, *, method: str, pairs: Sequence[tuple[int, int]]
 ) -> list[list]:
   """Table 6: per task, direct at r_tgt, Post-Squeeze r_src -> r_tgt and the gain, for each pair;
   an "average" row over tasks. Pairs without results are left out."""
@@ -150,17 +152,17 @@ def write_task_table(
     body.append(row)
   if len(tasks) > 1:
     body.append(["average", *(float(np.mean([row[j] for row in body])) for j in range(1, len(header)))])
-  common.atomic_write_text(path, common.markdown_table(header, body))
+  tables.atomic_write_text(path, tables.markdown_table(header, body))
   return body
 
 
-def write_comparisons(rows: Sequence[common.Row], workdir: pathlib.Path) -> list[dict]:
+def write_comparisons(rows: Sequence[Row], workdir: pathlib.Path) -> list[dict]:
   """heatmap_comparisons.md/.csv: every Post-Squeeze r_src -> r_tgt vs direct at r_tgt, and direct
   at every rank vs direct at the lowest, with paired bootstrap intervals over items and the sign
   per seed (experiments/stats.py); nothing without per-item scores."""
-  rows = common.select(rows, study="heatmap")
+  rows = results.select(rows, study="heatmap")
   key = lambda r: (r["task"], r["kind"], r["r_src"], r["r_tgt"], r.get("method"))  # noqa: E731
-  grouped = stats.group_items(rows, common.collect_items(workdir), key=key)
+  grouped = stats.group_items(rows, results.collect_items(workdir), key=key)
   direct = {(k[0], k[3]): k for k in grouped if k[1] == "direct"}  # (task, rank) -> key
   pairs = [(k, direct[(k[0], k[3])]) for k in sorted(grouped, key=str) if k[1] == "post" and (k[0], k[3]) in direct]
   for task in sorted({k[0] for k in direct}):
@@ -186,7 +188,7 @@ def write_comparisons(rows: Sequence[common.Row], workdir: pathlib.Path) -> list
 
 
 def write_report(
-  rows: Sequence[common.Row],
+  rows: Sequence[Row],
   workdir: pathlib.Path,
   *,
   methods: Sequence[str],
@@ -195,7 +197,7 @@ def write_report(
   """heatmap.csv, per method the gain heatmap (.md/.png), with two methods also Fig. 5, and the
   per-task table of `table_pairs` (heatmap_tasks.md)."""
   gains = gain_rows(rows)
-  common.write_csv(workdir / "heatmap.csv", gains)
+  tables.write_csv(workdir / "heatmap.csv", gains)
   write_comparisons(rows, workdir)
   write_task_table(gains, workdir / "heatmap_tasks.md", method=methods[0], pairs=table_pairs)
   sources = sorted({g["r_src"] for g in gains}, reverse=True)  # largest source on top, as in the paper
@@ -206,7 +208,7 @@ def write_report(
     mine = [g for g in gains if g["method"] == method]
     matrix = gain_matrix(mine, value=lambda g: g["gain"], sources=sources, targets=targets)
     matrices[method] = matrix
-    common.plot_heatmap(
+    plots.plot_heatmap(
       matrix,
       row_labels=sources,
       col_labels=targets,
@@ -217,14 +219,14 @@ def write_report(
       cbar_label="score difference (points)",
     )
     body = [[r_src, *matrix[i]] for i, r_src in enumerate(sources)]
-    common.atomic_write_text(
+    tables.atomic_write_text(
       workdir / f"heatmap_{method}.md",
-      common.markdown_table(["r_src \\ r_tgt", *map(str, targets)], body, float_format="{:+.2f}"),
+      tables.markdown_table(["r_src \\ r_tgt", *map(str, targets)], body, float_format="{:+.2f}"),
     )
     nll_matrix = gain_matrix(mine, value=lambda g: g["nll_gain"], sources=sources, targets=targets)
     if np.isfinite(nll_matrix).any():
       matrices[f"{method}_nll"] = nll_matrix
-      common.plot_heatmap(
+      plots.plot_heatmap(
         nll_matrix,
         row_labels=sources,
         col_labels=targets,
@@ -236,9 +238,9 @@ def write_report(
         fmt="{:+.3f}",
       )
       body = [[r_src, *nll_matrix[i]] for i, r_src in enumerate(sources)]
-      common.atomic_write_text(
+      tables.atomic_write_text(
         workdir / f"heatmap_{method}_nll.md",
-        common.markdown_table(["r_src \\ r_tgt", *map(str, targets)], body, float_format="{:+.3f}"),
+        tables.markdown_table(["r_src \\ r_tgt", *map(str, targets)], body, float_format="{:+.3f}"),
       )
   if len(methods) >= 2:
     first, second = methods[:2]
@@ -254,7 +256,7 @@ def write_report(
     ]
     matrix = gain_matrix(diffs, value=lambda d: d["diff"], sources=sources, targets=targets)
     matrices[f"{first}_vs_{second}"] = matrix
-    common.plot_heatmap(
+    plots.plot_heatmap(
       matrix,
       row_labels=sources,
       col_labels=targets,
@@ -273,16 +275,16 @@ def run_study(
   *,
   workdir: pathlib.Path,
   train: bool = True,
-  train_fn: Callable = common.train_run,
-  log: Callable[[str], None] = common.log_line,
+  train_fn: Callable = grid.train_run,
+  log: Callable[[str], None] = grid.log_line,
 ) -> dict[str, np.ndarray]:
   """Trains the missing cells (unless train=False), then writes every report from the run files."""
-  rows = common.run_grid(study, cells, workdir=workdir, train=train, train_fn=train_fn, log=log)
+  rows = grid.run_grid(study, cells, workdir=workdir, train=train, train_fn=train_fn, log=log)
   return write_report(
     rows, pathlib.Path(workdir), methods=tuple(study.methods), table_pairs=tuple(map(tuple, study.table_pairs))
   )
 
 
 if __name__ == "__main__":
-  common.define_driver_flags()
-  app.run(common.driver_main(run_study))
+  driver.define_driver_flags()
+  app.run(driver.driver_main(run_study))

@@ -25,8 +25,10 @@ import ml_collections
 import numpy as np
 from absl import app
 
-from experiments import common
+from experiments import driver, grid, plots, presets, results, tables
+from experiments.cells import Cell, Row
 from lora_squeeze import protocols
+from lora_squeeze.errors import UserInputError
 
 PAPER_LRS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 PAPER_RANKS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -34,7 +36,7 @@ PAPER_RANKS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Presets: "paper" (default), "reduced" (Gemma 3 270M + mmlu_field on CPU), "tiny" (tests)."""
-  study = common.study_config(arg)
+  study = presets.study_config(arg)
   study.ranks = {"paper": PAPER_RANKS, "reduced": (1, 4, 16), "tiny": (1, 2)}[study.preset]
   # reduced: Adafactor without the parameter scale takes steps of ~lr per entry: a lower grid.
   study.lrs = {"paper": PAPER_LRS, "reduced": (3e-4, 1e-3, 3e-3), "tiny": (1e-2, 1e-1)}[study.preset]
@@ -44,31 +46,31 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   return study
 
 
-def sweep_cells(study: ml_collections.ConfigDict) -> list[common.Cell]:
+def sweep_cells(study: ml_collections.ConfigDict) -> list[Cell]:
   """Phase 1: direct training at every task x rank x lr x seed."""
   cells = []
   for task in study.tasks:
-    for rank in common.check_ranks("ranks", study.ranks):
+    for rank in presets.check_ranks("ranks", study.ranks):
       for lr in study.lrs:
         for seed in study.seeds:
-          plan = protocols.direct(rank=rank, steps=common.steps_for(study, task), lr=lr, warmup=study.warmup)
+          plan = protocols.direct(rank=rank, steps=presets.steps_for(study, task), lr=lr, warmup=study.warmup)
           cells.append(
-            common.Cell(
+            Cell(
               name=f"{task}/sweep/r{rank}_lr{lr:g}_s{seed}",
               plan=plan,
-              overrides=common.run_overrides(task=task, seed=seed),
+              overrides=presets.run_overrides(task=task, seed=seed),
               labels={"study": "sweep", "task": task, "rank": rank, "lr": lr, "seed": seed},
               evals={tag: {} for tag in protocols.eval_tags(plan)},
-              cost=common.steps_for(study, task),
+              cost=presets.steps_for(study, task),
             )
           )
   return cells
 
 
-def post_cells(study: ml_collections.ConfigDict, lr_src: float) -> list[common.Cell]:
+def post_cells(study: ml_collections.ConfigDict, lr_src: float) -> list[Cell]:
   """Phase 2: train at source_rank with `lr_src`, Post-Squeeze to every lower swept rank."""
   r_src = study.source_rank
-  targets = [r for r in common.check_ranks("ranks", study.ranks) if r < r_src]
+  targets = [r for r in presets.check_ranks("ranks", study.ranks) if r < r_src]
   if not targets:
     return []
   cells = []
@@ -76,31 +78,31 @@ def post_cells(study: ml_collections.ConfigDict, lr_src: float) -> list[common.C
     for seed in study.seeds:
       plan = protocols.post_squeeze(
         r_src=r_src,
-        steps=common.steps_for(study, task),
+        steps=presets.steps_for(study, task),
         lr=lr_src,
         targets=targets,
         warmup=study.warmup,
         method=study.method,
       )
       cells.append(
-        common.Cell(
+        Cell(
           name=f"{task}/post/r{r_src}_lr{lr_src:g}_s{seed}",
           plan=plan,
-          overrides=common.run_overrides(task=task, seed=seed),
+          overrides=presets.run_overrides(task=task, seed=seed),
           labels={"study": "post", "task": task, "r_src": r_src, "lr": lr_src, "seed": seed},
           evals=dict(zip(protocols.eval_tags(plan), [{"rank": r} for r in (r_src, *targets)], strict=True)),
-          cost=common.steps_for(study, task),
+          cost=presets.steps_for(study, task),
         )
       )
   return cells
 
 
-def best_lrs(rows: Sequence[common.Row]) -> dict[int, float]:
+def best_lrs(rows: Sequence[Row]) -> dict[int, float]:
   """rank -> the lr with the highest mean score over tasks and seeds (ties: the smaller lr).
 
   A mean with a NaN (a run that diverged) never wins.
   """
-  means = common.mean_score(common.select(rows, study="sweep"), key=lambda r: (r["rank"], r["lr"]))
+  means = results.mean_score(results.select(rows, study="sweep"), key=lambda r: (r["rank"], r["lr"]))
   best: dict[int, float] = {}
   for (rank, lr), score in sorted(means.items()):
     # A diverged run scores NaN: its lr is never the best (and a rank where all diverged has none).
@@ -109,25 +111,25 @@ def best_lrs(rows: Sequence[common.Row]) -> dict[int, float]:
   return best
 
 
-def seed_sem(sweep: Sequence[common.Row]) -> dict[tuple[int, float], float]:
+def seed_sem(sweep: Sequence[Row]) -> dict[tuple[int, float], float]:
   """(rank, lr) -> standard error of the mean over seeds of the task-averaged score (App. B, Table 3);
   NaN with a single seed."""
-  per_seed = common.mean_score(sweep, key=lambda r: (r["rank"], r["lr"], r["seed"]))
+  per_seed = results.mean_score(sweep, key=lambda r: (r["rank"], r["lr"], r["seed"]))
   by_cell: dict[tuple[int, float], list[float]] = {}
   for (rank, lr, _), score in per_seed.items():
     by_cell.setdefault((rank, lr), []).append(score)
   return {k: float(np.std(v, ddof=1) / np.sqrt(len(v))) if len(v) > 1 else math.nan for k, v in by_cell.items()}
 
 
-def write_sweep_report(rows: Sequence[common.Row], workdir: pathlib.Path, *, model: str) -> dict[int, float]:
+def write_sweep_report(rows: Sequence[Row], workdir: pathlib.Path, *, model: str) -> dict[int, float]:
   """lr_sweep.csv/.md/.png and lr_table.json (for `model`) from the sweep rows; returns the best lr per rank."""
-  sweep = common.select(rows, study="sweep")
-  means = common.mean_score(sweep, key=lambda r: (r["rank"], r["lr"]))
+  sweep = results.select(rows, study="sweep")
+  means = results.mean_score(sweep, key=lambda r: (r["rank"], r["lr"]))
   ranks = sorted({r for r, _ in means})
   lrs = sorted({lr for _, lr in means})
   best = best_lrs(rows)
   sem = seed_sem(sweep)
-  common.write_csv(
+  tables.write_csv(
     workdir / "lr_sweep.csv",
     [
       {"rank": r, "lr": lr, "score": means[(r, lr)], "sem": sem[(r, lr)], "best": best.get(r) == lr}
@@ -136,12 +138,12 @@ def write_sweep_report(rows: Sequence[common.Row], workdir: pathlib.Path, *, mod
   )
   body = [[r, *(means.get((r, lr), math.nan) for lr in lrs), f"{best[r]:g}" if r in best else "none"] for r in ranks]
   bold = {(i, 1 + lrs.index(best[r])) for i, r in enumerate(ranks) if r in best}
-  common.atomic_write_text(
-    workdir / "lr_sweep.md", common.markdown_table(["rank", *(f"lr {lr:g}" for lr in lrs), "best lr"], body, bold=bold)
+  tables.atomic_write_text(
+    workdir / "lr_sweep.md", tables.markdown_table(["rank", *(f"lr {lr:g}" for lr in lrs), "best lr"], body, bold=bold)
   )
   tasks = sorted({r["task"] for r in sweep})
   seeds = sorted({r["seed"] for r in sweep})
-  common.write_json(
+  tables.write_json(
     workdir / "lr_table.json",
     {
       "note": f"Best lr per rank by experiments.lr_sweep: highest mean score over tasks {tasks} and seeds {seeds}.",
@@ -149,7 +151,7 @@ def write_sweep_report(rows: Sequence[common.Row], workdir: pathlib.Path, *, mod
       "lr": {model: {str(r): lr for r, lr in sorted(best.items())}},
     },
   )
-  common.plot_lines(
+  plots.plot_lines(
     {
       f"r={r}": ([lr for lr in lrs if (r, lr) in means], [means[(r, lr)] for lr in lrs if (r, lr) in means])
       for r in ranks
@@ -163,21 +165,21 @@ def write_sweep_report(rows: Sequence[common.Row], workdir: pathlib.Path, *, mod
   return best
 
 
-def write_fig3(rows: Sequence[common.Row], workdir: pathlib.Path, *, r_src: int) -> list[pathlib.Path]:
+def write_fig3(rows: Sequence[Row], workdir: pathlib.Path, *, r_src: int) -> list[pathlib.Path]:
   """Fig. 3 per task and averaged: Post-Squeeze from r_src vs direct at r_src's lr and at the best lr."""
   best = best_lrs(rows)
-  post = common.select(rows, study="post", r_src=r_src)
+  post = results.select(rows, study="post", r_src=r_src)
   if not post or r_src not in best:
     return []
   lr_src = best[r_src]
   tasks = sorted({r["task"] for r in post})
   written = []
   for task in [*tasks, None]:
-    pick = (lambda rs: rs) if task is None else (lambda rs, t=task: common.select(rs, task=t))
-    sweep = common.select(pick(rows), study="sweep")
-    direct_src_lr = common.mean_score(common.select(sweep, lr=lr_src), key=lambda r: r["rank"])
-    direct_best = common.mean_score([r for r in sweep if best.get(r["rank"]) == r["lr"]], key=lambda r: r["rank"])
-    squeezed = common.mean_score(common.select(pick(post), lr=lr_src), key=lambda r: r["rank"])
+    pick = (lambda rs: rs) if task is None else (lambda rs, t=task: results.select(rs, task=t))
+    sweep = results.select(pick(rows), study="sweep")
+    direct_src_lr = results.mean_score(results.select(sweep, lr=lr_src), key=lambda r: r["rank"])
+    direct_best = results.mean_score([r for r in sweep if best.get(r["rank"]) == r["lr"]], key=lambda r: r["rank"])
+    squeezed = results.mean_score(results.select(pick(post), lr=lr_src), key=lambda r: r["rank"])
     series = {
       f"direct, lr {lr_src:g} (best for r={r_src})": _xy(direct_src_lr),
       f"Post-Squeeze from r={r_src}": _xy(squeezed),
@@ -185,7 +187,7 @@ def write_fig3(rows: Sequence[common.Row], workdir: pathlib.Path, *, r_src: int)
     }
     name = "average" if task is None else task
     path = workdir / f"sweep_only_r{r_src}_{name}.png"
-    common.plot_lines(
+    plots.plot_lines(
       series,
       path=path,
       title=f"{name}: sweep only r={r_src}, Post-Squeeze the rest",
@@ -206,34 +208,34 @@ def run_study(
   *,
   workdir: pathlib.Path,
   train: bool = True,
-  train_fn: Callable = common.train_run,
-  log: Callable[[str], None] = common.log_line,
+  train_fn: Callable = grid.train_run,
+  log: Callable[[str], None] = grid.log_line,
 ) -> dict[int, float]:
   """Both phases (unless train=False: report only from the files) and every report; returns best lr per rank."""
   workdir = pathlib.Path(workdir)
-  base = common.training_config(study)
+  base = presets.training_config(study)
   if train:
-    common.run_cells(sweep_cells(study), workdir=workdir, base_config=base, train_fn=train_fn, log=log)
-  rows, unfinished = common.collect_rows(workdir)
-  if not common.select(rows, study="sweep"):
-    raise ValueError(f"no finished sweep runs under {workdir}; run without --report_only first")
+    grid.run_cells(sweep_cells(study), workdir=workdir, base_config=base, train_fn=train_fn, log=log)
+  rows, unfinished = results.collect_rows(workdir)
+  if not results.select(rows, study="sweep"):
+    raise UserInputError(f"no finished sweep runs under {workdir}; run without --report_only first")
   best = write_sweep_report(rows, workdir, model=base.model)
   if study.source_rank:
     if train:
       if study.source_rank not in best:
-        raise ValueError(
+        raise UserInputError(
           f"source_rank={study.source_rank} has no finished sweep run with a finite score; "
           f"ranks with a best lr: {sorted(best)}"
         )
-      common.run_cells(
+      grid.run_cells(
         post_cells(study, best[study.source_rank]), workdir=workdir, base_config=base, train_fn=train_fn, log=log
       )
-      rows, unfinished = common.collect_rows(workdir)
+      rows, unfinished = results.collect_rows(workdir)
     write_fig3(rows, workdir, r_src=study.source_rank)
-  common.write_rows(workdir, rows, unfinished, log=log)
+  tables.write_rows(workdir, rows, unfinished, log=log)
   return best
 
 
 if __name__ == "__main__":
-  common.define_driver_flags()
-  app.run(common.driver_main(run_study))
+  driver.define_driver_flags()
+  app.run(driver.driver_main(run_study))

@@ -26,8 +26,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-from experiments import common
-from experiments import stats
+from experiments import stats, tables
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "pilot folder (pilot.jsonl, runs/)", required=True)
 _RUNS = flags.DEFINE_list("runs", [], "runs m:rank:lr:seed (m = T/F: multiply_by_parameter_scale)")
@@ -100,9 +99,9 @@ def report(workdir: pathlib.Path) -> str:
         "seconds": float(np.mean([r["seconds"] for r in rs])),
       }
     )
-  common.write_csv(workdir / "pilot.csv", table)
+  tables.write_csv(workdir / "pilot.csv", table)
   zero = [r["zero_shot"] for r in rows if r.get("zero_shot")]
-  lines = [common.markdown_table(list(table[0]), [list(t.values()) for t in table], float_format="{:.3g}")]
+  lines = [tables.markdown_table(list(table[0]), [list(t.values()) for t in table], float_format="{:.3g}")]
   if zero:
     lines.append(f"zero-shot: accuracy {100 * zero[0]['accuracy']:.1f} %, option NLL {zero[0]['option_nll']:.4f}\n")
   # Gap highest rank minus rank 1, per seed, at each (mbps, lr) setting both ranks ran.
@@ -162,7 +161,7 @@ def report(workdir: pathlib.Path) -> str:
         f"|ΔW|_F {pair[False]['adapter']['delta_w_fro']:.3g} vs {pair[True]['adapter']['delta_w_fro']:.3g}\n"
       )
   text = "\n".join(lines)
-  common.atomic_write_text(workdir / "pilot.md", text)
+  tables.atomic_write_text(workdir / "pilot.md", text)
   return text
 
 
@@ -177,6 +176,7 @@ def main(argv):
     print(report(workdir))
     return
   from lora_squeeze import optim, protocols, train  # pylint: disable=g-import-not-at-top
+  from lora_squeeze.train import run_dir as run_dir_lib  # pylint: disable=g-import-not-at-top
 
   done = set()
   if (workdir / "pilot.jsonl").exists():
@@ -216,7 +216,7 @@ def main(argv):
     start = time.time()
     out = train.execute_plan(plan, setup)
     seconds = time.time() - start
-    sizes = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    sizes = [json.loads(line) for line in run_dir_lib.metrics_path(run_dir).read_text().splitlines()]
     size = [s for s in sizes if s.get("event") == "stage_end"][-1]
     losses = [s["loss"] for s in sizes if s.get("event") == "train"]
     final = out["evals"]["final"]

@@ -39,7 +39,12 @@ from typing import Any
 import ml_collections
 from absl import app
 
-from experiments import common
+from experiments import cells as cells_lib
+from experiments import driver
+from experiments import grid
+from experiments import presets
+from experiments import results as results_lib
+from experiments import tables
 from experiments import stats
 from lora_squeeze import opt_state_projection
 from lora_squeeze import protocols
@@ -52,7 +57,7 @@ DEFAULT_STATE = "reset"
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Presets: "paper" (default), "reduced" (Gemma 3 270M + mmlu_field on CPU), "tiny" (tests)."""
-  study = common.study_config(arg)
+  study = presets.study_config(arg)
   study.r_src, study.r_tgt = {"paper": (128, 1), "reduced": (16, 1), "tiny": (4, 1)}[study.preset]
   study.extra_steps = {"paper": (200, 700), "reduced": (30,), "tiny": (2,)}[study.preset]
   study.extra_warmup = {"paper": 100, "reduced": 5, "tiny": 1}[study.preset]
@@ -79,7 +84,7 @@ def column(protocol: str, state: str = DEFAULT_STATE) -> str:
   return protocol if state == DEFAULT_STATE or not depends_on_state(protocol) else f"{protocol}/{state}"
 
 
-def row_column(row: common.Row) -> str:
+def row_column(row: cells_lib.Row) -> str:
   """The table column of a result row (rows without the optimizer_state label are reset's)."""
   return column(row["protocol"], row.get(OPTIMIZER_STATE, DEFAULT_STATE))
 
@@ -120,7 +125,7 @@ def _with_state(plan: protocols.Plan, state: str, warmup: int, evals: Mapping[st
   return protocols.validate_plan(p for p in plan if not (isinstance(p, protocols.Evaluate) and p.tag not in evals))
 
 
-def cells(study: ml_collections.ConfigDict, lr_for_rank: Callable[[int], float]) -> list[common.Cell]:
+def cells(study: ml_collections.ConfigDict, lr_for_rank: Callable[[int], float]) -> list[cells_lib.Cell]:
   """Per task x seed: a direct(+M) run per M, and per optimizer state a cont(+M) run per M and the
   two In-Squeeze runs (reset's cells keep their names; project's get a `_project` suffix)."""
   r_src, r_tgt = study.r_src, study.r_tgt
@@ -133,14 +138,14 @@ def cells(study: ml_collections.ConfigDict, lr_for_rank: Callable[[int], float])
   post_state = DEFAULT_STATE if DEFAULT_STATE in states else states[0]
   out = []
   for task in study.tasks:
-    steps = common.steps_for(study, task)
+    steps = presets.steps_for(study, task)
     for seed in study.seeds:
 
       def cell(name, plan, evals, state=DEFAULT_STATE, task=task, seed=seed):
-        overrides = common.run_overrides(task=task, seed=seed)
+        overrides = presets.run_overrides(task=task, seed=seed)
         if state != DEFAULT_STATE:  # the training config's keys (lora_squeeze/config_lib.py)
           overrides.update(optimizer_state_at_squeeze=state, warmup_after_projection=warmup_after_projection)
-        return common.Cell(
+        return cells_lib.Cell(
           name=f"{task}/{name}{'' if state == DEFAULT_STATE else '_' + state}_s{seed}",
           plan=plan if state == DEFAULT_STATE else _with_state(plan, state, warmup_after_projection, evals),
           overrides=overrides,
@@ -207,11 +212,13 @@ def cells(study: ml_collections.ConfigDict, lr_for_rank: Callable[[int], float])
   return out
 
 
-def table(rows: Sequence[common.Row], columns: Sequence[str], *, field: str = "score") -> tuple[list[str], list[list]]:
+def table(
+  rows: Sequence[cells_lib.Row], columns: Sequence[str], *, field: str = "score"
+) -> tuple[list[str], list[list]]:
   """Task rows (mean of `field` over seeds) plus an "average" row over tasks with every column;
   NaN if missing."""
-  means = common.mean_score(
-    common.select(rows, study="protocols"), key=lambda r: (r["task"], row_column(r)), field=field
+  means = results_lib.mean_score(
+    results_lib.select(rows, study="protocols"), key=lambda r: (r["task"], row_column(r)), field=field
   )
   tasks = sorted({task for task, _ in means})
   body = [[task, *(means.get((task, c), math.nan) for c in columns)] for task in tasks]
@@ -228,19 +235,19 @@ def write_table(
   body: Sequence[list], workdir: pathlib.Path, name: str, *, columns: Sequence[str], best: Callable, float_format: str
 ) -> None:
   """<name>.csv and <name>.md; in each row the `best` (max or min) trained protocol is bold."""
-  common.write_csv(workdir / f"{name}.csv", [dict(zip(["task", *columns], row)) for row in body], ["task", *columns])
+  tables.write_csv(workdir / f"{name}.csv", [dict(zip(["task", *columns], row)) for row in body], ["task", *columns])
   bold = set()
   for i, row in enumerate(body):
     trained = [(1 + j, v) for j, (c, v) in enumerate(zip(columns, row[1:])) if c != "zero_shot" and not math.isnan(v)]
     if trained:
       target = best(v for _, v in trained)
       bold |= {(i, j) for j, v in trained if v == target}
-  common.atomic_write_text(
-    workdir / f"{name}.md", common.markdown_table(["task", *columns], body, bold=bold, float_format=float_format)
+  tables.atomic_write_text(
+    workdir / f"{name}.md", tables.markdown_table(["task", *columns], body, bold=bold, float_format=float_format)
   )
 
 
-def write_report(rows: Sequence[common.Row], workdir: pathlib.Path, *, columns: Sequence[str]) -> list[list]:
+def write_report(rows: Sequence[cells_lib.Row], workdir: pathlib.Path, *, columns: Sequence[str]) -> list[list]:
   """protocol_table.csv/.md (score, best per row bold) and, when the rows have option NLLs,
   protocol_table_nll.csv/.md (lowest per row bold), from the rows."""
   _, body = table(rows, columns)
@@ -279,12 +286,12 @@ def state_pairs(tasks: Sequence[str], columns: Sequence[str]) -> list[tuple[tupl
   ]
 
 
-def write_comparisons(rows: Sequence[common.Row], workdir: pathlib.Path, *, columns: Sequence[str]) -> list[dict]:
+def write_comparisons(rows: Sequence[cells_lib.Row], workdir: pathlib.Path, *, columns: Sequence[str]) -> list[dict]:
   """protocol_comparisons.md/.csv: each comparison of comparison_pairs, then (with two optimizer
   states) each of state_pairs in a section of its own, with its paired bootstrap interval over
   items and sign per seed (experiments/stats.py); nothing without per-item scores."""
-  rows = common.select(rows, study="protocols")
-  grouped = stats.group_items(rows, common.collect_items(workdir), key=lambda r: (r["task"], row_column(r)))
+  rows = results_lib.select(rows, study="protocols")
+  grouped = stats.group_items(rows, results_lib.collect_items(workdir), key=lambda r: (r["task"], row_column(r)))
   tasks = sorted({r["task"] for r in rows})
   records = stats.compare_groups(grouped, comparison_pairs(tasks, columns))
   state_records = stats.compare_groups(grouped, state_pairs(tasks, columns))
@@ -317,14 +324,14 @@ def run_study(
   *,
   workdir: pathlib.Path,
   train: bool = True,
-  train_fn: Callable = common.train_run,
-  log: Callable[[str], None] = common.log_line,
+  train_fn: Callable = grid.train_run,
+  log: Callable[[str], None] = grid.log_line,
 ) -> list[list]:
   """Trains the missing cells (unless train=False), then writes the table from the run files."""
-  rows = common.run_grid(study, cells, workdir=workdir, train=train, train_fn=train_fn, log=log)
+  rows = grid.run_grid(study, cells, workdir=workdir, train=train, train_fn=train_fn, log=log)
   return write_report(rows, pathlib.Path(workdir), columns=protocol_names(study))
 
 
 if __name__ == "__main__":
-  common.define_driver_flags()
-  app.run(common.driver_main(run_study))
+  driver.define_driver_flags()
+  app.run(driver.driver_main(run_study))

@@ -20,13 +20,15 @@ from collections.abc import Callable, Sequence
 import ml_collections
 from absl import app
 
-from experiments import common
+from experiments import driver, grid, plots, presets, results, tables
+from experiments.cells import Cell, Row
 from lora_squeeze import protocols
+from lora_squeeze.errors import UserInputError
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Presets: "paper" (default), "reduced" (Gemma 3 270M + mmlu_field on CPU), "tiny" (tests)."""
-  study = common.study_config(arg)
+  study = presets.study_config(arg)
   study.source_ranks = {"paper": (32, 64, 128), "reduced": (4, 16), "tiny": (2, 4)}[study.preset]
   # The squeeze method of the runs (and of the reused runs' squeezes read): V_r itself is exact for
   # every method (lora_tree computes it from the exact r_src x r_src core).
@@ -36,12 +38,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   return study
 
 
-def cells(study: ml_collections.ConfigDict, lr_for_rank: Callable[[int], float]) -> list[common.Cell]:
+def cells(study: ml_collections.ConfigDict, lr_for_rank: Callable[[int], float]) -> list[Cell]:
   """Per task x r_src x seed: train at r_src, then squeeze copies to every power of two below it."""
   out = []
   for task in study.tasks:
-    steps = common.steps_for(study, task)
-    for r_src in common.check_ranks("source_ranks", study.source_ranks):
+    steps = presets.steps_for(study, task)
+    for r_src in presets.check_ranks("source_ranks", study.source_ranks):
       targets = [2**i for i in range(r_src.bit_length()) if 2**i < r_src]
       for seed in study.seeds:
         plan = protocols.validate_plan(
@@ -51,10 +53,10 @@ def cells(study: ml_collections.ConfigDict, lr_for_rank: Callable[[int], float])
           ]
         )
         out.append(
-          common.Cell(
+          Cell(
             name=f"{task}/r{r_src}_s{seed}",
             plan=plan,
-            overrides=common.run_overrides(task=task, seed=seed),
+            overrides=presets.run_overrides(task=task, seed=seed),
             labels={"study": "retention", "task": task, "r_src": r_src, "seed": seed},
             evals={},
             cost=steps,
@@ -63,7 +65,7 @@ def cells(study: ml_collections.ConfigDict, lr_for_rank: Callable[[int], float])
   return out
 
 
-def retention_rows(squeezes: Sequence[common.Row], *, method: str) -> list[common.Row]:
+def retention_rows(squeezes: Sequence[Row], *, method: str) -> list[Row]:
   """Mean V_r (%) over seeds per task x r_src x r_tgt, with the V_r = 100 % point at r_tgt = r_src.
 
   A squeeze that recorded its curve (V_r at every r <= r_src) adds every rank of it, so one squeeze
@@ -78,24 +80,24 @@ def retention_rows(squeezes: Sequence[common.Row], *, method: str) -> list[commo
     for r, v in enumerate(s.get("curve") or (), start=1)
     if r < s["r_src"]
   ]
-  means = common.mean_score(picked, key=lambda s: (s["task"], s["r_src"], s["r_tgt"]))
+  means = results.mean_score(picked, key=lambda s: (s["task"], s["r_src"], s["r_tgt"]))
   return [{"task": t, "r_src": s, "r_tgt": r, "retention": v} for (t, s, r), v in sorted(means.items())]
 
 
-def write_report(rows: Sequence[common.Row], workdir: pathlib.Path) -> list[pathlib.Path]:
+def write_report(rows: Sequence[Row], workdir: pathlib.Path) -> list[pathlib.Path]:
   """retention.csv and the per-task and averaged plots."""
-  common.write_csv(workdir / "retention.csv", rows)
+  tables.write_csv(workdir / "retention.csv", rows)
   written = []
   for task in [*sorted({r["task"] for r in rows}), None]:
-    mine = rows if task is None else common.select(rows, task=task)
-    means = common.mean_score([dict(r, score=r["retention"]) for r in mine], key=lambda r: (r["r_src"], r["r_tgt"]))
+    mine = rows if task is None else results.select(rows, task=task)
+    means = results.mean_score([dict(r, score=r["retention"]) for r in mine], key=lambda r: (r["r_src"], r["r_tgt"]))
     series = {}
     for r_src in sorted({s for s, _ in means}):
       xs = sorted(t for s, t in means if s == r_src)
       series[f"r_src={r_src}"] = (xs, [means[(r_src, t)] for t in xs])
     name = "average" if task is None else task
     path = workdir / f"retention_{name}.png"
-    common.plot_lines(
+    plots.plot_lines(
       series, path=path, title=f"{name}: variance retention V_r (Eq. 10)", xlabel="target rank r_tgt", ylabel="V_r (%)"
     )
     written.append(path)
@@ -107,24 +109,24 @@ def run_study(
   *,
   workdir: pathlib.Path,
   train: bool = True,
-  train_fn: Callable = common.train_run,
-  log: Callable[[str], None] = common.log_line,
-) -> list[common.Row]:
+  train_fn: Callable = grid.train_run,
+  log: Callable[[str], None] = grid.log_line,
+) -> list[Row]:
   """Trains the missing cells (unless train=False or reused folders hold them), then reports."""
   workdir = pathlib.Path(workdir)
   reused = []
   for other in study.reuse_workdirs:
-    reused += common.collect_squeeze_rows(pathlib.Path(other))[0]
+    reused += results.collect_squeeze_rows(pathlib.Path(other))[0]
   have = {(s["task"], s["r_src"], s["seed"]) for s in reused if s["method"] == study.method}
   if train:
-    base = common.training_config(study)
+    base = presets.training_config(study)
     todo = [
       c
-      for c in cells(study, common.lr_table(study, base))
+      for c in cells(study, presets.lr_table(study, base))
       if (c.labels["task"], c.labels["r_src"], c.labels["seed"]) not in have
     ]
-    common.run_cells(todo, workdir=workdir, base_config=base, train_fn=train_fn, log=log)
-  squeezes, unfinished = common.collect_squeeze_rows(workdir)
+    grid.run_cells(todo, workdir=workdir, base_config=base, train_fn=train_fn, log=log)
+  squeezes, unfinished = results.collect_squeeze_rows(workdir)
   # Runs that carried a projected optimizer state across a squeeze (a protocol study's
   # optimizer_state = "project" cells) trained differently after it: only reset's squeezes count.
   wanted = [
@@ -134,12 +136,12 @@ def run_study(
   ]
   rows = retention_rows(wanted, method=study.method)
   if not rows:
-    raise ValueError(f"no finished squeezes with method {study.method!r} under {workdir} or {study.reuse_workdirs}")
-  common.write_rows(workdir, [{k: v for k, v in s.items() if k != "curve"} for s in wanted], unfinished, log=log)
+    raise UserInputError(f"no finished squeezes with method {study.method!r} under {workdir} or {study.reuse_workdirs}")
+  tables.write_rows(workdir, [{k: v for k, v in s.items() if k != "curve"} for s in wanted], unfinished, log=log)
   write_report(rows, workdir)
   return rows
 
 
 if __name__ == "__main__":
-  common.define_driver_flags()
-  app.run(common.driver_main(run_study))
+  driver.define_driver_flags()
+  app.run(driver.driver_main(run_study))

@@ -3,7 +3,7 @@
 The statistics are lora_squeeze.bootstrap's (re-exported here): per comparison the mean difference
 over seeds and items, its 95 % percentile-bootstrap interval over the evaluation items and the sign
 per seed. The drivers (heatmap, protocol_table) group the per-item scores the trainer recorded
-(results.json "per_item", read by common.collect_items) and write <name>.md / <name>.csv.
+(results.json "per_item", read by experiments.results.collect_items) and write <name>.md / <name>.csv.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def comparison_table(
 ) -> str:
   """Markdown: comparison, seeds, then per metric "mean [95 % interval] signs" (bold = interval
   excludes zero) and the verdict (better / worse / no difference, for the treatment)."""
-  from experiments import common  # pylint: disable=g-import-not-at-top
+  from experiments import tables  # pylint: disable=g-import-not-at-top
 
   header = ["comparison", "seeds"]
   for metric in metrics:
@@ -69,7 +69,7 @@ def comparison_table(
         verdict = "better" if (c.mean > 0) == higher_better else "worse"
       row += [format_comparison(c, scale=scale, digits=digits), verdict]
     body.append(row)
-  return common.markdown_table(header, body)
+  return tables.markdown_table(header, body)
 
 
 def comparison_rows(records: Sequence[Mapping[str, Any]], *, label=str) -> list[dict[str, Any]]:
@@ -116,7 +116,7 @@ def write_comparisons(
 ) -> str:
   """<name>.md (comparison_table, under `title`, then one more table per (title, records) of
   `sections`) and <name>.csv (comparison_rows of all of them) in `workdir`; returns the Markdown."""
-  from experiments import common  # pylint: disable=g-import-not-at-top
+  from experiments import tables  # pylint: disable=g-import-not-at-top
 
   note = (
     f"Mean over seeds and items, paired bootstrap {CONFIDENCE:.0%} interval over the evaluation items "
@@ -126,6 +126,6 @@ def write_comparisons(
   for section_title, section in sections:
     text += f"\n{section_title}\n\n" + comparison_table(section, label=label)
   every = [*records, *(r for _, section in sections for r in section)]
-  common.atomic_write_text(pathlib.Path(workdir) / f"{name}.md", text)
-  common.write_csv(pathlib.Path(workdir) / f"{name}.csv", comparison_rows(every, label=label))
+  tables.atomic_write_text(pathlib.Path(workdir) / f"{name}.md", text)
+  tables.write_csv(pathlib.Path(workdir) / f"{name}.csv", comparison_rows(every, label=label))
   return text

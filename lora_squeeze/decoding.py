@@ -31,8 +31,7 @@ from gemma.gm.utils import _types as gm_types
 
 from lora_squeeze import model as model_lib
 from lora_squeeze.data import batching
-
-Params = Any
+from lora_squeeze.param_trees import Params
 
 
 def _param_dtype(params: Params) -> jnp.dtype:

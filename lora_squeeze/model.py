@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -34,10 +34,20 @@ from gemma.gm.nn import config as gm_config
 from gemma.gm.nn.vision import _vision as gm_vision
 from gemma.gm.nn.vision import _vision_utils as gm_vision_utils
 
-from lora_squeeze import validation
-from lora_squeeze.weights import checkpoints
+from lora_squeeze import param_trees, validation
 
-Params = Mapping[str, Any]
+# The tree operations callers have used as model.*: defined in param_trees, imported from there.
+from lora_squeeze.param_trees import (  # noqa: F401
+  Params,
+  check_base_shapes,
+  count_params,
+  fold_lora,
+  lora_leaf_paths,
+  merge_params,
+  split_params,
+)
+from lora_squeeze.weights import pretrained
+
 
 MODEL_NAMES = ("gemma3_270m", "gemma3_1b", "gemma3_4b", "gemma3_12b", "gemma3_27b", "tiny", "tiny_vision")
 MULTIMODAL_MODEL_NAMES = ("gemma3_4b", "gemma3_12b", "gemma3_27b", "tiny_vision")
@@ -269,11 +279,11 @@ def load_base_params(
   if checkpoint is None and model_name != "gemma3_270m":
     raise ValueError(f"{model_name!r} needs checkpoint=<official gemma Orbax checkpoint directory>")
   if checkpoint is None:
-    params = checkpoints.embedded_270m_params(cache_dir)
+    params = pretrained.embedded_270m_params(cache_dir)
   else:
-    params = checkpoints.load_orbax_params(checkpoint, text_only=text_only)
-  check_base_shapes(abstract_params(make_model(model_name, text_only=text_only)), params)
-  flat = _flatten(params)
+    params = pretrained.load_orbax_params(checkpoint, text_only=text_only)
+  param_trees.check_base_shapes(abstract_params(make_model(model_name, text_only=text_only)), params)
+  flat = param_trees.flatten(params)
   del params
   # Leaf by leaf, dropping each source array; casting in numpy avoids a float32 device copy.
   return traverse_util.unflatten_dict({path: _to_device(flat.pop(path), jnp.dtype(dtype)) for path in list(flat)})
@@ -282,15 +292,6 @@ def load_base_params(
 def _to_device(x: Any, dtype: jnp.dtype) -> jax.Array:
   x = np.asarray(x)
   return jnp.asarray(x, dtype) if x.dtype == dtype else jnp.asarray(x.astype(dtype, copy=False))
-
-
-def _flatten(tree: Params) -> dict[tuple[str, ...], Any]:
-  # Sorted by path: the order jax flattens a dict tree in (lora_leaf_paths lists paths in it).
-  return dict(sorted(traverse_util.flatten_dict(tree).items(), key=lambda item: item[0]))
-
-
-def _is_lora_path(path: Sequence[str]) -> bool:
-  return "lora" in path
 
 
 def init_lora_params(model: nn.Module, base_params: Params, *, key: jax.Array) -> Params:
@@ -309,11 +310,11 @@ def init_lora_params(model: nn.Module, base_params: Params, *, key: jax.Array) -
   """
   if not isinstance(model, gm.nn.LoRA):
     raise ValueError("init_lora_params needs a LoRA model: make_model(..., lora_rank=r)")
-  shapes = _flatten(abstract_params(model))
-  check_base_shapes({p: s for p, s in shapes.items() if not _is_lora_path(p)}, base_params)
+  shapes = param_trees.flatten(abstract_params(model))
+  param_trees.check_base_shapes({p: s for p, s in shapes.items() if not param_trees.is_lora_path(p)}, base_params)
   a_init = nn.initializers.kaiming_uniform()
   lora = {}
-  lora_paths = sorted(p for p in shapes if _is_lora_path(p))
+  lora_paths = sorted(p for p in shapes if param_trees.is_lora_path(p))
   for i, path in enumerate(lora_paths):
     shape = shapes[path].shape
     if path[-1] == "a":
@@ -321,93 +322,6 @@ def init_lora_params(model: nn.Module, base_params: Params, *, key: jax.Array) -
     else:
       lora[path] = jnp.zeros(shape, jnp.float32)
   return traverse_util.unflatten_dict(lora)
-
-
-def check_base_shapes(expected: Mapping[tuple[str, ...], Any] | Params, base_params: Params) -> None:
-  """Raises ValueError naming the first missing, extra or mis-shaped base parameter."""
-  if not isinstance(next(iter(expected), ()), tuple):
-    expected = _flatten(expected)
-  got = _flatten(base_params)
-  missing = sorted(set(expected) - set(got))
-  extra = sorted(set(got) - set(expected))
-  if missing:
-    raise ValueError(f"base params lack {'/'.join(missing[0])} (and {len(missing) - 1} more)")
-  if extra:
-    raise ValueError(f"base params have unexpected {'/'.join(extra[0])} (and {len(extra) - 1} more)")
-  for path, want in expected.items():
-    if tuple(got[path].shape) != tuple(want.shape):
-      raise ValueError(
-        f"shape mismatch at {'/'.join(path)}: params have {tuple(got[path].shape)},"
-        f" the model expects {tuple(want.shape)}"
-      )
-
-
-def merge_params(base_params: Params, lora_params: Params) -> Params:
-  """One tree for `model.apply({'params': ...})`: the base with the LoRA modules added.
-
-  Not gemma.peft.merge_params: that one keeps the base's leaf silently where both trees have
-  one; here a LoRA param that is already in the base is an error.
-  """
-  flat = _flatten(base_params)
-  for path, leaf in _flatten(lora_params).items():
-    if path in flat:
-      raise ValueError(f"LoRA param {'/'.join(path)} already exists in the base params")
-    flat[path] = leaf
-  return traverse_util.unflatten_dict(flat)
-
-
-def split_params(params: Params) -> tuple[Params, Params]:
-  """Inverse of merge_params: (base without LoRA, LoRA modules only).
-
-  Not gemma.peft.split_params: that one leaves an empty module in the base for every LoRA
-  wrapper (e.g. .../q_einsum/_LoRAEinsum_0 = {}), which is then no longer the plain base tree.
-  """
-  flat = _flatten(params)
-  base = {p: v for p, v in flat.items() if not _is_lora_path(p)}
-  lora = {p: v for p, v in flat.items() if _is_lora_path(p)}
-  return traverse_util.unflatten_dict(base), traverse_util.unflatten_dict(lora)
-
-
-# Per LoRA wrapper: the base weight it adapts (relative to the wrapper's parent) and the einsum
-# mapping a, b to that weight's layout. Gemma 3 layout (transpose_gating_einsum=True, GQA).
-_DELTA_EINSUMS = {
-  ("q_einsum", "_LoRAEinsum_0"): ("w", "Dr,rNH->NDH"),
-  ("kv_einsum", "_LoRAEinsum_0"): ("w", "Dr,rCKH->CKDH"),
-  ("attn_vec_einsum", "_LoRAEinsum_0"): ("w", "NHr,rD->NHD"),
-  ("_LoRAEinsum_gating_einsum",): ("gating_einsum", "Fr,rNH->NHF"),
-  ("_LoRAEinsum_linear",): ("linear", "Hr,rF->HF"),
-}
-
-
-def _delta_target(module_path: tuple[str, ...]) -> tuple[tuple[str, ...], str]:
-  """(base weight path, einsum) for a LoRA module path ending in .../lora."""
-  parent = module_path[:-1]  # drop 'lora'
-  for suffix, (weight, eqn) in _DELTA_EINSUMS.items():
-    if parent[-len(suffix) :] == suffix:
-      owner = parent[: -len(suffix)] + suffix[:-1] if len(suffix) == 2 else parent[:-1]
-      return (*owner, weight), eqn
-  raise ValueError(f"unrecognised LoRA module {'/'.join(module_path)}")
-
-
-def fold_lora(base_params: Params, lora_params: Params) -> Params:
-  """The base with every ΔW = a @ b added in (export / merged eval); dtype of the base kept.
-
-  The sum is formed in float32 and cast back to each weight's dtype.
-  """
-  flat = _flatten(base_params)
-  modules: dict[tuple[str, ...], dict[str, Any]] = {}
-  for path, leaf in _flatten(lora_params).items():
-    modules.setdefault(path[:-1], {})[path[-1]] = leaf
-  for module_path, ab in modules.items():
-    weight_path, eqn = _delta_target(module_path)
-    if weight_path not in flat:
-      raise ValueError(f"LoRA module {'/'.join(module_path)} has no base weight {'/'.join(weight_path)}")
-    w = flat[weight_path]
-    delta = jnp.einsum(eqn, ab["a"].astype(jnp.float32), ab["b"].astype(jnp.float32))
-    if delta.shape != w.shape:
-      raise ValueError(f"ΔW of {'/'.join(module_path)} has shape {delta.shape}, base weight has {w.shape}")
-    flat[weight_path] = (w.astype(jnp.float32) + delta).astype(w.dtype)
-  return traverse_util.unflatten_dict(flat)
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
@@ -440,13 +354,3 @@ def logits_at(
   if final_logit_softcap is not None:
     logits = jnp.tanh(logits / final_logit_softcap) * final_logit_softcap
   return logits
-
-
-def lora_leaf_paths(params: Params) -> list[str]:
-  """'/'-joined paths of every LoRA leaf in a tree (for inspection and tests)."""
-  return ["/".join(p) for p in _flatten(params) if _is_lora_path(p)]
-
-
-def count_params(params: Params) -> int:
-  """Total number of scalars in a tree."""
-  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))

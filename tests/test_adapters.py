@@ -475,6 +475,9 @@ def test_cli_squeezes_dry_runs_and_refuses(tmp_path):
   done = run_cli(str(tmp_path / "in.npz"), str(tmp_path / "out.npz"), "--rank=2", "--method=svd")
   assert done.returncode == 0, done.stderr
   assert "[3/3]" in done.stderr and "wrote npz adapter" in done.stdout
+  # Progress in the trainer's duration format (lora_squeeze.durations): whole seconds, ETA 0s at the end.
+  duration = r"(\d+h)?(\d+m)?\d+s"
+  assert re.search(rf"^\[3/3\] \S+: r \d+ -> 2, V_r [\d.]+ \({duration} elapsed, ETA 0s\)$", done.stderr, re.M)
   assert_squeezed(flat, dict(np.load(tmp_path / "out.npz")), 2)
 
   again = run_cli(str(tmp_path / "in.npz"), str(tmp_path / "out.npz"), "--rank=2")

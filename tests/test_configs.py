@@ -169,7 +169,7 @@ def test_argument_values_of_the_wrong_type_fail():
 
 @pytest.mark.parametrize("study", ("lr_sweep", "heatmap"))
 def test_study_configs_load_and_their_training_config_validates(study, monkeypatch):
-  from experiments import common as study_common  # pylint: disable=import-outside-toplevel
+  from experiments import presets  # pylint: disable=import-outside-toplevel
 
   monkeypatch.chdir(REPO)  # study configs name their training config relative to the repo
   # A study driver is its own config file (experiments/<study>.py:preset).
@@ -178,4 +178,4 @@ def test_study_configs_load_and_their_training_config_validates(study, monkeypat
   config_flags.DEFINE_config_file("config", flag_values=values, lock_config=True, sys_argv=["prog", f"--config={spec}"])
   values(["prog", f"--config={spec}"])
   config = values.config
-  common.validate(study_common.training_config(config))
+  common.validate(presets.training_config(config))

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lora_squeeze import evaluate
+from lora_squeeze import answer_metrics, evaluate, param_trees
 from lora_squeeze import model as model_lib
 from lora_squeeze.data import Example, batching, get_task, text_tasks
 
@@ -20,7 +20,7 @@ def tiny():
   leaves, treedef = jax.tree.flatten(lora)
   keys = jax.random.split(jax.random.key(2), len(leaves))
   lora = jax.tree.unflatten(treedef, [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
-  return model, base, lora, model_lib.merge_params(base, lora)
+  return model, base, lora, param_trees.merge_params(base, lora)
 
 
 def full_log_softmax(model, params, sequences, length):
@@ -94,9 +94,9 @@ def test_folded_evaluation_equals_the_lora_model(tiny, gemma3_tokenizer):
   task = get_task("boolq")
   kwargs = {"max_len": 64, "batch_size": 4, "buckets": (64,)}
   examples = EXAMPLES[:1]
-  merged = evaluate.score_options(model, model_lib.merge_params(base, lora), gemma3_tokenizer, examples, **kwargs)
+  merged = evaluate.score_options(model, param_trees.merge_params(base, lora), gemma3_tokenizer, examples, **kwargs)
   folded = evaluate.score_options(
-    model_lib.make_model("tiny"), model_lib.fold_lora(base, lora), gemma3_tokenizer, examples, **kwargs
+    model_lib.make_model("tiny"), param_trees.fold_lora(base, lora), gemma3_tokenizer, examples, **kwargs
   )
   for a, b in zip(merged, folded):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
@@ -147,7 +147,7 @@ def test_generative_task_metrics_run_end_to_end(tiny, gemma3_tokenizer):
       model, params, [batching.encode_prompt(gemma3_tokenizer, "How many?").fit(48)], max_new_tokens=16, buckets=(48,)
     )[0]
   ).strip()
-  assert metrics == dict(zip(("f1", "em"), reversed(evaluate.drop_metrics(prediction, ("2", "two")))))
+  assert metrics == dict(zip(("f1", "em"), reversed(answer_metrics.drop_metrics(prediction, ("2", "two")))))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,11 +167,11 @@ def test_generative_task_metrics_run_end_to_end(tiny, gemma3_tokenizer):
   ],
 )
 def test_drop_em_f1(prediction, gold, em, f1):
-  assert evaluate.drop_em_f1(prediction, gold) == (em, f1)
+  assert answer_metrics.drop_em_f1(prediction, gold) == (em, f1)
 
 
 def test_drop_takes_the_best_reference():
-  assert evaluate.drop_metrics("four", ["4", "four"]) == (1.0, 1.0)
+  assert answer_metrics.drop_metrics("four", ["4", "four"]) == (1.0, 1.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,26 +179,26 @@ def test_drop_takes_the_best_reference():
 
 
 def test_vqa_accuracy_leave_one_out():
-  assert evaluate.vqa_accuracy("yes", ["yes"] * 3 + ["no"] * 7) == pytest.approx((3 * 2 / 3 + 7 * 1) / 10)
-  assert evaluate.vqa_accuracy("yes", ["yes"] * 4 + ["no"] * 6) == 1.0
-  assert evaluate.vqa_accuracy("yes", ["yes"] + ["no"] * 9) == pytest.approx(9 * (1 / 3) / 10)
-  assert evaluate.vqa_accuracy("maybe", ["yes"] * 10) == 0.0
+  assert answer_metrics.vqa_accuracy("yes", ["yes"] * 3 + ["no"] * 7) == pytest.approx((3 * 2 / 3 + 7 * 1) / 10)
+  assert answer_metrics.vqa_accuracy("yes", ["yes"] * 4 + ["no"] * 6) == 1.0
+  assert answer_metrics.vqa_accuracy("yes", ["yes"] + ["no"] * 9) == pytest.approx(9 * (1 / 3) / 10)
+  assert answer_metrics.vqa_accuracy("maybe", ["yes"] * 10) == 0.0
 
 
 def test_vqa_normalization():
-  assert evaluate.vqa_normalize("Two.") == "2"
-  assert evaluate.vqa_normalize("The Dog!") == "dog"
-  assert evaluate.vqa_normalize("dont") == "don't"
-  assert evaluate.vqa_normalize("1,000") == "1000"
-  assert evaluate.vqa_accuracy("a dog", ["dog"] * 10) == 1.0
+  assert answer_metrics.vqa_normalize("Two.") == "2"
+  assert answer_metrics.vqa_normalize("The Dog!") == "dog"
+  assert answer_metrics.vqa_normalize("dont") == "don't"
+  assert answer_metrics.vqa_normalize("1,000") == "1000"
+  assert answer_metrics.vqa_accuracy("a dog", ["dog"] * 10) == 1.0
 
 
 def test_short_answer_metrics():
-  assert evaluate.exact_match("Three", ["3"]) == 1.0 and evaluate.exact_match("4", ["3"]) == 0.0
-  assert evaluate.anls("hellp", ["hello"]) == pytest.approx(0.8)
-  assert evaluate.anls("abc", ["xyz"]) == 0.0
-  assert evaluate.anls("Hello  World", ["hello world"]) == 1.0
-  assert evaluate.relaxed_accuracy("104", ["100"]) == 1.0
-  assert evaluate.relaxed_accuracy("106", ["100"]) == 0.0
-  assert evaluate.relaxed_accuracy("45%", ["45"]) == 1.0
-  assert evaluate.relaxed_accuracy("Yes", ["yes"]) == 1.0
+  assert answer_metrics.exact_match("Three", ["3"]) == 1.0 and answer_metrics.exact_match("4", ["3"]) == 0.0
+  assert answer_metrics.anls("hellp", ["hello"]) == pytest.approx(0.8)
+  assert answer_metrics.anls("abc", ["xyz"]) == 0.0
+  assert answer_metrics.anls("Hello  World", ["hello world"]) == 1.0
+  assert answer_metrics.relaxed_accuracy("104", ["100"]) == 1.0
+  assert answer_metrics.relaxed_accuracy("106", ["100"]) == 0.0
+  assert answer_metrics.relaxed_accuracy("45%", ["45"]) == 1.0
+  assert answer_metrics.relaxed_accuracy("Yes", ["yes"]) == 1.0

@@ -9,8 +9,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from experiments import common
+from experiments import grid, plots, presets, results, tables
+from experiments.cells import TRAIN_DIR, Cell, check_unique_names, claim_run_dir, run_dir
 from lora_squeeze import protocols
+from lora_squeeze.errors import UserInputError
 
 _PLAN = protocols.direct(rank=2, steps=3, lr=0.01, warmup=1)
 
@@ -43,7 +45,7 @@ def _write_results(train_dir: pathlib.Path, scores: dict[str, float], squeezes=(
 
 def test_apply_overrides_sets_nested_keys_on_a_copy():
   base = _base_config()
-  config = common.apply_overrides(base, {"optim.lr": 0.1, "seed": 43, "ranks": [4, 8]})
+  config = presets.apply_overrides(base, {"optim.lr": 0.1, "seed": 43, "ranks": [4, 8]})
   assert (config.optim.lr, config.seed, config.ranks) == (0.1, 43, (4, 8))
   assert (base.optim.lr, base.seed, base.ranks) == (0.01, 0, (1, 2))
 
@@ -51,13 +53,32 @@ def test_apply_overrides_sets_nested_keys_on_a_copy():
 @pytest.mark.parametrize(
   "key, match",
   [
-    ("optim.lrr", r"no key 'optim.lrr'; optim has \['lr', 'warmup'\]"),
-    ("optimizer.lr", r"no key 'optimizer' \(override 'optimizer.lr'\)"),
+    ("optim.lrr", r"override \['optim.lrr'\]: Key \"lrr\" does not exist .* Did you mean \"lr\" instead of \"lrr\"\?$"),
+    ("optimizer.lr", r"override \['optimizer.lr'\]: Key \"optimizer.lr\" cannot be set as \"optimizer\" was not found"),
+    ("seed.x", r"Key \"seed.x\" cannot be updated as \"seed\" is not a ConfigDict"),
   ],
 )
 def test_apply_overrides_names_unknown_keys(key, match):
-  with pytest.raises(ValueError, match=match):
-    common.apply_overrides(_base_config(), {key: 1.0})
+  base = _base_config()
+  with pytest.raises(UserInputError, match=match):
+    presets.apply_overrides(base, {key: 1.0})
+  assert "lrr" not in base.optim and not base.is_locked  # nothing added, the caller's config untouched
+
+
+def test_apply_overrides_may_change_a_type_and_keeps_the_lock_state():
+  base = _base_config()
+  base.optim.schedule = None
+  config = presets.apply_overrides(base, {"optim.schedule": "cosine", "seed": 1})
+  assert (config.optim.schedule, config.seed, config.is_locked) == ("cosine", 1, False)
+  config.new_key = 1  # an unlocked config stays open, as before the override
+  base.lock()
+  assert presets.apply_overrides(base, {"seed": 2}).is_locked
+
+
+def test_flatten_matches_the_nested_config():
+  nested = ml_collections.ConfigDict({"a": 1, "b": {"c": (64,), "d": {"e": "x"}}, "empty": {}})
+  assert presets.flatten(nested) == {"a": 1, "b.c": (64,), "b.d.e": "x"}
+  assert presets.apply_overrides(nested, presets.flatten(nested)).to_dict() == nested.to_dict()
 
 
 def test_load_config_file_passes_the_argument(tmp_path):
@@ -65,10 +86,10 @@ def test_load_config_file_passes_the_argument(tmp_path):
   path.write_text(
     "import ml_collections\ndef get_config(arg=None):\n  return ml_collections.ConfigDict({'arg': arg or 'none'})\n"
   )
-  assert common.load_config_file(f"{path}:reduced").arg == "reduced"
-  assert common.load_config_file(str(path)).arg == "none"
+  assert presets.load_config_file(f"{path}:reduced").arg == "reduced"
+  assert presets.load_config_file(str(path)).arg == "none"
   with pytest.raises(ValueError, match="does not exist"):
-    common.load_config_file(str(tmp_path / "missing.py"))
+    presets.load_config_file(str(tmp_path / "missing.py"))
 
 
 # --- runner --------------------------------------------------------------------------------------
@@ -76,59 +97,59 @@ def test_load_config_file_passes_the_argument(tmp_path):
 
 @pytest.mark.parametrize("seconds, text", [(0.4, "0s"), (62, "1m02s"), (3725, "1h02m05s"), (float("nan"), "?")])
 def test_format_duration(seconds, text):
-  assert common.format_duration(seconds) == text
+  assert grid.format_duration(seconds) == text
 
 
 def test_duplicate_cell_names_are_refused():
-  cell = common.Cell(plan=_PLAN, name="a", overrides={}, labels={}, evals={})
+  cell = Cell(plan=_PLAN, name="a", overrides={}, labels={}, evals={})
   with pytest.raises(ValueError, match="two cells share the folder name 'a'"):
-    common.check_unique_names([cell, cell])
+    check_unique_names([cell, cell])
 
 
 def test_claim_run_dir_refuses_a_folder_made_by_other_overrides(tmp_path):
-  common.claim_run_dir(tmp_path, common.Cell(plan=_PLAN, name="x/y", overrides={"seed": 1}, labels={}, evals={}))
-  common.claim_run_dir(tmp_path, common.Cell(plan=_PLAN, name="x/y", overrides={"seed": 1}, labels={"a": 1}, evals={}))
+  claim_run_dir(tmp_path, Cell(plan=_PLAN, name="x/y", overrides={"seed": 1}, labels={}, evals={}))
+  claim_run_dir(tmp_path, Cell(plan=_PLAN, name="x/y", overrides={"seed": 1}, labels={"a": 1}, evals={}))
   with pytest.raises(ValueError, match=r"was made with overrides \{'seed': 1\}, not \{'seed': 2\}"):
-    common.claim_run_dir(tmp_path, common.Cell(plan=_PLAN, name="x/y", overrides={"seed": 2}, labels={}, evals={}))
+    claim_run_dir(tmp_path, Cell(plan=_PLAN, name="x/y", overrides={"seed": 2}, labels={}, evals={}))
 
 
 # --- aggregation ---------------------------------------------------------------------------------
 
 
 def test_collect_rows_reads_finished_cells_and_lists_unfinished(tmp_path):
-  done = common.Cell(
+  done = Cell(
     plan=_PLAN,
     name="boolq/r4",
     overrides={},
     labels={"task": "boolq", "r_src": 4},
     evals={"r4": {"r_tgt": 4}, "r4_to_r2": {"r_tgt": 2}},
   )
-  half = common.Cell(
+  half = Cell(
     plan=_PLAN, name="boolq/r8", overrides={}, labels={"task": "boolq", "r_src": 8}, evals={"r8": {"r_tgt": 8}}
   )
   for cell in (done, half):
-    common.claim_run_dir(tmp_path, cell)
+    claim_run_dir(tmp_path, cell)
   _write_results(
-    common.run_dir(tmp_path, done) / common.TRAIN_DIR,
+    run_dir(tmp_path, done) / TRAIN_DIR,
     {"r4": 0.7, "r4_to_r2": 0.685, "unlisted": 0.01},
     squeezes=[(4, 2, "qr_core", 0.9)],
   )
-  rows, unfinished = common.collect_rows(tmp_path)
+  rows, unfinished = results.collect_rows(tmp_path)
   assert unfinished == ["boolq/r8"]
   assert sorted((r["r_tgt"], r["score"], r["tag"]) for r in rows) == [(2, 68.5, "r4_to_r2"), (4, 70.0, "r4")]
   assert all(r["task"] == "boolq" and r["r_src"] == 4 and r["cell"] == "boolq/r4" for r in rows)
-  squeezes, _ = common.collect_squeeze_rows(tmp_path)
+  squeezes, _ = results.collect_squeeze_rows(tmp_path)
   assert squeezes == [
     {"task": "boolq", "r_src": 4, "r_tgt": 2, "method": "qr_core", "retention": 0.9, "curve": None, "cell": "boolq/r4"}
   ]
 
 
 def test_collect_rows_names_a_missing_evaluation(tmp_path):
-  cell = common.Cell(plan=_PLAN, name="c", overrides={}, labels={}, evals={"r4": {}})
-  common.claim_run_dir(tmp_path, cell)
-  _write_results(common.run_dir(tmp_path, cell) / common.TRAIN_DIR, {"r8": 1.0})
+  cell = Cell(plan=_PLAN, name="c", overrides={}, labels={}, evals={"r4": {}})
+  claim_run_dir(tmp_path, cell)
+  _write_results(run_dir(tmp_path, cell) / TRAIN_DIR, {"r8": 1.0})
   with pytest.raises(ValueError, match=r"finished without a score for 'r4'; it has \['r8'\]"):
-    common.collect_rows(tmp_path)
+    results.collect_rows(tmp_path)
 
 
 def test_mean_score_and_select():
@@ -137,21 +158,21 @@ def test_mean_score_and_select():
     {"task": "b", "rank": 1, "score": 3.0},
     {"task": "a", "rank": 2, "score": 5.0},
   ]
-  assert common.mean_score(rows, key=lambda r: r["rank"]) == {1: 2.0, 2: 5.0}
-  assert common.select(rows, task="a", rank=2) == [rows[2]]
-  assert common.select(rows, missing=1) == []
+  assert results.mean_score(rows, key=lambda r: r["rank"]) == {1: 2.0, 2: 5.0}
+  assert results.select(rows, task="a", rank=2) == [rows[2]]
+  assert results.select(rows, missing=1) == []
 
 
 def test_markdown_table_bolds_and_formats():
-  text = common.markdown_table(["task", "x", "y"], [["boolq", 1.234, float("nan")]], bold={(0, 1)})
+  text = tables.markdown_table(["task", "x", "y"], [["boolq", 1.234, float("nan")]], bold={(0, 1)})
   assert text.splitlines() == ["| task | x | y |", "|---|---|---|", "| boolq | **1.2** | – |"]
 
 
 def test_write_csv_and_json_round_trip(tmp_path):
   rows = [{"a": 1, "b": 2.5}, {"a": 3, "c": "x"}]
-  common.write_csv(tmp_path / "r.csv", rows)
+  tables.write_csv(tmp_path / "r.csv", rows)
   assert (tmp_path / "r.csv").read_text().splitlines() == ["a,b,c", "1,2.5,", "3,,x"]
-  common.write_json(tmp_path / "r.json", rows)
+  tables.write_json(tmp_path / "r.json", rows)
   assert json.loads((tmp_path / "r.json").read_text()) == rows
   assert not list(tmp_path.glob(".*tmp"))
 
@@ -166,7 +187,7 @@ def _png(path: pathlib.Path) -> np.ndarray:
 
 def test_heatmap_is_red_for_gains_and_blue_for_losses(tmp_path):
   values = np.array([[2.0, np.nan], [-2.0, 0.0]])
-  common.plot_heatmap(
+  plots.plot_heatmap(
     values,
     row_labels=[4, 2],
     col_labels=[1, 2],
@@ -181,7 +202,7 @@ def test_heatmap_is_red_for_gains_and_blue_for_losses(tmp_path):
   bluish = image[..., 2] - image[..., 0] > 0.25
   assert reddish.sum() > 500 and bluish.sum() > 500
   with pytest.raises(ValueError, match=r"values have shape \(2, 2\), labels need \(1, 2\)"):
-    common.plot_heatmap(
+    plots.plot_heatmap(
       values,
       row_labels=[4],
       col_labels=[1, 2],
@@ -194,7 +215,7 @@ def test_heatmap_is_red_for_gains_and_blue_for_losses(tmp_path):
 
 
 def test_lines_plot_is_written(tmp_path):
-  common.plot_lines(
+  plots.plot_lines(
     {"direct": ([1, 2, 4], [50.0, 60.0, 65.0]), "post": ([1, 2], [55.0, 61.0])},
     path=tmp_path / "l.png",
     title="t",
@@ -217,7 +238,7 @@ def _finish(workdir, cells, score, retention_of=lambda r_src, r_tgt: r_tgt / r_s
   option_nll = nll(labels, coords) when given), and one squeeze record per Squeeze in the plan
   (from the rank the plan was at)."""
   for cell in cells:
-    common.claim_run_dir(workdir, cell)
+    claim_run_dir(workdir, cell)
     scores = {tag: score(cell.labels, coords) / 100 for tag, coords in cell.evals.items()}
     nlls = {tag: nll(cell.labels, coords) for tag, coords in cell.evals.items()} if nll else None
     squeezes, rank = [], None
@@ -229,7 +250,7 @@ def _finish(workdir, cells, score, retention_of=lambda r_src, r_tgt: r_tgt / r_s
           squeezes.append((rank, sub.rank, sub.method, retention_of(rank, sub.rank)))
           if not isinstance(item, protocols.Branch):
             rank = sub.rank
-    _write_results(common.run_dir(workdir, cell) / common.TRAIN_DIR, scores, squeezes, nlls)
+    _write_results(run_dir(workdir, cell) / TRAIN_DIR, scores, squeezes, nlls)
 
 
 def test_lr_sweep_grid_is_complete_and_unique():
@@ -390,7 +411,7 @@ def test_protocol_comparisons_come_from_per_item_scores(tmp_path):
   _finish(tmp_path, cells, lambda labels, coords: 50.0)
   base = np.tile([0.0, 1.0], 100)
   for cell in cells:
-    path = common.run_dir(tmp_path, cell) / common.TRAIN_DIR / "results.json"
+    path = run_dir(tmp_path, cell) / TRAIN_DIR / "results.json"
     results = json.loads(path.read_text())
     for tag, coords in cell.evals.items():
       items = base.copy()
@@ -557,7 +578,7 @@ def test_heatmap_end_to_end_on_the_tiny_model_resumes_and_skips(tmp_path, tiny_t
 
   # A half-finished cell (results not complete) goes back to the trainer, which resumes from its last
   # checkpoint instead of training again.
-  train_dir = tmp_path / "runs" / "boolq" / "r2_s42" / common.TRAIN_DIR
+  train_dir = tmp_path / "runs" / "boolq" / "r2_s42" / TRAIN_DIR
   results = json.loads((train_dir / "results.json").read_text())
   (train_dir / "results.json").write_text(json.dumps({**results, "complete": False}))
   trained_steps = (train_dir / train.METRICS_FILE).read_text().count('"event": "train"')
@@ -611,11 +632,11 @@ def test_presets_build_their_grids_and_valid_training_configs(driver, expected, 
 
   for preset, n_cells in expected.items():
     study = driver.get_config(preset)
-    base = common.training_config(study)
-    lr_for_rank = common.lr_table(study, base)
+    base = presets.training_config(study)
+    lr_for_rank = presets.lr_table(study, base)
     cells = lr_sweep.sweep_cells(study) if driver is lr_sweep else driver.cells(study, lr_for_rank)
     assert len(cells) == n_cells, preset
     if preset == "paper":  # validate checks that the checkpoint folder exists, not what it holds
-      base = common.apply_overrides(base, {"checkpoint": str(tmp_path)})
+      base = presets.apply_overrides(base, {"checkpoint": str(tmp_path)})
     for cell in cells[:: max(1, len(cells) // 20)]:
-      configs_common.validate(common.apply_overrides(base, cell.overrides))
+      configs_common.validate(presets.apply_overrides(base, cell.overrides))

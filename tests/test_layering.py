@@ -22,11 +22,13 @@ REPO_PACKAGES = ("lora_squeeze", "configs", "experiments", "benchmarks", "tests"
 # cycle); names are relative to lora_squeeze.
 LAYERS = (
   # What everything may raise and check with.
-  ("", "errors", "validation", "atomic", "orbax_paths", "bootstrap"),
+  ("", "errors", "validation", "atomic", "orbax_paths", "bootstrap", "durations"),
   # Leaves: pure math and plans, file formats, run checkpoints, device meshes; task types.
   (
     "protocols",
     "squeeze",
+    "param_trees",
+    "answer_metrics",
     "multihost",
     "sharding",
     "optim",

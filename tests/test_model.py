@@ -15,6 +15,7 @@ from gemma import peft
 from hypothesis import strategies as st
 
 from lora_squeeze import model as M
+from lora_squeeze import param_trees as P
 
 TOKENS = jnp.array([[2, 818, 5279, 529, 7001, 563], [2, 10, 20, 30, 40, 50]], jnp.int32)
 LORA_MODULE = re.compile(
@@ -76,29 +77,29 @@ def test_lora_with_zero_b_gives_base_logits_exactly(tiny_base):
   model = M.make_model("tiny", lora_rank=4)
   lora = M.init_lora_params(model, tiny_base, key=jax.random.key(1))
   assert all(
-    np.all(np.asarray(x) == 0) for p, x in zip(M.lora_leaf_paths(lora), jax.tree.leaves(lora)) if p.endswith("/b")
+    np.all(np.asarray(x) == 0) for p, x in zip(P.lora_leaf_paths(lora), jax.tree.leaves(lora)) if p.endswith("/b")
   )
-  lora_logits = model.apply({"params": M.merge_params(tiny_base, lora)}, TOKENS).logits
+  lora_logits = model.apply({"params": P.merge_params(tiny_base, lora)}, TOKENS).logits
   np.testing.assert_array_equal(np.asarray(lora_logits), np.asarray(base_logits))
 
 
 def test_gradient_step_changes_logits_and_touches_only_lora(tiny_base):
   model = M.make_model("tiny", lora_rank=4)
   lora = M.init_lora_params(model, tiny_base, key=jax.random.key(1))
-  loss_fn = lambda lo: _nll(model, M.merge_params(tiny_base, lo), TOKENS)
+  loss_fn = lambda lo: _nll(model, P.merge_params(tiny_base, lo), TOKENS)
   loss0, grads = jax.value_and_grad(loss_fn)(lora)
   assert jax.tree.structure(grads) == jax.tree.structure(lora)
   stepped = jax.tree.map(lambda p, g: p - 0.5 * g, lora, grads)
   assert float(loss_fn(stepped)) < float(loss0)
-  before = model.apply({"params": M.merge_params(tiny_base, lora)}, TOKENS).logits
-  after = model.apply({"params": M.merge_params(tiny_base, stepped)}, TOKENS).logits
+  before = model.apply({"params": P.merge_params(tiny_base, lora)}, TOKENS).logits
+  after = model.apply({"params": P.merge_params(tiny_base, stepped)}, TOKENS).logits
   assert float(jnp.abs(after - before).max()) > 1e-4
 
 
 @pytest.mark.parametrize("targets", [("q",), ("kv", "linear"), ("attn_out", "gating"), M.LORA_TARGETS])
 def test_only_chosen_targets_carry_lora(tiny_base, targets):
   model = M.make_model("tiny", lora_rank=3, lora_targets=targets)
-  paths = M.lora_leaf_paths(M.init_lora_params(model, tiny_base, key=jax.random.key(0)))
+  paths = P.lora_leaf_paths(M.init_lora_params(model, tiny_base, key=jax.random.key(0)))
   got = set()
   for path in paths:
     match = LORA_MODULE.match(path)
@@ -118,7 +119,7 @@ def test_lora_params_are_float32_and_shaped_for_rank_over_bf16_base(tiny_base):
   a_out = lora["layer_0"]["attn"]["attn_vec_einsum"]["_LoRAEinsum_0"]["lora"]["a"]  # (N, H, r)
   assert float(jnp.abs(a_out).max()) <= np.sqrt(6 / (4 * 8))
   assert float(jnp.abs(a_out).max()) > 0.5 * np.sqrt(6 / (4 * 8))
-  hidden = M.hidden_states(model, M.merge_params(base_bf16, lora), TOKENS)
+  hidden = M.hidden_states(model, P.merge_params(base_bf16, lora), TOKENS)
   assert hidden.shape == (2, 6, 32)
 
 
@@ -128,9 +129,9 @@ def test_rank_change_in_one_process_gets_new_shapes(tiny_base):
   for rank, targets in [(2, ("q",)), (6, M.LORA_TARGETS), (3, ("linear",))]:
     model = M.make_model("tiny", lora_rank=rank, lora_targets=targets)
     lora = M.init_lora_params(model, tiny_base, key=jax.random.key(0))
-    assert len(M.lora_leaf_paths(lora)) == 2 * 2 * len(targets)
-    assert {x.shape[-1] for p, x in zip(M.lora_leaf_paths(lora), jax.tree.leaves(lora)) if p.endswith("/a")} == {rank}
-    params = M.merge_params(tiny_base, lora)
+    assert len(P.lora_leaf_paths(lora)) == 2 * 2 * len(targets)
+    assert {x.shape[-1] for p, x in zip(P.lora_leaf_paths(lora), jax.tree.leaves(lora)) if p.endswith("/a")} == {rank}
+    params = P.merge_params(tiny_base, lora)
     assert model.apply({"params": params}, TOKENS).logits.shape == (2, 6, 262_144)
 
 
@@ -142,7 +143,7 @@ def test_no_lora_under_vision_encoder():
   paths = ["/".join(k.key for k in p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
   assert any(p.startswith("vision_encoder/siglip_encoder") for p in paths)
   assert any(p.startswith("embedder/mm_input_projection") for p in paths)
-  assert [p for p in M.lora_leaf_paths(params) if not p.startswith("layer_")] == []
+  assert [p for p in P.lora_leaf_paths(params) if not p.startswith("layer_")] == []
   # The same tiny vision tower under gm.nn.LoRA does get LoRA outside the decoder (a different
   # vision config, so that gemma's jit cache is not shared with the model above).
   control_config = dataclasses.replace(
@@ -151,13 +152,13 @@ def test_no_lora_under_vision_encoder():
   )
   control = gm.nn.LoRA(rank=4, model=gm.nn.Transformer(config=control_config, dtype=jnp.float32))
   control_params = jax.eval_shape(lambda k: control.init(k, tokens, images=image), jax.random.key(0))["params"]
-  assert [p for p in M.lora_leaf_paths(control_params) if not p.startswith("layer_")]
+  assert [p for p in P.lora_leaf_paths(control_params) if not p.startswith("layer_")]
 
 
 def test_vision_model_runs_with_images_and_lora():
   base = M.init_base_params("tiny_vision", key=jax.random.key(0), text_only=False)
   model = M.make_model("tiny_vision", lora_rank=2, text_only=False)
-  params = M.merge_params(base, M.init_lora_params(model, base, key=jax.random.key(1)))
+  params = P.merge_params(base, M.init_lora_params(model, base, key=jax.random.key(1)))
   image = jnp.asarray(np.random.default_rng(0).integers(0, 256, (1, 28, 28, 3)), jnp.uint8)
   tokens = jnp.array([[2, 10, 255999, 30, 40]], jnp.int32)
   hidden = M.hidden_states(model, params, tokens, images=image)
@@ -185,29 +186,29 @@ def test_hidden_states_and_logits_at_match_full_logits(tiny_base, softcap):
 def test_merge_split_round_trip(tiny_base):
   model = M.make_model("tiny", lora_rank=4, lora_targets=("q", "gating"))
   lora = M.init_lora_params(model, tiny_base, key=jax.random.key(3))
-  base2, lora2 = M.split_params(M.merge_params(tiny_base, lora))
+  base2, lora2 = P.split_params(P.merge_params(tiny_base, lora))
   assert jax.tree.structure(base2) == jax.tree.structure(tiny_base)
   assert jax.tree.structure(lora2) == jax.tree.structure(lora)
   for x, y in zip(jax.tree.leaves(lora2), jax.tree.leaves(lora)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   with pytest.raises(ValueError, match=r"LoRA param layer_0/attn/q_einsum/_LoRAEinsum_0/lora/a already exists"):
-    M.merge_params(M.merge_params(tiny_base, lora), lora)
+    P.merge_params(P.merge_params(tiny_base, lora), lora)
 
 
 def test_param_paths_come_in_jax_order_and_gemma_peft_split_merge_differ(tiny_base):
-  # _flatten (flax.traverse_util, sorted) lists leaves in the order jax.tree flattens them.
+  # param_trees.flatten (flax.traverse_util, sorted) lists leaves in the order jax.tree flattens them.
   model = M.make_model("tiny", lora_rank=2)
   lora = M.init_lora_params(model, tiny_base, key=jax.random.key(1))
-  merged = M.merge_params(tiny_base, lora)
+  merged = P.merge_params(tiny_base, lora)
   jax_paths = [tuple(k.key for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(merged)[0]]
-  assert list(M._flatten(merged)) == jax_paths  # pylint: disable=protected-access
-  assert M.lora_leaf_paths(merged) == ["/".join(p) for p in jax_paths if "lora" in p]
+  assert list(P.flatten(merged)) == jax_paths
+  assert P.lora_leaf_paths(merged) == ["/".join(p) for p in jax_paths if "lora" in p]
   # Why merge_params/split_params stay ours: gemma.peft's split leaves an empty module in the base
   # per LoRA wrapper, and its merge keeps the base's leaf where ours rejects a duplicate.
   g_base, g_lora = peft.split_params(merged)
   assert jax.tree.structure(g_lora) == jax.tree.structure(lora)
   assert g_base["layer_0"]["attn"]["q_einsum"]["_LoRAEinsum_0"] == {}
-  assert "_LoRAEinsum_0" not in M.split_params(merged)[0]["layer_0"]["attn"]["q_einsum"]
+  assert "_LoRAEinsum_0" not in P.split_params(merged)[0]["layer_0"]["attn"]["q_einsum"]
   assert jax.tree.structure(peft.merge_params(merged, lora)) == jax.tree.structure(merged)
 
 
@@ -216,8 +217,8 @@ def test_fold_lora_equals_lora_forward(tiny_base):
   lora = M.init_lora_params(model, tiny_base, key=jax.random.key(4))
   keys = iter(jax.random.split(jax.random.key(5), 100))
   lora = jax.tree.map(lambda x: 0.1 * jax.random.normal(next(keys), x.shape), lora)  # b != 0
-  with_lora = M.hidden_states(model, M.merge_params(tiny_base, lora), TOKENS)
-  folded = M.fold_lora(tiny_base, lora)
+  with_lora = M.hidden_states(model, P.merge_params(tiny_base, lora), TOKENS)
+  folded = P.fold_lora(tiny_base, lora)
   merged = M.hidden_states(M.make_model("tiny"), folded, TOKENS)
   np.testing.assert_allclose(np.asarray(merged), np.asarray(with_lora), atol=2e-4, rtol=2e-4)
   base_only = M.hidden_states(M.make_model("tiny"), tiny_base, TOKENS)
@@ -269,11 +270,11 @@ def test_load_base_params_shape_mismatch_from_a_saved_checkpoint(tmp_path):
 
 
 def test_official_checkpoint_loader_round_trip(tiny_base, tmp_path):
-  from lora_squeeze.weights import checkpoints  # pylint: disable=import-outside-toplevel
+  from lora_squeeze.weights import pretrained  # pylint: disable=import-outside-toplevel
 
   with ocp.StandardCheckpointer() as ckpt:
     ckpt.save(tmp_path / "ckpt", jax.tree.map(np.asarray, tiny_base))
-  restored = checkpoints.load_orbax_params(tmp_path / "ckpt", text_only=True)
+  restored = pretrained.load_orbax_params(tmp_path / "ckpt", text_only=True)
   assert jax.tree.structure(restored) == jax.tree.structure(tiny_base)
   for x, y in zip(jax.tree.leaves(restored), jax.tree.leaves(tiny_base)):
     np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y))
@@ -329,7 +330,7 @@ def test_fold_lora_matches_gemmas_lora_einsum(target, rank, dims, seed):
   w = rng.normal(size=shape).astype(np.float32)
   base = traverse_util.unflatten_dict({("layer_0", *weight_path): w})
   lora = traverse_util.unflatten_dict({("layer_0", *wrapper, "lora", "a"): a, ("layer_0", *wrapper, "lora", "b"): b})
-  folded = M._flatten(M.fold_lora(base, lora))[("layer_0", *weight_path)]  # pylint: disable=protected-access
+  folded = P.flatten(P.fold_lora(base, lora))[("layer_0", *weight_path)]
   x_shape = [2, 3] + [dict(zip(eqn.split(",")[1].split("-")[0], shape))[c] for c in eqn.split(",")[0][2:]]
   x = rng.normal(size=x_shape).astype(np.float32)
   want = np.einsum(eqn, x, w) + np.einsum(lora_eqn, x, a, b)

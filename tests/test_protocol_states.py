@@ -7,7 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from experiments import common
+from experiments import cells as cells_lib
+from experiments import grid
+from experiments import presets
+from experiments import results as results_lib
 from experiments import protocol_table
 from experiments import retention
 from lora_squeeze import protocols
@@ -27,7 +30,7 @@ def _finish(workdir, cells, accuracy, retention_of):
   accuracy `accuracy(cell, coords)` (0/1 over 200 items, its mean the score) and option NLL
   1 - accuracy; one squeeze record per trunk Squeeze with retention_of(cell, r_src, r_tgt)."""
   for cell in cells:
-    common.claim_run_dir(workdir, cell)
+    cells_lib.claim_run_dir(workdir, cell)
     evals = {}
     for tag, coords in cell.evals.items():
       items = accuracy(cell, coords)
@@ -51,7 +54,7 @@ def _finish(workdir, cells, accuracy, retention_of):
           }
         )
         rank = item.rank
-    train_dir = common.run_dir(workdir, cell) / common.TRAIN_DIR
+    train_dir = cells_lib.run_dir(workdir, cell) / cells_lib.TRAIN_DIR
     train_dir.mkdir(parents=True, exist_ok=True)
     (train_dir / "results.json").write_text(json.dumps({"complete": True, "evals": evals, "squeezes": squeezes}))
 
@@ -136,9 +139,9 @@ def test_table_and_project_minus_reset_comparisons(tmp_path):
   _finish(tmp_path, cells, accuracy, retention_of=lambda cell, r_src, r_tgt: 0.5)
   # A cell finished before the label existed (cell.json without it) reads as reset.
   old = next(c for c in cells if c.name == "a/in_squeeze_r4_to_r1_s2")
-  record = json.loads((common.run_dir(tmp_path, old) / common.CELL_FILE).read_text())
+  record = json.loads((cells_lib.run_dir(tmp_path, old) / cells_lib.CELL_FILE).read_text())
   del record["labels"]["optimizer_state"]
-  (common.run_dir(tmp_path, old) / common.CELL_FILE).write_text(json.dumps(record))
+  (cells_lib.run_dir(tmp_path, old) / cells_lib.CELL_FILE).write_text(json.dumps(record))
 
   body = protocol_table.run_study(study, workdir=tmp_path, train=False, log=lambda line: None)
   columns = protocol_table.protocol_names(study)
@@ -214,14 +217,14 @@ def test_a_project_in_squeeze_cell_with_adamw_runs_in_the_real_trainer(tmp_path,
   warn, an error here) and the stages after them start at their full lr (no warmup)."""
   study = _study()
   study.tasks, study.seeds = ("boolq",), (42,)
-  base = common.apply_overrides(common.training_config(study), {"optim.name": "adamw"})
-  cells = protocol_table.cells(study, common.lr_table(study, base))
+  base = presets.apply_overrides(presets.training_config(study), {"optim.name": "adamw"})
+  cells = protocol_table.cells(study, presets.lr_table(study, base))
   cell = next(c for c in cells if c.name == "boolq/in_squeeze_min_r4_to_r1_project_s42")
-  common.run_cells([cell], workdir=tmp_path, base_config=base, log=lambda line: None)
+  grid.run_cells([cell], workdir=tmp_path, base_config=base, log=lambda line: None)
   assert capsys.readouterr().out.count("optimizer state projected into the squeezed basis (next stage: warmup 0)") == 2
-  results = common.cell_results(common.run_dir(tmp_path, cell))
+  results = results_lib.cell_results(cells_lib.run_dir(tmp_path, cell))
   assert set(results.scores) == {"in_min_steps_r4_to_r1"} and [s["r_tgt"] for s in results.squeezes] == [2, 1]
-  train_dir = common.run_dir(tmp_path, cell) / common.TRAIN_DIR
+  train_dir = cells_lib.run_dir(tmp_path, cell) / cells_lib.TRAIN_DIR
   config = json.loads((train_dir / "run_config.json").read_text())["config"]
   assert (config["optimizer_state_at_squeeze"], config["optim"]["name"]) == ("project", "adamw")
   records = [json.loads(line) for line in (train_dir / "metrics.jsonl").read_text().splitlines()]
@@ -237,10 +240,10 @@ def test_reduced_preset_with_both_states_builds_valid_training_configs():
 
   study = protocol_table.get_config("reduced")
   study.optimizer_states = ("reset", "project")
-  base = common.training_config(study)
-  cells = protocol_table.cells(study, common.lr_table(study, base))
+  base = presets.training_config(study)
+  cells = protocol_table.cells(study, presets.lr_table(study, base))
   assert len(cells) == 1 + 2 * 3  # per seed: direct+30; cont+30, in_squeeze, in_squeeze_min per state
   for cell in cells:
-    config = common.apply_overrides(base, cell.overrides)
+    config = presets.apply_overrides(base, cell.overrides)
     config_lib.validate(config)
     assert config.optimizer_state_at_squeeze == cell.labels["optimizer_state"]

@@ -4,13 +4,15 @@ writer reads back through the reader experiments/ uses; metrics.jsonl truncates 
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from experiments import common  # noqa: E402
+from experiments import grid, results  # noqa: E402
 from lora_squeeze import checkpoint as ckpt_lib  # noqa: E402
+from lora_squeeze import durations  # noqa: E402
 from lora_squeeze.train import progress, run_dir  # noqa: E402
 
 
@@ -25,7 +27,7 @@ def test_names_are_the_workdir_guards():
 
 
 def test_results_round_trip_and_the_experiments_reader(tmp_path):
-  assert run_dir.read_results(tmp_path) is None and common.read_run_results(tmp_path) is None
+  assert run_dir.read_results(tmp_path) is None and results.read_run_results(tmp_path) is None
   squeeze = {
     "r_src": 4,
     "r_tgt": 2,
@@ -41,11 +43,11 @@ def test_results_round_trip_and_the_experiments_reader(tmp_path):
   written = json.loads((tmp_path / "results.json").read_text())
   assert written == run_dir.read_results(tmp_path)
   assert written["squeezes"] == [{k: v for k, v in squeeze.items() if k != "modules"}]
-  assert common.read_run_results(tmp_path) is None  # not complete yet
+  assert results.read_run_results(tmp_path) is None  # not complete yet
   run_dir.write_results(
     tmp_path, complete=True, run_id="abc", global_step=7, evals=evals, squeezes=[squeeze], config={"x": 1}
   )
-  got = common.read_run_results(tmp_path)
+  got = results.read_run_results(tmp_path)
   assert got.scores == {"r4_to_r2": 50.0} and got.nll == {"r4_to_r2": 1.25}
   assert got.squeezes == ({"r_src": 4, "r_tgt": 2, "method": "qr_core", "retention": 0.75, "curve": [0.5, 0.75]},)
 
@@ -67,8 +69,11 @@ def test_metrics_log_truncates_to_a_checkpoints_byte_size_or_step(tmp_path):
 
 
 def test_one_duration_format_for_the_trainer_and_the_grid():
-  assert common.format_duration is progress.format_duration
+  assert grid.format_duration is progress.format_duration
   assert [progress.format_duration(s) for s in (0.4, 62, 3725, float("nan"))] == ["0s", "1m02s", "1h02m05s", "?"]
+  assert progress.format_duration is durations.format_duration  # also the squeeze command's
+  assert durations.eta(10.0, 2, 5) == 15.0 and durations.eta(10.0, 5, 5) == 0.0
+  assert math.isnan(durations.eta(0.0, 0, 5))  # no rate before the first unit: printed as '?'
   line = progress.train_line(
     global_step=3,
     total_steps=10,

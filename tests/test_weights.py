@@ -200,9 +200,9 @@ def test_real_270m_counts_on(gemma3_270m_params, gemma3_tokenizer):
 
 @pytest.mark.slow
 def test_real_270m_params_are_cached_and_verified(gemma3_270m_params):
-  from lora_squeeze.weights import checkpoints  # pylint: disable=import-outside-toplevel
+  from lora_squeeze.weights import pretrained  # pylint: disable=import-outside-toplevel
 
-  entry = cache_lib.cache_root() / checkpoints.GGUF_CACHE_ENTRY
+  entry = cache_lib.cache_root() / pretrained.GGUF_CACHE_ENTRY
   manifest = json.loads((entry / "manifest.json").read_text())
   assert manifest["arrays"]["layer_0/attn/q_einsum/w"]["shape"] == [4, 640, 256]
   assert len(manifest["arrays"]) == len(jax.tree.leaves(gemma3_270m_params))

@@ -20,7 +20,7 @@ import time
 
 from absl import flags, logging
 
-from lora_squeeze import squeeze
+from lora_squeeze import durations, squeeze
 from lora_squeeze.errors import UserInputError
 from lora_squeeze.adapters.squeeze_adapter import ModuleRow, squeeze_adapter
 
@@ -69,10 +69,10 @@ def main(argv: list[str]) -> None:
     if _QUIET.value:
       return
     elapsed = time.perf_counter() - start
-    eta = elapsed / (i + 1) * (n - i - 1)
+    left = durations.eta(elapsed, i + 1, n)
     print(
       f"[{i + 1}/{n}] {row.name}: r {row.r_src} -> {row.r_tgt}, V_r {row.retention:.4f} "
-      f"({elapsed:.1f}s elapsed, ETA {eta:.1f}s)",
+      f"({durations.format_duration(elapsed)} elapsed, ETA {durations.format_duration(left)})",
       file=sys.stderr,
       flush=True,
     )

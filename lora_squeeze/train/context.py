@@ -20,10 +20,10 @@ from lora_squeeze import multihost
 from lora_squeeze import optim
 from lora_squeeze import protocols
 from lora_squeeze import sharding as sharding_lib
+from lora_squeeze.param_trees import Params
 from lora_squeeze.train import run_dir
 from lora_squeeze.train import step as step_lib
 
-Params = Any
 # (rank, lora_params) -> metrics of the adapter, e.g. {"accuracy": 0.71}; the first key is its score.
 Evaluator = Callable[[int, Params], Mapping[str, float]]
 

@@ -1,29 +1,15 @@
 """What a run prints: durations (ETA), the periodic train line and the final table of evaluations.
 
-The runner and experiments/ (its grid ETA) format durations with the one function here.
+Durations (the ETA) are formatted by lora_squeeze.durations, the one format of every progress line.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from lora_squeeze import bootstrap
-
-
-def format_duration(seconds: float) -> str:
-  """62 -> '1m02s', 3725 -> '1h02m05s', NaN -> '?'."""
-  if not math.isfinite(seconds):
-    return "?"
-  seconds = int(round(seconds))
-  hours, rest = divmod(seconds, 3600)
-  minutes, secs = divmod(rest, 60)
-  if hours:
-    return f"{hours}h{minutes:02d}m{secs:02d}s"
-  if minutes:
-    return f"{minutes}m{secs:02d}s"
-  return f"{secs}s"
+from lora_squeeze.durations import format_duration
 
 
 def train_line(

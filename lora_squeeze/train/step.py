@@ -25,10 +25,10 @@ import numpy as np
 import optax
 
 from lora_squeeze import model as model_lib
+from lora_squeeze import param_trees
 from lora_squeeze import optim
 from lora_squeeze import sharding as sharding_lib
-
-Params = Any
+from lora_squeeze.param_trees import Params
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -105,7 +105,7 @@ def target_nll(
 
 def loss_fn(lora: Params, base: Params, batch: Mapping[str, jax.Array], *, model, max_targets: int):
   """Mean NLL over all target tokens of the batch; returns (loss, number of target tokens)."""
-  params = model_lib.merge_params(base, lora)
+  params = param_trees.merge_params(base, lora)
   nll, weights = target_nll(
     model, params, batch["tokens"], batch["target_mask"], max_targets=max_targets, images=batch.get("images")
   )

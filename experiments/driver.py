@@ -1,0 +1,52 @@
+"""The command line every study driver shares: `--config=<driver>.py:<preset> --workdir=... [--report_only]`.
+
+python -m experiments.heatmap --config=experiments/heatmap.py:reduced --workdir=/tmp/heatmap
+"""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+
+def define_driver_flags() -> None:
+  """--config (a study config file[:preset]), --workdir and --report_only, defined when a driver runs.
+
+  Defined on demand rather than at import, so that tests can import every driver in one process.
+  """
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
+  config_flags.DEFINE_config_file(
+    "config", None, "study config: file.py[:preset], e.g. experiments/heatmap.py:reduced", lock_config=True
+  )
+  flags.DEFINE_string("workdir", None, "study folder: runs/, rows, tables and plots")
+  flags.DEFINE_bool("report_only", False, "rebuild tables and plots from the finished runs, train nothing")
+  flags.mark_flags_as_required(["config", "workdir"])
+
+
+def driver_main(run_study: Callable[..., Any]) -> Callable[[Sequence[str]], None]:
+  """The absl main of a driver: run_study(config, workdir=..., train=not --report_only)."""
+
+  def main(argv: Sequence[str]) -> None:
+    from absl import app, flags  # pylint: disable=g-import-not-at-top
+
+    from absl import logging  # pylint: disable=g-import-not-at-top
+
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments: {list(argv[1:])}")
+    if not flags.FLAGS["verbosity"].present:
+      logging.set_verbosity(logging.WARNING)  # Orbax logs every checkpoint write at INFO
+    if not flags.FLAGS.report_only:
+      from lora_squeeze import sharding  # pylint: disable=g-import-not-at-top
+
+      sharding.maybe_initialize_distributed()  # a multi-host job: before any other JAX call
+    try:
+      run_study(flags.FLAGS.config, workdir=pathlib.Path(flags.FLAGS.workdir), train=not flags.FLAGS.report_only)
+    except ValueError as e:
+      # Bad config or folder: the message says what to change. ValueError, not only UserInputError,
+      # while protocol_table.py still raises ValueError for its ranks.
+      raise SystemExit(f"{pathlib.Path(argv[0]).name}: {e}") from None
+
+  return main

@@ -1,0 +1,100 @@
+"""The studies' figures (matplotlib, headless): an annotated diverging heatmap and line plots."""
+
+from __future__ import annotations
+
+import math
+import pathlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # Drivers run headless (CI, servers); must precede the pyplot import.
+import matplotlib.colors as mcolors  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from lora_squeeze import atomic  # noqa: E402
+
+
+def save_figure(fig: plt.Figure, path: pathlib.Path) -> None:
+  """Saves a PNG atomically (lora_squeeze.atomic) and closes the figure."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  try:
+    with atomic.atomic_output(path, force=True) as target:
+      fig.savefig(target, format="png", dpi=120, bbox_inches="tight")
+  finally:
+    plt.close(fig)
+
+
+def plot_heatmap(
+  values: np.ndarray,
+  *,
+  row_labels: Sequence[Any],
+  col_labels: Sequence[Any],
+  path: pathlib.Path,
+  title: str,
+  xlabel: str,
+  ylabel: str,
+  cbar_label: str,
+  fmt: str = "{:+.1f}",
+) -> None:
+  """An annotated diverging heatmap, red = positive, blue = negative, white = 0; NaN cells left blank.
+
+  values: (len(row_labels), len(col_labels)); rows are drawn top to bottom in the given order.
+  """
+  values = np.asarray(values, dtype=float)
+  if values.shape != (len(row_labels), len(col_labels)):
+    raise ValueError(f"heatmap values have shape {values.shape}, labels need {(len(row_labels), len(col_labels))}")
+  finite = values[np.isfinite(values)]
+  limit = float(np.max(np.abs(finite))) if finite.size else 1.0
+  limit = limit if limit > 0 else 1.0
+  fig, ax = plt.subplots(figsize=(1.0 + 0.8 * len(col_labels), 1.0 + 0.6 * len(row_labels)))
+  image = ax.imshow(np.ma.masked_invalid(values), cmap="RdBu_r", norm=mcolors.Normalize(-limit, limit), aspect="auto")
+  ax.set_xticks(range(len(col_labels)), [str(c) for c in col_labels])
+  ax.set_yticks(range(len(row_labels)), [str(r) for r in row_labels])
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
+  for i in range(values.shape[0]):
+    for j in range(values.shape[1]):
+      if np.isfinite(values[i, j]):
+        strong = abs(values[i, j]) > 0.6 * limit  # white text on the dark ends of the colormap
+        ax.text(
+          j, i, fmt.format(values[i, j]), ha="center", va="center", fontsize=8, color="white" if strong else "black"
+        )
+  fig.colorbar(image, ax=ax, label=cbar_label)
+  save_figure(fig, path)
+
+
+def plot_lines(
+  series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+  *,
+  path: pathlib.Path,
+  title: str,
+  xlabel: str,
+  ylabel: str,
+  x_scale: str = "log2",
+) -> None:
+  """One line with markers per series name -> (xs, ys); x_scale "log2" (ranks, ticks at the data)
+  or "log10" (learning rates)."""
+  if x_scale not in ("log2", "log10"):
+    raise ValueError(f"x_scale must be 'log2' or 'log10', got {x_scale!r}")
+  fig, ax = plt.subplots(figsize=(5.5, 3.8))
+  for name, (xs, ys) in series.items():
+    ax.plot(xs, ys, marker="o", markersize=3 if len(xs) > 12 else 6, label=name)
+  if x_scale == "log10":
+    ax.set_xscale("log")
+  else:
+    ax.set_xscale("log", base=2)
+    ticks = sorted({x for xs, _ in series.values() for x in xs})
+    powers = [t for t in ticks if t > 0 and math.log2(t).is_integer()]
+    ticks = powers if len(ticks) > 12 and powers else ticks  # dense curves: label the powers of two
+    ax.set_xticks(ticks, [str(int(t)) if float(t).is_integer() else str(t) for t in ticks])
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  save_figure(fig, path)

@@ -1,0 +1,166 @@
+"""Reading a study back from disk: the trainer's results per cell, and the rows the reports use.
+
+    collect_rows / collect_squeeze_rows / collect_items   (only the files under <workdir>/runs)
+        -> select / mean_score                            (the groupings the tables and plots use)
+
+The trainer's files are read in exactly one place, `read_run_results`, through
+lora_squeeze.train.run_dir (the one definition of the run folder); nothing else here knows their
+format. A report never depends on what is in memory, so `--report_only` rebuilds it from the files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from experiments import cells as cells_lib
+from experiments.cells import Row
+from lora_squeeze.train import run_dir as run_dir_lib
+from lora_squeeze.errors import UserInputError
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunResults:
+  """What a finished run left on disk, in the drivers' terms.
+
+  Attributes:
+    scores: evaluation tag -> task score in percent (the first metric the evaluator returned).
+    nll: evaluation tag -> option_nll (nats; scored tasks only, see lora_squeeze.evaluate).
+    squeezes: one record per squeeze the plan made: r_src, r_tgt, method, retention (Eq. 10 over
+      all modules of the adapter) and curve (V_r of the squeezed adapter at every r = 1..r_src, or
+      None in results written before the trainer recorded it).
+    failure: the error of a run that diverged (then no scores), else None.
+  """
+
+  scores: Mapping[str, float]
+  squeezes: tuple[Mapping[str, Any], ...]
+  failure: str | None = None
+  nll: Mapping[str, float] = dataclasses.field(default_factory=dict)
+  # evaluation tag -> per-item scores {"accuracy": [0/1, ...], "option_nll": [...]} (experiments/stats.py)
+  items: Mapping[str, Mapping[str, Sequence[float]]] = dataclasses.field(default_factory=dict)
+
+
+def read_run_results(train_dir: pathlib.Path) -> RunResults | None:
+  """The results of a finished run in `train_dir`, or None while it is missing or not finished.
+
+  ADAPTER: the one function that reads the trainer's results, through lora_squeeze.train.run_dir
+  (results.json = {"complete", "evals": {tag: {"score", "metrics", ...}}, "squeezes": [...]}).
+  """
+  results = run_dir_lib.read_results(train_dir)
+  if results is None or not results.get("complete", False):
+    return None
+  scores = {tag: 100.0 * float(ev["score"]) for tag, ev in results["evals"].items() if ev.get("score") is not None}
+  nll = {
+    tag: float(ev["metrics"]["option_nll"])
+    for tag, ev in results["evals"].items()
+    if "option_nll" in ev.get("metrics", {})
+  }
+  squeezes = tuple(
+    {
+      "r_src": s["r_src"],
+      "r_tgt": s["r_tgt"],
+      "method": s["method"],
+      "retention": float(s["overall_retention"]),
+      "curve": s.get("retention_curve"),
+    }
+    for s in results.get("squeezes", ())
+  )
+  items = {tag: ev["per_item"] for tag, ev in results["evals"].items() if ev.get("per_item")}
+  return RunResults(scores=scores, squeezes=squeezes, nll=nll, items=items)
+
+
+def cell_results(path: pathlib.Path) -> RunResults | None:
+  """Results of the cell folder `path`: the run's, a failure record, or None while unfinished."""
+  failed = pathlib.Path(path) / cells_lib.FAILED_FILE
+  if failed.exists():
+    with open(failed) as f:
+      return RunResults(scores={}, squeezes=(), failure=json.load(f)["error"])
+  return read_run_results(cells_lib.train_dir(path))
+
+
+def _finished_cells(workdir: pathlib.Path) -> tuple[list[tuple[dict[str, Any], RunResults]], list[str]]:
+  """(cell record, results) of every finished cell under `<workdir>/runs`, and the unfinished names."""
+  finished, unfinished = [], []
+  for cell_file in sorted((pathlib.Path(workdir) / cells_lib.RUNS_DIR).rglob(cells_lib.CELL_FILE)):
+    with open(cell_file) as f:
+      cell = json.load(f)
+    results = cell_results(cell_file.parent)
+    if results is None:
+      unfinished.append(cell["name"])
+    else:
+      finished.append((cell, results))
+  return finished, unfinished
+
+
+def collect_rows(workdir: pathlib.Path) -> tuple[list[Row], list[str]]:
+  """Score rows of every finished cell under `<workdir>/runs`, and the names of unfinished ones.
+
+  One row per (cell, listed evaluation tag): the cell's labels, the tag's coordinates, `tag`, `cell`
+  and `score` (NaN for a failed run, with its error in `failure`), and `nll` where the evaluator
+  gave option_nll (NaN for a failed run). Built only from the files, so a report never depends on
+  what is in memory.
+  """
+  rows = []
+  finished, unfinished = _finished_cells(workdir)
+  for cell, results in finished:
+    if results.failure is not None:
+      rows += [
+        {
+          **cell["labels"],
+          **coords,
+          "tag": tag,
+          "cell": cell["name"],
+          "score": math.nan,
+          "nll": math.nan,
+          "failure": results.failure,
+        }
+        for tag, coords in cell["evals"].items()
+      ]
+      continue
+    for tag, coords in cell["evals"].items():
+      if tag not in results.scores:
+        raise UserInputError(
+          f"cell {cell['name']!r} finished without a score for {tag!r}; it has {sorted(results.scores)}"
+        )
+      row = {**cell["labels"], **coords, "tag": tag, "cell": cell["name"], "score": results.scores[tag]}
+      if tag in results.nll:
+        row["nll"] = results.nll[tag]
+      rows.append(row)
+  return rows, unfinished
+
+
+def collect_items(workdir: pathlib.Path) -> dict[tuple[str, str], Mapping[str, Sequence[float]]]:
+  """Per-item scores of every finished cell: (cell name, evaluation tag) -> {metric: [per item]}."""
+  finished, _ = _finished_cells(workdir)
+  return {(cell["name"], tag): per_item for cell, results in finished for tag, per_item in results.items.items()}
+
+
+def collect_squeeze_rows(workdir: pathlib.Path) -> tuple[list[Row], list[str]]:
+  """One row per squeeze of every finished cell: the cell's labels, r_src, r_tgt, method, retention."""
+  finished, unfinished = _finished_cells(workdir)
+  rows = [
+    {**cell["labels"], **squeeze, "cell": cell["name"]} for cell, results in finished for squeeze in results.squeezes
+  ]
+  return rows, unfinished
+
+
+def select(rows: Iterable[Row], **where: Any) -> list[Row]:
+  """Rows whose fields equal every `where` value (a missing field never matches)."""
+  missing = object()
+  return [r for r in rows if all(r.get(k, missing) == v for k, v in where.items())]
+
+
+def mean_score(rows: Iterable[Row], key: Callable[[Row], Any], *, field: str = "score") -> dict[Any, float]:
+  """Mean `field` ("score", or "nll") per group: the average over tasks and seeds that the paper's
+  figures report. Rows without the field are left out; a group with none is absent."""
+  groups: dict[Any, list[float]] = {}
+  for row in rows:
+    if field in row:
+      groups.setdefault(key(row), []).append(float(row[field]))
+  return {k: float(np.mean(v)) for k, v in groups.items()}
