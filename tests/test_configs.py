@@ -63,7 +63,8 @@ def test_default_is_the_embedded_post_squeeze_run():
     "",
   )
   assert config.optim.multiply_by_parameter_scale is False
-  plan = protocols.post_squeeze(r_src=16, steps=60, lr=0.001, targets=(4, 1), warmup=5)
+  plan = protocols.post_squeeze(r_src=16, steps=60, lr=0.001, targets=(4, 1), warmup=5, direct_baselines=(1,))
+  assert protocols.baseline_tags(plan) == ("direct_r1",)
   assert common.make_plan(config) == (protocols.Evaluate(tag="zero_shot"), *plan)
   config.eval.zero_shot = False
   assert common.make_plan(config) == plan
