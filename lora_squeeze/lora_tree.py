@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_squeeze import squeeze, validation
+from lora_squeeze import squeeze, squeeze_base, squeeze_qr_core, validation
 
 _LORA_KEYS = frozenset({"a", "b"})
 
@@ -379,7 +379,7 @@ def _qr_core_all_jit(arrays, *, layout, precision):
     r_src = group_arrays[0][0].shape[-1]
     a = jnp.stack([x.reshape(*stack, -1, r_src) for x, _ in group_arrays])
     b = jnp.stack([y.reshape(*stack, r_src, -1) for _, y in group_arrays])
-    a_t, b_t, s_all, finite = squeeze._qr_core_batched(  # pylint: disable=protected-access
+    a_t, b_t, s_all, finite = squeeze_qr_core.qr_core_batched(
       a, b, None, rank=r_tgt, core="svd", oversample=0, power_iters=0, precision=precision
     )
     modules = tuple(
@@ -394,13 +394,13 @@ def _qr_core_all(groups: list[list[_Module]], ranks: dict[str, int], precision: 
   """Runs _qr_core_all_jit; returns ({path: {'a', 'b'}}, [s_all of each group as numpy])."""
   arrays = tuple(tuple((m.raw_a, m.raw_b) for m in group) for group in groups)
   with jax.enable_x64(True):
-    results = squeeze._run_single_threaded_lapack(  # pylint: disable=protected-access
+    results = squeeze_base.run_single_threaded_lapack(
       lambda: _qr_core_all_jit(arrays, layout=_layout(groups, ranks), precision=precision)
     )
   squeezed, spectra = {}, []
   for group, (modules, s_all, finite) in zip(groups, results):
     try:
-      squeeze._raise_if_nonfinite(finite)  # pylint: disable=protected-access
+      squeeze_base.raise_if_nonfinite(finite)
     except squeeze.NonFiniteError as err:
       member, *layer = err.batch_index
       where = f" (stacked index {tuple(layer)})" if layer else ""

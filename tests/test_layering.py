@@ -26,6 +26,9 @@ LAYERS = (
   # Leaves: pure math and plans, file formats, run checkpoints, device meshes; task types.
   (
     "protocols",
+    "squeeze_base",
+    "squeeze_rsvd",
+    "squeeze_qr_core",
     "squeeze",
     "multihost",
     "sharding",
