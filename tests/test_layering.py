@@ -43,6 +43,7 @@ LAYERS = (
   ),
   # Built on the leaves: LoRA pytrees, weights and tokenizer, task definitions, batching, adapters.
   (
+    "lora_tree_types",
     "lora_tree",
     "opt_state_projection",
     "adapter_size",
