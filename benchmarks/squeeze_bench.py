@@ -6,6 +6,7 @@ gemma configs (gm.nn.Gemma3_*.config) for the q, kv, o (attn_vec), gating and li
 
     .venv/bin/python benchmarks/squeeze_bench.py            # 270M, 1B, 4B, 27B × r_src {16,64,128} → r_tgt {1,8}
     .venv/bin/python benchmarks/squeeze_bench.py --quick    # a few shapes
+    .venv/bin/python benchmarks/squeeze_bench.py --whole-4b # only the whole 4B adapter vs numpy's full SVD (~3 min)
 
 Then it times the whole Gemma 3 4B adapter (every module, r=128 → 8): qr_core and rsvd_factored
 through ``lora_tree.squeeze_tree`` end to end; svd and rsvd as (time of each distinct module
@@ -31,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_squeeze import lora_tree, squeeze
+from lora_squeeze import lora_tree, squeeze, squeeze_base
 
 METHOD_LABELS = {
   "svd": "(i) svd(ΔW)",
@@ -119,7 +120,7 @@ def gemma4b_tree(rng: np.random.Generator, r: int) -> tuple[dict, dict[str, int]
   return tree, {target: n_layers for target in shapes}
 
 
-def qr_core_variants(tree: dict, *, reps: int) -> dict[str, dict]:
+def qr_core_variants(tree: dict, *, reps: int, only: tuple[str, ...] | None = None) -> dict[str, dict]:
   """The whole-adapter qr_core time, one way at a time, measured in turns (best of ``reps``).
 
   * one call per tree: ``squeeze_tree`` (every group, reshape and stack in one compiled call);
@@ -128,7 +129,11 @@ def qr_core_variants(tree: dict, *, reps: int) -> dict[str, dict]:
   * one call per module: ``squeeze.qr_core`` on each of the 170 modules;
   * float32 path: ``squeeze_tree(precision="float32")`` (Householder QR, what TPUs run);
   * float64 Gram floor: only the float64 Gram products aᵀa and b bᵀ of every module, in one
-    compiled call: the arithmetic no exact float64 path can skip.
+    compiled call: the arithmetic no exact float64 path can skip;
+  * r×r LAPACK floor: the two Cholesky factorizations and the SVD of a 128×128 float64 core per
+    module (170 of each, one batched call each, one OpenBLAS thread as qr_core runs them).
+
+  ``only``: the names of the variants to measure (default all).
   """
   modules = [lora_tree._as_matrices(p, m, 0) for p, m in lora_tree.find_lora_modules(tree).items()]  # noqa: SLF001
   groups = lora_tree._group_by_shape(modules, {m.path: 8 for m in modules})  # noqa: SLF001
@@ -145,6 +150,17 @@ def qr_core_variants(tree: dict, *, reps: int) -> dict[str, dict]:
     with jax.enable_x64(True):
       return gram_floor(pairs)
 
+  cores = jnp.asarray(np.random.default_rng(1).standard_normal((len(modules), 128, 128)))
+
+  @jax.jit
+  def lapack_floor(m):
+    spd = m @ jnp.swapaxes(m, -1, -2) + 128 * jnp.eye(128, dtype=m.dtype)  # positive definite, like a Gram
+    return jnp.linalg.cholesky(spd), jnp.linalg.cholesky(spd), jnp.linalg.svd(m)
+
+  def lapack():
+    with jax.enable_x64(True):
+      return squeeze_base.run_single_threaded_lapack(lambda: lapack_floor(cores.astype(jnp.float64)))
+
   variants = {
     "one call per tree (squeeze_tree)": lambda: lora_tree.squeeze_tree(tree, 8)[0],
     "one call per group": lambda: [
@@ -153,7 +169,10 @@ def qr_core_variants(tree: dict, *, reps: int) -> dict[str, dict]:
     "one call per module": lambda: [squeeze.qr_core(a, b, 8) for a, b in pairs],
     "float32 path, one call per tree": lambda: lora_tree.squeeze_tree(tree, 8, precision="float32")[0],
     "float64 Gram products alone (floor)": floor,
+    "r×r LAPACK work alone (2 Cholesky + SVD per module, float64)": lapack,
   }
+  if only is not None:
+    variants = {name: fn for name, fn in variants.items() if name in only}
   firsts = {}
   for name, fn in variants.items():
     start = time.perf_counter()
@@ -169,6 +188,68 @@ def qr_core_variants(tree: dict, *, reps: int) -> dict[str, dict]:
   for name, cell in out.items():
     print(f"  qr_core {name:40s} {cell['time_s']:9.3f} s warm (first call {cell['first_s']:.2f} s)", flush=True)
   return out
+
+
+def numpy_full_svd(rng: np.random.Generator, counts: dict[str, int]) -> dict:
+  """What full-SVD tools run (PEFT/torch, scipy): form ΔW = a @ b in float32 and take its SVD.
+
+  numpy.linalg.svd (LAPACK gesdd, OpenBLAS on every core), one call per distinct 4B module shape
+  (compiles nothing, so one call is its time) × the number of modules of that shape.
+  """
+  _, shapes = module_shapes("4b")
+  per_shape, total = {}, 0.0
+  for target, (in_dims, out_dims) in shapes.items():
+    m, n = math.prod(in_dims), math.prod(out_dims)
+    a, b = (np.asarray(x) for x in lora_factors(rng, m, n, 128))
+    start = time.perf_counter()
+    np.linalg.svd(a @ b, full_matrices=False)
+    seconds = time.perf_counter() - start
+    per_shape[target] = {"m": m, "n": n, "time_s": seconds, "count": counts[target]}
+    total += seconds * counts[target]
+    print(f"  numpy full SVD of ΔW {target:7s} {m}×{n}: {seconds:.2f} s × {counts[target]}", flush=True)
+  return {
+    "time_s": total,
+    "per_shape": per_shape,
+    "how": "numpy.linalg.svd(a @ b), each distinct shape once × its count",
+  }
+
+
+def whole_4b(args: argparse.Namespace) -> None:
+  """The whole Gemma 3 4B adapter (r = 128 → 8): qr_core against the full SVD, in one run."""
+  load_before = os.getloadavg()
+  rng = np.random.default_rng(0)
+  tree, counts = gemma4b_tree(rng, 128)
+  jax.block_until_ready(tree)
+  only = (
+    "one call per tree (squeeze_tree)",
+    "float32 path, one call per tree",
+    "float64 Gram products alone (floor)",
+    "r×r LAPACK work alone (2 Cholesky + SVD per module, float64)",
+  )
+  variants = qr_core_variants(tree, reps=args.reps, only=only)
+  reference = numpy_full_svd(rng, counts)
+  for cell in variants.values():
+    cell["speedup_vs_full_svd"] = reference["time_s"] / cell["time_s"]
+  result = {
+    "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "jax": jax.__version__},
+    "load_average": {"before": load_before, "after": os.getloadavg()},
+    "n_modules": sum(counts.values()),
+    "full_svd_numpy": reference,
+    "qr_core_variants": variants,
+  }
+  out = args.out or "benchmarks/results/squeeze_bench_4b.json"
+  with open(out + ".tmp", "w") as f:
+    json.dump(result, f, indent=1)
+  os.replace(out + ".tmp", out)
+  print(f"\nwrote {out}\n")
+  print(f"| whole Gemma 3 4B adapter, r 128 → 8 ({result['n_modules']} modules) | time | speed-up over the full SVD |")
+  print("|---|---|---|")
+  print(f"| full SVD of each ΔW (numpy) | {reference['time_s']:.1f} s | 1× |")
+  for name, cell in variants.items():
+    print(
+      f"| qr_core: {name} | {cell['time_s']:.3f} s (first call {cell['first_s']:.1f} s) | {cell['speedup_vs_full_svd']:,.0f}× |"
+    )
+  print(f"\nload average (1, 5, 15 min) before {load_before}, after {result['load_average']['after']}")
 
 
 def markdown(result: dict) -> str:
@@ -238,7 +319,15 @@ def main() -> None:
     action="store_true",
     help="only the whole 4B adapter's qr_core variants (no SVD reference; minutes less)",
   )
+  parser.add_argument(
+    "--whole-4b",
+    action="store_true",
+    help="only the whole 4B adapter: qr_core (squeeze_tree and its floors) against numpy's full SVD of each ΔW",
+  )
   args = parser.parse_args()
+  if args.whole_4b:
+    whole_4b(args)
+    return
   if args.qr_core_only:
     load_before = os.getloadavg()
     tree, counts = gemma4b_tree(np.random.default_rng(0), 128)

@@ -30,112 +30,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_squeeze import squeeze, validation
+from lora_squeeze import squeeze, squeeze_base, squeeze_qr_core
+from lora_squeeze.lora_tree_types import EnergyRank, ModuleReport, RankRules, SqueezeReport
+
+__all__ = ["EnergyRank", "ModuleReport", "RankRules", "SqueezeReport", "find_lora_modules", "squeeze_tree"]
 
 _LORA_KEYS = frozenset({"a", "b"})
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class RankRules:
-  """Per-module target ranks: ordered (regex, rank) pairs; the first ``re.search`` hit on the path wins.
-
-  Example: ``RankRules(rules=((r"/mlp/", 16), (r"q_einsum", 4)), default=8)``. A module that no
-  rule matches gets ``default``; without a default that is an error naming the module.
-  """
-
-  rules: tuple[tuple[str, int], ...]
-  default: int | None = None
-
-  def __post_init__(self):
-    for pair in self.rules:
-      if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str)):
-        raise ValueError(f"each rule must be a (regex, rank) pair, got {pair!r}")
-      try:
-        re.compile(pair[0])
-      except re.error as err:
-        raise ValueError(f"rule pattern {pair[0]!r} is not a valid regex: {err}") from err
-      squeeze.check_rank(pair[1], name=f"rank of rule {pair[0]!r}")
-    if self.default is not None:
-      squeeze.check_rank(self.default, name="default rank")
-
-  def rank_for(self, path: str) -> int:
-    """The target rank of the module at ``path``."""
-    for pattern, rank in self.rules:
-      if re.search(pattern, path):
-        return int(rank)
-    if self.default is None:
-      patterns = [p for p, _ in self.rules]
-      raise ValueError(f"{path}: no rank rule matches this module (patterns {patterns}) and no default is set")
-    return int(self.default)
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class EnergyRank:
-  """One rank for all modules from an energy target.
-
-  r = the smallest rank at which every module keeps at least ``tau`` of its energy
-  (V_r ≥ tau, Eq. 10), capped at ``max_rank``. Every module gets this r, so an adapter with
-  heterogeneous source ranks comes out homogeneous (modules with r_src < r are zero-padded).
-  """
-
-  tau: float
-  max_rank: int | None = None
-
-  def __post_init__(self):
-    validation.fraction("tau", self.tau)
-    if self.max_rank is not None:
-      squeeze.check_rank(self.max_rank, name="max_rank")
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class ModuleReport:
-  """What squeezing did to one module.
-
-  singular_values: (*stack, r_src) all singular values of ΔW, descending (exact, float32).
-  retention: V_r (Eq. 10) of the module, summed over its stacked layers when it has any.
-  """
-
-  path: str
-  r_src: int
-  r_tgt: int
-  singular_values: np.ndarray
-  retention: float
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class SqueezeReport:
-  """Per-module reports and the energy kept over all modules (Σ kept s_i² / Σ all s_i²)."""
-
-  modules: tuple[ModuleReport, ...]
-  overall_retention: float
-  method: str
-
-  def retention_curve(self) -> np.ndarray:
-    """(max r_src,) float64: the overall V_r (Eq. 10 over all modules) at every target rank
-    r = 1, 2, ..., max r_src, as if every module were squeezed to r; 1.0 for an all-zero adapter.
-
-    Entry r_tgt - 1 equals `overall_retention` when every module was squeezed to r_tgt.
-    """
-    r_max = max(m.r_src for m in self.modules)
-    kept = np.zeros(r_max, np.float64)
-    for m in self.modules:
-      energy = np.square(np.asarray(m.singular_values, np.float64)).reshape(-1, m.r_src).sum(axis=0)
-      cumulative = np.cumsum(energy)
-      kept += np.concatenate([cumulative, np.full(r_max - m.r_src, cumulative[-1])])
-    return kept / kept[-1] if kept[-1] > 0 else np.ones(r_max)
-
-  def to_rows(self) -> list[dict[str, Any]]:
-    """One JSON-ready dict per module (path, r_src, r_tgt, retention, singular_values)."""
-    return [
-      {
-        "path": m.path,
-        "r_src": m.r_src,
-        "r_tgt": m.r_tgt,
-        "retention": m.retention,
-        "singular_values": np.asarray(m.singular_values, np.float64).tolist(),
-      }
-      for m in self.modules
-    ]
 
 
 def find_lora_modules(tree: Any) -> dict[str, Mapping[str, Any]]:
@@ -379,7 +279,7 @@ def _qr_core_all_jit(arrays, *, layout, precision):
     r_src = group_arrays[0][0].shape[-1]
     a = jnp.stack([x.reshape(*stack, -1, r_src) for x, _ in group_arrays])
     b = jnp.stack([y.reshape(*stack, r_src, -1) for _, y in group_arrays])
-    a_t, b_t, s_all, finite = squeeze._qr_core_batched(  # pylint: disable=protected-access
+    a_t, b_t, s_all, finite = squeeze_qr_core.qr_core_batched(
       a, b, None, rank=r_tgt, core="svd", oversample=0, power_iters=0, precision=precision
     )
     modules = tuple(
@@ -394,13 +294,13 @@ def _qr_core_all(groups: list[list[_Module]], ranks: dict[str, int], precision: 
   """Runs _qr_core_all_jit; returns ({path: {'a', 'b'}}, [s_all of each group as numpy])."""
   arrays = tuple(tuple((m.raw_a, m.raw_b) for m in group) for group in groups)
   with jax.enable_x64(True):
-    results = squeeze._run_single_threaded_lapack(  # pylint: disable=protected-access
+    results = squeeze_base.run_single_threaded_lapack(
       lambda: _qr_core_all_jit(arrays, layout=_layout(groups, ranks), precision=precision)
     )
   squeezed, spectra = {}, []
   for group, (modules, s_all, finite) in zip(groups, results):
     try:
-      squeeze._raise_if_nonfinite(finite)  # pylint: disable=protected-access
+      squeeze_base.raise_if_nonfinite(finite)
     except squeeze.NonFiniteError as err:
       member, *layer = err.batch_index
       where = f" (stacked index {tuple(layer)})" if layer else ""

@@ -26,6 +26,9 @@ LAYERS = (
   # Leaves: pure math and plans, file formats, run checkpoints, device meshes; task types.
   (
     "protocols",
+    "squeeze_base",
+    "squeeze_rsvd",
+    "squeeze_qr_core",
     "squeeze",
     "param_trees",
     "answer_metrics",
@@ -42,6 +45,7 @@ LAYERS = (
   ),
   # Built on the leaves: LoRA pytrees, weights and tokenizer, task definitions, batching, adapters.
   (
+    "lora_tree_types",
     "lora_tree",
     "opt_state_projection",
     "adapter_size",

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lora_squeeze import squeeze
+from lora_squeeze import squeeze, squeeze_qr_core
 from lora_squeeze.errors import UserInputError
 
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -349,7 +349,7 @@ def test_float32_path_has_no_float64_anywhere():
   hlo = {}
   for precision in ("float32", "float64"):
     with jax.enable_x64(True):
-      lowered = squeeze._qr_core_jit.lower(
+      lowered = squeeze_qr_core.qr_core_jit.lower(
         a, b, None, rank=3, core="svd", oversample=10, power_iters=2, precision=precision
       )
     hlo[precision] = lowered.as_text()
