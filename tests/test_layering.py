@@ -41,6 +41,7 @@ LAYERS = (
   # Built on the leaves: LoRA pytrees, weights and tokenizer, task definitions, batching, adapters.
   (
     "lora_tree",
+    "sharded_squeeze",
     "opt_state_projection",
     "adapter_size",
     "weights",
