@@ -302,3 +302,40 @@ def test_cli_names_an_unreachable_coordinator_in_one_line_and_writes_nothing(tmp
     .startswith(f"lora-squeeze train: process 1: the coordinator {address} was not reachable within 1 s")
   )
   assert not (tmp_path / "run").exists()
+
+
+def test_detect_cluster_reads_what_srun_or_mpirun_set(monkeypatch):
+  for name in [*os.environ]:
+    if name.startswith(("SLURM_", "OMPI_", "JAX_COORDINATOR")):
+      monkeypatch.delenv(name)
+  assert multihost.detect_cluster(None, None, None, timeout_s=5) == (None, None, None, None)
+  for name, value in slurm_env(61440 + 77)(1).items():
+    monkeypatch.setenv(name, value)
+  assert multihost.detect_cluster(None, None, None, timeout_s=5) == ("127.0.0.1:61517", 2, 1, "slurm")
+  assert multihost.detect_cluster("10.0.0.1:9", 4, None, timeout_s=5) == ("10.0.0.1:9", 4, 1, "slurm")
+  for name in slurm_env(0)(0):
+    monkeypatch.delenv(name, raising=False)
+  for name, value in open_mpi_env(61440 + 5)(0).items():
+    monkeypatch.setenv(name, value)
+  assert multihost.detect_cluster(None, None, None, timeout_s=5) == ("127.0.0.1:61445", 2, 0, "ompi")
+
+
+def test_a_launcher_job_missing_a_process_fails_in_one_line_within_the_timeout(tmp_path):
+  port = free_port_in(61440, 65535)
+  env = {**os.environ, **slurm_env(port)(0), "JAX_PLATFORMS": "cpu"}
+  env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])
+  for name in (multihost.ENV_ADDRESS, multihost.ENV_COUNT, multihost.ENV_ID):
+    env.pop(name, None)
+  command = [sys.executable, "-m", "lora_squeeze.cli", "train", f"--config={HERE.parent / 'configs' / 'default.py'}"]
+  done = subprocess.run(
+    ["timeout", "-s", "KILL", str(LIMIT_S), *command, f"--workdir={tmp_path / 'run'}", "--distributed_timeout=2"],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=LIMIT_S + 30,
+  )
+  assert done.returncode == 1, done.stderr[-3000:]
+  assert done.stderr.strip().splitlines()[-1] == (
+    f"lora-squeeze train: only processes [0] of SLURM_NTASKS=2 reached the coordinator 127.0.0.1:{port} within 2 s"
+  )
+  assert not (tmp_path / "run").exists()
