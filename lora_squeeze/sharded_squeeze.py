@@ -147,18 +147,67 @@ def _compiled(layout, method: str, precision: str, mesh: Mesh, in_shardings, out
   return jax.jit(sharded_squeeze, in_shardings=in_shardings, out_shardings=out_shardings)
 
 
-def _group_keys(key: Any, n_groups: int, mesh: Mesh):
-  """(per-group key data replicated on the mesh, the key's impl or None for raw uint32 keys).
+def _key_impl(key: jax.Array):
+  """The PRNG impl of a typed key (None for a raw uint32 key)."""
+  return jax.random.key_impl(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else None
 
-  The split is lora_tree.squeeze_tree's (one key per group, in group order). It runs on the host
-  and is placed replicated, so every process holds the same keys whatever device `key` is on.
-  """
+
+def _split_key_data(key: jax.Array, n_groups: int) -> jax.Array:
+  """One key per group, as lora_tree.squeeze_tree splits them, as raw key data."""
   keys = jax.random.split(key, n_groups)
-  typed = jnp.issubdtype(keys.dtype, jax.dtypes.prng_key)
-  impl = jax.random.key_impl(keys) if typed else None
-  data = np.asarray(jax.device_get(jax.random.key_data(keys) if typed else keys))
+  return jax.random.key_data(keys) if _key_impl(key) is not None else keys
+
+
+def _prepare(lora, rank, *, mesh, method, key, precision, min_shard_size):
+  """Checks the arguments; returns (modules, layout, jitted function, its factor shardings,
+  whether it takes keys, replicated sharding)."""
+  if method not in squeeze.METHODS:
+    raise ValueError(f"method must be one of {squeeze.METHODS}, got {method!r}")
+  rank = squeeze.check_rank(rank)
+  precision = squeeze.resolve_precision(precision)
+  keyed = method in ("rsvd", "rsvd_factored")
+  if keyed and key is None:
+    raise ValueError(f"method {method!r} is randomized and needs a PRNG key, got key=None")
+  modules = lora_tree.find_lora_modules(lora)
+  for path, module in modules.items():
+    a, b = module["a"], module["b"]
+    try:
+      squeeze.validate_factors(
+        jax.ShapeDtypeStruct((math.prod(a.shape[:-1]), a.shape[-1]), a.dtype),
+        jax.ShapeDtypeStruct((b.shape[0], math.prod(b.shape[1:])), b.dtype),
+      )
+    except ValueError as err:
+      raise ValueError(f"{path}: {err}") from err
+  shardings = {
+    path: sharding_lib.param_shardings(dict(module), mesh, min_size=min_shard_size) for path, module in modules.items()
+  }
+  # Only float64 qr_core is blind to the order of rows and columns: its Cholesky factors (positive
+  # diagonal) are the same for any order. A Householder R (float32 path) may flip the signs of
+  # its rows, and with them those of the SVD's singular vectors (other factors, the same ΔW); the
+  # randomized methods would draw their sketch against permuted columns; "svd" and the Householder
+  # QR gather the factor anyway.
+  permute = method == "qr_core" and precision == "float64"
+  layout = _layout(modules, rank, shardings, permute=permute)
+  fsdp = mesh.shape[sharding_lib.FSDP_AXIS]
   replicated = NamedSharding(mesh, _REPLICATED)
-  return tuple(jax.device_put(d, replicated) for d in data), impl
+  in_shardings, out_shardings = [], []
+  for r_tgt, _, _, members in layout:
+    in_shardings.append(tuple((shardings[m[0]]["a"], shardings[m[0]]["b"]) for m in members))
+    squeezed = []
+    for _, in_dims, out_dims, _, _ in members:
+      spec_a = sharding_lib.param_spec((*in_dims, r_tgt), fsdp, min_size=min_shard_size)
+      spec_b = sharding_lib.param_spec((r_tgt, *out_dims), fsdp, min_size=min_shard_size)
+      squeezed.append((NamedSharding(mesh, spec_a), NamedSharding(mesh, spec_b)))
+    out_shardings.append((tuple(squeezed), replicated, (replicated, replicated)))
+  in_shardings = tuple(in_shardings)
+  key_shardings = (replicated,) * len(layout) if keyed else ()
+  impl = _key_impl(key) if keyed else None
+  fn = _compiled(layout, method, precision, mesh, (in_shardings, key_shardings), tuple(out_shardings), impl)
+  return modules, layout, fn, in_shardings, keyed, replicated
+
+
+def _factors(modules, layout):
+  return tuple(tuple((modules[m[0]]["a"], modules[m[0]]["b"]) for m in members) for *_, members in layout)
 
 
 def squeeze_on_mesh(
@@ -193,57 +242,50 @@ def squeeze_on_mesh(
   Raises:
     ValueError: a bad rank, method, precision, missing key, or a module with non-finite values.
   """
-  if method not in squeeze.METHODS:
-    raise ValueError(f"method must be one of {squeeze.METHODS}, got {method!r}")
-  rank = squeeze.check_rank(rank)
-  precision = squeeze.resolve_precision(precision)
-  if method in ("rsvd", "rsvd_factored") and key is None:
-    raise ValueError(f"method {method!r} is randomized and needs a PRNG key, got key=None")
-  modules = lora_tree.find_lora_modules(lora)
-  for path, module in modules.items():
-    a, b = module["a"], module["b"]
-    try:
-      squeeze.validate_factors(
-        jax.ShapeDtypeStruct((math.prod(a.shape[:-1]), a.shape[-1]), a.dtype),
-        jax.ShapeDtypeStruct((b.shape[0], math.prod(b.shape[1:])), b.dtype),
-      )
-    except ValueError as err:
-      raise ValueError(f"{path}: {err}") from err
-  shardings = {
-    path: sharding_lib.param_shardings(dict(module), mesh, min_size=min_shard_size) for path, module in modules.items()
-  }
-  # Only float64 qr_core is blind to the order of rows and columns: its Cholesky factors (positive
-  # diagonal) are the same for any order. A Householder R (float32 path) may flip the signs of
-  # its rows, and with them those of the SVD's singular vectors (other factors, the same ΔW); the
-  # randomized methods would draw their sketch against permuted columns; "svd" and the Householder
-  # QR gather the factor anyway.
-  permute = method == "qr_core" and precision == "float64"
-  layout = _layout(modules, rank, shardings, permute=permute)
-  fsdp = mesh.shape[sharding_lib.FSDP_AXIS]
-  replicated = NamedSharding(mesh, _REPLICATED)
-  factors, in_shardings, out_shardings = [], [], []
-  for r_tgt, _, _, members in layout:
-    factors.append(tuple((modules[m[0]]["a"], modules[m[0]]["b"]) for m in members))
-    in_shardings.append(tuple((shardings[m[0]]["a"], shardings[m[0]]["b"]) for m in members))
-    squeezed = []
-    for _, in_dims, out_dims, _, _ in members:
-      spec_a = sharding_lib.param_spec((*in_dims, r_tgt), fsdp, min_size=min_shard_size)
-      spec_b = sharding_lib.param_spec((r_tgt, *out_dims), fsdp, min_size=min_shard_size)
-      squeezed.append((NamedSharding(mesh, spec_a), NamedSharding(mesh, spec_b)))
-    out_shardings.append((tuple(squeezed), replicated, (replicated, replicated)))
-  factors = jax.device_put(tuple(factors), tuple(in_shardings))  # a no-op for factors already placed so
-  if method in ("rsvd", "rsvd_factored"):
-    key_data, impl = _group_keys(key, len(layout), mesh)
-  else:
-    key_data, impl = (), None
-  fn = _compiled(
-    layout, method, precision, mesh, (tuple(in_shardings), (replicated,) * len(key_data)), tuple(out_shardings), impl
+  modules, layout, fn, in_shardings, keyed, replicated = _prepare(
+    lora, rank, mesh=mesh, method=method, key=key, precision=precision, min_shard_size=min_shard_size
   )
+  factors = jax.device_put(_factors(modules, layout), in_shardings)  # a no-op for factors already placed so
+  key_data = ()
+  if keyed:
+    # Split on the host and placed replicated: every process holds the same keys, wherever `key` is.
+    data = np.asarray(jax.device_get(_split_key_data(key, len(layout))))
+    key_data = tuple(jax.device_put(d, replicated) for d in data)
   # OpenBLAS (XLA:CPU's LAPACK) on one thread: its spinning workers made the r × r
   # decompositions ~5x slower on shared cores (see lora_squeeze.squeeze).
   with jax.enable_x64(True), threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
     results = jax.block_until_ready(fn(factors, key_data))
   return _assemble(lora, modules, layout, results, method)
+
+
+def compile_on_mesh(
+  lora: Any,
+  rank: int,
+  *,
+  mesh: Mesh,
+  method: str = "qr_core",
+  key: jax.Array | None = None,
+  precision: str = "auto",
+  min_shard_size: int = 1 << 16,
+) -> None:
+  """Compiles what ``squeeze_on_mesh`` with these arguments runs, without running it.
+
+  For the runner's precompiler (a background thread while a stage trains): it starts no
+  computation and so no collective, which another thread could interleave with the train
+  step's in a different order on different processes. `lora` may hold jax.ShapeDtypeStructs.
+  """
+  modules, layout, fn, in_shardings, keyed, replicated = _prepare(
+    lora, rank, mesh=mesh, method=method, key=key, precision=precision, min_shard_size=min_shard_size
+  )
+  factors = jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), _factors(modules, layout), in_shardings
+  )
+  key_data = ()
+  if keyed:
+    data = jax.eval_shape(functools.partial(_split_key_data, n_groups=len(layout)), key)
+    key_data = tuple(jax.ShapeDtypeStruct(data.shape[1:], data.dtype, sharding=replicated) for _ in layout)
+  with jax.enable_x64(True):
+    fn.lower(factors, key_data).compile()
 
 
 def _assemble(lora, modules, layout, results, method):

@@ -8,6 +8,7 @@ case is in tests/test_multiprocess.py.
 """
 
 import json
+import logging
 import os
 import pathlib
 import re
@@ -188,3 +189,20 @@ def test_bad_input_names_the_value():
   bad = {"m": {"a": np.zeros((4, 3), np.float32), "b": np.zeros((2, 4), np.float32)}}
   with pytest.raises(ValueError, match=r"^m: inner ranks differ"):
     sharded_squeeze.squeeze_on_mesh(bad, 1, mesh=mesh)
+
+
+def test_compile_on_mesh_compiles_what_squeeze_on_mesh_then_runs(caplog):
+  host = gemma_like_adapter(3, layers=1)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), host)
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+
+  def compiled_squeezes():
+    return sum("XLA compilation of jit(sharded_squeeze)" in r.getMessage() for r in caplog.records)
+
+  with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+    for rank, method, key in ((4, "qr_core", None), (4, "rsvd_factored", jax.random.key(2))):
+      before = compiled_squeezes()
+      sharded_squeeze.compile_on_mesh(abstract, rank, mesh=mesh, method=method, key=key)
+      assert compiled_squeezes() == before + 1, method
+      sharded_squeeze.squeeze_on_mesh(host, rank, mesh=mesh, method=method, key=key)
+      assert compiled_squeezes() == before + 1, method  # found compiled

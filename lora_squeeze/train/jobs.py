@@ -196,9 +196,19 @@ class Precompiler:
     }
 
     def compile_ahead():
+      from lora_squeeze import sharded_squeeze  # pylint: disable=g-import-not-at-top
+
       try:
         for r_src, squeeze in squeezes:
-          squeeze_on_mesh(ctx, ctx.fresh_lora(r_src), squeeze, ctx.plan_key)
+          sharded_squeeze.compile_on_mesh(  # compiled, not run: no collective from this thread
+            ctx.fresh_lora(r_src),
+            squeeze.rank,
+            mesh=ctx.mesh,
+            method=squeeze.method,
+            key=ctx.plan_key,
+            precision=ctx.setup.squeeze_precision,
+            min_shard_size=ctx.setup.min_shard_size,
+          )
         if stage is not None:
           optimizer = optim.make_optimizer(stage.lr, stage.warmup, ctx.setup.optimizer)
           state = step_lib.init_train_state(
