@@ -7,6 +7,7 @@ one ``jax.jit`` with declared ``in_shardings`` (sharding.param_shardings of the 
 is compiled for), calling the public functions of ``lora_squeeze.squeeze`` on every module.
 No factor is gathered on one device or host; only the singular values (n_modules × r_src) and
 the finiteness flags come back to the host, for the report and the NaN check.
+``compile_on_mesh`` compiles the same program without running it (the runner's precompiler).
 
 How the factors stay split (qr_core in float64, the default on CPU and GPU):
 
