@@ -3,7 +3,8 @@
 Start-up (`initialize`) takes the coordinator address, process count and process id from, in
 this order: explicit arguments (the `lora-squeeze train` flags), the JAX_COORDINATOR_ADDRESS /
 JAX_NUM_PROCESSES / JAX_PROCESS_ID variables, and otherwise JAX's own cluster detection (SLURM,
-Open MPI, TPU pods, which need no arguments at all).
+Open MPI, TPU pods, which need no arguments at all). `detect_cluster` asks JAX for the values it
+would detect, so that the handshake below covers launcher-started jobs too.
 
 Why a handshake before jax.distributed.initialize: when a peer cannot reach the coordinator, or
 the processes disagree on the count, JAX's coordination service does not raise; it aborts the
@@ -107,6 +108,45 @@ def resolve_args(
   return coordinator_address, count, index
 
 
+# The variables that hold a launcher's process count and id (named in errors); JAX reads them.
+_LAUNCHER_NAMES = {
+  "slurm": ("SLURM_NTASKS", "SLURM_PROCID"),
+  "ompi": ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"),
+  "mpi4py": ("the MPI world size", "the MPI rank"),
+}
+
+
+def detect_cluster(
+  coordinator_address: str | None, num_processes: int | None, process_id: int | None, *, timeout_s: int
+) -> tuple[str | None, int | None, int | None, str | None]:
+  """The values JAX's cluster detection fills in for those left None: (address, count, id, launcher).
+
+  launcher is the name of the detected environment ("slurm", "ompi", a TPU pod's, ...) or None
+  when none is detected (the values stay as given). This is what jax.distributed.initialize()
+  does first; JAX has no public call for it, so its (stable since 2022) cluster classes are used,
+  and when they are missing the start falls back to JAX's own detection without the handshake.
+  """
+  try:
+    from jax._src import clusters  # pylint: disable=g-import-not-at-top
+
+    env = next(
+      (e for e in clusters.ClusterEnv._cluster_types if not e.opt_in_only_method and e.is_env_present()),  # pylint: disable=protected-access
+      None,
+    )
+    if env is None:
+      return coordinator_address, num_processes, process_id, None
+    if coordinator_address is None:
+      port = os.environ.get("JAX_COORDINATOR_PORT")  # JAX's own override of the launcher's port
+      coordinator_address = env.get_coordinator_address(timeout_secs=timeout_s, override_coordinator_port=port)
+    if num_processes is None:
+      num_processes = int(env.get_process_count())
+    if process_id is None:
+      process_id = int(env.get_process_id())
+    return coordinator_address, num_processes, process_id, env.name
+  except (ImportError, AttributeError, TypeError):  # another JAX version: let jax.distributed detect
+    return coordinator_address, num_processes, process_id, None
+
+
 def _recv_line(conn: socket.socket, deadline: float) -> str:
   data = b""
   while not data.endswith(b"\n"):
@@ -118,18 +158,28 @@ def _recv_line(conn: socket.socket, deadline: float) -> str:
   return data.decode(errors="replace").strip()
 
 
-def handshake(address: str, num_processes: int, process_id: int, *, timeout_s: float) -> None:
+def handshake(
+  address: str,
+  num_processes: int,
+  process_id: int,
+  *,
+  timeout_s: float,
+  names: tuple[str, str] = ("JAX_NUM_PROCESSES/num_processes", "process_id"),
+) -> None:
   """Checks that `num_processes` processes with distinct ids 0..n-1 and the same count reach the
-  coordinator within `timeout_s` (see the module docstring); UserInputError naming the bad value."""
+  coordinator within `timeout_s` (see the module docstring); UserInputError naming the bad value
+  (`names`: what the count and the id are called where they came from)."""
   host, port = parse_address(address)
   deadline = time.monotonic() + timeout_s
   if process_id == 0:
-    _handshake_coordinator(port, num_processes, deadline, timeout_s, address)
+    _handshake_coordinator(port, num_processes, deadline, timeout_s, address, names)
   else:
     _handshake_peer(host, port, num_processes, process_id, deadline, timeout_s, address)
 
 
-def _handshake_coordinator(port: int, count: int, deadline: float, timeout_s: float, address: str) -> None:
+def _handshake_coordinator(
+  port: int, count: int, deadline: float, timeout_s: float, address: str, names: tuple[str, str]
+) -> None:
   server = socket.create_server(("", port), reuse_port=hasattr(socket, "SO_REUSEPORT"))
   peers: dict[int, socket.socket] = {}
   conns: list[socket.socket] = []  # every peer that introduced itself, duplicates included
@@ -141,7 +191,7 @@ def _handshake_coordinator(port: int, count: int, deadline: float, timeout_s: fl
         conn, _ = server.accept()
       except TimeoutError:
         problem = (
-          f"only processes {sorted({0, *peers})} of JAX_NUM_PROCESSES/num_processes={count} reached the "
+          f"only processes {sorted({0, *peers})} of {names[0]}={count} reached the "
           f"coordinator {address} within {timeout_s:g} s"
         )
         break
@@ -156,11 +206,11 @@ def _handshake_coordinator(port: int, count: int, deadline: float, timeout_s: fl
       their_count, their_id = int(fields[1]), int(fields[2])
       if their_count != count:
         problem = (
-          f"process {their_id} says num_processes={their_count}, but process 0 says {count}; "
+          f"process {their_id} says {names[0].rsplit('/', 1)[-1]}={their_count}, but process 0 says {count}; "
           "every process needs the same count"
         )
       elif their_id in peers or their_id == 0:
-        problem = f"process_id={their_id} is used by two processes; each of 0..{count - 1} exactly once"
+        problem = f"{names[1]}={their_id} is used by two processes; each of 0..{count - 1} exactly once"
       peers[their_id] = conn
       conns.append(conn)
     reply = ("error " + problem if problem else "ok") + "\n"
@@ -226,8 +276,15 @@ def initialize(
   address, count, index = resolve_args(
     coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id, environ=environ
   )
+  names = ("JAX_NUM_PROCESSES/num_processes", "process_id")
+  if None in (address, count, index) and environ is os.environ:  # JAX's detection reads os.environ
+    address, count, index, launcher = detect_cluster(address, count, index, timeout_s=timeout_s)
+    if launcher is not None:
+      names = _LAUNCHER_NAMES.get(launcher, (f"the {launcher} process count", f"the {launcher} process id"))
+      if not 0 <= index < count:
+        raise UserInputError(f"{names[1]}={index} is not a process of a job of {names[0]}={count}")
   if address is not None and count is not None and index is not None and count > 1:
-    handshake(address, count, index, timeout_s=timeout_s)
+    handshake(address, count, index, timeout_s=timeout_s, names=names)
   try:
     jax.distributed.initialize(
       coordinator_address=address, num_processes=count, process_id=index, initialization_timeout=timeout_s

@@ -3,9 +3,14 @@ reference when imported: the tiny Gemma 3 on the copy task, a plan with a squeez
 evaluations, every LoRA leaf split over an fsdp axis that spans all processes of the job.
 
     JAX_COORDINATOR_ADDRESS=127.0.0.1:PORT JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=i \\
-        python tests/multiprocess_run.py WORKDIR [SECONDS_PER_BATCH [FSDP]]
+        python tests/multiprocess_run.py WORKDIR [SECONDS_PER_BATCH [FSDP]] [--quick]
+
+--quick runs a 2-step stage, a squeeze and an evaluation (the cluster auto-detection tests).
+After the plan, every process squeezes the final adapter once more on the mesh and prints one
+line "sharded squeeze check: {json}" comparing it with the unsharded squeeze of its gathered copy.
 """
 
+import json
 import pathlib
 import sys
 import time
@@ -24,9 +29,11 @@ class SlowBatches:
     return self.inner[i]
 
 
-def plan():
+def plan(quick: bool = False):
   from lora_squeeze.protocols import Evaluate, Squeeze, Stage  # pylint: disable=g-import-not-at-top
 
+  if quick:
+    return (Stage(rank=4, steps=2, lr=0.5, warmup=1), Squeeze(rank=2), Evaluate(tag="r4_to_r2"))
   return (
     Stage(rank=4, steps=STEPS_1, lr=0.5, warmup=2),
     Evaluate(tag="r4"),
@@ -37,8 +44,9 @@ def plan():
   )
 
 
-def run(workdir, *, seconds_per_batch: float = 0.0, printer=print, fsdp: int | None = None):
-  """Executes plan() into `workdir` on a (data=1, fsdp=all devices) mesh."""
+def run(workdir, *, seconds_per_batch: float = 0.0, printer=print, fsdp: int | None = None, quick: bool = False):
+  """Executes plan(quick) into `workdir` on a (data=1, fsdp=all devices) mesh; returns
+  (execute_plan's result, the mesh)."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
@@ -77,7 +85,34 @@ def run(workdir, *, seconds_per_batch: float = 0.0, printer=print, fsdp: int | N
     printer=printer,
     min_shard_size=1,
   )  # min_shard_size=1: every LoRA leaf is split
-  return train.execute_plan(plan(), setup)
+  return train.execute_plan(plan(quick), setup), mesh
+
+
+def sharded_squeeze_check(lora, mesh) -> dict:
+  """squeeze_on_mesh of `lora` (split over all processes) against lora_tree.squeeze_tree of its
+  gathered copy: the largest difference, whether the output shardings are the declared ones, and
+  how many output factors are split across processes."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from lora_squeeze import lora_tree, multihost, sharded_squeeze, sharding  # pylint: disable=g-import-not-at-top
+
+  got, report = sharded_squeeze.squeeze_on_mesh(lora, 1, mesh=mesh, min_shard_size=1)
+  want, want_report = lora_tree.squeeze_tree(multihost.gather_to_host(lora), 1)
+  leaves, declared = jax.tree.leaves(got), jax.tree.leaves(sharding.param_shardings(got, mesh, min_size=1))
+  return {
+    "process": [jax.process_index(), jax.process_count()],
+    "max_diff": max(
+      float(np.max(np.abs(x - np.asarray(y))))
+      for x, y in zip(jax.tree.leaves(multihost.gather_to_host(got)), jax.tree.leaves(want))
+    ),
+    "retention": [report.overall_retention, want_report.overall_retention],
+    "as_declared": all(x.sharding.is_equivalent_to(s, x.ndim) for x, s in zip(leaves, declared)),
+    "split_across_processes": sum(
+      not x.sharding.is_fully_replicated and len({d.process_index for d in x.sharding.device_set}) > 1 for x in leaves
+    ),
+    "leaves": len(leaves),
+  }
 
 
 if __name__ == "__main__":
@@ -85,13 +120,16 @@ if __name__ == "__main__":
   from lora_squeeze import sharding  # pylint: disable=g-import-not-at-top
   from lora_squeeze.errors import UserInputError  # pylint: disable=g-import-not-at-top
 
+  args = [a for a in sys.argv[1:] if a != "--quick"]
   try:
     sharding.maybe_initialize_distributed(timeout_s=60)
-    run(
-      sys.argv[1],
-      seconds_per_batch=float(sys.argv[2]) if len(sys.argv) > 2 else 0.0,
-      fsdp=int(sys.argv[3]) if len(sys.argv) > 3 else None,
+    result, mesh = run(
+      args[0],
+      seconds_per_batch=float(args[1]) if len(args) > 1 else 0.0,
+      fsdp=int(args[2]) if len(args) > 2 else None,
       printer=lambda line: print(line, flush=True),
+      quick="--quick" in sys.argv,
     )
+    print(f"sharded squeeze check: {json.dumps(sharded_squeeze_check(result['lora'], mesh))}", flush=True)
   except UserInputError as e:
     sys.exit(f"multiprocess_run: {e}")

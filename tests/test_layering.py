@@ -47,6 +47,7 @@ LAYERS = (
   (
     "lora_tree_types",
     "lora_tree",
+    "sharded_squeeze",
     "opt_state_projection",
     "adapter_size",
     "weights",

@@ -31,8 +31,12 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def launch(workdir, port, *, n=2, seconds_per_batch=0.0, env_for=lambda i: {}, logs=None, extra=()):
-  """Starts the n processes of one job; returns the Popen objects (stdout+stderr to logs[i])."""
+def launch(workdir, port, *, n=2, seconds_per_batch=0.0, env_for=lambda i: {}, logs=None, extra=(), cluster_env=None):
+  """Starts the n processes of one job; returns the Popen objects (stdout+stderr to logs[i]).
+
+  The processes find each other through the JAX_* variables, or, with `cluster_env` (i -> the
+  variables a launcher sets for process i), through JAX's own detection of that launcher.
+  """
   procs = []
   for i in range(n):
     env = {
@@ -44,6 +48,10 @@ def launch(workdir, port, *, n=2, seconds_per_batch=0.0, env_for=lambda i: {}, l
       "JAX_PROCESS_ID": str(i),
       **env_for(i),
     }
+    if cluster_env is not None:
+      for name in (multihost.ENV_ADDRESS, multihost.ENV_COUNT, multihost.ENV_ID):
+        env.pop(name)
+      env.update(cluster_env(i))
     env.pop("XLA_FLAGS", None)  # one CPU device per process
     out = open(logs[i], "w") if logs else subprocess.DEVNULL
     procs.append(
@@ -116,6 +124,74 @@ def test_two_processes_killed_and_resumed_equal_one_process(tmp_path):
   assert steps == list(range(1, 11))
   assert sorted(r["tag"] for r in records if r["event"] == "evaluate") == sorted(TAGS)
   assert len([r for r in records if r["event"] == "squeeze"]) == 1
+  for index, log in enumerate(resumed_logs):
+    assert_sharded_squeeze_check(log, index)
+
+
+def assert_sharded_squeeze_check(log, index):
+  """The job's closing check (multiprocess_run.sharded_squeeze_check) on process `index`: the
+  squeeze on factors split across both processes equals the unsharded one, as declared."""
+  lines = [line for line in log.read_text().splitlines() if line.startswith("sharded squeeze check: ")]
+  assert len(lines) == 1, log.read_text()[-3000:]
+  check = json.loads(lines[0].split(": ", 1)[1])
+  assert check["process"] == [index, 2]
+  assert check["max_diff"] <= 1e-5, check
+  np.testing.assert_allclose(*check["retention"], rtol=1e-6)
+  assert check["as_declared"], check
+  assert check["split_across_processes"] == check["leaves"] == 20, check  # every factor of 10 modules
+
+
+def free_port_in(low: int, high: int) -> int:
+  """A port of low..high that is free now (launchers derive the coordinator's port from a job id)."""
+  for port in np.random.default_rng().permutation(np.arange(low, high + 1))[:200]:
+    with socket.socket() as s:
+      try:
+        s.bind(("127.0.0.1", int(port)))
+      except OSError:
+        continue
+      return int(port)
+  raise RuntimeError(f"no free port in {low}..{high}")
+
+
+def slurm_env(port):
+  """What `srun --ntasks=2` on one node sets for each task (the variables jax's SlurmCluster reads);
+  JAX takes the coordinator port from the job id: SLURM_JOB_ID % 4096 + 61440."""
+  job_id = str(4096 * 7 + port - 61440)
+  return lambda i: {
+    "SLURM_JOB_ID": job_id,
+    "SLURM_NTASKS": "2",
+    "SLURM_PROCID": str(i),
+    "SLURM_LOCALID": str(i),
+    "SLURM_STEP_NODELIST": "127.0.0.1",
+    "SLURM_STEP_NUM_NODES": "1",
+  }
+
+
+def open_mpi_env(port):
+  """What Open MPI 4's `mpirun -np 2` (ORTE) sets for each rank (the variables jax's OmpiCluster
+  reads); JAX takes the coordinator's address from the launcher's URI and its port from the job id:
+  (job id // 4096) % 4096 + 61440. Open MPI 5 (PRRTE) would need mpi4py and a real mpirun."""
+  uri = f"{4096 * (port - 61440)}.0;tcp://127.0.0.1:{free_port()}"  # the launcher's own address
+  return lambda i: {
+    "OMPI_MCA_orte_hnp_uri": uri,
+    "OMPI_COMM_WORLD_SIZE": "2",
+    "OMPI_COMM_WORLD_RANK": str(i),
+    "OMPI_COMM_WORLD_LOCAL_RANK": str(i),
+  }
+
+
+@pytest.mark.parametrize("launcher", [slurm_env, open_mpi_env], ids=["slurm", "open_mpi"])
+def test_a_launcher_environment_is_detected_without_arguments(tmp_path, launcher):
+  job, logs = tmp_path / "job", [tmp_path / "p0.log", tmp_path / "p1.log"]
+  wait_all(launch(job, None, logs=logs, cluster_env=launcher(free_port_in(61440, 65535)), extra=("--quick",)), logs)
+  for index, log in enumerate(logs):
+    assert_sharded_squeeze_check(log, index)
+  assert "squeeze r4 -> r2" in logs[0].read_text() and "squeeze r4" not in logs[1].read_text()
+  results = json.loads((job / "results.json").read_text())
+  assert results["complete"] and results["global_step"] == 2 and list(results["evals"]) == ["r4_to_r2"]
+  records = [json.loads(line) for line in (job / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in records if r["event"] == "train"] == [1, 2]
+  assert [r["event"] for r in records if r["event"] != "train"] == ["stage_end", "squeeze", "evaluate"]
 
 
 def flat(tree, prefix=""):
@@ -224,5 +300,42 @@ def test_cli_names_an_unreachable_coordinator_in_one_line_and_writes_nothing(tmp
     done.stderr.strip()
     .splitlines()[-1]
     .startswith(f"lora-squeeze train: process 1: the coordinator {address} was not reachable within 1 s")
+  )
+  assert not (tmp_path / "run").exists()
+
+
+def test_detect_cluster_reads_what_srun_or_mpirun_set(monkeypatch):
+  for name in [*os.environ]:
+    if name.startswith(("SLURM_", "OMPI_", "JAX_COORDINATOR")):
+      monkeypatch.delenv(name)
+  assert multihost.detect_cluster(None, None, None, timeout_s=5) == (None, None, None, None)
+  for name, value in slurm_env(61440 + 77)(1).items():
+    monkeypatch.setenv(name, value)
+  assert multihost.detect_cluster(None, None, None, timeout_s=5) == ("127.0.0.1:61517", 2, 1, "slurm")
+  assert multihost.detect_cluster("10.0.0.1:9", 4, None, timeout_s=5) == ("10.0.0.1:9", 4, 1, "slurm")
+  for name in slurm_env(0)(0):
+    monkeypatch.delenv(name, raising=False)
+  for name, value in open_mpi_env(61440 + 5)(0).items():
+    monkeypatch.setenv(name, value)
+  assert multihost.detect_cluster(None, None, None, timeout_s=5) == ("127.0.0.1:61445", 2, 0, "ompi")
+
+
+def test_a_launcher_job_missing_a_process_fails_in_one_line_within_the_timeout(tmp_path):
+  port = free_port_in(61440, 65535)
+  env = {**os.environ, **slurm_env(port)(0), "JAX_PLATFORMS": "cpu"}
+  env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])
+  for name in (multihost.ENV_ADDRESS, multihost.ENV_COUNT, multihost.ENV_ID):
+    env.pop(name, None)
+  command = [sys.executable, "-m", "lora_squeeze.cli", "train", f"--config={HERE.parent / 'configs' / 'default.py'}"]
+  done = subprocess.run(
+    ["timeout", "-s", "KILL", str(LIMIT_S), *command, f"--workdir={tmp_path / 'run'}", "--distributed_timeout=2"],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=LIMIT_S + 30,
+  )
+  assert done.returncode == 1, done.stderr[-3000:]
+  assert done.stderr.strip().splitlines()[-1] == (
+    f"lora-squeeze train: only processes [0] of SLURM_NTASKS=2 reached the coordinator 127.0.0.1:{port} within 2 s"
   )
   assert not (tmp_path / "run").exists()

@@ -156,8 +156,12 @@ def anneal_plan():
 def test_resume_mid_stage_and_mid_anneal_is_bit_identical(base, tmp_path):
   plan = anneal_plan()
   # The uninterrupted run also compiles each next stage in the background: same numbers.
-  setup = dataclasses.replace(make_setup(tmp_path / "a", base, checkpoint_every=2), precompile=True)
+  straight_lines = []
+  setup = dataclasses.replace(
+    make_setup(tmp_path / "a", base, checkpoint_every=2, lines=straight_lines), precompile=True
+  )
   straight = train.execute_plan(plan, setup)
+  assert not [line for line in straight_lines if "ahead-of-time compilation" in line]  # it compiled, not failed
   lines = []
   # Checkpoints every 2 steps: the crash at batch 2 resumes mid first stage (step 2), the one at
   # batch 5 mid second stage, after the squeeze (step 4).

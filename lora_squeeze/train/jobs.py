@@ -30,10 +30,19 @@ from lora_squeeze.train import step as step_lib
 from lora_squeeze.train.context import Checkpointer, Params, Position, RunContext
 
 
-def squeeze_tree(lora: Params, item: protocols.Squeeze, key: jax.Array, precision: str = "auto"):
-  from lora_squeeze import lora_tree  # pylint: disable=g-import-not-at-top
+def squeeze_on_mesh(ctx: RunContext, lora: Params, item: protocols.Squeeze, key: jax.Array):
+  """The adapter squeezed where it lies on the mesh: one compiled call, factors kept sharded."""
+  from lora_squeeze import sharded_squeeze  # pylint: disable=g-import-not-at-top
 
-  return lora_tree.squeeze_tree(lora, item.rank, method=item.method, key=key, precision=precision)
+  return sharded_squeeze.squeeze_on_mesh(
+    lora,
+    item.rank,
+    mesh=ctx.mesh,
+    method=item.method,
+    key=key,
+    precision=ctx.setup.squeeze_precision,
+    min_shard_size=ctx.setup.min_shard_size,
+  )
 
 
 class SqueezeJob:
@@ -47,8 +56,7 @@ class SqueezeJob:
   ):
     ctx = self.ctx
     start = time.perf_counter()
-    new_lora, report = squeeze_tree(lora, item, key, ctx.setup.squeeze_precision)
-    new_lora = sharding_lib.shard_params(jax.block_until_ready(new_lora), ctx.mesh, min_size=ctx.setup.min_shard_size)
+    new_lora, report = squeeze_on_mesh(ctx, lora, item, key)
     seconds = time.perf_counter() - start
     record = {
       "event": "squeeze",
@@ -190,9 +198,19 @@ class Precompiler:
     }
 
     def compile_ahead():
+      from lora_squeeze import sharded_squeeze  # pylint: disable=g-import-not-at-top
+
       try:
         for r_src, squeeze in squeezes:
-          squeeze_tree(ctx.fresh_lora(r_src), squeeze, ctx.plan_key, ctx.setup.squeeze_precision)
+          sharded_squeeze.compile_on_mesh(  # compiled, not run: no collective from this thread
+            ctx.fresh_lora(r_src),
+            squeeze.rank,
+            mesh=ctx.mesh,
+            method=squeeze.method,
+            key=ctx.plan_key,
+            precision=ctx.setup.squeeze_precision,
+            min_shard_size=ctx.setup.min_shard_size,
+          )
         if stage is not None:
           optimizer = optim.make_optimizer(stage.lr, stage.warmup, ctx.setup.optimizer)
           state = step_lib.init_train_state(

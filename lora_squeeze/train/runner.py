@@ -106,8 +106,9 @@ def execute_plan(plan: Sequence[protocols.PlanItem], setup: RunSetup) -> dict[st
   """Executes `plan` into `setup.workdir`, resuming from its newest checkpoint when there is one.
 
   Stage: fresh Adafactor (shapes are per rank), `steps` jitted steps, checkpoints every
-  `checkpoint_every` steps. Squeeze: lora_tree.squeeze_tree with the key
-  fold_in(plan_key, plan index); V_r (Eq. 10) overall and per module goes to metrics.jsonl.
+  `checkpoint_every` steps. Squeeze: sharded_squeeze.squeeze_on_mesh (lora_tree.squeeze_tree
+  on the factors where they lie on the mesh) with the key fold_in(plan_key, plan index); V_r
+  (Eq. 10) overall and per module goes to metrics.jsonl.
   Evaluate: setup.evaluate(rank, lora), export through adapters.orbax_io.save_adapter to
   adapters/<tag>, a row in results.json. Branch: its items on a copy; the trunk continues.
   Restart: a fresh adapter at its rank (the same initialisation as the first), a fresh optimizer,

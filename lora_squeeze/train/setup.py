@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from lora_squeeze import model as model_lib
+from lora_squeeze import multihost
 from lora_squeeze import optim
 from lora_squeeze import protocols
 from lora_squeeze import sharding as sharding_lib
@@ -88,7 +89,7 @@ def setup_from_config(
       template=config.template,
       buckets=tuple(config.buckets),
       image_size=image_size,
-      progress=printer,
+      progress=printer if multihost.is_writer() else None,  # progress lines: process 0's only
     )
   mesh_config = config.get("mesh", None) or {}
   mesh = sharding_lib.make_mesh(data=mesh_config.get("data", -1), fsdp=mesh_config.get("fsdp", 1))
