@@ -43,8 +43,8 @@ def _run_child(cache_dir: str, dtype: str) -> dict:
 
 def _link_gguf(cache_dir: pathlib.Path) -> None:
   """Reuses the already assembled GGUF (sha256-checked on use) so that only the conversion is timed."""
-  from lora_squeeze.weights import cache as cache_lib  # pylint: disable=import-outside-toplevel
-  from lora_squeeze.weights import gguf as gguf_lib  # pylint: disable=import-outside-toplevel
+  from lora_squeeze.weights import cache as cache_lib
+  from lora_squeeze.weights import gguf as gguf_lib
 
   source = gguf_lib.assemble_gguf(cache_lib.cache_root())
   (cache_dir / source.name).symlink_to(source)
@@ -76,11 +76,11 @@ def bench_conversion() -> list[dict]:
 
 
 def bench_forward(seq_lens=(128, 512), batch=2, repeats=3) -> list[dict]:
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
 
-  from lora_squeeze import model  # pylint: disable=import-outside-toplevel
+  from lora_squeeze import model
 
   net = model.make_model("gemma3_270m")
   params32 = model.load_base_params("gemma3_270m")
@@ -121,7 +121,7 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "model_bench.json"))
   args = parser.parse_args()
-  import jax  # pylint: disable=import-outside-toplevel
+  import jax
 
   results = {
     "machine": {

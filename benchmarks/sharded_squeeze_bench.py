@@ -38,7 +38,7 @@ ADAPTERS = {"tiny": (4, 2), "270m": (16, 8)}
 
 def adapter(name: str, r_src: int):
   """Random factors in the gemma LoRA layout with a decaying spectrum (host numpy)."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
+  import numpy as np
 
   if name == "tiny":
     shapes = {
@@ -51,7 +51,7 @@ def adapter(name: str, r_src: int):
     layers = 2
   else:
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    import squeeze_bench  # pylint: disable=g-import-not-at-top
+    import squeeze_bench
 
     layers, targets = squeeze_bench.module_shapes(name)
     shapes = {f"{k}_einsum": v for k, v in targets.items()}
@@ -72,10 +72,10 @@ def adapter(name: str, r_src: int):
 
 def worker(reps: int) -> None:
   """One process of a configuration: times both variants on every adapter; process 0 prints JSON."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
+  import jax
+  import numpy as np
 
-  from lora_squeeze import lora_tree, sharded_squeeze, sharding  # pylint: disable=g-import-not-at-top
+  from lora_squeeze import lora_tree, sharded_squeeze, sharding
 
   sharding.maybe_initialize_distributed(timeout_s=120)
   mesh = sharding.make_mesh(data=1, fsdp=jax.device_count())
@@ -94,7 +94,7 @@ def worker(reps: int) -> None:
 
     def timed(variant):
       start = time.perf_counter()
-      jax.block_until_ready(variants[variant](lora, r_tgt)[0])  # pylint: disable=cell-var-from-loop
+      jax.block_until_ready(variants[variant](lora, r_tgt)[0])
       return time.perf_counter() - start
 
     # The first (compiling) calls, the adapters take turns going first; then warm calls, alternating.

@@ -62,7 +62,7 @@ print(json.dumps({"rss_before_mb": before / 1024, "peak_rss_mb": peak / 1024, "d
 
 
 def write_images(root: pathlib.Path, n: int, size: int) -> None:
-  import PIL.Image  # pylint: disable=g-import-not-at-top
+  import PIL.Image
 
   (root / "imgs").mkdir(parents=True)
   rng = np.random.default_rng(0)
@@ -118,12 +118,12 @@ def _time_decoder(fn, repeats: int = 3) -> tuple[list[list[int]], float, float]:
 
 
 def decode_part(new_tokens: int, n_prompts: int, batch_size: int) -> list[dict]:
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax
 
-  from lora_squeeze import evaluate  # pylint: disable=g-import-not-at-top
-  from lora_squeeze import model as model_lib  # pylint: disable=g-import-not-at-top
-  from lora_squeeze.data import batching, get_task  # pylint: disable=g-import-not-at-top
-  from lora_squeeze.weights.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
+  from lora_squeeze import evaluate
+  from lora_squeeze import model as model_lib
+  from lora_squeeze.data import batching, get_task
+  from lora_squeeze.weights.tokenizer import load_tokenizer
 
   tokenizer = load_tokenizer()
   cases = []

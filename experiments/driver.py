@@ -15,8 +15,8 @@ def define_driver_flags() -> None:
 
   Defined on demand rather than at import, so that tests can import every driver in one process.
   """
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  from absl import flags
+  from ml_collections import config_flags
 
   config_flags.DEFINE_config_file(
     "config", None, "study config: file.py[:preset], e.g. experiments/heatmap.py:reduced", lock_config=True
@@ -30,16 +30,16 @@ def driver_main(run_study: Callable[..., Any]) -> Callable[[Sequence[str]], None
   """The absl main of a driver: run_study(config, workdir=..., train=not --report_only)."""
 
   def main(argv: Sequence[str]) -> None:
-    from absl import app, flags  # pylint: disable=g-import-not-at-top
+    from absl import app, flags
 
-    from absl import logging  # pylint: disable=g-import-not-at-top
+    from absl import logging
 
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {list(argv[1:])}")
     if not flags.FLAGS["verbosity"].present:
       logging.set_verbosity(logging.WARNING)  # Orbax logs every checkpoint write at INFO
     if not flags.FLAGS.report_only:
-      from lora_squeeze import sharding  # pylint: disable=g-import-not-at-top
+      from lora_squeeze import sharding
 
       sharding.maybe_initialize_distributed()  # a multi-host job: before any other JAX call
     try:

@@ -38,7 +38,7 @@ def train_run(config: ml_collections.ConfigDict, plan: protocols.Plan, run_dir: 
 
   ADAPTER: the one function that calls the trainer.
   """
-  from lora_squeeze import train  # pylint: disable=g-import-not-at-top
+  from lora_squeeze import train
 
   train.run_plan(plan, config=config, workdir=run_dir, printer=log_line)
 

@@ -158,10 +158,10 @@ def lowrank_problem(seed: int, args):
 def run_lowrank(plan, mode, seed, args) -> dict:
   """The plan on the regression problem, with the trainer's optimizer (optim.make_optimizer:
   Adafactor + warmup), the real squeeze (qr_core) and opt_state_projection at every squeeze."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp
+  import optax
 
-  from lora_squeeze import optim  # pylint: disable=g-import-not-at-top
+  from lora_squeeze import optim
 
   plan, mode = mode_plan(plan, mode, args)
   w_star, rng = lowrank_problem(seed, args)

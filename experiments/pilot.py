@@ -52,7 +52,7 @@ def run_name(run: dict) -> str:
 
 
 def training_config(seed: int):
-  from lora_squeeze import config_lib  # pylint: disable=g-import-not-at-top
+  from lora_squeeze import config_lib
 
   config = config_lib.base_config("direct")
   config.model, config.dtype, config.template = "gemma3_270m", "float32", "plain"
@@ -68,7 +68,7 @@ def training_config(seed: int):
 def eval_digest() -> str:
   """sha256 (first 12 hex digits) of the scored questions' prompts and targets, in order: per-item
   scores are paired only between runs with the same digest (the same questions in the same order)."""
-  from lora_squeeze.data import registry  # pylint: disable=g-import-not-at-top
+  from lora_squeeze.data import registry
 
   split = registry.get_task(_TASK.value).load("eval", source=_SOURCE.value)
   n = min(_EXAMPLES.value or len(split), len(split))
@@ -167,7 +167,7 @@ def report(workdir: pathlib.Path) -> str:
 
 def main(argv):
   del argv
-  from absl import logging  # pylint: disable=g-import-not-at-top
+  from absl import logging
 
   logging.set_verbosity(logging.WARNING)  # Orbax logs every checkpoint write at INFO
   workdir = pathlib.Path(_WORKDIR.value)
@@ -175,8 +175,8 @@ def main(argv):
   if _REPORT.value:
     print(report(workdir))
     return
-  from lora_squeeze import optim, protocols, train  # pylint: disable=g-import-not-at-top
-  from lora_squeeze.train import run_dir as run_dir_lib  # pylint: disable=g-import-not-at-top
+  from lora_squeeze import optim, protocols, train
+  from lora_squeeze.train import run_dir as run_dir_lib
 
   done = set()
   if (workdir / "pilot.jsonl").exists():

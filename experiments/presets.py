@@ -48,7 +48,7 @@ def study_config(preset: str | None) -> ml_collections.ConfigDict:
   study.seeds = (42,)
   study.task_steps = ml_collections.ConfigDict()
   if preset == "paper":
-    from lora_squeeze.data import registry as tasks  # pylint: disable=g-import-not-at-top  (only this preset needs it)
+    from lora_squeeze.data import registry as tasks  # only this preset needs it
 
     study.train_config = "configs/direct.py"
     # Set on the command line: --config.train_overrides.checkpoint=/ckpt/gemma3-4b-it (the official

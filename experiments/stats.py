@@ -49,7 +49,7 @@ def comparison_table(
 ) -> str:
   """Markdown: comparison, seeds, then per metric "mean [95 % interval] signs" (bold = interval
   excludes zero) and the verdict (better / worse / no difference, for the treatment)."""
-  from experiments import tables  # pylint: disable=g-import-not-at-top
+  from experiments import tables
 
   header = ["comparison", "seeds"]
   for metric in metrics:
@@ -116,7 +116,7 @@ def write_comparisons(
 ) -> str:
   """<name>.md (comparison_table, under `title`, then one more table per (title, records) of
   `sections`) and <name>.csv (comparison_rows of all of them) in `workdir`; returns the Markdown."""
-  from experiments import tables  # pylint: disable=g-import-not-at-top
+  from experiments import tables
 
   note = (
     f"Mean over seeds and items, paired bootstrap {CONFIDENCE:.0%} interval over the evaluation items "

@@ -370,7 +370,7 @@ def make_plan(config: ml_collections.ConfigDict) -> protocols.Plan:
   and with eval.zero_shot an Evaluate("zero_shot") comes first."""
   plan = _protocol_plan(config)
   if config.optimizer_state_at_squeeze == "project":
-    from lora_squeeze import opt_state_projection  # pylint: disable=g-import-not-at-top
+    from lora_squeeze import opt_state_projection
 
     plan = opt_state_projection.with_projected_warmup(plan, config.warmup_after_projection)
   if config.eval.get("zero_shot", False):

@@ -148,7 +148,7 @@ def _replace_decoder_einsum(module: nn.Module, *, rank: int, targets: tuple[str,
     return module
   # Same naming as gm.nn.LoRA, so trees and checkpoints are interchangeable with gemma's.
   name = None if module.weight_name == "w" else f"_LoRAEinsum_{module.weight_name}"
-  return gm_lora._LoRAEinsum(name=name, rank=rank, dtype=jnp.float32, wrapped=module)  # pylint: disable=protected-access
+  return gm_lora._LoRAEinsum(name=name, rank=rank, dtype=jnp.float32, wrapped=module)
 
 
 class DecoderLoRA(gm.nn.LoRA):

@@ -127,10 +127,10 @@ def detect_cluster(
   and when they are missing the start falls back to JAX's own detection without the handshake.
   """
   try:
-    from jax._src import clusters  # pylint: disable=g-import-not-at-top
+    from jax._src import clusters
 
     env = next(
-      (e for e in clusters.ClusterEnv._cluster_types if not e.opt_in_only_method and e.is_env_present()),  # pylint: disable=protected-access
+      (e for e in clusters.ClusterEnv._cluster_types if not e.opt_in_only_method and e.is_env_present()),
       None,
     )
     if env is None:
@@ -310,7 +310,7 @@ def is_writer() -> bool:
 
 def _broadcast_message(message: str | None) -> str | None:
   """Process 0's `message` (None = no error) on every process (a collective: all must call it)."""
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils
 
   buffer = np.zeros(_MESSAGE_BYTES + 1, np.uint8)
   if message is not None:
@@ -336,7 +336,7 @@ def on_writer[T](fn: Callable[[], T], *, error_types: tuple[type[Exception], ...
   if is_writer():
     try:
       result = fn()
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:
       error = e
       message = json.dumps(
         {"type": type(e).__name__, "user": isinstance(e, error_types), "text": str(e)[: _MESSAGE_BYTES // 2]}
@@ -359,6 +359,6 @@ def gather_to_host(tree: Any) -> Any:
   """
   if jax.process_count() == 1:
     return jax.device_get(tree)
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils
 
   return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))

@@ -59,9 +59,9 @@ def main(argv: list[str]) -> None:
   if not flags.FLAGS["verbosity"].present:
     # Orbax logs every checkpoint write at INFO; the trainer prints its own progress.
     logging.set_verbosity(logging.WARNING)
-  from lora_squeeze import atomic  # pylint: disable=g-import-not-at-top
-  from lora_squeeze import sharding  # pylint: disable=g-import-not-at-top
-  from lora_squeeze.errors import UserInputError  # pylint: disable=g-import-not-at-top
+  from lora_squeeze import atomic
+  from lora_squeeze import sharding
+  from lora_squeeze.errors import UserInputError
 
   try:
     # Before any other JAX call: joins the processes of a multi-process job.
@@ -74,7 +74,7 @@ def main(argv: list[str]) -> None:
     )
   except UserInputError as e:
     sys.exit(f"lora-squeeze train: {e}")
-  from lora_squeeze import train  # pylint: disable=g-import-not-at-top
+  from lora_squeeze import train
 
   try:
     # Before any model or data is loaded: a file, or a folder that cannot be written, fails now.

@@ -7,7 +7,7 @@ import pytest
 @pytest.fixture(scope="session")
 def gemma3_270m_params():
   """Real Gemma 3 270M base params (float32, from the embedded GGUF)."""
-  from lora_squeeze import model  # pylint: disable=import-outside-toplevel
+  from lora_squeeze import model
 
   return model.load_base_params("gemma3_270m")
 
@@ -15,6 +15,6 @@ def gemma3_270m_params():
 @pytest.fixture(scope="session")
 def gemma3_tokenizer():
   """The Gemma 3 tokenizer rebuilt from the embedded GGUF."""
-  from lora_squeeze.weights import tokenizer  # pylint: disable=import-outside-toplevel
+  from lora_squeeze.weights import tokenizer
 
   return tokenizer.load_tokenizer()

@@ -30,7 +30,7 @@ class SlowBatches:
 
 
 def plan(quick: bool = False):
-  from lora_squeeze.protocols import Evaluate, Squeeze, Stage  # pylint: disable=g-import-not-at-top
+  from lora_squeeze.protocols import Evaluate, Squeeze, Stage
 
   if quick:
     return (Stage(rank=4, steps=2, lr=0.5, warmup=1), Squeeze(rank=2), Evaluate(tag="r4_to_r2"))
@@ -47,12 +47,12 @@ def plan(quick: bool = False):
 def run(workdir, *, seconds_per_batch: float = 0.0, printer=print, fsdp: int | None = None, quick: bool = False):
   """Executes plan(quick) into `workdir` on a (data=1, fsdp=all devices) mesh; returns
   (execute_plan's result, the mesh)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
+  import jax
+  import numpy as np
 
-  from lora_squeeze import model as model_lib  # pylint: disable=g-import-not-at-top
-  from lora_squeeze import sharding, train  # pylint: disable=g-import-not-at-top
-  from test_train import MAX_TARGETS, copy_examples  # pylint: disable=g-import-not-at-top
+  from lora_squeeze import model as model_lib
+  from lora_squeeze import sharding, train
+  from test_train import MAX_TARGETS, copy_examples
 
   base = model_lib.init_base_params("tiny", key=jax.random.key(0))
   model_for_rank = lambda r: model_lib.make_model("tiny", lora_rank=r)
@@ -92,10 +92,10 @@ def sharded_squeeze_check(lora, mesh) -> dict:
   """squeeze_on_mesh of `lora` (split over all processes) against lora_tree.squeeze_tree of its
   gathered copy: the largest difference, whether the output shardings are the declared ones, and
   how many output factors are split across processes."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
+  import jax
+  import numpy as np
 
-  from lora_squeeze import lora_tree, multihost, sharded_squeeze, sharding  # pylint: disable=g-import-not-at-top
+  from lora_squeeze import lora_tree, multihost, sharded_squeeze, sharding
 
   got, report = sharded_squeeze.squeeze_on_mesh(lora, 1, mesh=mesh, min_shard_size=1)
   want, want_report = lora_tree.squeeze_tree(multihost.gather_to_host(lora), 1)
@@ -117,8 +117,8 @@ def sharded_squeeze_check(lora, mesh) -> dict:
 
 if __name__ == "__main__":
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-  from lora_squeeze import sharding  # pylint: disable=g-import-not-at-top
-  from lora_squeeze.errors import UserInputError  # pylint: disable=g-import-not-at-top
+  from lora_squeeze import sharding
+  from lora_squeeze.errors import UserInputError
 
   args = [a for a in sys.argv[1:] if a != "--quick"]
   try:

@@ -170,7 +170,7 @@ def test_argument_values_of_the_wrong_type_fail():
 
 @pytest.mark.parametrize("study", ("lr_sweep", "heatmap"))
 def test_study_configs_load_and_their_training_config_validates(study, monkeypatch):
-  from experiments import presets  # pylint: disable=import-outside-toplevel
+  from experiments import presets
 
   monkeypatch.chdir(REPO)  # study configs name their training config relative to the repo
   # A study driver is its own config file (experiments/<study>.py:preset).

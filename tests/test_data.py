@@ -324,7 +324,7 @@ def test_special_token_ids_are_the_pieces_of_the_real_vocabulary(gemma3_tokenize
     batching.START_OF_IMAGE,
     batching.NEWLINE,
   ]
-  pieces = gemma3_tokenizer._sp.id_to_piece(ids)  # pylint: disable=protected-access
+  pieces = gemma3_tokenizer._sp.id_to_piece(ids)
   assert pieces == ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>", "\n"]
   assert gemma3_tokenizer.encode("\n") == [batching.NEWLINE]
 

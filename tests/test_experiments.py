@@ -591,8 +591,8 @@ def test_heatmap_end_to_end_on_the_tiny_model_resumes_and_skips(tmp_path, tiny_t
 @pytest.mark.slow  # ~25 s on 2 idle cores: a subprocess, the tokenizer, BoolQ rows, one tiny run
 def test_retention_command_line_on_the_tiny_preset(tmp_path):
   """The whole path a user takes: absl flags, the study config file, the training config, the trainer."""
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
+  import subprocess
+  import sys
 
   root = pathlib.Path(__file__).resolve().parents[1]
   done = subprocess.run(
@@ -628,7 +628,7 @@ def test_retention_command_line_on_the_tiny_preset(tmp_path):
   ],
 )
 def test_presets_build_their_grids_and_valid_training_configs(driver, expected, tmp_path):
-  from lora_squeeze import config_lib as configs_common  # pylint: disable=g-import-not-at-top
+  from lora_squeeze import config_lib as configs_common
 
   for preset, n_cells in expected.items():
     study = driver.get_config(preset)

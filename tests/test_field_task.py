@@ -43,7 +43,7 @@ def test_unknown_split_names_the_allowed_ones():
 
 
 def test_labels_are_single_tokens():
-  from lora_squeeze.weights import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  from lora_squeeze.weights import tokenizer as tokenizer_lib
 
   tokenizer = tokenizer_lib.load_tokenizer(None)
   assert all(len(tokenizer.encode(label)) == 1 for label in field_tasks.LABELS)

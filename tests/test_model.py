@@ -270,7 +270,7 @@ def test_load_base_params_shape_mismatch_from_a_saved_checkpoint(tmp_path):
 
 
 def test_official_checkpoint_loader_round_trip(tiny_base, tmp_path):
-  from lora_squeeze.weights import pretrained  # pylint: disable=import-outside-toplevel
+  from lora_squeeze.weights import pretrained
 
   with ocp.StandardCheckpointer() as ckpt:
     ckpt.save(tmp_path / "ckpt", jax.tree.map(np.asarray, tiny_base))
@@ -318,7 +318,7 @@ _MODULE_EINSUMS = {
   seed=st.integers(0, 2**16),
 )
 def test_fold_lora_matches_gemmas_lora_einsum(target, rank, dims, seed):
-  from gemma.peft import _einsum_utils  # pylint: disable=import-outside-toplevel
+  from gemma.peft import _einsum_utils
 
   eqn, weight_shape, wrapper, weight_path = _MODULE_EINSUMS[target]
   shape = weight_shape(dims)

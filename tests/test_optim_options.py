@@ -27,7 +27,7 @@ def test_first_update_of_a_zero_factor(scale):
 def test_default_options_are_optax_defaults():
   params = {"w": jnp.full((3, 5), 0.2)}
   grads = {"w": jnp.arange(15.0).reshape(3, 5)}
-  import optax  # pylint: disable=g-import-not-at-top
+  import optax
 
   ours = optim.make_optimizer(0.01, 0)
   ref = optax.adafactor(learning_rate=0.01)
@@ -79,7 +79,7 @@ def test_bad_options_fail(kwargs, match):
 def test_run_identity_records_only_the_chosen_optimizers_keys(tmp_path):
   """A run started before optim.name and AdamW's keys existed resumes (same identity, the real
   workdir guard); AdamW's keys tell Adafactor runs apart only once name = adamw."""
-  from lora_squeeze import checkpoint, config_lib, protocols, train  # pylint: disable=g-import-not-at-top
+  from lora_squeeze import checkpoint, config_lib, protocols, train
 
   config = config_lib.base_config("direct")
   plan = protocols.direct(rank=2, steps=3, lr=0.01, warmup=1)

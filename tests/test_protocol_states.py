@@ -236,7 +236,7 @@ def test_a_project_in_squeeze_cell_with_adamw_runs_in_the_real_trainer(tmp_path,
 
 
 def test_reduced_preset_with_both_states_builds_valid_training_configs():
-  from lora_squeeze import config_lib  # pylint: disable=g-import-not-at-top
+  from lora_squeeze import config_lib
 
   study = protocol_table.get_config("reduced")
   study.optimizer_states = ("reset", "project")

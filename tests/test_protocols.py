@@ -200,7 +200,7 @@ def test_plan_items_are_frozen_keyword_only_and_branch_items_a_tuple():
   branch = Branch(items=[Squeeze(rank=2), Evaluate(tag="t")])
   assert branch.items == (Squeeze(rank=2), Evaluate(tag="t"))
   with pytest.raises(TypeError):
-    Stage(4, 3, 0.1, 0)  # pylint: disable=too-many-function-args
+    Stage(4, 3, 0.1, 0)
   with pytest.raises(AttributeError):
     branch.items = ()
 

@@ -404,7 +404,7 @@ def test_workdir_in_an_immutable_folder_is_refused(tmp_path):
 
 
 def test_config_errors_are_user_input_errors():
-  from configs import direct  # pylint: disable=g-import-not-at-top
+  from configs import direct
 
   with pytest.raises(UserInputError, match=r"config has no key 'bogus'; allowed keys: "):
     direct.get_config("bogus=3")

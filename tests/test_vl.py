@@ -24,7 +24,7 @@ from test_train import Crash, CrashAt  # a run killed mid-stage (tests/ is on sy
 
 
 def test_digits_split_is_deterministic_disjoint_and_is_scikit_learns_data():
-  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+  from sklearn.datasets import load_digits
 
   reference = load_digits()
   task = get_task("digits")
@@ -76,7 +76,7 @@ def test_training_batches_decode_only_their_own_images(tmp_path, gemma3_tokenize
   examples = [split[i] for i in range(6)]
   assert all(isinstance(ex.image, ImageFile) for ex in examples)
   ds = batching.train_batches(examples, gemma3_tokenizer, batch_size=2, max_len=64, seed=0, buckets=(64,), image_size=8)
-  members = ds._source.epoch_plan(0)  # pylint: disable=protected-access  (the TrainBatches under grain)
+  members = ds._source.epoch_plan(0)  # the TrainBatches under grain
   # Deleting the images of batches 1 and 2 after the examples exist: batch 0 never reads them.
   for i in (*members[1], *members[2]):
     (tmp_path / "tallyqa" / "imgs" / f"{i}.png").unlink()
@@ -125,7 +125,7 @@ def test_kv_cached_decoding_equals_uncached_token_for_token(name):
 def test_scored_vl_evaluation_sees_the_image():
   base = model_lib.init_base_params("tiny_vision", key=jax.random.key(0), text_only=False)
   model = model_lib.make_model("tiny_vision", text_only=False)
-  from lora_squeeze.weights import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  from lora_squeeze.weights import tokenizer as tokenizer_lib
 
   tokenizer = tokenizer_lib.load_tokenizer()
   examples = [get_task("digits").load("eval")[i] for i in range(2)]
@@ -149,7 +149,7 @@ def digits_config(task="digits_gen"):
 
 def test_vl_cont_squeeze_runs_end_to_end_resumes_bit_identically_and_leaves_the_vision_tower(tmp_path):
   config = digits_config()
-  from lora_squeeze import config_lib as common  # pylint: disable=g-import-not-at-top
+  from lora_squeeze import config_lib as common
 
   common.validate(config)
   plan = common.make_plan(config)

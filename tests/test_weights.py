@@ -200,7 +200,7 @@ def test_real_270m_counts_on(gemma3_270m_params, gemma3_tokenizer):
 
 @pytest.mark.slow
 def test_real_270m_params_are_cached_and_verified(gemma3_270m_params):
-  from lora_squeeze.weights import pretrained  # pylint: disable=import-outside-toplevel
+  from lora_squeeze.weights import pretrained
 
   entry = cache_lib.cache_root() / pretrained.GGUF_CACHE_ENTRY
   manifest = json.loads((entry / "manifest.json").read_text())

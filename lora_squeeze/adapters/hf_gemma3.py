@@ -59,7 +59,7 @@ HF_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 
 def default_hf_class(model_name: str) -> str:
   """The class the Hugging Face checkpoints of this size load as (multimodal from 4B up)."""
-  from lora_squeeze import model as model_lib  # pylint: disable=import-outside-toplevel
+  from lora_squeeze import model as model_lib
 
   return "Gemma3ForConditionalGeneration" if model_name in model_lib.MULTIMODAL_MODEL_NAMES else "Gemma3ForCausalLM"
 
@@ -145,7 +145,7 @@ class Dims:
 @functools.cache
 def dims(model_name: str) -> Dims:
   """Dims of one of model.MODEL_NAMES, from gemma's own config (nothing materialized)."""
-  from lora_squeeze import model as model_lib  # pylint: disable=import-outside-toplevel
+  from lora_squeeze import model as model_lib
 
   if model_name not in model_lib.MODEL_NAMES:
     raise AdapterError(f"unknown model {model_name!r}; allowed: {', '.join(model_lib.MODEL_NAMES)}")
@@ -198,9 +198,9 @@ def parse_hf_name(name: str, *, where: Any) -> tuple[int, Kind, Part, str]:
 
 def hf_text_config(model_name: str) -> dict[str, Any]:
   """Gemma3TextConfig fields equal to gemma's config of `model_name` (for the tiny models in tests)."""
-  from gemma.gm.nn import config as gm_config  # pylint: disable=import-outside-toplevel
+  from gemma.gm.nn import config as gm_config
 
-  from lora_squeeze import model as model_lib  # pylint: disable=import-outside-toplevel
+  from lora_squeeze import model as model_lib
 
   c = model_lib.base_model(model_lib.make_model(model_name, text_only=True)).config
   if c.query_pre_attn_norm == gm_config.QueryPreAttentionNormalisation.BY_ONE_OVER_SQRT_HEAD_DIM:

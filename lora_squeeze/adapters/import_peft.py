@@ -46,7 +46,7 @@ def _check_config(adapter: peft_io.PeftAdapter) -> None:
 
 
 def _infer_model(shapes: Mapping[tuple[int, str], tuple[int, int]], *, where: Any) -> str:
-  from lora_squeeze import model as model_lib  # pylint: disable=import-outside-toplevel
+  from lora_squeeze import model as model_lib
 
   for name in model_lib.MODEL_NAMES:
     d = hf_gemma3.dims(name)
@@ -141,7 +141,7 @@ def _fuse(
 
 def fit_initial_adapter(initial: Mapping[str, Any], fresh: Mapping[str, Any], *, where: Any) -> dict[str, Any]:
   """The `initial` LoRA tree at the ranks and modules of `fresh` (a new run's init), see module docstring."""
-  flat_init, flat_fresh = orbax_io._flatten(initial), orbax_io._flatten(fresh)  # pylint: disable=protected-access
+  flat_init, flat_fresh = orbax_io._flatten(initial), orbax_io._flatten(fresh)
   extra = sorted(k for k in flat_init if k not in flat_fresh)
   if extra:
     raise AdapterError(
@@ -169,4 +169,4 @@ def fit_initial_adapter(initial: Mapping[str, Any], fresh: Mapping[str, Any], *,
       b2 = np.concatenate([b2, np.zeros((r - r0, b2.shape[1]), np.float32)], axis=0)
     out[stem + "/a"] = np.asarray(a2, np.float32).reshape(fa.shape)
     out[stem + "/b"] = np.asarray(b2, np.float32).reshape(fb.shape)
-  return orbax_io._unflatten(out)  # pylint: disable=protected-access
+  return orbax_io._unflatten(out)

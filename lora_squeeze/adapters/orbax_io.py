@@ -82,7 +82,7 @@ def _index_json(tree: Mapping[str, Any], metadata: Mapping[str, Any], *, where: 
 def _local_checkpointer() -> ocp.Checkpointer:
   """A PyTree checkpointer that involves this process alone: an adapter is one host's file (in a
   multi-process run, process 0 writes it), so no barrier may wait for the other processes."""
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax
 
   local = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(), active_processes={jax.process_index()})
   return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=local), multiprocessing_options=local)

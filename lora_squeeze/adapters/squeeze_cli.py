@@ -78,7 +78,7 @@ def main(argv: list[str]) -> None:
     )
 
   if _BUDGET.value is not None:
-    from lora_squeeze.adapters import budget  # pylint: disable=import-outside-toplevel
+    from lora_squeeze.adapters import budget
 
     try:
       summary, table = budget.squeeze_to_budget(

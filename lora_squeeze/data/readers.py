@@ -50,7 +50,7 @@ def read_tfds(
   dicts of numpy values, text as bytes. `module` names the module holding our own builder
   (SIQA, MMLU), imported so that TFDS knows the name.
   """
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (slow import, only when used)
+  import tensorflow_datasets as tfds  # slow import, only when used
 
   if module is not None:
     importlib.import_module(module)
@@ -117,7 +117,7 @@ def prepare_tfds(name: str, *, data_dir: Path, manual_dir: Path | None = None, m
   Our own builders (`module`: SIQA, MMLU) read the public files from `manual_dir`; a TFDS catalog
   builder downloads its sources, so run it on a machine with internet and copy the folder.
   """
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds
 
   if module is not None:
     importlib.import_module(module)

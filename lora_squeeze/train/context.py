@@ -121,7 +121,7 @@ class RunContext:
   def fresh_lora(self, rank: int) -> Params:
     lora = model_lib.init_lora_params(self.model(rank), self.setup.base_params, key=self.init_key)
     if self.setup.initial_lora is not None:
-      from lora_squeeze.adapters import import_peft  # pylint: disable=g-import-not-at-top
+      from lora_squeeze.adapters import import_peft
 
       lora = import_peft.fit_initial_adapter(self.setup.initial_lora, jax.device_get(lora), where="initial_lora")
     return sharding_lib.shard_params(lora, self.mesh, min_size=self.setup.min_shard_size)
@@ -132,7 +132,7 @@ class RunContext:
 
   def carries_state(self, index: int) -> bool:
     """Whether an optimizer state is carried into plan[index] (optimizer_state_at_squeeze='project')."""
-    from lora_squeeze import opt_state_projection  # pylint: disable=g-import-not-at-top
+    from lora_squeeze import opt_state_projection
 
     mode = opt_state_projection.check_mode(self.setup.optimizer_state_at_squeeze)
     return mode == "project" and opt_state_projection.carried_at(self.plan, index)

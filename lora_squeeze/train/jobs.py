@@ -32,7 +32,7 @@ from lora_squeeze.train.context import Checkpointer, Params, Position, RunContex
 
 def squeeze_on_mesh(ctx: RunContext, lora: Params, item: protocols.Squeeze, key: jax.Array):
   """The adapter squeezed where it lies on the mesh: one compiled call, factors kept sharded."""
-  from lora_squeeze import sharded_squeeze  # pylint: disable=g-import-not-at-top
+  from lora_squeeze import sharded_squeeze
 
   return sharded_squeeze.squeeze_on_mesh(
     lora,
@@ -81,7 +81,7 @@ class SqueezeJob:
 
   def project_opt_state(self, opt_state, before: Params, after: Params, index: int):
     """The optimizer state moved across the squeeze plan[index], for the next Stage's optimizer."""
-    from lora_squeeze import opt_state_projection  # pylint: disable=g-import-not-at-top
+    from lora_squeeze import opt_state_projection
 
     ctx = self.ctx
     stage = next(p for p in ctx.plan[index:] if isinstance(p, protocols.Stage))
@@ -98,7 +98,7 @@ class EvaluateJob:
     self.ctx = ctx
 
   def __call__(self, item: protocols.Evaluate, lora: Params, pos: Position, rank: int, retention):
-    from lora_squeeze import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+    from lora_squeeze import evaluate as evaluate_lib
 
     ctx = self.ctx
     metrics, per_item = {}, None
@@ -136,7 +136,7 @@ class EvaluateJob:
     return path
 
   def write_adapter(self, path: pathlib.Path, host_lora: Params, rank: int, pos: Position) -> None:
-    from lora_squeeze.adapters import orbax_io  # pylint: disable=g-import-not-at-top
+    from lora_squeeze.adapters import orbax_io
 
     if path.exists():
       # A crash between the export and the next checkpoint: the adapter is this run's own.
@@ -198,7 +198,7 @@ class Precompiler:
     }
 
     def compile_ahead():
-      from lora_squeeze import sharded_squeeze  # pylint: disable=g-import-not-at-top
+      from lora_squeeze import sharded_squeeze
 
       try:
         for r_src, squeeze in squeezes:
@@ -226,7 +226,7 @@ class Precompiler:
             max_targets=max_targets,
             optimizer_options=ctx.setup.optimizer,
           )
-      except Exception as e:  # pylint: disable=broad-except
+      except Exception as e:
         ctx.print(f"ahead-of-time compilation of the next stage failed ({e!r}); it compiles when it starts")
 
     self._thread = threading.Thread(target=compile_ahead, name="precompile", daemon=True)

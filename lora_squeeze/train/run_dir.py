@@ -87,7 +87,7 @@ def write_results(
   *,
   complete: bool,
   run_id: str,
-  global_step: int,  # pylint: disable=redefined-outer-name
+  global_step: int,
   evals: Mapping[str, Any],
   squeezes: Sequence[Mapping[str, Any]],
   config: Mapping[str, Any],

@@ -12,6 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from lora_squeeze import config_lib
 from lora_squeeze import model as model_lib
 from lora_squeeze import multihost
 from lora_squeeze import optim
@@ -39,9 +40,9 @@ def setup_from_config(
     evaluate: overrides the task's evaluator (None = evaluate.make_evaluator on the eval split).
     printer: progress lines.
   """
-  from lora_squeeze import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
-  from lora_squeeze.data import batching, registry as tasks  # pylint: disable=g-import-not-at-top
-  from lora_squeeze.weights import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  from lora_squeeze import evaluate as evaluate_lib
+  from lora_squeeze.data import batching, registry as tasks
+  from lora_squeeze.weights import tokenizer as tokenizer_lib
 
   root = jax.random.key(config.seed)
   dtype = jnp.dtype(config.dtype)
@@ -122,7 +123,7 @@ def _initial_lora(path: str) -> Any:
   """The adapter of config.init_adapter (a lora-squeeze adapter folder), or None for ""."""
   if not path:
     return None
-  from lora_squeeze.adapters import orbax_io  # pylint: disable=g-import-not-at-top
+  from lora_squeeze.adapters import orbax_io
 
   return orbax_io.load_adapter(path)[0]
 
@@ -150,16 +151,12 @@ def run_plan(
 ) -> dict[str, Any]:
   """Executes `plan` with the model, data and evaluation of `config` into `workdir` (resuming
   when the workdir holds this same run). config_lib.validate(config) runs first."""
-  from lora_squeeze import config_lib as common  # pylint: disable=g-import-not-at-top
-
-  common.validate(config)
+  config_lib.validate(config)
   setup = setup_from_config(config, workdir=workdir, plan=plan, evaluate=evaluate, printer=printer)
   return execute_plan(plan, setup)
 
 
 def run(config, *, workdir: str | pathlib.Path, printer: Callable[[str], None] = print) -> dict[str, Any]:
   """The `lora-squeeze train` job: validate the config, build its protocol's plan, run it."""
-  from lora_squeeze import config_lib as common  # pylint: disable=g-import-not-at-top
-
-  common.validate(config)
-  return run_plan(common.make_plan(config), config=config, workdir=workdir, printer=printer)
+  config_lib.validate(config)
+  return run_plan(config_lib.make_plan(config), config=config, workdir=workdir, printer=printer)

