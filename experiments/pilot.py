@@ -37,6 +37,7 @@ _WARMUP = flags.DEFINE_integer("warmup", 5, "warmup steps")
 _BATCH = flags.DEFINE_integer("batch", 8, "batch size")
 _MAX_LEN = flags.DEFINE_integer("max_len", 128, "row length")
 _EXAMPLES = flags.DEFINE_integer("eval_examples", 0, "0 = the whole eval split")
+_TARGETS = flags.DEFINE_list("targets", [], "LoRA targets (model.LORA_TARGETS); empty = all of them")
 _REPORT = flags.DEFINE_bool("report", False, "only write/print the table of pilot.jsonl")
 
 
@@ -58,6 +59,8 @@ def training_config(seed: int):
   config.model, config.dtype, config.template = "gemma3_270m", "float32", "plain"
   config.task, config.data_source = _TASK.value, _SOURCE.value
   config.max_len, config.buckets = _MAX_LEN.value, (64, _MAX_LEN.value)
+  if _TARGETS.value:  # fewer LoRA modules: a capacity-bound setting where rank may matter more
+    config.lora_targets = tuple(_TARGETS.value)
   config.batch_size, config.steps, config.warmup, config.seed = _BATCH.value, _STEPS.value, _WARMUP.value, seed
   config.eval.examples, config.eval.batch_size = _EXAMPLES.value, 16
   config.checkpoint_every, config.log_every = 10_000, 10
@@ -230,6 +233,7 @@ def main(argv):
       "warmup": _WARMUP.value,
       "batch": _BATCH.value,
       "max_len": _MAX_LEN.value,
+      "lora_targets": list(config.lora_targets),
       "metrics": final["metrics"],
       "per_item": final.get("per_item"),
       "zero_shot": out["evals"]["zero_shot"]["metrics"] if zero_shot else None,
