@@ -34,6 +34,7 @@ def test_comparisons_are_paired_differences_against_the_baseline(tmp_path):
 
 def test_a_baseline_without_per_item_scores_is_named():
   with pytest.raises(
-    UserInputError, match=r"baseline 'direct_r4' has no per-item scores; tags with them: \['direct_r1', 'r16', 'r16_to_r1'\]$"
+    UserInputError,
+    match=r"baseline 'direct_r4' has no per-item scores; tags with them: \['direct_r1', 'r16', 'r16_to_r1'\]$",
   ):
     run_comparisons.comparisons(evals(), "direct_r4")
