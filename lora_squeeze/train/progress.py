@@ -38,9 +38,10 @@ def _interval(items: Sequence[float], reference: Sequence[float]) -> str:
   return f"{c.mean:+.4f} [{c.low:+.4f}, {c.high:+.4f}]{' *' if c.excludes_zero else ''}"
 
 
-def _aligned(lines: list[list[str]]) -> list[str]:
-  widths = [max(len(c) for c in col) for col in zip(*lines)]
-  return ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines]
+def _aligned(header: list[str], rows: list[list[str]]) -> list[str]:
+  """Header, a dashed rule and the rows, in columns as wide as their widest cell."""
+  widths = [max(len(c) for c in col) for col in zip(header, *rows)]
+  return ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in [header, ["-" * w for w in widths], *rows]]
 
 
 def table_lines(evals: Mapping[str, Mapping[str, Any]], baselines: Sequence[str] = ()) -> list[str]:
@@ -73,8 +74,7 @@ def table_lines(evals: Mapping[str, Mapping[str, Any]], baselines: Sequence[str]
         continue
       for m in compared:
         row.append(_interval(items[m], first_items[m]))
-  widths = [max(len(c) for c in col) for col in zip(header, *rows)]
-  lines = _aligned([header, ["-" * w for w in widths], *rows])
+  lines = _aligned(header, rows)
   if len(scored) > 1:
     for baseline in baselines:
       base_items = evals.get(baseline, {}).get("per_item")
@@ -84,7 +84,6 @@ def table_lines(evals: Mapping[str, Mapping[str, Any]], baselines: Sequence[str]
       compared = [m for m in base_items if all(m in items for _, items in others)]
       header = [f"minus {baseline}", *(f"{m} [95% CI]" for m in compared)]
       table = [[tag, *(_interval(items[m], base_items[m]) for m in compared)] for tag, items in others]
-      widths = [max(len(c) for c in col) for col in zip(header, *table)]
-      lines += ["", *_aligned([header, ["-" * w for w in widths], *table])]
+      lines += ["", *_aligned(header, table)]
     lines.append("(* = the interval excludes zero: a difference beyond the sampling of evaluation items)")
   return lines
