@@ -7,6 +7,8 @@ M in {200, 700}):
   zero_shot    the base model (the first direct run scores its untrained adapter, ΔW = 0)
   direct       train at r_tgt for N steps                       } one run per M: N steps, then M more
   direct+M     ... then M more steps (fresh optimizer, 100-step warmup)   at r_tgt (lr of r_tgt)
+  source       train at r_src for N steps (scored in the first cont run, before its squeeze; "source
+               vs direct" is the gap between the ranks that the squeeze starts from)
   post         train at r_src for N steps, squeeze to r_tgt      } one run per M: the squeeze, then M
   cont+M       ... then M steps at r_tgt (lr of r_tgt, 100-step warmup)   more steps at r_tgt
   in_squeeze   anneal r_src -> r_src/2 -> ... -> r_tgt in N + in_squeeze_extra steps, stages
@@ -109,6 +111,7 @@ def protocol_names(study: ml_collections.ConfigDict) -> list[str]:
     "zero_shot",
     "direct",
     *(f"direct+{m}" for m in extras),
+    "source",
     "post",
     *(c for m in extras for c in per_state(f"cont+{m}")),
     *per_state("in_squeeze"),
@@ -189,9 +192,13 @@ def cells(study: ml_collections.ConfigDict, lr_for_rank: Callable[[int], float])
           method=study.method,
         )
         post_tag, plus_tag = protocols.eval_tags(plan)
+        if i == 0:  # the source adapter itself, scored once per seed before its squeeze
+          source_tag = f"direct_r{r_src}"
+          plan = protocols.validate_plan((plan[0], protocols.Evaluate(tag=source_tag), *plan[1:]))
         for state in states:
           evals = {plus_tag: {"protocol": f"cont+{m}"}}
           if i == 0 and state == post_state:
+            evals[source_tag] = {"protocol": "source"}
             evals[post_tag] = {"protocol": "post"}
           out.append(cell(f"cont_{plus_tag}", plan, evals, state))
       ranks = protocols.halving_ranks(r_src, r_tgt)

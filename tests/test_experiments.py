@@ -362,6 +362,7 @@ def test_protocol_table_marks_the_best_per_row(tmp_path):
     "direct",
     "direct+2",
     "direct+5",
+    "source",
     "post",
     "cont+2",
     "cont+5",
@@ -377,12 +378,21 @@ def test_protocol_table_marks_the_best_per_row(tmp_path):
     "b/direct_r1_plus2_s2",
   ]
   assert all(c.plan[0] == protocols.Evaluate(tag="zero_shot") for c in zero_shot)
+  # The source (rank 4 after N steps) is scored once per seed, right after its stage, by the first M's cont run.
+  sources = [c for c in cells if any(coords["protocol"] == "source" for coords in c.evals.values())]
+  assert [c.name for c in sources] == [f"{t}/cont_r4_to_r1_plus2_s{s}" for t in "ab" for s in (1, 2)]
+  assert all(c.plan[:2] == (protocols.Stage(rank=4, steps=2, lr=_LR(4), warmup=1), protocols.Evaluate(tag="direct_r4"))
+             for c in sources)
+  assert protocols.eval_tags(next(c for c in cells if c.name == "a/cont_r4_to_r1_plus5_s1").plan) == (
+    "r4_to_r1",
+    "r4_to_r1_plus5",
+  )
   # In-Squeeze gets N + M = 2 + 2 steps over ranks 4 -> 2 -> 1, proportional to the rank (largest remainder).
   in_cell = next(c for c in cells if c.name == "a/in_squeeze_r4_to_r1_s1")
   assert [i.steps for i in in_cell.plan if isinstance(i, protocols.Stage)] == [2, 1, 1]
   values = {name: 40.0 + i for i, name in enumerate(columns[1:])}
   values["zero_shot"] = 99.0  # the highest, but a reference: never bold
-  values["in_squeeze_min"] = 45.5  # below in_squeeze (46) for task a ...
+  values["in_squeeze_min"] = 46.5  # below in_squeeze (47) for task a ...
 
   def score(labels, coords):  # ... but task b adds 2 to it (and seed 2 adds 1 to everything)
     bonus = 2.0 if labels["task"] == "b" and coords["protocol"] == "in_squeeze_min" else 0.0
@@ -392,14 +402,16 @@ def test_protocol_table_marks_the_best_per_row(tmp_path):
   body = protocol_table.run_study(study, workdir=tmp_path, train=False, log=lambda line: None)
   assert [row[0] for row in body] == ["a", "b", "average"]
   lines = (tmp_path / "protocol_table.md").read_text().splitlines()
-  assert lines[2] == "| a | 99.5 | 40.5 | 41.5 | 42.5 | 43.5 | 44.5 | 45.5 | **46.5** | 46.0 |"
-  assert lines[3] == "| b | 99.5 | 40.5 | 41.5 | 42.5 | 43.5 | 44.5 | 45.5 | 46.5 | **48.0** |"
-  assert lines[4].endswith("| 46.5 | **47.0** |")
+  assert lines[2] == "| a | 99.5 | 40.5 | 41.5 | 42.5 | 43.5 | 44.5 | 45.5 | 46.5 | **47.5** | 47.0 |"
+  assert lines[3] == "| b | 99.5 | 40.5 | 41.5 | 42.5 | 43.5 | 44.5 | 45.5 | 46.5 | 47.5 | **49.0** |"
+  assert lines[4].endswith("| 47.5 | **48.0** |")
   csv_lines = (tmp_path / "protocol_table.csv").read_text().splitlines()
   assert csv_lines[0] == "task," + ",".join(columns) and csv_lines[3].startswith("average,99.5,40.5,")
   nll_lines = (tmp_path / "protocol_table_nll.md").read_text().splitlines()
-  assert nll_lines[2] == "| a | 0.0050 | 0.5950 | 0.5850 | 0.5750 | 0.5650 | 0.5550 | 0.5450 | **0.5350** | 0.5400 |"
-  assert nll_lines[3].endswith("| 0.5350 | **0.5200** |")
+  assert nll_lines[2] == (
+    "| a | 0.0050 | 0.5950 | 0.5850 | 0.5750 | 0.5650 | 0.5550 | 0.5450 | 0.5350 | **0.5250** | 0.5300 |"
+  )
+  assert nll_lines[3].endswith("| 0.5250 | **0.5100** |")
 
 
 def test_protocol_comparisons_come_from_per_item_scores(tmp_path):
@@ -440,6 +452,7 @@ def test_protocol_comparisons_come_from_per_item_scores(tmp_path):
     for c in (
       "direct vs zero_shot",
       "direct+2 vs direct",
+      "source vs direct",
       "post vs direct",
       "cont+2 vs direct",
       "cont+2 vs direct+2",

@@ -100,7 +100,7 @@ def test_default_grid_is_unchanged_and_project_adds_only_the_runs_after_a_squeez
     assert sorted(c.name for c in posts) == [
       f"a/cont_r4_to_r1_plus2{'_project' * (states == ('project',))}_s{s}" for s in (1, 2)
     ]
-  assert protocol_table.protocol_names(_study())[4:] == [
+  assert protocol_table.protocol_names(_study())[5:] == [
     "cont+2",
     "cont+2/project",
     "in_squeeze",
@@ -147,8 +147,8 @@ def test_table_and_project_minus_reset_comparisons(tmp_path):
   columns = protocol_table.protocol_names(study)
   assert body == [["a", *(60.0 if c == "cont+2/project" else 50.0 for c in columns)]]
   rows = json.loads((tmp_path / "rows.json").read_text())
-  # Per seed: zero_shot, direct, direct+2; post, cont+2; cont+2/project; the In-Squeezes x 2 states.
-  assert len(rows) == 2 * (3 + 2 + 1 + 4)
+  # Per seed: zero_shot, direct, direct+2; source, post, cont+2; cont+2/project; the In-Squeezes x 2 states.
+  assert len(rows) == 2 * (3 + 3 + 1 + 4)
   assert {r.get("optimizer_state") for r in rows} == {"reset", "project", None}
   lines = {
     line.split(" | ")[0]: line
