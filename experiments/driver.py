@@ -23,7 +23,30 @@ def define_driver_flags() -> None:
   )
   flags.DEFINE_string("workdir", None, "study folder: runs/, rows, tables and plots")
   flags.DEFINE_bool("report_only", False, "rebuild tables and plots from the finished runs, train nothing")
+  flags.DEFINE_string(
+    "archive",
+    None,
+    "after the report, copy it and each finished cell's cell.json + results (no checkpoints) to this"
+    " folder: small enough to commit, a study folder of its own, and a resume point (copy its runs/ back)",
+  )
   flags.mark_flags_as_required(["config", "workdir"])
+
+
+def archive(workdir: pathlib.Path, dest: pathlib.Path) -> None:
+  """--archive: the report files at the top of `workdir` (tables, CSV, PNG, rows) and the finished
+  cells' files (experiments.results.archive_finished) copied to `dest`."""
+  import shutil
+
+  from experiments import results
+
+  if dest.resolve() == workdir.resolve():
+    raise ValueError(f"--archive={str(dest)!r} is the workdir itself; name another folder")
+  dest.mkdir(parents=True, exist_ok=True)
+  for path in sorted(workdir.glob("*")):
+    if path.is_file() and path.suffix in (".md", ".csv", ".png", ".json"):
+      shutil.copyfile(path, dest / path.name)
+  names = results.archive_finished(workdir, dest)
+  print(f"archived the report and {len(names)} finished cells to {dest}", flush=True)
 
 
 def driver_main(run_study: Callable[..., Any]) -> Callable[[Sequence[str]], None]:
@@ -42,8 +65,11 @@ def driver_main(run_study: Callable[..., Any]) -> Callable[[Sequence[str]], None
       from lora_squeeze import sharding
 
       sharding.maybe_initialize_distributed()  # a multi-host job: before any other JAX call
+    workdir = pathlib.Path(flags.FLAGS.workdir)
     try:
-      run_study(flags.FLAGS.config, workdir=pathlib.Path(flags.FLAGS.workdir), train=not flags.FLAGS.report_only)
+      run_study(flags.FLAGS.config, workdir=workdir, train=not flags.FLAGS.report_only)
+      if flags.FLAGS.archive:
+        archive(workdir, pathlib.Path(flags.FLAGS.archive))
     except ValueError as e:
       # Bad config or folder: the message says what to change. ValueError, not only UserInputError,
       # while protocol_table.py still raises ValueError for its ranks.

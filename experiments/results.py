@@ -2,6 +2,7 @@
 
     collect_rows / collect_squeeze_rows / collect_items   (only the files under <workdir>/runs)
         -> select / mean_score                            (the groupings the tables and plots use)
+    archive_finished                                      (those files, and nothing else, copied)
 
 The trainer's files are read in exactly one place, `read_run_results`, through
 lora_squeeze.train.run_dir (the one definition of the run folder); nothing else here knows their
@@ -14,6 +15,7 @@ import dataclasses
 import json
 import math
 import pathlib
+import shutil
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -148,6 +150,31 @@ def collect_squeeze_rows(workdir: pathlib.Path) -> tuple[list[Row], list[str]]:
     {**cell["labels"], **squeeze, "cell": cell["name"]} for cell, results in finished for squeeze in results.squeezes
   ]
   return rows, unfinished
+
+
+def archive_finished(workdir: pathlib.Path, dest: pathlib.Path) -> list[str]:
+  """Copies what a report and a resume need of every finished cell, `runs/<cell>/cell.json` and its
+  results file (or failed.json), from `workdir` to `dest`, and returns the cells' names.
+
+  No checkpoint or adapter is copied, so `dest` is small enough to commit; it is itself a study
+  folder (`--report_only --workdir=dest` rebuilds the report), and copying its runs/ into a fresh
+  workdir makes the driver skip those cells. Unfinished cells are left out: their checkpoints stay
+  behind, and a cell.json alone would only say that the run was started.
+  """
+  workdir, dest = pathlib.Path(workdir), pathlib.Path(dest)
+  names = []
+  for cell_file in sorted((workdir / cells_lib.RUNS_DIR).rglob(cells_lib.CELL_FILE)):
+    source = cell_file.parent
+    if cell_results(source) is None:
+      continue
+    results_file = run_dir_lib.results_path(cells_lib.train_dir(source))
+    for path in (cell_file, source / cells_lib.FAILED_FILE, results_file):
+      if path.exists():
+        target = dest / path.relative_to(workdir)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+    names.append(str(source.relative_to(workdir / cells_lib.RUNS_DIR)))
+  return names
 
 
 def select(rows: Iterable[Row], **where: Any) -> list[Row]:

@@ -381,8 +381,10 @@ def test_protocol_table_marks_the_best_per_row(tmp_path):
   # The source (rank 4 after N steps) is scored once per seed, right after its stage, by the first M's cont run.
   sources = [c for c in cells if any(coords["protocol"] == "source" for coords in c.evals.values())]
   assert [c.name for c in sources] == [f"{t}/cont_r4_to_r1_plus2_s{s}" for t in "ab" for s in (1, 2)]
-  assert all(c.plan[:2] == (protocols.Stage(rank=4, steps=2, lr=_LR(4), warmup=1), protocols.Evaluate(tag="direct_r4"))
-             for c in sources)
+  assert all(
+    c.plan[:2] == (protocols.Stage(rank=4, steps=2, lr=_LR(4), warmup=1), protocols.Evaluate(tag="direct_r4"))
+    for c in sources
+  )
   assert protocols.eval_tags(next(c for c in cells if c.name == "a/cont_r4_to_r1_plus5_s1").plan) == (
     "r4_to_r1",
     "r4_to_r1_plus5",
@@ -653,3 +655,45 @@ def test_presets_build_their_grids_and_valid_training_configs(driver, expected, 
       base = presets.apply_overrides(base, {"checkpoint": str(tmp_path)})
     for cell in cells[:: max(1, len(cells) // 20)]:
       configs_common.validate(presets.apply_overrides(base, cell.overrides))
+
+
+def test_archive_keeps_what_a_report_and_a_resume_need(tmp_path):
+  """The archive of a study holds each finished cell's cell.json and results (never a checkpoint or an
+  unfinished cell), rebuilds the same report, and a workdir seeded with its runs/ trains only the rest."""
+  from experiments import driver
+
+  study = protocol_table.get_config("tiny")
+  study.tasks, study.seeds, study.extra_steps = ("a",), (1,), (2,)
+  cells = protocol_table.cells(study, _LR)
+  workdir, dest = tmp_path / "study", tmp_path / "archive"
+  _finish(workdir, cells[:-1], lambda labels, coords: 50.0 + len(coords["protocol"]))
+  claim_run_dir(workdir, cells[-1])  # started, not finished
+  for cell in cells:
+    (run_dir(workdir, cell) / TRAIN_DIR / "checkpoints").mkdir(parents=True)
+    (run_dir(workdir, cell) / TRAIN_DIR / "checkpoints" / "state").write_bytes(b"\0" * 64)
+  protocol_table.run_study(study, workdir=workdir, train=False, log=lambda line: None)
+  driver.archive(workdir, dest)
+  copied = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
+  assert [p for p in copied if p.startswith("runs/")] == sorted(
+    f"runs/{c.name}/{f}" for c in cells[:-1] for f in ("cell.json", "train/results.json")
+  )
+  assert {"protocol_table.md", "rows.json", "rows.csv"} <= set(copied)
+  report = (workdir / "protocol_table.md").read_text()
+  (dest / "protocol_table.md").unlink()
+  protocol_table.run_study(study, workdir=dest, train=False, log=lambda line: None)
+  assert (dest / "protocol_table.md").read_text() == report
+
+  fresh = tmp_path / "fresh"
+  fresh.mkdir()
+  (fresh / "runs").symlink_to(dest / "runs", target_is_directory=True)
+  trained, base = [], _base_config()
+  base.task = "a"
+
+  def train_fn(config, plan, train_dir):
+    trained.append(plan)
+    _write_results(train_dir, {tag: 0.5 for tag in protocols.eval_tags(plan)})
+
+  grid.run_cells(cells, workdir=fresh, base_config=base, train_fn=train_fn, log=lambda line: None)
+  assert trained == [cells[-1].plan]
+  with pytest.raises(ValueError, match="is the workdir itself"):
+    driver.archive(workdir, workdir)
