@@ -30,11 +30,10 @@ How the factors stay split (qr_core, in both precisions):
   module), grouped and keyed as ``lora_tree.squeeze_tree`` does, so that the randomized methods
   draw the same random numbers and every method gives the same factors as the unsharded squeeze.
 
-Where factors do get gathered: "svd" forms ΔW and takes its full SVD, which XLA does not
-partition, so it all-gathers that one matrix on each device (on the devices, never on a host);
-the randomized methods QR their (m, r_tgt + k_o) sketches and, in float32, take the spectrum from
-the Householder QR of whole factors, likewise gathered. A factor split along its rank axis (r_src
-its largest dimension) is squeezed as XLA partitions it.
+Where factors do get gathered: only qr_core is built to keep them split. "svd" and "rsvd" form
+ΔW; for rsvd_factored XLA all-gathers its (m, r_tgt + k_o) sketches and some whole factors (read
+from its optimized HLO); all on the devices, never on a host. A factor split along its rank axis
+(r_src its largest dimension) is squeezed as XLA partitions it.
 """
 
 from __future__ import annotations

@@ -105,8 +105,8 @@ def positive_diagonal(root: jax.Array) -> jax.Array:
   them, M = R_A R_Bᵀ would change by diagonal ±1 factors and the SVD could flip the signs of
   a_t's columns and b_t's rows (the same ΔW, other factors).
   """
-  diagonal = jnp.diagonal(root, axis1=-2, axis2=-1)
-  return jnp.where(diagonal < 0, -1.0, 1.0).astype(root.dtype)[..., :, None] * root
+  negative = jnp.diagonal(root, axis1=-2, axis2=-1) < 0
+  return jnp.where(negative[..., :, None], -root, root)  # no constant: no float64 under enable_x64
 
 
 def _finite_matrices(x: jax.Array) -> jax.Array:

@@ -84,6 +84,7 @@ for method, precision, dtype in cases:
   if precision == "float32":  # compiled first: squeeze_on_mesh then runs this very program
     text = sharded_squeeze.compile_on_mesh(
       placed, R_TGT, mesh=mesh, method=method, precision=precision, min_shard_size=1).as_text()
+    result.setdefault("float32_f64_values", {})[dtype] = text.count("f64[")
     result.setdefault("float32_collectives", {})[dtype] = [
       [re.sub(r"\{[^}]*\}|/\*[^*]*\*/| ", "", shape), op] for shape, op in COLLECTIVE.findall(text)]
   want, want_report = lora_tree.squeeze_tree(host, R_TGT, method=method, key=key, precision=precision)
@@ -217,6 +218,7 @@ def test_qr_core_float64_only_all_reduces_the_gram_matrices(two_devices):
 def test_qr_core_float32_only_gathers_the_r_blocks_of_its_tsqr(two_devices):
   # The float32 (TPU) path: each device's r_src x r_src R block of a and of bᵀ, stacked
   # (2 modules per shape group, 2 devices x r_src rows); the stacked factors (2, 64..192, 8) never.
+  assert two_devices["float32_f64_values"] == {"float32": 0, "bfloat16": 0}  # a TPU has no float64
   for dtype, ops in two_devices["float32_collectives"].items():
     gathers = [shape for shape, op in ops if op == "all-gather"]
     assert gathers == [f"f32[2,{2 * R_SRC},{R_SRC}]"] * 8, (dtype, ops)  # 4 shape groups, a and b
