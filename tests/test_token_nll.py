@@ -234,3 +234,47 @@ def test_closing_table_and_study_rows_on_token_nll(tmp_path):
   )
   table = stats.comparison_table(records)
   assert "NLL per target token (nats, lower is better)" in table and "accuracy" not in table
+
+
+def test_pilot_report_compares_ranks_on_token_nll(tmp_path):
+  """experiments.pilot's report on token_nll records: the rank gap per seed and its ratio-of-sums
+  interval over the items, lower is better."""
+  from experiments import pilot
+
+  rng = np.random.default_rng(0)
+  counts = rng.integers(5, 30, 40).tolist()
+  records = []
+  for seed in (0, 1):
+    for rank, level in ((1, 2.5), (16, 2.3)):
+      summed = (level + rng.normal(0, 0.05, 40)) * np.array(counts)
+      records.append(
+        {
+          "name": f"F_r{rank}_lr0.001_s{seed}",
+          "mbps": False,
+          "rank": rank,
+          "lr": 0.001,
+          "seed": seed,
+          "eval_digest": "d",
+          "metrics": {"token_nll": float(summed.sum() / sum(counts))},
+          "per_item": {"token_nll": summed.tolist(), "target_tokens": counts},
+          "zero_shot": {"token_nll": 2.9} if not records else None,
+          "adapter": {"delta_w_fro": 1.0},
+          "seconds": 10.0,
+        }
+      )
+  (tmp_path / "pilot.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+  text = pilot.report(tmp_path)
+  by = {(r["rank"], r["seed"]): r for r in records}
+  gaps = [by[(16, s)]["metrics"]["token_nll"] - by[(1, s)]["metrics"]["token_nll"] for s in (0, 1)]
+  assert f"mean {np.mean(gaps):+.4f}" in text and "token_nll: lower is better" in text
+  c = bootstrap.compare_items(
+    "token_nll", [by[(16, s)]["per_item"] for s in (0, 1)], [by[(1, s)]["per_item"] for s in (0, 1)]
+  )
+  assert c.high < 0 and f"token_nll r16 - r1 {stats_format(c)}" in text
+  assert "zero-shot: token_nll 2.9000" in text
+
+
+def stats_format(c):
+  from experiments import stats
+
+  return stats.format_comparison(c, digits=4)
