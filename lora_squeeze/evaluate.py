@@ -310,8 +310,9 @@ def evaluate_examples(
   model, params: Params, tokenizer, task: Task, examples: Sequence[Example], **options: Any
 ) -> dict[str, float]:
   """The task's metrics over `examples`: {"accuracy", "option_nll"} for scored tasks, {"token_nll"}
-  for token_nll tasks, {"f1", "em"} for DROP, {metric name} for the other generative ones. The first key is the headline score. `options` are
-  evaluate_items' keyword arguments (max_len, batch_size, template, buckets, image_size, progress)."""
+  for token_nll tasks, {"f1", "em"} for DROP, {metric name} for the other generative ones. The
+  first key is the headline score. `options` are evaluate_items' keyword arguments (max_len,
+  batch_size, template, buckets, image_size, progress)."""
   return evaluate_items(model, params, tokenizer, task, examples, **options)[0]
 
 
