@@ -98,15 +98,18 @@ def post_cells(study: ml_collections.ConfigDict, lr_src: float) -> list[Cell]:
 
 
 def best_lrs(rows: Sequence[Row]) -> dict[int, float]:
-  """rank -> the lr with the highest mean score over tasks and seeds (ties: the smaller lr).
+  """rank -> the lr with the best mean score over tasks and seeds: the highest, or the lowest for a
+  lower-is-better metric (token_nll; results.lower_is_better). Ties: the smaller lr.
 
   A mean with a NaN (a run that diverged) never wins.
   """
-  means = results.mean_score(results.select(rows, study="sweep"), key=lambda r: (r["rank"], r["lr"]))
+  sweep = results.select(rows, study="sweep")
+  sign = -1.0 if results.lower_is_better(sweep) else 1.0
+  means = results.mean_score(sweep, key=lambda r: (r["rank"], r["lr"]))
   best: dict[int, float] = {}
   for (rank, lr), score in sorted(means.items()):
     # A diverged run scores NaN: its lr is never the best (and a rank where all diverged has none).
-    if math.isfinite(score) and (rank not in best or score > means[(rank, best[rank])]):
+    if math.isfinite(score) and (rank not in best or sign * score > sign * means[(rank, best[rank])]):
       best[rank] = lr
   return best
 

@@ -27,6 +27,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments import stats, tables
+from lora_squeeze import bootstrap
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "pilot folder (pilot.jsonl, runs/)", required=True)
 _RUNS = flags.DEFINE_list("runs", [], "runs m:rank:lr:seed (m = T/F: multiply_by_parameter_scale)")
@@ -79,34 +80,40 @@ def eval_digest() -> str:
   return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+def _std(x: np.ndarray) -> float:
+  return float(x.std(ddof=1)) if len(x) > 1 else float("nan")
+
+
+def _better(metric: str) -> str:
+  return "lower" if metric in bootstrap.LOWER_IS_BETTER else "higher"
+
+
 def report(workdir: pathlib.Path) -> str:
+  """pilot.md / pilot.csv from pilot.jsonl: per setting the mean and seed std of each metric of the
+  task (accuracy and option NLL, or NLL per target token), the highest rank minus rank 1 per seed
+  with paired bootstrap intervals over the items, and the two Adafactor settings against each other."""
   rows = [json.loads(line) for line in (workdir / "pilot.jsonl").read_text().splitlines() if line.strip()]
+  metrics = list(rows[0]["metrics"])
   groups: dict = {}
   for r in rows:
     groups.setdefault((r["mbps"], r["rank"], r["lr"]), []).append(r)
   table = []
   for (mbps, rank, lr), rs in sorted(groups.items()):
-    acc = np.array([r["metrics"]["accuracy"] for r in rs]) * 100
-    nll = np.array([r["metrics"]["option_nll"] for r in rs])
-    table.append(
-      {
-        "multiply_by_parameter_scale": mbps,
-        "rank": rank,
-        "lr": lr,
-        "seeds": len(rs),
-        "accuracy": acc.mean(),
-        "accuracy_std": acc.std(ddof=1) if len(rs) > 1 else float("nan"),
-        "option_nll": nll.mean(),
-        "option_nll_std": nll.std(ddof=1) if len(rs) > 1 else float("nan"),
-        "delta_w_fro": float(np.mean([r["adapter"]["delta_w_fro"] for r in rs])),
-        "seconds": float(np.mean([r["seconds"] for r in rs])),
-      }
-    )
+    entry = {"multiply_by_parameter_scale": mbps, "rank": rank, "lr": lr, "seeds": len(rs)}
+    for m in metrics:
+      values = np.array([r["metrics"][m] for r in rs]) * (100 if m == "accuracy" else 1)
+      entry[m], entry[f"{m}_std"] = float(values.mean()), _std(values)
+    entry["delta_w_fro"] = float(np.mean([r["adapter"]["delta_w_fro"] for r in rs]))
+    entry["seconds"] = float(np.mean([r["seconds"] for r in rs]))
+    table.append(entry)
   tables.write_csv(workdir / "pilot.csv", table)
   zero = [r["zero_shot"] for r in rows if r.get("zero_shot")]
   lines = [tables.markdown_table(list(table[0]), [list(t.values()) for t in table], float_format="{:.3g}")]
   if zero:
-    lines.append(f"zero-shot: accuracy {100 * zero[0]['accuracy']:.1f} %, option NLL {zero[0]['option_nll']:.4f}\n")
+    lines.append("zero-shot: " + ", ".join(f"{m} {zero[0][m]:.4f}" for m in metrics) + "\n")
+  lines.append(
+    "Differences are treatment minus baseline: " + "; ".join(f"{m}: {_better(m)} is better" for m in metrics) + "\n"
+  )
   # Gap highest rank minus rank 1, per seed, at each (mbps, lr) setting both ranks ran.
   for mbps in (False, True):
     by = {(r["rank"], r["lr"], r["seed"]): r for r in rows if r["mbps"] == mbps}
@@ -118,18 +125,13 @@ def report(workdir: pathlib.Path) -> str:
       seeds = sorted(s for (rk, lr_, s) in by if rk == hi and lr_ == lr and (1, lr, s) in by)
       if not seeds:
         continue
-      gaps = (
-        np.array([by[(hi, lr, s)]["metrics"]["accuracy"] - by[(1, lr, s)]["metrics"]["accuracy"] for s in seeds]) * 100
-      )
-      nll_gaps = np.array(
-        [by[(1, lr, s)]["metrics"]["option_nll"] - by[(hi, lr, s)]["metrics"]["option_nll"] for s in seeds]
-      )
-      sd = lambda x: x.std(ddof=1) if len(x) > 1 else float("nan")  # noqa: E731
-      lines.append(
-        f"mbps={mbps} lr={lr:g}: r{hi} minus r1 per seed {seeds}: accuracy {np.round(gaps, 2).tolist()} "
-        f"(mean {gaps.mean():+.2f}, std {sd(gaps):.2f}); option NLL r1 minus r{hi} "
-        f"{np.round(nll_gaps, 4).tolist()} (mean {nll_gaps.mean():+.4f}, std {sd(nll_gaps):.4f})\n"
-      )
+      for m in metrics:
+        gaps = np.array([by[(hi, lr, s)]["metrics"][m] - by[(1, lr, s)]["metrics"][m] for s in seeds])
+        gaps *= 100 if m == "accuracy" else 1
+        lines.append(
+          f"mbps={mbps} lr={lr:g}: {m} r{hi} minus r1 per seed {seeds}: {np.round(gaps, 4).tolist()} "
+          f"(mean {gaps.mean():+.4f}, std {_std(gaps):.4f}; {_better(m)} is better)\n"
+        )
       # Items are paired across seeds only where the runs scored the same questions (the first
       # pilot runs predate the de-duplicated split: their digest is missing, "v0").
       digests = {}
@@ -138,34 +140,35 @@ def report(workdir: pathlib.Path) -> str:
         if pair[0] == pair[1]:  # a seed whose two runs scored different questions is not paired by item
           digests.setdefault(pair[0], []).append(s)
       for digest, group in sorted(digests.items()):
-        acc = stats.paired_bootstrap(
-          [by[(hi, lr, s)]["per_item"]["accuracy"] for s in group],
-          [by[(1, lr, s)]["per_item"]["accuracy"] for s in group],
-        )
-        nll = stats.paired_bootstrap(
-          [by[(1, lr, s)]["per_item"]["option_nll"] for s in group],
-          [by[(hi, lr, s)]["per_item"]["option_nll"] for s in group],
-        )
-        lines.append(
-          f"  paired bootstrap over the {acc.n_items} items (seeds {group}, eval split {digest}): "
-          f"accuracy r{hi} - r1 {stats.format_comparison(acc, scale=100, digits=1)}; option NLL r1 - r{hi} "
-          f"{stats.format_comparison(nll, digits=4)}\n"
-        )
+        high = [by[(hi, lr, s)]["per_item"] for s in group]
+        low = [by[(1, lr, s)]["per_item"] for s in group]
+        parts = [
+          f"{m} r{hi} - r1 {_formatted(m, bootstrap.compare_items(m, high, low))}"
+          for m in bootstrap.compared_metrics(*high, *low)
+        ]
+        lines.append(f"  paired bootstrap (seeds {group}, eval split {digest}): {'; '.join(parts)}\n")
   # The two Adafactor settings at the same rank and seed (their own lr each).
   for rank, seed in sorted({(r["rank"], r["seed"]) for r in rows}):
     pair = {r["mbps"]: r for r in rows if (r["rank"], r["seed"]) == (rank, seed)}
     if len(pair) == 2:
-      acc = stats.paired_bootstrap(pair[False]["per_item"]["accuracy"], pair[True]["per_item"]["accuracy"])
-      nll = stats.paired_bootstrap(pair[True]["per_item"]["option_nll"], pair[False]["per_item"]["option_nll"])
+      off, on = pair[False]["per_item"], pair[True]["per_item"]
+      parts = [
+        f"{m} {_formatted(m, bootstrap.compare_items(m, [off], [on]))}" for m in bootstrap.compared_metrics(off, on)
+      ]
       lines.append(
-        f"rank {rank} seed {seed}: accuracy without minus with the parameter scale (lr "
-        f"{pair[False]['lr']:g} vs {pair[True]['lr']:g}): {stats.format_comparison(acc, scale=100, digits=1)}; "
-        f"option NLL with minus without: {stats.format_comparison(nll, digits=4)}; "
+        f"rank {rank} seed {seed}: without minus with the parameter scale (lr "
+        f"{pair[False]['lr']:g} vs {pair[True]['lr']:g}): {'; '.join(parts)}; "
         f"|ΔW|_F {pair[False]['adapter']['delta_w_fro']:.3g} vs {pair[True]['adapter']['delta_w_fro']:.3g}\n"
       )
   text = "\n".join(lines)
   tables.atomic_write_text(workdir / "pilot.md", text)
   return text
+
+
+def _formatted(metric: str, c: stats.Comparison) -> str:
+  if metric == "accuracy":
+    return stats.format_comparison(c, scale=100, digits=1)
+  return stats.format_comparison(c, digits=4)
 
 
 def main(argv):
@@ -250,9 +253,9 @@ def main(argv):
     done.add(name)
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     shutil.rmtree(run_dir / "adapters", ignore_errors=True)
+    scores = " ".join(f"{m} {v:.4f}" for m, v in final["metrics"].items())
     print(
-      f"[pilot] {name}: accuracy {final['metrics']['accuracy']:.4f} option_nll {final['metrics']['option_nll']:.4f} "
-      f"|ΔW|_F {size['delta_w_fro']:.4g} in {seconds:.0f}s (load {load_before[0]:.2f})",
+      f"[pilot] {name}: {scores} |ΔW|_F {size['delta_w_fro']:.4g} in {seconds:.0f}s (load {load_before[0]:.2f})",
       flush=True,
     )
   print(report(workdir))

@@ -255,10 +255,13 @@ def write_table(
 
 
 def write_report(rows: Sequence[cells_lib.Row], workdir: pathlib.Path, *, columns: Sequence[str]) -> list[list]:
-  """protocol_table.csv/.md (score, best per row bold) and, when the rows have option NLLs,
-  protocol_table_nll.csv/.md (lowest per row bold), from the rows."""
+  """protocol_table.csv/.md (score, best per row bold: the highest, or the lowest for token_nll) and,
+  when the rows have NLLs, protocol_table_nll.csv/.md (lowest per row bold), from the rows."""
   _, body = table(rows, columns)
-  write_table(body, workdir, "protocol_table", columns=columns, best=max, float_format="{:.1f}")
+  if results_lib.lower_is_better(rows):
+    write_table(body, workdir, "protocol_table", columns=columns, best=min, float_format="{:.4f}")
+  else:
+    write_table(body, workdir, "protocol_table", columns=columns, best=max, float_format="{:.1f}")
   if any("nll" in r for r in rows):
     _, nll_body = table(rows, columns, field="nll")
     write_table(nll_body, workdir, "protocol_table_nll", columns=columns, best=min, float_format="{:.4f}")

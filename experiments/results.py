@@ -23,6 +23,7 @@ import numpy as np
 
 from experiments import cells as cells_lib
 from experiments.cells import Row
+from lora_squeeze import bootstrap
 from lora_squeeze.train import run_dir as run_dir_lib
 from lora_squeeze.errors import UserInputError
 
@@ -32,8 +33,10 @@ class RunResults:
   """What a finished run left on disk, in the drivers' terms.
 
   Attributes:
-    scores: evaluation tag -> task score in percent (the first metric the evaluator returned).
-    nll: evaluation tag -> option_nll (nats; scored tasks only, see lora_squeeze.evaluate).
+    scores: evaluation tag -> task score (the first metric the evaluator returned): in percent, or
+      for a lower-is-better metric (token_nll, nats per target token) its value unscaled.
+    metrics: evaluation tag -> the name of that first metric ("accuracy", "token_nll", ...).
+    nll: evaluation tag -> option_nll or token_nll (nats; see lora_squeeze.evaluate).
     squeezes: one record per squeeze the plan made: r_src, r_tgt, method, retention (Eq. 10 over
       all modules of the adapter) and curve (V_r of the squeezed adapter at every r = 1..r_src, or
       None in results written before the trainer recorded it).
@@ -44,6 +47,7 @@ class RunResults:
   squeezes: tuple[Mapping[str, Any], ...]
   failure: str | None = None
   nll: Mapping[str, float] = dataclasses.field(default_factory=dict)
+  metrics: Mapping[str, str] = dataclasses.field(default_factory=dict)
   # evaluation tag -> per-item scores {"accuracy": [0/1, ...], "option_nll": [...]} (experiments/stats.py)
   items: Mapping[str, Mapping[str, Sequence[float]]] = dataclasses.field(default_factory=dict)
 
@@ -57,11 +61,16 @@ def read_run_results(train_dir: pathlib.Path) -> RunResults | None:
   results = run_dir_lib.read_results(train_dir)
   if results is None or not results.get("complete", False):
     return None
-  scores = {tag: 100.0 * float(ev["score"]) for tag, ev in results["evals"].items() if ev.get("score") is not None}
+  evals = {tag: ev for tag, ev in results["evals"].items() if ev.get("score") is not None}
+  metrics = {tag: next(iter(ev.get("metrics", {})), "") for tag, ev in evals.items()}
+  scores = {
+    tag: float(ev["score"]) * (1.0 if metrics[tag] in bootstrap.LOWER_IS_BETTER else 100.0) for tag, ev in evals.items()
+  }
   nll = {
-    tag: float(ev["metrics"]["option_nll"])
+    tag: float(ev["metrics"][key])
     for tag, ev in results["evals"].items()
-    if "option_nll" in ev.get("metrics", {})
+    for key in ("option_nll", "token_nll")
+    if key in ev.get("metrics", {})
   }
   squeezes = tuple(
     {
@@ -74,7 +83,7 @@ def read_run_results(train_dir: pathlib.Path) -> RunResults | None:
     for s in results.get("squeezes", ())
   )
   items = {tag: ev["per_item"] for tag, ev in results["evals"].items() if ev.get("per_item")}
-  return RunResults(scores=scores, squeezes=squeezes, nll=nll, items=items)
+  return RunResults(scores=scores, squeezes=squeezes, nll=nll, items=items, metrics=metrics)
 
 
 def cell_results(path: pathlib.Path) -> RunResults | None:
@@ -104,8 +113,9 @@ def collect_rows(workdir: pathlib.Path) -> tuple[list[Row], list[str]]:
   """Score rows of every finished cell under `<workdir>/runs`, and the names of unfinished ones.
 
   One row per (cell, listed evaluation tag): the cell's labels, the tag's coordinates, `tag`, `cell`
-  and `score` (NaN for a failed run, with its error in `failure`), and `nll` where the evaluator
-  gave option_nll (NaN for a failed run). Built only from the files, so a report never depends on
+  and `score` (NaN for a failed run, with its error in `failure`), `metric` (the score's metric:
+  lower_is_better reads it), and `nll` where the evaluator gave option_nll or token_nll (NaN for a
+  failed run). Built only from the files, so a report never depends on
   what is in memory.
   """
   rows = []
@@ -131,6 +141,8 @@ def collect_rows(workdir: pathlib.Path) -> tuple[list[Row], list[str]]:
           f"cell {cell['name']!r} finished without a score for {tag!r}; it has {sorted(results.scores)}"
         )
       row = {**cell["labels"], **coords, "tag": tag, "cell": cell["name"], "score": results.scores[tag]}
+      if results.metrics.get(tag):
+        row["metric"] = results.metrics[tag]
       if tag in results.nll:
         row["nll"] = results.nll[tag]
       rows.append(row)
@@ -175,6 +187,16 @@ def archive_finished(workdir: pathlib.Path, dest: pathlib.Path) -> list[str]:
         shutil.copyfile(path, target)
     names.append(str(source.relative_to(workdir / cells_lib.RUNS_DIR)))
   return names
+
+
+def lower_is_better(rows: Iterable[Row]) -> bool:
+  """Whether the rows' scores are better when lower (token_nll) rather than higher (accuracy, ...):
+  UserInputError when rows of both kinds are mixed (their scores cannot be averaged or ranked)."""
+  kinds = {r["metric"] in bootstrap.LOWER_IS_BETTER for r in rows if r.get("metric")}
+  if len(kinds) > 1:
+    metrics = sorted({r["metric"] for r in rows if r.get("metric")})
+    raise UserInputError(f"rows mix lower-is-better and higher-is-better scores ({metrics}); report them apart")
+  return kinds == {True}
 
 
 def select(rows: Iterable[Row], **where: Any) -> list[Row]:

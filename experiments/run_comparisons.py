@@ -35,7 +35,7 @@ def comparisons(evals: dict, baseline: str) -> dict[str, dict[str, bootstrap.Com
     items = row.get("per_item")
     if tag == baseline or not items:
       continue
-    out[tag] = {m: bootstrap.paired_bootstrap(items[m], base[m]) for m in base if m in items}
+    out[tag] = {m: bootstrap.compare_items(m, [items], [base]) for m in bootstrap.compared_metrics(base, items)}
   return out
 
 

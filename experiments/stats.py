@@ -12,10 +12,22 @@ import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from lora_squeeze.bootstrap import CONFIDENCE, N_BOOT, Comparison, format_comparison, paired_bootstrap  # noqa: F401
+from lora_squeeze.bootstrap import (  # noqa: F401
+  CONFIDENCE,
+  N_BOOT,
+  Comparison,
+  compare_items,
+  format_comparison,
+  paired_bootstrap,
+)
 
 # Metrics the comparison tables report: per-item key -> (column title, scale, digits, higher is better).
-METRICS = {"accuracy": ("accuracy (points)", 100.0, 1, True), "option_nll": ("option NLL (nats)", 1.0, 4, False)}
+# token_nll is compared as a ratio of sums (summed NLL over target tokens; bootstrap.compare_items).
+METRICS = {
+  "accuracy": ("accuracy (points)", 100.0, 1, True),
+  "option_nll": ("option NLL (nats)", 1.0, 4, False),
+  "token_nll": ("NLL per target token (nats, lower is better)", 1.0, 4, False),
+}
 
 
 def compare_groups(
@@ -37,19 +49,21 @@ def compare_groups(
     record = {"treatment": treatment, "baseline": baseline, "seeds": seeds}
     for metric in metrics:
       if all(metric in items[g][s] for g in (treatment, baseline) for s in seeds):
-        record[metric] = paired_bootstrap(
-          [items[treatment][s][metric] for s in seeds], [items[baseline][s][metric] for s in seeds]
+        record[metric] = compare_items(
+          metric, [items[treatment][s] for s in seeds], [items[baseline][s] for s in seeds]
         )
     out.append(record)
   return out
 
 
-def comparison_table(
-  records: Sequence[Mapping[str, Any]], *, label=str, metrics: Sequence[str] = tuple(METRICS)
-) -> str:
+def comparison_table(records: Sequence[Mapping[str, Any]], *, label=str, metrics: Sequence[str] | None = None) -> str:
   """Markdown: comparison, seeds, then per metric "mean [95 % interval] signs" (bold = interval
-  excludes zero) and the verdict (better / worse / no difference, for the treatment)."""
+  excludes zero) and the verdict (better / worse / no difference, for the treatment). `metrics`
+  defaults to those of METRICS that any record has."""
   from experiments import tables
+
+  if metrics is None:
+    metrics = [m for m in METRICS if any(m in r for r in records)]
 
   header = ["comparison", "seeds"]
   for metric in metrics:

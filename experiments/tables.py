@@ -18,7 +18,21 @@ from lora_squeeze import atomic
 
 # Columns rows.json/rows.csv put first, in this order, when any row has them; the rest follow in
 # first-seen order.
-ROW_COLUMNS = ("study", "task", "rank", "r_src", "r_tgt", "method", "protocol", "lr", "seed", "tag", "score", "nll")
+ROW_COLUMNS = (
+  "study",
+  "task",
+  "rank",
+  "r_src",
+  "r_tgt",
+  "method",
+  "protocol",
+  "lr",
+  "seed",
+  "tag",
+  "metric",
+  "score",
+  "nll",
+)
 
 
 def atomic_write_text(path: pathlib.Path, text: str) -> None:

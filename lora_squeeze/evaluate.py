@@ -1,15 +1,22 @@
 """Evaluation as in the paper: scored options for classification and multiple choice, greedy
-decoding for the generative tasks (DROP, VQA), and the tasks' standard metrics.
+decoding for the generative tasks (DROP, VQA), and the tasks' standard metrics; and the reference
+target's log-likelihood under teacher forcing (token_nll).
 
 Scoring: the log-likelihood of an option is the sum of its tokens' log-probs given the prompt;
 the prediction is the option with the highest one. Only the logits at the option-token positions
 are computed (model.hidden_states + model.logits_at): the 262k-row unembedding would otherwise
-dominate the cost of the 270M model.
+dominate the cost of the 270M model. token_nll scores the target the same way, as the one option
+of its training row (batching.target_row): logits only at the target positions.
 
 Metrics (per example, averaged over the split):
   accuracy          predicted option in the example's correct set
   option_nll        (scored tasks) -log of the probability the options' softmax gives the correct
                     set: a continuous companion to accuracy that moves before the argmax does
+  token_nll         sum over examples of -log p(target tokens | prompt), the end-of-answer token
+                    included (exactly the training loss's tokens), over the total number of target
+                    tokens: nats per token, lower is better. Per item: each example's summed NLL
+                    (per_item["token_nll"]) and its token count (per_item["target_tokens"]), so the
+                    paired bootstrap resamples the ratio of sums exactly (lora_squeeze.bootstrap)
   drop, vqa, exact_match, anls, relaxed_accuracy
                     (generative tasks) the answer metrics of lora_squeeze.answer_metrics on the
                     greedily decoded text
@@ -85,12 +92,71 @@ def score_options(
     for i, ex in enumerate(examples)
     for row in batching.scoring_rows(tokenizer, ex, i, max_len=max_len, template=template)
   ]
-  scores = [np.zeros(len(ex.options), np.float64) for ex in examples]
   images = [ex.image for ex in examples] if image_size is not None else None
+  return _score_rows(
+    model,
+    params,
+    rows,
+    [len(ex.options) for ex in examples],
+    batch_size=batch_size,
+    buckets=batching.buckets_for(max_len, buckets),
+    images=images,
+    image_size=image_size,
+    progress=progress,
+  )
+
+
+def target_nll_items(
+  model,
+  params: Params,
+  tokenizer,
+  examples: Sequence[Example],
+  *,
+  max_len: int,
+  batch_size: int = 8,
+  template: str = "chat",
+  buckets: Sequence[int] = batching.DEFAULT_BUCKETS,
+  image_size: int | None = None,
+  progress: Callable[[str], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+  """(summed NLL in nats (n,) float64, target tokens (n,) int64) of each example's reference target
+  (its end-of-answer token included) given its prompt, under teacher forcing; token_nll is
+  sum(nll) / sum(tokens). Rows are the training rows (batching.target_row): the same truncation,
+  so this is the training loss on held-out examples. Arguments as score_options'."""
+  rows = [batching.target_row(tokenizer, ex, i, max_len=max_len, template=template) for i, ex in enumerate(examples)]
+  images = [ex.image for ex in examples] if image_size is not None else None
+  log_likelihoods = _score_rows(
+    model,
+    params,
+    rows,
+    [1] * len(examples),
+    batch_size=batch_size,
+    buckets=batching.buckets_for(max_len, buckets),
+    images=images,
+    image_size=image_size,
+    progress=progress,
+  )
+  return -np.array([s[0] for s in log_likelihoods]), np.array([len(r.slot_ids) for r in rows], np.int64)
+
+
+def _score_rows(
+  model,
+  params: Params,
+  rows: Sequence[batching.ScoringRow],
+  n_options: Sequence[int],
+  *,
+  batch_size: int,
+  buckets: Sequence[int],
+  images: Sequence[Any] | None,
+  image_size: int | None,
+  progress: Callable[[str], None] | None,
+) -> list[np.ndarray]:
+  """Sum of the slot log-probs per (example, option): a list of (n_options[example],) float64 arrays."""
+  scores = [np.zeros(n, np.float64) for n in n_options]
   start = last = time.monotonic()
   done = 0
   for members, batch in batching.scoring_batches(
-    rows, batch_size=batch_size, buckets=batching.buckets_for(max_len, buckets), images=images, image_size=image_size
+    rows, batch_size=batch_size, buckets=buckets, images=images, image_size=image_size
   ):
     logp = np.asarray(
       slot_log_probs(model, params, batch["tokens"], batch["slot_positions"], batch["slot_ids"], batch.get("images"))
@@ -134,8 +200,10 @@ def option_nll_items(scores: Sequence[np.ndarray], examples: Sequence[Example]) 
 
 
 # The key under which the trainer's evaluator returns per-example scores next to the metrics:
-# {"accuracy": [0/1 per example], "option_nll": [nats per example]} for scored tasks, the metric's
-# per-example values for generative ones. The paired bootstrap of experiments/stats.py needs them.
+# {"accuracy": [0/1 per example], "option_nll": [nats per example]} for scored tasks,
+# {"token_nll": [summed nats per example], "target_tokens": [tokens per example]} for token_nll
+# tasks, the metric's per-example values for decoded ones. The paired bootstraps of the closing
+# table and experiments/stats.py need them (lora_squeeze.bootstrap.compare_items).
 PER_ITEM = "per_item"
 
 
@@ -241,9 +309,10 @@ def greedy_decode(
 def evaluate_examples(
   model, params: Params, tokenizer, task: Task, examples: Sequence[Example], **options: Any
 ) -> dict[str, float]:
-  """The task's metrics over `examples`: {"accuracy", "option_nll"} for scored tasks, {"f1", "em"} for DROP,
-  {metric name} for the other generative ones. The first key is the headline score. `options` are
-  evaluate_items' keyword arguments (max_len, batch_size, template, buckets, image_size, progress)."""
+  """The task's metrics over `examples`: {"accuracy", "option_nll"} for scored tasks, {"token_nll"}
+  for token_nll tasks, {"f1", "em"} for DROP, {metric name} for the other generative ones. The
+  first key is the headline score. `options` are evaluate_items' keyword arguments (max_len,
+  batch_size, template, buckets, image_size, progress)."""
   return evaluate_items(model, params, tokenizer, task, examples, **options)[0]
 
 
@@ -262,10 +331,26 @@ def evaluate_items(
   progress: Callable[[str], None] | None = None,
 ) -> tuple[dict[str, float], dict[str, list[float]]]:
   """(metrics as evaluate_examples returns them, per-example values of each metric: the metric is
-  their mean)."""
+  their mean, or for token_nll the ratio of the sums of per_item["token_nll"] and
+  per_item["target_tokens"])."""
   if not examples:
     raise ValueError(f"task {task.name}: no examples to evaluate")
-  if not task.generative:
+  if task.metric == "token_nll":
+    nll, counts = target_nll_items(
+      model,
+      params,
+      tokenizer,
+      examples,
+      max_len=max_len,
+      batch_size=batch_size,
+      template=template,
+      buckets=buckets,
+      image_size=image_size,
+      progress=progress,
+    )
+    items = {"token_nll": nll.tolist(), "target_tokens": counts.tolist()}
+    return {"token_nll": float(nll.sum() / counts.sum())}, items
+  if not task.decoded:
     scores = score_options(
       model,
       params,
@@ -284,10 +369,7 @@ def evaluate_items(
     }
     return {k: float(np.mean(v)) for k, v in items.items()}, items
   prompts = [
-    batching.encode_prompt(tokenizer, ex.prompt, template=template, image=ex.image is not None).fit(
-      max_len - task.max_new_tokens
-    )
-    for ex in examples
+    batching.example_prompt(tokenizer, ex, template=template).fit(max_len - task.max_new_tokens) for ex in examples
   ]
   images = [ex.image for ex in examples] if image_size is not None else None
   generated = greedy_decode(

@@ -55,6 +55,7 @@ LAYERS = (
     "data.vl_tasks",
     "data.digits",
     "data.field_tasks",
+    "data.summary_tasks",
     "data.batching",
     "adapters",
   ),

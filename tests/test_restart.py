@@ -126,7 +126,7 @@ def test_closing_table_compares_every_adapter_with_the_baseline(base, tmp_path):
   lines = []
   train.execute_plan(plan_with_baseline(), make_setup(tmp_path, base, evaluate=evaluate, lines=lines))
   header = lines.index(next(line for line in lines if line.startswith("minus direct_r2")))
-  assert lines[header].split() == ["minus", "direct_r2", "acc", "[95%", "CI]"]
+  assert lines[header].split() == ["minus", "direct_r2", "acc", "(higher", "is", "better)", "[95%", "CI]"]
   rows = {line.split()[0]: line for line in lines[header + 2 : header + 4]}
   assert set(rows) == {"r4", "r4_to_r2"}
   assert "+0.5000 [+0.4" in rows["r4"] and rows["r4"].rstrip().endswith("*")

@@ -246,7 +246,7 @@ def test_per_item_scores_are_stored_and_compared_with_intervals(base, tmp_path):
   assert results["evals"]["r4_to_r2"]["per_item"] == {"acc": [1.0, 0.0] * 50}
   assert results["evals"]["r4_to_r2"]["metrics"] == {"acc": 0.5}
   header = next(line for line in lines if line.startswith("tag "))
-  assert "acc minus r4 [95% CI]" in header
+  assert "acc (higher is better) minus r4 [95% CI]" in header
   row = next(line for line in lines if line.startswith("r4_to_r2 "))
   assert "-0.5000 [-0.6" in row and row.rstrip().endswith("*")
   same = next(line for line in lines if line.startswith("r4_to_r4 "))

@@ -23,6 +23,7 @@ from gemma import gm
 from lora_squeeze import validation
 from lora_squeeze.data import images as images_lib
 from lora_squeeze.data.tasks import Example
+from lora_squeeze.errors import UserInputError
 
 TEMPLATES = ("chat", "plain")
 # Gemma 3 token ids, from the tokenizer's own table of special tokens.
@@ -37,16 +38,25 @@ DEFAULT_BUCKETS = (64, 128, 256, 512, 1024, 2048)
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PromptTokens:
-  """A prompt as head + body + tail ids; only the body (the user text) is ever truncated."""
+  """A prompt as head + context + body + tail ids; only the user text (context, body) is ever truncated."""
 
   head: tuple[int, ...]
   body: tuple[int, ...]
   tail: tuple[int, ...]
+  context: tuple[int, ...] = ()
 
   def fit(self, budget: int) -> list[int]:
-    """The prompt in at most `budget` tokens: the body loses tokens from its start (the end of a
-    prompt holds the question and the options)."""
+    """The prompt in at most `budget` tokens. Without a context the body loses tokens from its start
+    (the end of a prompt holds the question and the options); with one, the context loses tokens
+    from its end (a document's lead) and the body stays whole."""
     keep = budget - len(self.head) - len(self.tail)
+    if self.context:
+      if keep - len(self.body) < 1:
+        raise ValueError(
+          f"a budget of {budget} tokens leaves no room for the context (template and prompt: "
+          f"{len(self.head) + len(self.tail) + len(self.body)})"
+        )
+      return [*self.head, *self.context[: keep - len(self.body)], *self.body, *self.tail]
     if keep < 1:
       raise ValueError(
         f"a budget of {budget} tokens leaves no room for the prompt text (template alone: "
@@ -55,24 +65,35 @@ class PromptTokens:
     return [*self.head, *self.body[max(0, len(self.body) - keep) :], *self.tail]
 
 
-def encode_prompt(tokenizer, prompt: str, *, template: str = "chat", image: bool = False) -> PromptTokens:
-  """Ids of `prompt` in `template`; an image adds Gemma's <start_of_image> placeholder first.
+def example_prompt(tokenizer, example: Example, *, template: str = "chat") -> PromptTokens:
+  """encode_prompt of an example: its prompt, context and image placeholder."""
+  return encode_prompt(
+    tokenizer, example.prompt, template=template, image=example.image is not None, context=example.context
+  )
 
-  chat:  <bos><start_of_turn>user\\n[<start_of_image>]PROMPT<end_of_turn>\\n<start_of_turn>model\\n
+
+def encode_prompt(
+  tokenizer, prompt: str, *, template: str = "chat", image: bool = False, context: str = ""
+) -> PromptTokens:
+  """Ids of `prompt` in `template`, after `context` (if any); an image adds Gemma's
+  <start_of_image> placeholder first.
+
+  chat:  <bos><start_of_turn>user\\n[<start_of_image>]CONTEXT PROMPT<end_of_turn>\\n<start_of_turn>model\\n
          (instruction-tuned checkpoints, as in the paper)
-  plain: <bos>[<start_of_image>]PROMPT\\n  (pretrained checkpoints, e.g. the embedded 270M)
+  plain: <bos>[<start_of_image>]CONTEXT PROMPT\\n  (pretrained checkpoints, e.g. the embedded 270M)
   Special tokens are inserted as ids, never parsed from text.
   """
   if template not in TEMPLATES:
     raise ValueError(f"template {template!r} not in {TEMPLATES}")
   image_ids = (START_OF_IMAGE,) if image else ()
   body = tuple(tokenizer.encode(prompt))
+  context_ids = tuple(tokenizer.encode(context)) if context else ()
   if template == "chat":
     head = (BOS, START_OF_TURN, *tokenizer.encode("user\n"), *image_ids)
     tail = (END_OF_TURN, *tokenizer.encode("\n"), START_OF_TURN, *tokenizer.encode("model\n"))
   else:
     head, tail = (BOS, *image_ids), tuple(tokenizer.encode("\n"))
-  return PromptTokens(head=head, body=body, tail=tail)
+  return PromptTokens(head=head, body=body, tail=tail, context=context_ids)
 
 
 def end_of_answer(template: str) -> int:
@@ -87,7 +108,7 @@ def training_row(tokenizer, example: Example, *, max_len: int, template: str = "
   target = [*tokenizer.encode(example.target), end_of_answer(template)]
   if len(target) >= max_len:
     raise ValueError(f"example {example.example_id}: target of {len(target)} tokens does not fit max_len={max_len}")
-  prompt = encode_prompt(tokenizer, example.prompt, template=template, image=example.image is not None)
+  prompt = example_prompt(tokenizer, example, template=template)
   tokens = [*prompt.fit(max_len - len(target)), *target]
   mask = np.zeros(len(tokens), bool)
   mask[-len(target) :] = True
@@ -221,7 +242,7 @@ def scoring_rows(tokenizer, example: Example, index: int, *, max_len: int, templ
   empty = [o for o, ids in zip(example.options, options) if not ids]
   if empty:
     raise ValueError(f"example {example.example_id}: options {empty} encode to no tokens")
-  prompt = encode_prompt(tokenizer, example.prompt, template=template, image=example.image is not None)
+  prompt = example_prompt(tokenizer, example, template=template)
   if all(len(ids) == 1 for ids in options):
     tokens = np.asarray(prompt.fit(max_len), np.int32)
     k = len(options)
@@ -249,6 +270,23 @@ def scoring_rows(tokenizer, example: Example, index: int, *, max_len: int, templ
       )
     )
   return rows
+
+
+def target_row(tokenizer, example: Example, index: int, *, max_len: int, template: str = "chat") -> ScoringRow:
+  """The row that scores `example`'s reference target under teacher forcing (metric token_nll):
+  its training row (prompt, target, end-of-answer; training_row), one slot per target token, slot k
+  asking for target token k given everything before it. All slots count towards option 0."""
+  if not example.target.strip():
+    raise UserInputError(f"example {example.example_id!r}: empty target; token_nll scores a non-empty reference")
+  tokens, mask = training_row(tokenizer, example, max_len=max_len, template=template)
+  positions = np.flatnonzero(mask)
+  return ScoringRow(
+    example=index,
+    tokens=tokens,
+    slot_positions=(positions - 1).astype(np.int32),
+    slot_ids=tokens[positions],
+    slot_options=np.zeros(len(positions), np.int32),
+  )
 
 
 def next_power_of_two(n: int) -> int:

@@ -1,4 +1,4 @@
-"""The registry of tasks: every task of text_tasks, field_tasks, vl_tasks and digits, by name.
+"""The registry of tasks: every task of text_tasks, field_tasks, summary_tasks, vl_tasks and digits, by name.
 
 A module of its own so that the task types (tasks.py) sit below the task definitions
 (text_tasks.py, vl_tasks.py) and the registry above them: imports flow one way.
@@ -12,14 +12,20 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping
 
-from lora_squeeze.data import digits, field_tasks, text_tasks, vl_tasks
+from lora_squeeze.data import digits, field_tasks, summary_tasks, text_tasks, vl_tasks
 from lora_squeeze.data.tasks import Task
 from lora_squeeze.errors import UserInputError
 
 
 @functools.cache
 def _registry() -> Mapping[str, Task]:
-  tasks = (*text_tasks.TEXT_TASKS, *field_tasks.FIELD_TASKS, *vl_tasks.VL_TASKS, *digits.DIGITS_TASKS)
+  tasks = (
+    *text_tasks.TEXT_TASKS,
+    *field_tasks.FIELD_TASKS,
+    *summary_tasks.SUMMARY_TASKS,
+    *vl_tasks.VL_TASKS,
+    *digits.DIGITS_TASKS,
+  )
   return {t.name: t for t in tasks}
 
 

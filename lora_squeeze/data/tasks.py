@@ -18,8 +18,10 @@ from typing import Any
 import grain
 
 SPLITS = ("train", "eval")
-# accuracy: scored options (log-likelihood); the rest compare greedy generations with references.
-METRICS = ("accuracy", "exact_match", "drop", "vqa", "anls", "relaxed_accuracy")
+# accuracy: scored options (log-likelihood); token_nll: the reference target's NLL per token under
+# teacher forcing (lower is better); the rest compare greedy generations with references.
+METRICS = ("accuracy", "token_nll", "exact_match", "drop", "vqa", "anls", "relaxed_accuracy")
+TEACHER_FORCED = ("accuracy", "token_nll")
 MODALITIES = ("text", "vision")
 
 
@@ -30,7 +32,10 @@ class Example:
   Attributes:
     example_id: a stable id within its split.
     prompt: the user-turn text (context, question and, for multiple choice, the lettered options).
-    target: the text the model is trained to produce.
+      A row too long for max_len cuts it from its start (the question and options at its end stay).
+    target: the text the model is trained to produce (token_nll tasks: the scored reference).
+    context: text placed before `prompt` that a row too long for max_len cuts from its *end*, the
+      prompt then staying whole (a document to summarize: its lead matters most); "" for none.
     options: the candidate continuations scored by log-likelihood; empty for generative tasks.
     correct: indices into `options` counted as correct (several for multi-label GoEmotions).
     answers: reference answers for generative metrics (DROP, VQA); empty for scored tasks.
@@ -45,6 +50,7 @@ class Example:
   correct: tuple[int, ...] = ()
   answers: tuple[str, ...] = ()
   image: Any = None  # np.ndarray | images.ImageFile | None
+  context: str = ""
 
   def __post_init__(self):
     if self.options and not self.correct:
@@ -88,7 +94,7 @@ class Task:
     modality: "text" or "vision" (images go to the frozen vision encoder).
     metric: one of METRICS.
     sources: source name -> Source; `default_source` is used when none is named.
-    max_new_tokens: greedy-decoding bound for generative metrics (0 for scored tasks).
+    max_new_tokens: greedy-decoding bound for decoded metrics (0 for accuracy and token_nll).
   """
 
   name: str
@@ -106,12 +112,13 @@ class Task:
       raise ValueError(f"task {self.name}: modality {self.modality!r} not in {MODALITIES}")
     if self.default_source not in self.sources:
       raise ValueError(f"task {self.name}: default source {self.default_source!r} not in {sorted(self.sources)}")
-    if self.generative != (self.max_new_tokens > 0):
-      raise ValueError(f"task {self.name}: generative metrics need max_new_tokens > 0, scored ones 0")
+    if self.decoded != (self.max_new_tokens > 0):
+      raise ValueError(f"task {self.name}: decoded metrics need max_new_tokens > 0, {TEACHER_FORCED} 0")
 
   @property
-  def generative(self) -> bool:
-    return self.metric != "accuracy"
+  def decoded(self) -> bool:
+    """Whether the metric compares greedy generations (else it scores given text: options or the target)."""
+    return self.metric not in TEACHER_FORCED
 
   def source(self, name: str | None = None) -> Source:
     name = self.default_source if name is None else name

@@ -33,9 +33,14 @@ def train_line(
   )
 
 
-def _interval(items: Sequence[float], reference: Sequence[float]) -> str:
-  c = bootstrap.paired_bootstrap(items, reference)
+def _interval(metric: str, items: Mapping[str, Sequence[float]], reference: Mapping[str, Sequence[float]]) -> str:
+  c = bootstrap.compare_items(metric, [items], [reference])
   return f"{c.mean:+.4f} [{c.low:+.4f}, {c.high:+.4f}]{' *' if c.excludes_zero else ''}"
+
+
+def _title(metric: str) -> str:
+  """A metric's name and which way is better, for a column header."""
+  return f"{metric} ({'lower' if metric in bootstrap.LOWER_IS_BETTER else 'higher'} is better)"
 
 
 def _aligned(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -45,14 +50,16 @@ def _aligned(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def table_lines(evals: Mapping[str, Mapping[str, Any]], baselines: Sequence[str] = ()) -> list[str]:
-  """The final table: one row per evaluation tag (rank, V_r, then every metric any row has), and,
-  where the rows carry per-item scores, each later evaluation minus the first with its paired
-  bootstrap 95 % interval over the items (lora_squeeze.bootstrap; * = the interval excludes zero).
+  """The final table: one row per evaluation tag (rank, V_r, then every metric any row has, each
+  header saying which way is better), and, where the rows carry per-item scores, each later
+  evaluation minus the first with its paired bootstrap 95 % interval over the items
+  (lora_squeeze.bootstrap.compare_items: a ratio metric such as token_nll resampled as a ratio of
+  sums; * = the interval excludes zero).
 
   Each tag in `baselines` (e.g. direct training after a Restart) then gets a second table: every
   other trained evaluation minus that baseline, with the same intervals."""
   metric_names = list(dict.fromkeys(k for row in evals.values() for k in row["metrics"]))
-  header = ["tag", "rank", "V_r", *metric_names]
+  header = ["tag", "rank", "V_r", *map(_title, metric_names)]
   rows = [
     [
       tag,
@@ -65,15 +72,15 @@ def table_lines(evals: Mapping[str, Mapping[str, Any]], baselines: Sequence[str]
   scored = [(tag, row["per_item"]) for tag, row in evals.items() if row.get("per_item")]
   if len(scored) > 1:
     first, first_items = scored[0]
-    compared = [m for m in first_items if all(m in items for _, items in scored)]
-    header += [f"{m} minus {first} [95% CI]" for m in compared]
+    compared = bootstrap.compared_metrics(*(items for _, items in scored))
+    header += [f"{_title(m)} minus {first} [95% CI]" for m in compared]
     for tag, row in zip(evals, rows):
       items = evals[tag].get("per_item")
       if tag == first or not items:
         row += ["-"] * len(compared)
         continue
       for m in compared:
-        row.append(_interval(items[m], first_items[m]))
+        row.append(_interval(m, items, first_items))
   lines = _aligned(header, rows)
   if len(scored) > 1:
     for baseline in baselines:
@@ -81,9 +88,9 @@ def table_lines(evals: Mapping[str, Mapping[str, Any]], baselines: Sequence[str]
       others = [(tag, items) for tag, items in scored if tag != baseline]
       if not base_items or not others:
         continue
-      compared = [m for m in base_items if all(m in items for _, items in others)]
-      header = [f"minus {baseline}", *(f"{m} [95% CI]" for m in compared)]
-      table = [[tag, *(_interval(items[m], base_items[m]) for m in compared)] for tag, items in others]
+      compared = bootstrap.compared_metrics(base_items, *(items for _, items in others))
+      header = [f"minus {baseline}", *(f"{_title(m)} [95% CI]" for m in compared)]
+      table = [[tag, *(_interval(m, items, base_items) for m in compared)] for tag, items in others]
       lines += ["", *_aligned(header, table)]
     lines.append("(* = the interval excludes zero: a difference beyond the sampling of evaluation items)")
   return lines
