@@ -88,7 +88,7 @@ def test_one_duration_format_for_the_trainer_and_the_grid():
   )
   assert line == "step 3/10 stage 1/2 r=4 loss 0.5000 grad_norm 0.25 lr 0.01 tokens/s ? ETA 2m05s"
   assert progress.table_lines({"r4": {"rank": 4, "retention": None, "metrics": {"acc": 0.5}}}) == [
-    "tag  rank  V_r  acc   ",
-    "---  ----  ---  ------",
-    "r4   4     -    0.5000",
+    "tag  rank  V_r  acc (higher is better)",
+    "---  ----  ---  ----------------------",
+    "r4   4     -    0.5000                ",
   ]
