@@ -14,6 +14,7 @@ from typing import Any
 
 from lora_squeeze.bootstrap import (  # noqa: F401
   CONFIDENCE,
+  LOWER_IS_BETTER,
   N_BOOT,
   Comparison,
   compare_items,
@@ -21,12 +22,13 @@ from lora_squeeze.bootstrap import (  # noqa: F401
   paired_bootstrap,
 )
 
-# Metrics the comparison tables report: per-item key -> (column title, scale, digits, higher is better).
-# token_nll is compared as a ratio of sums (summed NLL over target tokens; bootstrap.compare_items).
+# Metrics the comparison tables report: per-item key -> (column title, scale, digits); which way is
+# better is bootstrap.LOWER_IS_BETTER's. token_nll is compared as a ratio of sums (summed NLL over
+# target tokens; bootstrap.compare_items).
 METRICS = {
-  "accuracy": ("accuracy (points)", 100.0, 1, True),
-  "option_nll": ("option NLL (nats)", 1.0, 4, False),
-  "token_nll": ("NLL per target token (nats, lower is better)", 1.0, 4, False),
+  "accuracy": ("accuracy (points)", 100.0, 1),
+  "option_nll": ("option NLL (nats)", 1.0, 4),
+  "token_nll": ("NLL per target token (nats, lower is better)", 1.0, 4),
 }
 
 
@@ -76,7 +78,8 @@ def comparison_table(records: Sequence[Mapping[str, Any]], *, label=str, metrics
       if c is None:
         row += ["–", "–"]
         continue
-      title, scale, digits, higher_better = METRICS[metric]
+      title, scale, digits = METRICS[metric]
+      higher_better = metric not in LOWER_IS_BETTER
       del title
       verdict = "no difference"
       if c.excludes_zero:

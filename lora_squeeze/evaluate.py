@@ -92,15 +92,15 @@ def score_options(
     for i, ex in enumerate(examples)
     for row in batching.scoring_rows(tokenizer, ex, i, max_len=max_len, template=template)
   ]
-  images = [ex.image for ex in examples] if image_size is not None else None
   return _score_rows(
     model,
     params,
     rows,
+    examples,
     [len(ex.options) for ex in examples],
+    max_len=max_len,
     batch_size=batch_size,
-    buckets=batching.buckets_for(max_len, buckets),
-    images=images,
+    buckets=buckets,
     image_size=image_size,
     progress=progress,
   )
@@ -124,15 +124,15 @@ def target_nll_items(
   sum(nll) / sum(tokens). Rows are the training rows (batching.target_row): the same truncation,
   so this is the training loss on held-out examples. Arguments as score_options'."""
   rows = [batching.target_row(tokenizer, ex, i, max_len=max_len, template=template) for i, ex in enumerate(examples)]
-  images = [ex.image for ex in examples] if image_size is not None else None
   log_likelihoods = _score_rows(
     model,
     params,
     rows,
+    examples,
     [1] * len(examples),
+    max_len=max_len,
     batch_size=batch_size,
-    buckets=batching.buckets_for(max_len, buckets),
-    images=images,
+    buckets=buckets,
     image_size=image_size,
     progress=progress,
   )
@@ -143,20 +143,23 @@ def _score_rows(
   model,
   params: Params,
   rows: Sequence[batching.ScoringRow],
+  examples: Sequence[Example],
   n_options: Sequence[int],
   *,
+  max_len: int,
   batch_size: int,
   buckets: Sequence[int],
-  images: Sequence[Any] | None,
   image_size: int | None,
   progress: Callable[[str], None] | None,
 ) -> list[np.ndarray]:
-  """Sum of the slot log-probs per (example, option): a list of (n_options[example],) float64 arrays."""
+  """Sum of the slot log-probs per (example, option) of the scoring `rows` made from `examples`
+  (their images, for vision tasks): a list of (n_options[example],) float64 arrays."""
+  images = [ex.image for ex in examples] if image_size is not None else None
   scores = [np.zeros(n, np.float64) for n in n_options]
   start = last = time.monotonic()
   done = 0
   for members, batch in batching.scoring_batches(
-    rows, batch_size=batch_size, buckets=buckets, images=images, image_size=image_size
+    rows, batch_size=batch_size, buckets=batching.buckets_for(max_len, buckets), images=images, image_size=image_size
   ):
     logp = np.asarray(
       slot_log_probs(model, params, batch["tokens"], batch["slot_positions"], batch["slot_ids"], batch.get("images"))
