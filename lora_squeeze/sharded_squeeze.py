@@ -9,24 +9,31 @@ No factor is gathered on one device or host; only the singular values (n_modules
 the finiteness flags come back to the host, for the report and the NaN check.
 ``compile_on_mesh`` compiles the same program without running it (the runner's precompiler).
 
-How the factors stay split (qr_core in float64, the default on CPU and GPU):
+How the factors stay split (qr_core, in both precisions):
 
 * qr_core sees a module as a (m, r_src) @ b (r_src, n), but gemma stores a as (*in_dims, r_src)
   and b as (r_src, *out_dims), with the split dimension often not the first one (e.g. head_dim of
   a (heads, head_dim, r)). Merging the dimensions as they are would interleave the shards, and
   XLA would have to move data to make contiguous row blocks. Nothing qr_core computes depends on
-  the order of a's rows or b's columns (aᵀa, a·X; b bᵀ, Y·b), so the split dimension is moved to
-  the front before merging: the matrix is split into contiguous blocks, each device forms its
-  part of the Gram matrix, one all-reduce of r_src × r_src sums them, and a_t = a·X comes out
-  split like a. The inverse permutation restores the gemma layout.
-* The r_src × r_src algebra (Cholesky, the SVD of the core) runs replicated on every device.
+  the order of a's rows or b's columns (aᵀa, a·X; b bᵀ, Y·b; an R with non-negative diagonal),
+  so the split dimension is moved to the front before merging: the matrix is split into
+  contiguous blocks, and a_t = a·X comes out split like a. The inverse permutation restores the
+  gemma layout.
+* float64 (the default on CPU and GPU): each device forms its part of the Gram matrix, one
+  all-reduce of r_src × r_src sums them.
+* float32 (the default on TPU, which has no float64): a TSQR (``_tsqr_root``). Each device takes
+  the Householder R of its row block, the p blocks (r_src × r_src each) are all-gathered and
+  factored again; that R is the factor's, as the unsharded Householder QR would give it.
+* The r_src × r_src algebra (Cholesky or the second QR, the SVD of the core) runs replicated on
+  every device.
 * Modules of equal shape are stacked into one batch (one compiled qr_core per shape, not per
   module), grouped and keyed as ``lora_tree.squeeze_tree`` does, so that the randomized methods
   draw the same random numbers and every method gives the same factors as the unsharded squeeze.
 
-Where factors do get gathered: "svd" forms ΔW and takes its full SVD, and the float32 path
-(precision="float32", the default on TPU) runs a Householder QR of each factor; XLA partitions
-neither, so it all-gathers that one matrix on each device (on the devices, never on a host).
+Where factors do get gathered: only qr_core is built to keep them split. "svd" and "rsvd" form
+ΔW; for rsvd_factored XLA all-gathers its (m, r_tgt + k_o) sketches and some whole factors (read
+from its optimized HLO); all on the devices, never on a host. A factor split along its rank axis
+(r_src its largest dimension) is squeezed as XLA partitions it.
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lora_squeeze import lora_tree
 from lora_squeeze import sharding as sharding_lib
-from lora_squeeze import squeeze
+from lora_squeeze import squeeze, squeeze_qr_core
 
 _REPLICATED = PartitionSpec()
 
@@ -104,6 +111,39 @@ def _split_matrices(x: jax.Array, mesh: Mesh, axis: int, split: bool) -> jax.Arr
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*spec)))
 
 
+def _tsqr_root(x: jax.Array, side: str, mesh: Mesh) -> jax.Array:
+  """R (g, r, r) float32 of factors split over the fsdp axis (a (g, m, r) by rows, b (g, r, n) by
+  columns), with no factor gathered: a TSQR (communication-avoiding QR).
+
+  Device i holds the row block X_i (m/p × r) of X = a (or bᵀ) and takes its Householder QR,
+  X_i = Q_i R_i. Stacking the p blocks R_i (r × r each, all-gathered: p·r × r) and factoring them
+  again, [R_1; …; R_p] = Q₂ R, gives X = diag(Q_1, …, Q_p) Q₂ R with orthonormal columns in front
+  of R: R is X's R factor, and X's Q restricted to device i is Q_i Q₂[i·r:(i+1)·r]. Alg. 2 never
+  forms Q (a_t = a·(R_Bᵀ V_r S_r^{-½}) is a local product on each row block), so only R is kept.
+  Both Householder steps are backward stable, and both R's have non-negative diagonals
+  (squeeze_qr_core.positive_diagonal): R equals the unsharded path's to float32 rounding.
+  """
+  split = (
+    PartitionSpec(None, sharding_lib.FSDP_AXIS, None)
+    if side == "a"
+    else PartitionSpec(None, None, sharding_lib.FSDP_AXIS)
+  )
+
+  def tsqr(block):
+    with jax.default_matmul_precision("highest"):
+      local = squeeze_qr_core.qr_root_f32(block, side)  # (g, r, r)
+      stacked = jax.lax.all_gather(local, sharding_lib.FSDP_AXIS, axis=1, tiled=True, to="invarying")  # (g, p·r, r)
+      return squeeze_qr_core.qr_root_f32(stacked, "a")
+
+  return jax.shard_map(tsqr, mesh=mesh, in_specs=split, out_specs=_REPLICATED)(x)
+
+
+def _root_f32(x: jax.Array, side: str, *, mesh: Mesh, split: Mapping[str, bool]) -> jax.Array:
+  """The float32 path's R of a stacked factor: a TSQR where it is split over the devices,
+  otherwise the Householder QR of the whole (replicated) factor."""
+  return _tsqr_root(x, side, mesh) if split[side] else squeeze_qr_core.qr_root_f32(x, side)
+
+
 def _squeeze_groups(factors, keys, *, layout, method, precision, mesh):
   """The compiled body: every group squeezed with lora_squeeze.squeeze's public functions.
 
@@ -118,7 +158,10 @@ def _squeeze_groups(factors, keys, *, layout, method, precision, mesh):
     a, b = _split_matrices(a, mesh, 1, rows), _split_matrices(b, mesh, 2, cols)
     finite = jnp.all(jnp.isfinite(a), axis=(1, 2)), jnp.all(jnp.isfinite(b), axis=(1, 2))
     if method == "qr_core":
-      a_t, b_t, s = squeeze.qr_core(a, b, r_tgt, precision=precision)
+      root_f32 = functools.partial(_root_f32, mesh=mesh, split={"a": rows, "b": cols})
+      a_t, b_t, s, _ = squeeze_qr_core.qr_core_batched(
+        a, b, None, rank=r_tgt, core="svd", oversample=0, power_iters=0, precision=precision, root_f32=root_f32
+      )
     else:
       a_t, b_t, _ = squeeze.squeeze_factors(a, b, r_tgt, method=method, key=key, precision=precision)
       s = squeeze.singular_values(a, b, precision=precision)
@@ -182,12 +225,10 @@ def _prepare(lora, rank, *, mesh, method, key, precision, min_shard_size):
   shardings = {
     path: sharding_lib.param_shardings(dict(module), mesh, min_size=min_shard_size) for path, module in modules.items()
   }
-  # Only float64 qr_core is blind to the order of rows and columns: its Cholesky factors (positive
-  # diagonal) are the same for any order. A Householder R (float32 path) may flip the signs of
-  # its rows, and with them those of the SVD's singular vectors (other factors, the same ΔW); the
-  # randomized methods would draw their sketch against permuted columns; "svd" and the Householder
-  # QR gather the factor anyway.
-  permute = method == "qr_core" and precision == "float64"
+  # Only qr_core is blind to the order of rows and columns: its R factors (Cholesky in float64,
+  # Householder or TSQR with a non-negative diagonal in float32) are the same for any order. The
+  # randomized methods would draw their sketch against permuted columns; "svd" gathers anyway.
+  permute = method == "qr_core"
   layout = _layout(modules, rank, shardings, permute=permute)
   fsdp = mesh.shape[sharding_lib.FSDP_AXIS]
   replicated = NamedSharding(mesh, _REPLICATED)
@@ -268,12 +309,13 @@ def compile_on_mesh(
   key: jax.Array | None = None,
   precision: str = "auto",
   min_shard_size: int = 1 << 16,
-) -> None:
+) -> jax.stages.Compiled:
   """Compiles what ``squeeze_on_mesh`` with these arguments runs, without running it.
 
   For the runner's precompiler (a background thread while a stage trains): it starts no
   computation and so no collective, which another thread could interleave with the train
   step's in a different order on different processes. `lora` may hold jax.ShapeDtypeStructs.
+  Returns the compiled program (``.as_text()``: XLA's optimized HLO, with its collectives).
   """
   modules, layout, fn, in_shardings, keyed, replicated = _prepare(
     lora, rank, mesh=mesh, method=method, key=key, precision=precision, min_shard_size=min_shard_size
@@ -286,7 +328,7 @@ def compile_on_mesh(
     data = jax.eval_shape(functools.partial(_split_key_data, n_groups=len(layout)), key)
     key_data = tuple(jax.ShapeDtypeStruct(data.shape[1:], data.dtype, sharding=replicated) for _ in layout)
   with jax.enable_x64(True):
-    fn.lower(factors, key_data).compile()
+    return fn.lower(factors, key_data).compile()
 
 
 def _assemble(lora, modules, layout, results, method):

@@ -79,12 +79,14 @@ def _as_f64(x: jax.Array) -> jax.Array:
   return x.astype(F32).astype(F64)  # bf16/f16 -> f32 first: that is the precision they carry
 
 
-def _qr_root_f32(x: jax.Array, side: str) -> jax.Array:
+def qr_root_f32(x: jax.Array, side: str) -> jax.Array:
   """R (..., r, r) float32 with RᵀR = xᵀx (a: (..., m, r)) or x xᵀ (b: (..., r, n)): Householder QR.
 
   Backward stable in float32 (R is the exact factor of x + δx with ‖δx‖ ~ ε₃₂‖x‖), so unlike a
   float32 Gram matrix it does not square the condition number. Zero rows pad R to r×r when the
-  factor has fewer rows than r (r_src > m).
+  factor has fewer rows than r (r_src > m). R's diagonal is made non-negative
+  (``positive_diagonal``), so R does not depend on the order of x's rows (``sharded_squeeze``'s
+  TSQR of a factor split over devices gives the same R).
   """
   x = x.astype(F32)
   tall = x if side == "a" else _mT(x)  # (..., d, r)
@@ -92,24 +94,56 @@ def _qr_root_f32(x: jax.Array, side: str) -> jax.Array:
   missing = tall.shape[-1] - root.shape[-2]
   if missing:
     root = jnp.pad(root, ((0, 0),) * (root.ndim - 2) + ((0, missing), (0, 0)))
-  return root
+  return positive_diagonal(root)
+
+
+def positive_diagonal(root: jax.Array) -> jax.Array:
+  """R (..., r, r) with each row's sign flipped so that its diagonal is ≥ 0 (RᵀR is unchanged).
+
+  A Householder R is unique up to these signs; with them fixed it is the Cholesky factor of RᵀR
+  (where that is positive definite): the same for any order or blocking of the rows. Without
+  them, M = R_A R_Bᵀ would change by diagonal ±1 factors and the SVD could flip the signs of
+  a_t's columns and b_t's rows (the same ΔW, other factors).
+  """
+  negative = jnp.diagonal(root, axis1=-2, axis2=-1) < 0
+  return jnp.where(negative[..., :, None], -root, root)  # no constant: no float64 under enable_x64
+
+
+def canonical_signs(left: jax.Array, right: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """left (..., r_src, k) and right (..., k, r_src) with the sign of each pair (left[:, i],
+  right[i]) chosen so that left[:, i]'s entry of largest magnitude is positive (sklearn's
+  svd_flip, in the source basis). a_t b_t is unchanged.
+
+  The SVD fixes a singular pair (u_i, v_i) only up to a common sign, and which one LAPACK returns
+  can hinge on rounding-level values: for a core M that is nearly diagonal (an adapter that a
+  squeeze has just balanced, squeezed again) it flipped between the sharded float32 path (TSQR)
+  and the unsharded one. left maps a's columns to a_t's, and a is the caller's, so this sign is
+  the same on every path that computes left to rounding, whatever basis R_A, R_B and U, V were in.
+  """
+  # No argmax: jnp.argmax is a cached jit whose index dtype follows enable_x64, which qr_core
+  # toggles. Entries tied in magnitude add up (opposite signs: no flip), alike on every path.
+  magnitude = jnp.abs(left)
+  largest = magnitude == jnp.max(magnitude, axis=-2, keepdims=True)
+  flip = jnp.sum(jnp.where(largest, left, jnp.zeros((), left.dtype)), axis=-2) < 0  # (..., k)
+  return jnp.where(flip[..., None, :], -left, left), jnp.where(flip[..., :, None], -right, right)
 
 
 def _finite_matrices(x: jax.Array) -> jax.Array:
   return jnp.all(jnp.isfinite(x), axis=(-2, -1))
 
 
-def qr_core_batched(a, b, key, *, rank, core, oversample, power_iters, precision="float64"):
+def qr_core_batched(a, b, key, *, rank, core, oversample, power_iters, precision="float64", root_f32=qr_root_f32):
   """Alg. 2 on a (..., m, r_src), b (..., r_src, n); see the module docstring for the derivation.
 
   precision "float64": Gram matrices, Cholesky and the large products in float64.
   precision "float32": R from a float32 Householder QR, every product in float32 with HIGHEST
-  precision: no float64 anywhere (TPU).
+  precision: no float64 anywhere (TPU). `root_f32(x, side)` computes its R factors (qr_root_f32's
+  contract; ``sharded_squeeze`` passes a TSQR over the devices that hold x's row blocks).
   """
   r_src, a_dtype, b_dtype = a.shape[-1], a.dtype, b.dtype
   if precision == "float32":
     dtype, eps = F32, EPS32
-    root_a, root_b = _qr_root_f32(a, "a"), _qr_root_f32(b, "b")
+    root_a, root_b = root_f32(a, "a"), root_f32(b, "b")
     # ‖a‖_F² = ‖R_A‖_F²: the scale of M's rounding errors.
     norm2_a = jnp.sum(jnp.square(root_a), axis=(-2, -1))
     norm2_b = jnp.sum(jnp.square(root_b), axis=(-2, -1))
@@ -151,6 +185,7 @@ def qr_core_batched(a, b, key, *, rank, core, oversample, power_iters, precision
   inv_root = jnp.where(keep, one / jnp.sqrt(jnp.where(keep, s_k, one)), zero)
   left = mm(_mT(root_b), _mT(vt_k)) * inv_root[..., None, :]  # R_Bᵀ V_r S_r^{-½}: (..., r_src, k)
   right = inv_root[..., :, None] * mm(_mT(u_k), root_a)  # S_r^{-½} U_rᵀ R_A: (..., k, r_src)
+  left, right = canonical_signs(left, right)
   if precision == "float32":
     a_t, b_t = mm(cast(a), left).astype(a_dtype), mm(right, cast(b)).astype(b_dtype)
   else:
@@ -163,7 +198,7 @@ def qr_core_batched(a, b, key, *, rank, core, oversample, power_iters, precision
 def singular_values_batched(a, b, precision="float64"):
   """All r_src singular values of a @ b (..., r_src) float32 and the finiteness flags."""
   if precision == "float32":
-    core_m = matmul(_qr_root_f32(a, "a"), _mT(_qr_root_f32(b, "b")))
+    core_m = matmul(qr_root_f32(a, "a"), _mT(qr_root_f32(b, "b")))
     finite = {"a": _finite_matrices(a), "b": _finite_matrices(b)}
   else:
     gram_a = _per_matrix(lambda x: _gram(_as_f64(x), "a"), a)

@@ -90,29 +90,33 @@ def run(workdir, *, seconds_per_batch: float = 0.0, printer=print, fsdp: int | N
 
 def sharded_squeeze_check(lora, mesh) -> dict:
   """squeeze_on_mesh of `lora` (split over all processes) against lora_tree.squeeze_tree of its
-  gathered copy: the largest difference, whether the output shardings are the declared ones, and
-  how many output factors are split across processes."""
+  gathered copy, per precision (float64: Gram all-reduces; float32, the TPU path: a TSQR): the
+  largest difference, whether the output shardings are the declared ones, and how many output
+  factors are split across processes."""
   import jax
   import numpy as np
 
   from lora_squeeze import lora_tree, multihost, sharded_squeeze, sharding
 
-  got, report = sharded_squeeze.squeeze_on_mesh(lora, 1, mesh=mesh, min_shard_size=1)
-  want, want_report = lora_tree.squeeze_tree(multihost.gather_to_host(lora), 1)
-  leaves, declared = jax.tree.leaves(got), jax.tree.leaves(sharding.param_shardings(got, mesh, min_size=1))
-  return {
-    "process": [jax.process_index(), jax.process_count()],
-    "max_diff": max(
-      float(np.max(np.abs(x - np.asarray(y))))
-      for x, y in zip(jax.tree.leaves(multihost.gather_to_host(got)), jax.tree.leaves(want))
-    ),
-    "retention": [report.overall_retention, want_report.overall_retention],
-    "as_declared": all(x.sharding.is_equivalent_to(s, x.ndim) for x, s in zip(leaves, declared)),
-    "split_across_processes": sum(
-      not x.sharding.is_fully_replicated and len({d.process_index for d in x.sharding.device_set}) > 1 for x in leaves
-    ),
-    "leaves": len(leaves),
-  }
+  host = multihost.gather_to_host(lora)
+  checks = {}
+  for precision in ("float64", "float32"):
+    got, report = sharded_squeeze.squeeze_on_mesh(lora, 1, mesh=mesh, precision=precision, min_shard_size=1)
+    want, want_report = lora_tree.squeeze_tree(host, 1, precision=precision)
+    leaves, declared = jax.tree.leaves(got), jax.tree.leaves(sharding.param_shardings(got, mesh, min_size=1))
+    checks[precision] = {
+      "max_diff": max(
+        float(np.max(np.abs(x - np.asarray(y))))
+        for x, y in zip(jax.tree.leaves(multihost.gather_to_host(got)), jax.tree.leaves(want))
+      ),
+      "retention": [report.overall_retention, want_report.overall_retention],
+      "as_declared": all(x.sharding.is_equivalent_to(s, x.ndim) for x, s in zip(leaves, declared)),
+      "split_across_processes": sum(
+        not x.sharding.is_fully_replicated and len({d.process_index for d in x.sharding.device_set}) > 1 for x in leaves
+      ),
+      "leaves": len(leaves),
+    }
+  return {"process": [jax.process_index(), jax.process_count()], "precisions": checks}
 
 
 if __name__ == "__main__":

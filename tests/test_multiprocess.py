@@ -130,15 +130,18 @@ def test_two_processes_killed_and_resumed_equal_one_process(tmp_path):
 
 def assert_sharded_squeeze_check(log, index):
   """The job's closing check (multiprocess_run.sharded_squeeze_check) on process `index`: the
-  squeeze on factors split across both processes equals the unsharded one, as declared."""
+  squeeze on factors split across both processes equals the unsharded one, as declared, in both
+  precisions (float32: the TSQR of the TPU path, its R blocks gathered across processes)."""
   lines = [line for line in log.read_text().splitlines() if line.startswith("sharded squeeze check: ")]
   assert len(lines) == 1, log.read_text()[-3000:]
   check = json.loads(lines[0].split(": ", 1)[1])
   assert check["process"] == [index, 2]
-  assert check["max_diff"] <= 1e-5, check
-  np.testing.assert_allclose(*check["retention"], rtol=1e-6)
-  assert check["as_declared"], check
-  assert check["split_across_processes"] == check["leaves"] == 20, check  # every factor of 10 modules
+  assert sorted(check["precisions"]) == ["float32", "float64"], check
+  for precision, result in check["precisions"].items():
+    assert result["max_diff"] <= 1e-5, (precision, result)
+    np.testing.assert_allclose(*result["retention"], rtol=1e-6, err_msg=precision)
+    assert result["as_declared"], (precision, result)
+    assert result["split_across_processes"] == result["leaves"] == 20, (precision, result)  # 10 modules
 
 
 def free_port_in(low: int, high: int) -> int:

@@ -1,14 +1,16 @@
 """sharded_squeeze.squeeze_on_mesh: the squeeze inside a run, on factors split over the mesh.
 
 It must equal the unsharded lora_tree.squeeze_tree (every method and precision), place every
-factor as sharding.param_shardings says, and (qr_core, float64) keep the factors split: the
-compiled program's only collectives are all-reduces of r_src × r_src Gram matrices. The 2-device
-cases run in a subprocess (XLA_FLAGS=--xla_force_host_platform_device_count=2); the 2-process
-case is in tests/test_multiprocess.py.
+factor as sharding.param_shardings says, and keep qr_core's factors split: in float64 the
+compiled program's only collectives are all-reduces of r_src × r_src Gram matrices, in float32
+(the TPU path, a TSQR) all-gathers of the per-device r_src × r_src R blocks. The 2-device cases
+run in a subprocess (XLA_FLAGS=--xla_force_host_platform_device_count=2); the 2-process case is
+in tests/test_multiprocess.py.
 """
 
 import json
 import logging
+import math
 import os
 import pathlib
 import re
@@ -23,19 +25,41 @@ from lora_squeeze import lora_tree, sharding, sharded_squeeze
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 R_SRC, R_TGT = 8, 3
+# in_dims, out_dims of the gemma modules, with split dimensions that are not the first one
+# (o: a (heads, head_dim, r); q: b (r, heads, head_dim)).
+SHAPES = {"q": ((64,), (2, 96)), "o": ((2, 96), (64,)), "gating": ((64,), (2, 128)), "linear": ((128,), (64,))}
+CONDITIONS = (1e2, 1e3, 1e4, 1e5, 1e6)
 
 
 def gemma_like_adapter(seed: int, *, layers: int = 2, dtype=np.float32) -> dict:
-  """Random factors in the gemma LoRA layout, with split dimensions that are not the first one
-  (o: a (heads, head_dim, r); q: b (r, heads, head_dim)) and a decaying spectrum."""
+  """Random factors in the gemma LoRA layout (SHAPES) with a decaying spectrum."""
   rng = np.random.default_rng(seed)
-  shapes = {"q": ((64,), (2, 96)), "o": ((2, 96), (64,)), "gating": ((64,), (2, 128)), "linear": ((128,), (64,))}
   scale = 0.7 ** np.arange(R_SRC)
   adapter = {}
   for layer in range(layers):
-    for name, (in_dims, out_dims) in shapes.items():
+    for name, (in_dims, out_dims) in SHAPES.items():
       a = rng.standard_normal((*in_dims, R_SRC)) * scale
       b = rng.standard_normal((R_SRC, *out_dims))
+      adapter.setdefault(f"layer_{layer}", {})[name] = {"lora": {"a": a.astype(dtype), "b": b.astype(dtype)}}
+  return adapter
+
+
+def conditioned_adapter(seed: int, cond: float, *, dtype=np.float32) -> dict:
+  """Like gemma_like_adapter (2 layers), but a and b each have singular values logspaced over
+  [1/cond, 1] in random directions, so a @ b has a condition number up to cond²."""
+  rng = np.random.default_rng(seed)
+  scale = np.logspace(0, -np.log10(cond), R_SRC)
+
+  def factor(rows: int) -> np.ndarray:  # (rows, R_SRC) with singular values `scale`
+    left = np.linalg.qr(rng.standard_normal((rows, R_SRC)))[0]
+    right = np.linalg.qr(rng.standard_normal((R_SRC, R_SRC)))[0]
+    return (left * scale) @ right.T
+
+  adapter = {}
+  for layer in range(2):
+    for name, (in_dims, out_dims) in SHAPES.items():
+      a = factor(math.prod(in_dims)).reshape(*in_dims, R_SRC)
+      b = factor(math.prod(out_dims)).T.reshape(R_SRC, *out_dims)
       adapter.setdefault(f"layer_{layer}", {})[name] = {"lora": {"a": a.astype(dtype), "b": b.astype(dtype)}}
   return adapter
 
@@ -44,17 +68,25 @@ _SCRIPT = r"""
 import glob, json, re, sys
 import jax, numpy as np
 sys.path.insert(0, "tests")
-from test_sharded_squeeze import gemma_like_adapter, R_TGT
+from test_sharded_squeeze import CONDITIONS, R_TGT, conditioned_adapter, gemma_like_adapter
 from lora_squeeze import lora_tree, sharding, sharded_squeeze
 
+COLLECTIVE = re.compile(r"= (\([^)]*\)|\S+) (all-gather|all-to-all|collective-permute|all-reduce|reduce-scatter)\(")
+DTYPES = {"float32": np.float32, "bfloat16": jax.numpy.bfloat16}
 mesh = sharding.make_mesh(data=1, fsdp=2)
-result = {"cases": []}
+result = {"cases": [], "conditioned": []}
 cases = [("qr_core", "float64", "float32"), ("qr_core", "float32", "float32"), ("qr_core", "float64", "bfloat16"),
-         ("rsvd_factored", "float64", "float32")]
+         ("qr_core", "float32", "bfloat16"), ("rsvd_factored", "float64", "float32")]
 for method, precision, dtype in cases:
-  host = gemma_like_adapter(0, dtype=np.dtype(dtype) if dtype != "bfloat16" else jax.numpy.bfloat16)
+  host = gemma_like_adapter(0, dtype=DTYPES[dtype])
   placed = sharding.shard_params(host, mesh, min_size=1)
   key = jax.random.key(5)
+  if precision == "float32":  # compiled first: squeeze_on_mesh then runs this very program
+    text = sharded_squeeze.compile_on_mesh(
+      placed, R_TGT, mesh=mesh, method=method, precision=precision, min_shard_size=1).as_text()
+    result.setdefault("float32_f64_values", {})[dtype] = text.count("f64[")
+    result.setdefault("float32_collectives", {})[dtype] = [
+      [re.sub(r"\{[^}]*\}|/\*[^*]*\*/| ", "", shape), op] for shape, op in COLLECTIVE.findall(text)]
   want, want_report = lora_tree.squeeze_tree(host, R_TGT, method=method, key=key, precision=precision)
   got, got_report = sharded_squeeze.squeeze_on_mesh(
     placed, R_TGT, mesh=mesh, method=method, key=key, precision=precision, min_shard_size=1)
@@ -83,6 +115,42 @@ for method, precision, dtype in cases:
     again, _ = sharded_squeeze.squeeze_on_mesh(
       got, 2, mesh=mesh, method=method, precision=precision, min_shard_size=1)  # r 3 -> 2: a second layout
     result["second_squeeze_split"] = sum(not x.sharding.is_fully_replicated for x in jax.tree.leaves(again))
+
+def matrices(adapter):  # path -> (a (m, r), b (r, n)) in float64
+  return {path: (np.asarray(m["a"], np.float64).reshape(-1, m["a"].shape[-1]),
+                 np.asarray(m["b"], np.float64).reshape(m["b"].shape[0], -1))
+          for path, m in lora_tree.find_lora_modules(adapter).items()}
+
+for dtype in DTYPES:
+  for cond in CONDITIONS:
+    host = conditioned_adapter(7, cond, dtype=DTYPES[dtype])
+    got, got_report = sharded_squeeze.squeeze_on_mesh(
+      sharding.shard_params(host, mesh, min_size=1), R_TGT, mesh=mesh, precision="float32", min_shard_size=1)
+    spectra = {m.path: m.singular_values for m in got_report.modules}
+    exact = {path: np.linalg.svd(a @ b, compute_uv=False)[: a.shape[1]] for path, (a, b) in matrices(host).items()}
+    row = {"dtype": dtype, "cond": cond, "split": sum(not x.sharding.is_fully_replicated for x in jax.tree.leaves(got))}
+    row["spectrum_vs_exact"] = max(float(np.max(np.abs(spectra[p] - s)) / s[0]) for p, s in exact.items())
+    for precision in ("float32", "float64"):
+      want, want_report = lora_tree.squeeze_tree(host, R_TGT, precision=precision)
+      products = {p: a @ b for p, (a, b) in matrices(want).items()}
+      row[f"product_vs_{precision}"] = max(
+        float(np.linalg.norm(a @ b - products[p]) / exact[p][0]) for p, (a, b) in matrices(got).items())
+      row[f"spectrum_vs_{precision}"] = max(
+        float(np.max(np.abs(spectra[m.path] - m.singular_values)) / exact[m.path][0]) for m in want_report.modules)
+    result["conditioned"].append(row)
+
+# An adapter a squeeze has just balanced (aᵀa = b bᵀ = diag(σ)), squeezed again: its core M is
+# diagonal up to rounding, the case where the SVD's signs hinged on rounding-level values.
+for seed in range(3):
+  balanced = jax.tree.map(np.asarray, lora_tree.squeeze_tree(gemma_like_adapter(seed), R_TGT, precision="float32")[0])
+  got, _ = sharded_squeeze.squeeze_on_mesh(
+    sharding.shard_params(balanced, mesh, min_size=1), 2, mesh=mesh, precision="float32", min_shard_size=1)
+  for precision in ("float32", "float64"):
+    want, _ = lora_tree.squeeze_tree(balanced, 2, precision=precision)
+    result.setdefault("balanced", []).append(max(
+      float(np.max(np.abs(np.asarray(x) - np.asarray(y))) / np.max(np.abs(np.asarray(y))))
+      for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want))))
+
 collectives = []
 for path in glob.glob(sys.argv[1] + "/*jit_sharded_squeeze*after_optimizations.txt"):
   text = open(path).read()
@@ -121,7 +189,7 @@ def two_devices(tmp_path_factory):
 
 
 def test_equals_the_unsharded_squeeze_for_every_method_and_keeps_the_declared_shardings(two_devices):
-  assert len(two_devices["cases"]) == 4
+  assert len(two_devices["cases"]) == 5
   for case in two_devices["cases"]:
     name = f"{case['method']}/{case['precision']}/{case['dtype']}"
     assert case["inputs_split"] == 16, name  # every factor of the 8 modules is split over both devices
@@ -139,9 +207,10 @@ def test_equals_the_unsharded_squeeze_for_every_method_and_keeps_the_declared_sh
 
 def test_qr_core_float64_only_all_reduces_the_gram_matrices(two_devices):
   programs = [c for c in two_devices["collectives"] if c[2] == "programs"]
-  # One compiled program per squeeze layout and precision (qr_core: 2 layouts in float64, one in
-  # float32, one for bfloat16 storage; rsvd_factored one).
-  assert len(programs) == 5, programs
+  # One compiled program per squeeze layout, precision and storage (qr_core: 2 layouts in float64
+  # and float32 storage, one for bfloat16; float32 in both storages, and its balanced re-squeeze
+  # r 3 -> 2; rsvd_factored one).
+  assert len(programs) == 7, programs
   by_program = {}
   for name, shape, op in two_devices["collectives"]:
     if op != "programs":
@@ -157,6 +226,57 @@ def test_qr_core_float64_only_all_reduces_the_gram_matrices(two_devices):
   for ops in clean:
     assert {shape for shape, _ in ops} <= {f"f64[{R_SRC},{R_SRC}]", "f64[3,3]"}, ops
     assert len(ops) == 8, ops  # 4 shape groups (q, o, gating, linear), a and b
+
+
+def test_qr_core_float32_only_gathers_the_r_blocks_of_its_tsqr(two_devices):
+  # The float32 (TPU) path: each device's r_src x r_src R block of a and of bᵀ, stacked
+  # (2 modules per shape group, 2 devices x r_src rows); the stacked factors (2, 64..192, 8) never.
+  assert two_devices["float32_f64_values"] == {"float32": 0, "bfloat16": 0}  # a TPU has no float64
+  for dtype, ops in two_devices["float32_collectives"].items():
+    gathers = [shape for shape, op in ops if op == "all-gather"]
+    assert gathers == [f"f32[2,{2 * R_SRC},{R_SRC}]"] * 8, (dtype, ops)  # 4 shape groups, a and b
+    # The rest: the finiteness flags of the factors (one all-reduce of booleans).
+    others = [(shape, op) for shape, op in ops if op != "all-gather"]
+    assert others and all(
+      op == "all-reduce" and re.fullmatch(r"\(?(pred\[\d+\],?)+\)?", shape) for shape, op in others
+    ), (
+      dtype,
+      others,
+    )
+
+
+def test_qr_core_float32_on_the_mesh_equals_both_unsharded_paths_at_any_condition(two_devices):
+  rows = two_devices["conditioned"]
+  assert [(r["dtype"], r["cond"]) for r in rows] == [(d, c) for d in ("float32", "bfloat16") for c in CONDITIONS]
+  for row in rows:
+    name = f"{row['dtype']} cond {row['cond']:g}"
+    assert row["split"] >= 14, name
+    # Singular values (all r_src, float32 arithmetic on the stored values): to ~1e-6·σ₁ of the
+    # float64 SVD of the stored a @ b, and of both unsharded paths.
+    for key in ("spectrum_vs_exact", "spectrum_vs_float32", "spectrum_vs_float64"):
+      assert row[key] <= 2e-6, (name, key, row[key])
+    # a_t @ b_t (rank 3), ‖·‖_F / σ₁: float32 rounding; in bfloat16 storage one rounding of the factors (2^-8).
+    tolerance = {"float32": 1e-5, "bfloat16": 4e-3}[row["dtype"]]
+    for key in ("product_vs_float32", "product_vs_float64"):
+      assert row[key] <= tolerance, (name, key, row[key])
+
+
+def test_resqueezing_a_balanced_adapter_on_the_mesh_gives_the_unsharded_factors_with_their_signs(two_devices):
+  # Factors, not products: without squeeze_qr_core.canonical_signs these differ by 1.7..2.0 (a
+  # column of a_t and the row of b_t flipped together), the 2-process check's 0.088 of session 22.
+  assert len(two_devices["balanced"]) == 6
+  assert max(two_devices["balanced"]) <= 1e-5, two_devices["balanced"]
+
+
+def test_resqueezing_a_balanced_adapter_gives_the_same_factors_in_both_precisions():
+  # The same case on one device: without canonical_signs float32 and float64 flipped singular
+  # pairs against each other (seeds 0..2: factors 2.0, 1.6, 2.0 apart; equal products).
+  for seed in range(3):
+    balanced = jax.tree.map(np.asarray, lora_tree.squeeze_tree(gemma_like_adapter(seed), R_TGT, precision="float32")[0])
+    got, _ = lora_tree.squeeze_tree(balanced, 2, precision="float32")
+    want, _ = lora_tree.squeeze_tree(balanced, 2, precision="float64")
+    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-5 * float(np.max(np.abs(y))))
 
 
 def test_one_device_equals_the_unsharded_squeeze():

@@ -413,3 +413,18 @@ def test_cli_precision_flag_forces_the_float32_path(tmp_path):
   bad = cli(str(tmp_path / "in.npz"), str(tmp_path / "bad.npz"), "--rank=3", "--precision=half")
   assert bad.returncode != 0 and "--precision" in bad.stderr and "float32" in bad.stderr
   assert not (tmp_path / "bad.npz").exists()
+
+
+@settings
+@hypothesis.given(st.integers(1, 9), st.integers(1, 4), st.integers(0, 2**16))
+def test_canonical_signs_make_each_pairs_largest_entry_positive_and_keep_the_product(r_src, k, seed):
+  rng = np.random.default_rng(seed)
+  left = rng.standard_normal((2, r_src, k)).astype(np.float32)
+  right = rng.standard_normal((2, k, r_src)).astype(np.float32)
+  got_left, got_right = map(np.asarray, squeeze_qr_core.canonical_signs(jnp.asarray(left), jnp.asarray(right)))
+  np.testing.assert_allclose(got_left @ got_right, left @ right, rtol=1e-6, atol=1e-6)
+  largest = np.take_along_axis(got_left, np.argmax(np.abs(left), axis=-2)[..., None, :], axis=-2)
+  assert np.all(largest > 0)
+  # Only signs change, and a column of left flips with the same row of right.
+  flips = np.sign(got_left[..., :1, :] / left[..., :1, :])[..., 0, :]
+  np.testing.assert_array_equal(got_right, flips[..., :, None] * right)
