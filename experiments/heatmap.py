@@ -29,7 +29,7 @@ from absl import app
 
 from experiments import driver, grid, plots, presets, results, stats, tables
 from experiments.cells import Cell, Row
-from lora_squeeze import protocols
+from lora_squeeze import bootstrap, protocols
 from lora_squeeze.errors import UserInputError
 
 
@@ -85,10 +85,18 @@ def cells(study: ml_collections.ConfigDict, lr_for_rank: Callable[[int], float])
   return out
 
 
+def _lower_is_better_tasks(rows: Sequence[Row]) -> set[str]:
+  """The tasks whose score is lower-is-better (bootstrap.LOWER_IS_BETTER, e.g. token_nll)."""
+  return {r["task"] for r in rows if r.get("metric") in bootstrap.LOWER_IS_BETTER}
+
+
 def gain_rows(rows: Sequence[Row]) -> list[Row]:
   """Per task x r_src x r_tgt x method: mean Post-Squeeze score, mean direct score at r_tgt, gain;
   and the same for option_nll (nll_gain = direct minus Post-Squeeze: positive = Post-Squeeze better).
 
+  gain is positive where Post-Squeeze is better: Post-Squeeze minus direct for a higher-is-better
+  score (accuracy), direct minus Post-Squeeze for a task scored lower-is-better
+  (bootstrap.LOWER_IS_BETTER, e.g. token_nll), so the heatmaps read the same way for both.
   Means are over seeds; direct is NaN where no run was trained at r_tgt, NLLs NaN without option_nll.
   """
   direct_key = lambda r: (r["task"], r["r_tgt"])  # noqa: E731
@@ -97,6 +105,7 @@ def gain_rows(rows: Sequence[Row]) -> list[Row]:
   direct_nll = results.mean_score(results.select(rows, kind="direct"), key=direct_key, field="nll")
   post = results.mean_score(results.select(rows, kind="post"), key=post_key)
   post_nll = results.mean_score(results.select(rows, kind="post"), key=post_key, field="nll")
+  lower = _lower_is_better_tasks(rows)
   out = []
   for (task, r_src, r_tgt, method), score in sorted(post.items()):
     base = direct.get((task, r_tgt), math.nan)
@@ -110,7 +119,7 @@ def gain_rows(rows: Sequence[Row]) -> list[Row]:
         "method": method,
         "post_squeeze": score,
         "direct": base,
-        "gain": score - base,
+        "gain": base - score if task in lower else score - base,
         "post_squeeze_nll": nll,
         "direct_nll": base_nll,
         "nll_gain": base_nll - nll,
@@ -213,10 +222,10 @@ def write_report(
       row_labels=sources,
       col_labels=targets,
       path=workdir / f"heatmap_{method}.png",
-      title=f"Post-Squeeze ({method}) minus direct, mean over {n_tasks} task(s)",
+      title=f"Post-Squeeze ({method}) against direct, mean over {n_tasks} task(s)",
       xlabel="target rank r_tgt",
       ylabel="source rank r_src",
-      cbar_label="score difference (points)",
+      cbar_label="score gain (red = Post-Squeeze better)",
     )
     body = [[r_src, *matrix[i]] for i, r_src in enumerate(sources)]
     tables.atomic_write_text(
@@ -245,11 +254,13 @@ def write_report(
   if len(methods) >= 2:
     first, second = methods[:2]
     by_key = {(g["task"], g["r_src"], g["r_tgt"], g["method"]): g["post_squeeze"] for g in gains}
+    lower = _lower_is_better_tasks(rows)  # their difference is second minus first: positive = first better
     diffs = [
       {
         "r_src": g["r_src"],
         "r_tgt": g["r_tgt"],
-        "diff": g["post_squeeze"] - by_key.get((g["task"], g["r_src"], g["r_tgt"], second), math.nan),
+        "diff": (-1.0 if g["task"] in lower else 1.0)
+        * (g["post_squeeze"] - by_key.get((g["task"], g["r_src"], g["r_tgt"], second), math.nan)),
       }
       for g in gains
       if g["method"] == first
@@ -261,10 +272,10 @@ def write_report(
       row_labels=sources,
       col_labels=targets,
       path=workdir / f"heatmap_{first}_vs_{second}.png",
-      title=f"Post-Squeeze {first} minus {second}, mean over {n_tasks} task(s)",
+      title=f"Post-Squeeze {first} against {second}, mean over {n_tasks} task(s)",
       xlabel="target rank r_tgt",
       ylabel="source rank r_src",
-      cbar_label="score difference (points)",
+      cbar_label=f"score difference (red = {first} better)",
       fmt="{:+.2f}",
     )
   return matrices

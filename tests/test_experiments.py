@@ -697,3 +697,30 @@ def test_archive_keeps_what_a_report_and_a_resume_need(tmp_path):
   assert trained == [cells[-1].plan]
   with pytest.raises(ValueError, match="is the workdir itself"):
     driver.archive(workdir, workdir)
+
+
+def test_heatmap_gain_is_positive_where_post_squeeze_is_better_for_a_lower_is_better_score():
+  # token_nll (lower is better): Post-Squeeze 2.0 against direct 2.5 is a gain of +0.5; accuracy
+  # 60 against 55 a gain of +5. Means over the two seeds.
+  def row(task, metric, kind, score, seed, r_src=4, method="qr_core"):
+    return {
+      "task": task,
+      "metric": metric,
+      "kind": kind,
+      "r_src": r_src if kind == "post" else 1,
+      "r_tgt": 1,
+      "method": method if kind == "post" else None,
+      "score": score,
+      "seed": seed,
+    }
+
+  rows = [
+    row("xsum", "token_nll", "direct", 2.4, 1),
+    row("xsum", "token_nll", "direct", 2.6, 2),
+    row("xsum", "token_nll", "post", 2.0, 1),
+    row("xsum", "token_nll", "post", 2.0, 2),
+    row("field", "accuracy", "direct", 55.0, 1),
+    row("field", "accuracy", "post", 60.0, 1),
+  ]
+  gains = {g["task"]: g["gain"] for g in heatmap.gain_rows(rows)}
+  assert gains == pytest.approx({"xsum": 0.5, "field": 5.0})
