@@ -64,11 +64,28 @@ def conditioned_adapter(seed: int, cond: float, *, dtype=np.float32) -> dict:
   return adapter
 
 
+def balanced_adapter(seed: int) -> dict:
+  """gemma_like_adapter(seed) squeezed to R_TGT (float32 path), as numpy: aᵀa = b bᵀ = diag(σ), so a
+  second squeeze sees a core M that is diagonal up to rounding (where the SVD's signs hinged on
+  rounding-level values before squeeze_qr_core.canonical_signs)."""
+  squeezed, _ = lora_tree.squeeze_tree(gemma_like_adapter(seed), R_TGT, precision="float32")
+  return jax.tree.map(np.asarray, squeezed)
+
+
+def max_rel_diff(got, want) -> float:
+  """The largest |got − want| over the leaves, relative to each leaf's largest |want| (float64)."""
+  return max(
+    float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
+    / max(float(np.max(np.abs(np.asarray(y, np.float64)))), 1e-30)
+    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want))
+  )
+
+
 _SCRIPT = r"""
 import glob, json, re, sys
 import jax, numpy as np
 sys.path.insert(0, "tests")
-from test_sharded_squeeze import CONDITIONS, R_TGT, conditioned_adapter, gemma_like_adapter
+from test_sharded_squeeze import CONDITIONS, R_TGT, balanced_adapter, conditioned_adapter, gemma_like_adapter, max_rel_diff
 from lora_squeeze import lora_tree, sharding, sharded_squeeze
 
 COLLECTIVE = re.compile(r"= (\([^)]*\)|\S+) (all-gather|all-to-all|collective-permute|all-reduce|reduce-scatter)\(")
@@ -101,10 +118,7 @@ for method, precision, dtype in cases:
     "dtypes": sorted({str(x.dtype) for x in leaves}),
     "structure_equal": jax.tree.structure(got) == jax.tree.structure(want),
     "shapes_equal": [x.shape for x in leaves] == [y.shape for y in jax.tree.leaves(want)],
-    "max_rel_diff": max(
-      float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))) /
-            max(float(np.max(np.abs(np.asarray(y, np.float64)))), 1e-30))
-      for x, y in zip(leaves, jax.tree.leaves(want))),
+    "max_rel_diff": max_rel_diff(leaves, want),
     "retention": [got_report.overall_retention, want_report.overall_retention],
     "paths_equal": [m.path for m in got_report.modules] == [m.path for m in want_report.modules],
     "spectra_rel_diff": max(
@@ -142,14 +156,11 @@ for dtype in DTYPES:
 # An adapter a squeeze has just balanced (aᵀa = b bᵀ = diag(σ)), squeezed again: its core M is
 # diagonal up to rounding, the case where the SVD's signs hinged on rounding-level values.
 for seed in range(3):
-  balanced = jax.tree.map(np.asarray, lora_tree.squeeze_tree(gemma_like_adapter(seed), R_TGT, precision="float32")[0])
+  balanced = balanced_adapter(seed)
   got, _ = sharded_squeeze.squeeze_on_mesh(
     sharding.shard_params(balanced, mesh, min_size=1), 2, mesh=mesh, precision="float32", min_shard_size=1)
   for precision in ("float32", "float64"):
-    want, _ = lora_tree.squeeze_tree(balanced, 2, precision=precision)
-    result.setdefault("balanced", []).append(max(
-      float(np.max(np.abs(np.asarray(x) - np.asarray(y))) / np.max(np.abs(np.asarray(y))))
-      for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want))))
+    result.setdefault("balanced", []).append(max_rel_diff(got, lora_tree.squeeze_tree(balanced, 2, precision=precision)[0]))
 
 collectives = []
 for path in glob.glob(sys.argv[1] + "/*jit_sharded_squeeze*after_optimizations.txt"):
@@ -272,7 +283,7 @@ def test_resqueezing_a_balanced_adapter_gives_the_same_factors_in_both_precision
   # The same case on one device: without canonical_signs float32 and float64 flipped singular
   # pairs against each other (seeds 0..2: factors 2.0, 1.6, 2.0 apart; equal products).
   for seed in range(3):
-    balanced = jax.tree.map(np.asarray, lora_tree.squeeze_tree(gemma_like_adapter(seed), R_TGT, precision="float32")[0])
+    balanced = balanced_adapter(seed)
     got, _ = lora_tree.squeeze_tree(balanced, 2, precision="float32")
     want, _ = lora_tree.squeeze_tree(balanced, 2, precision="float64")
     for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
