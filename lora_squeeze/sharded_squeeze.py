@@ -292,7 +292,7 @@ def squeeze_on_mesh(
   if keyed:
     # Split on the host and placed replicated: every process holds the same keys, wherever `key` is.
     data = np.asarray(jax.device_get(_split_key_data(key, len(layout))))
-    key_data = tuple(jax.device_put(d, replicated) for d in data)
+    key_data = tuple(sharding_lib.place(d, replicated) for d in data)
   # OpenBLAS (XLA:CPU's LAPACK) on one thread: its spinning workers made the r × r
   # decompositions ~5x slower on shared cores (see lora_squeeze.squeeze).
   with jax.enable_x64(True), threadpoolctl.threadpool_limits(limits=1, user_api="blas"):

@@ -5,9 +5,10 @@ evaluations, every LoRA leaf split over an fsdp axis that spans all processes of
     JAX_COORDINATOR_ADDRESS=127.0.0.1:PORT JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=i \\
         python tests/multiprocess_run.py WORKDIR [SECONDS_PER_BATCH [FSDP]] [--quick]
 
---quick runs a 2-step stage, a squeeze and an evaluation (the cluster auto-detection tests).
-After the plan, every process squeezes the final adapter once more on the mesh and prints one
-line "sharded squeeze check: {json}" comparing it with the unsharded squeeze of its gathered copy.
+--quick runs a 2-step stage, a squeeze and an evaluation (the cluster auto-detection tests) and
+nothing else. Otherwise, after the plan, every process squeezes the final adapter once more on
+the mesh and prints one line "sharded squeeze check: {json}" comparing it with the unsharded
+squeeze of its gathered copy, and one line "placement check: {json}" (see placement_check).
 """
 
 import json
@@ -119,6 +120,23 @@ def sharded_squeeze_check(lora, mesh) -> dict:
   return {"process": [jax.process_index(), jax.process_count()], "precisions": checks}
 
 
+def placement_check(mesh) -> list:
+  """sharding.place of a value that differs between processes (each fills its copy with its
+  process index), split over the fsdp axis: each process's devices must hold slices of that
+  process's own copy, without the cross-process equality check (an all-gather of the whole value)
+  that jax.device_put makes, and which would fail here. Returns the gathered global array."""
+  import jax
+  import numpy as np
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  from lora_squeeze import multihost, sharding
+
+  n = mesh.shape[sharding.FSDP_AXIS]
+  local = np.full((2 * n, 3), jax.process_index(), np.float32)
+  placed = sharding.place(local, NamedSharding(mesh, PartitionSpec(sharding.FSDP_AXIS)))
+  return multihost.gather_to_host(placed).tolist()
+
+
 if __name__ == "__main__":
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
   from lora_squeeze import sharding
@@ -134,6 +152,8 @@ if __name__ == "__main__":
       printer=lambda line: print(line, flush=True),
       quick="--quick" in sys.argv,
     )
-    print(f"sharded squeeze check: {json.dumps(sharded_squeeze_check(result['lora'], mesh))}", flush=True)
+    if "--quick" not in sys.argv:
+      print(f"sharded squeeze check: {json.dumps(sharded_squeeze_check(result['lora'], mesh))}", flush=True)
+      print(f"placement check: {json.dumps(placement_check(mesh))}", flush=True)
   except UserInputError as e:
     sys.exit(f"multiprocess_run: {e}")

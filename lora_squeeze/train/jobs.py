@@ -15,7 +15,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from lora_squeeze import adapter_size as adapter_size_lib
@@ -256,8 +255,8 @@ class StageTrainer:
     if opt_state is None:
       state = step_lib.init_train_state(lora, optimizer, ctx.mesh, min_shard_size=setup.min_shard_size)
     else:
-      step = jax.device_put(
-        jnp.asarray(pos.stage_step, jnp.int32), jax.sharding.NamedSharding(ctx.mesh, jax.sharding.PartitionSpec())
+      step = sharding_lib.place(
+        np.int32(pos.stage_step), jax.sharding.NamedSharding(ctx.mesh, jax.sharding.PartitionSpec())
       )
       state = step_lib.TrainState(lora=lora, opt_state=opt_state, step=step)
     schedule = optim.warmup_constant(item.lr, item.warmup)

@@ -220,7 +220,7 @@ def init_train_state(
   step = jnp.zeros((), jnp.int32)
   if mesh is not None:
     opt_state = sharding_lib.shard_params(opt_state, mesh, min_size=min_shard_size)
-    step = jax.device_put(step, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    step = sharding_lib.place(step, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
   return TrainState(lora=lora, opt_state=opt_state, step=step)
 
 
