@@ -29,7 +29,7 @@ from absl import app
 
 from experiments import driver, grid, plots, presets, results, stats, tables
 from experiments.cells import Cell, Row
-from lora_squeeze import bootstrap, protocols
+from lora_squeeze import protocols
 from lora_squeeze.errors import UserInputError
 
 
@@ -86,8 +86,9 @@ def cells(study: ml_collections.ConfigDict, lr_for_rank: Callable[[int], float])
 
 
 def _lower_is_better_tasks(rows: Sequence[Row]) -> set[str]:
-  """The tasks whose score is lower-is-better (bootstrap.LOWER_IS_BETTER, e.g. token_nll)."""
-  return {r["task"] for r in rows if r.get("metric") in bootstrap.LOWER_IS_BETTER}
+  """The tasks whose score is lower-is-better (bootstrap.LOWER_IS_BETTER, e.g. token_nll);
+  UserInputError (results.lower_is_better) for a task whose rows mix both kinds of score."""
+  return {task for task in {r["task"] for r in rows} if results.lower_is_better(results.select(rows, task=task))}
 
 
 def gain_rows(rows: Sequence[Row]) -> list[Row]:

@@ -724,3 +724,9 @@ def test_heatmap_gain_is_positive_where_post_squeeze_is_better_for_a_lower_is_be
   ]
   gains = {g["task"]: g["gain"] for g in heatmap.gain_rows(rows)}
   assert gains == pytest.approx({"xsum": 0.5, "field": 5.0})
+  # One task scored both ways has no direction for its gain: refused, naming the metrics.
+  mixed = [*rows, row("xsum", "accuracy", "post", 60.0, 3)]
+  with pytest.raises(
+    UserInputError, match=r"mix lower-is-better and higher-is-better scores \(\['accuracy', 'token_nll'\]\)"
+  ):
+    heatmap.gain_rows(mixed)
