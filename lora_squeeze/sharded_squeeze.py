@@ -287,7 +287,8 @@ def squeeze_on_mesh(
   modules, layout, fn, in_shardings, keyed, replicated = _prepare(
     lora, rank, mesh=mesh, method=method, key=key, precision=precision, min_shard_size=min_shard_size
   )
-  factors = jax.device_put(_factors(modules, layout), in_shardings)  # a no-op for factors already placed so
+  # A no-op for factors already placed so; host factors are cut per process (sharding.place).
+  factors = jax.tree.map(sharding_lib.place, _factors(modules, layout), in_shardings)
   key_data = ()
   if keyed:
     # Split on the host and placed replicated: every process holds the same keys, wherever `key` is.
