@@ -288,7 +288,7 @@ def squeeze_on_mesh(
     lora, rank, mesh=mesh, method=method, key=key, precision=precision, min_shard_size=min_shard_size
   )
   # A no-op for factors already placed so; host factors are cut per process (sharding.place).
-  factors = jax.tree.map(sharding_lib.place, _factors(modules, layout), in_shardings)
+  factors = sharding_lib.place(_factors(modules, layout), in_shardings)
   key_data = ()
   if keyed:
     # Split on the host and placed replicated: every process holds the same keys, wherever `key` is.

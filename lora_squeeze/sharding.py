@@ -105,23 +105,30 @@ def param_shardings(tree: Any, mesh: Mesh, *, min_size: int = 1 << 16) -> Any:
 
 def shard_params(tree: Any, mesh: Mesh, *, min_size: int = 1 << 16) -> Any:
   """Places a parameter tree on the mesh (see `param_spec`); see `place` for multi-process jobs."""
-  return jax.tree.map(place, tree, param_shardings(tree, mesh, min_size=min_size))
+  return place(tree, param_shardings(tree, mesh, min_size=min_size))
 
 
-def place(x: Any, sharding: jax.sharding.Sharding) -> jax.Array:
-  """`x` on `sharding`, where every process holds the same whole value of `x` (weights it loaded,
-  a state it computed from the same key) or `x` is already a global array.
+def place(tree: Any, shardings: Any) -> Any:
+  """`tree` (an array or a pytree of them) on `shardings` (a sharding or a matching tree), where
+  every process holds the same whole value of each leaf (weights it loaded, a state it computed
+  from the same key) or the leaf is already a global array.
 
-  In a multi-process job, `jax.device_put` of a process-local value onto a sharding spanning all
-  processes first checks that the value is equal on every process by all-gathering it whole
-  (`multihost_utils.assert_equal`): for the base weights that is every process receiving a copy of
-  the model from every other one, and one compiled all-gather per shape. Here each process instead
-  cuts its devices' slices out of its own copy (`jax.make_array_from_callback`): no collective.
+  One process: `jax.device_put`, batched over the tree. In a multi-process job, `jax.device_put`
+  of a process-local value onto a sharding spanning all processes first checks that the value is
+  equal on every process by all-gathering it whole (`multihost_utils.assert_equal`): for the base
+  weights that is every process receiving a copy of the model from every other one, and one
+  compiled all-gather per shape. Here each process instead cuts its devices' slices out of its own
+  copy (`jax.make_array_from_callback`): no collective.
   """
-  if jax.process_count() == 1 or (isinstance(x, jax.Array) and not x.is_fully_addressable):
-    return jax.device_put(x, sharding)
-  if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-    return jax.device_put(x, sharding)  # typed keys have no host form
+  if jax.process_count() == 1:
+    return jax.device_put(tree, shardings)
+  return jax.tree.map(_place_leaf, tree, shardings)
+
+
+def _place_leaf(x: Any, sharding: jax.sharding.Sharding) -> jax.Array:
+  """One leaf of `place` in a multi-process job."""
+  if isinstance(x, jax.Array) and (not x.is_fully_addressable or jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)):
+    return jax.device_put(x, sharding)  # a global array is resharded; typed keys have no host form
   host = np.asarray(x)
   return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
