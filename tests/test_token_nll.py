@@ -278,3 +278,43 @@ def stats_format(c):
   from experiments import stats
 
   return stats.format_comparison(c, digits=4)
+
+
+@pytest.mark.parametrize("spread, verdict", [(0.01, "met"), (0.3, "not met")])
+def test_pilot_report_criterion_at_each_ranks_best_lr(tmp_path, spread, verdict):
+  """The report picks each rank's lr with the best mean score (lower NLL), pairs the seeds of those
+  two settings and calls the criterion met only when the mean gap favours the higher rank by at
+  least 3 seed stds."""
+  from experiments import pilot
+
+  rng = np.random.default_rng(1)
+  counts = rng.integers(5, 30, 30).tolist()
+  levels = {(1, 0.001): 2.5, (1, 0.003): 2.45, (16, 0.0003): 2.35, (16, 0.001): 2.3}
+  records = []
+  for seed in (0, 1, 2):
+    for (rank, lr), level in levels.items():
+      shift = spread * (seed - 1) if rank == 16 else 0.0  # the seed moves only rank 16
+      summed = (level + shift + rng.normal(0, 0.01, 30)) * np.array(counts)
+      records.append(
+        {
+          "name": f"F_r{rank}_lr{lr:g}_s{seed}",
+          "mbps": False,
+          "rank": rank,
+          "lr": lr,
+          "seed": seed,
+          "eval_digest": "d",
+          "metrics": {"token_nll": float(summed.sum() / sum(counts))},
+          "per_item": {"token_nll": summed.tolist(), "target_tokens": counts},
+          "zero_shot": None,
+          "adapter": {"delta_w_fro": 1.0},
+          "seconds": 10.0,
+        }
+      )
+  (tmp_path / "pilot.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+  text = pilot.report(tmp_path)
+  line = next(x for x in text.splitlines() if "best lr" in x)
+  assert "r16 at 0.001, r1 at 0.003" in line
+  by = {(r["rank"], r["lr"], r["seed"]): r["metrics"]["token_nll"] for r in records}
+  gaps = np.array([by[(16, 0.001, s)] - by[(1, 0.003, s)] for s in (0, 1, 2)])
+  assert f"mean {gaps.mean():+.4f}, seed std {gaps.std(ddof=1):.4f}" in line
+  assert line.endswith(f"higher rank's favour: {verdict})")
