@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import pathlib
+import re
 import shutil
 import time
 
@@ -40,6 +41,11 @@ _MAX_LEN = flags.DEFINE_integer("max_len", 128, "row length")
 _EXAMPLES = flags.DEFINE_integer("eval_examples", 0, "0 = the whole eval split")
 _TARGETS = flags.DEFINE_list("targets", [], "LoRA targets (model.LORA_TARGETS); empty = all of them")
 _REPORT = flags.DEFINE_bool("report", False, "only write/print the table of pilot.jsonl")
+_PAIRS = flags.DEFINE_list(
+  "pairs",
+  [],
+  "extra comparisons for the report, rank:lr-rank:lr (first minus second, paired per seed), e.g. 16:0.0003-1:0.001",
+)
 
 
 def parse_run(text: str) -> dict:
@@ -88,7 +94,18 @@ def _better(metric: str) -> str:
   return "lower" if metric in bootstrap.LOWER_IS_BETTER else "higher"
 
 
-def report(workdir: pathlib.Path) -> str:
+def parse_pair(text: str) -> tuple[tuple[int, float], tuple[int, float]]:
+  """'16:0.0003-1:1e-3' -> ((16, 3e-4), (1, 1e-3))."""
+  match = re.fullmatch(r"(\d+):([^:]+)-(\d+):([^:]+)", text)
+  try:
+    if match is None:
+      raise ValueError
+    return (int(match[1]), float(match[2])), (int(match[3]), float(match[4]))
+  except ValueError:
+    raise ValueError(f"pair {text!r} is not rank:lr-rank:lr, e.g. 16:0.0003-1:0.001") from None
+
+
+def report(workdir: pathlib.Path, pairs: tuple[str, ...] = ()) -> str:
   """pilot.md / pilot.csv from pilot.jsonl: per setting the mean and seed std of each metric of the
   task (accuracy and option NLL, or NLL per target token), the highest rank minus rank 1 per seed
   with paired bootstrap intervals over the items, and the two Adafactor settings against each other."""
@@ -148,6 +165,8 @@ def report(workdir: pathlib.Path) -> str:
         ]
         lines.append(f"  paired bootstrap (seeds {group}, eval split {digest}): {'; '.join(parts)}\n")
   lines += best_lr_gap(rows, metrics)
+  for text in pairs:
+    lines += pair_gap(rows, metrics, *parse_pair(text))
   # The two Adafactor settings at the same rank and seed (their own lr each).
   for rank, seed in sorted({(r["rank"], r["seed"]) for r in rows}):
     pair = {r["mbps"]: r for r in rows if (r["rank"], r["seed"]) == (rank, seed)}
@@ -215,6 +234,31 @@ def best_lr_gap(rows: list[dict], metrics: list[str]) -> list[str]:
   return lines
 
 
+def pair_gap(rows: list[dict], metrics: list[str], first: tuple[int, float], second: tuple[int, float]) -> list[str]:
+  """first minus second (each (rank, lr), Adafactor without the parameter scale) per seed both ran,
+  mean / seed std, and the paired bootstrap over the items of those seeds."""
+  by = {(r["rank"], r["lr"], r["seed"]): r for r in rows if not r["mbps"]}
+  seeds = sorted(s for (rank, lr, s) in by if (rank, lr) == first and (*second, s) in by)
+  name = f"r{first[0]}@{first[1]:g} - r{second[0]}@{second[1]:g}"
+  if not seeds:
+    return [f"{name}: no seed ran both\n"]
+  lines = []
+  for m in metrics:
+    gaps = np.array([by[(*first, s)]["metrics"][m] - by[(*second, s)]["metrics"][m] for s in seeds])
+    gaps *= 100 if m == "accuracy" else 1
+    std = _std(gaps)
+    lines.append(
+      f"{name}: {m} per seed {seeds}: {np.round(gaps, 4).tolist()} (mean {gaps.mean():+.4f}, seed std {std:.4f}, "
+      f"mean/std {abs(gaps.mean()) / std if std > 0 else float('inf'):.2f}; {_better(m)} is better)\n"
+    )
+  high, low = [by[(*first, s)]["per_item"] for s in seeds], [by[(*second, s)]["per_item"] for s in seeds]
+  parts = [
+    f"{m} {_formatted(m, bootstrap.compare_items(m, high, low))}" for m in bootstrap.compared_metrics(*high, *low)
+  ]
+  lines.append(f"  paired bootstrap (seeds {seeds}): {'; '.join(parts)}\n")
+  return lines
+
+
 def _formatted(metric: str, c: stats.Comparison) -> str:
   if metric == "accuracy":
     return stats.format_comparison(c, scale=100, digits=1)
@@ -229,7 +273,7 @@ def main(argv):
   workdir = pathlib.Path(_WORKDIR.value)
   workdir.mkdir(parents=True, exist_ok=True)
   if _REPORT.value:
-    print(report(workdir))
+    print(report(workdir, tuple(_PAIRS.value)))
     return
   from lora_squeeze import optim, protocols, train
   from lora_squeeze.train import run_dir as run_dir_lib
@@ -308,7 +352,7 @@ def main(argv):
       f"[pilot] {name}: {scores} |ΔW|_F {size['delta_w_fro']:.4g} in {seconds:.0f}s (load {load_before[0]:.2f})",
       flush=True,
     )
-  print(report(workdir))
+  print(report(workdir, tuple(_PAIRS.value)))
 
 
 if __name__ == "__main__":

@@ -318,3 +318,17 @@ def test_pilot_report_criterion_at_each_ranks_best_lr(tmp_path, spread, verdict)
   gaps = np.array([by[(16, 0.001, s)] - by[(1, 0.003, s)] for s in (0, 1, 2)])
   assert f"mean {gaps.mean():+.4f}, seed std {gaps.std(ddof=1):.4f}" in line
   assert line.endswith(f"higher rank's favour: {verdict})")
+  # --pairs: any two settings, first minus second per seed, with the pooled paired bootstrap.
+  text = pilot.report(tmp_path, ("16:0.0003-1:0.001",))
+  pair = next(x for x in text.splitlines() if x.startswith("r16@0.0003 - r1@0.001"))
+  gaps = np.array([by[(16, 0.0003, s)] - by[(1, 0.001, s)] for s in (0, 1, 2)])
+  assert f"mean {gaps.mean():+.4f}, seed std {gaps.std(ddof=1):.4f}" in pair
+
+
+@pytest.mark.parametrize("text", ["16-1", "16:x-1:0.001", "16:0.001", "16:1e-3-1:"])
+def test_pilot_pairs_reject_malformed_text(text):
+  from experiments import pilot
+
+  assert pilot.parse_pair("16:3e-4-1:1e-3") == ((16, 3e-4), (1, 1e-3))
+  with pytest.raises(ValueError, match=f"pair {text!r} is not rank:lr-rank:lr"):
+    pilot.parse_pair(text)
