@@ -129,6 +129,39 @@ def gain_rows(rows: Sequence[Row]) -> list[Row]:
   return out
 
 
+def _score_metric(rows: Sequence[Row]) -> str | None:
+  """The metric the rows' `score` is (one for all rows), None if they mix several or name none."""
+  names = {r.get("metric") for r in rows}
+  return names.pop() if len(names) == 1 else None
+
+
+def _cell_intervals(
+  records: Sequence[dict],
+  metric: str | None,
+  sign: float,
+  method: str,
+  sources: Sequence[int],
+  targets: Sequence[int],
+) -> dict[str, np.ndarray]:
+  """plot_heatmap's `notes` (the cell's 95 % interval, in the heatmap's direction: `sign` times
+  Post-Squeeze minus direct, in stats.METRICS' unit) and `bold` (the interval excludes zero) for
+  the Post-Squeeze cells of `method`; {} without a metric (the plot then shows the values only)."""
+  if metric is None or metric not in stats.METRICS:
+    return {}
+  scale, digits = stats.METRICS[metric][1], stats.METRICS[metric][2]
+  notes = np.full((len(sources), len(targets)), "", dtype=object)
+  bold = np.zeros((len(sources), len(targets)), dtype=bool)
+  for record in records:
+    (_, kind, r_src, r_tgt, their_method), c = record["treatment"], record.get(metric)
+    if kind != "post" or their_method != method or c is None or r_src not in sources or r_tgt not in targets:
+      continue
+    low, high = sorted((sign * c.low * scale, sign * c.high * scale))
+    i, j = list(sources).index(r_src), list(targets).index(r_tgt)
+    notes[i, j] = f"[{low:+.{digits}f}, {high:+.{digits}f}]"
+    bold[i, j] = c.excludes_zero
+  return {"notes": notes, "bold": bold}
+
+
 def gain_matrix(
   gains: Sequence[Row], *, value: Callable[[Row], float], sources: Sequence[int], targets: Sequence[int]
 ) -> np.ndarray:
@@ -208,11 +241,17 @@ def write_report(
   per-task table of `table_pairs` (heatmap_tasks.md)."""
   gains = gain_rows(rows)
   tables.write_csv(workdir / "heatmap.csv", gains)
-  write_comparisons(rows, workdir)
+  records = write_comparisons(rows, workdir)
   write_task_table(gains, workdir / "heatmap_tasks.md", method=methods[0], pairs=table_pairs)
   sources = sorted({g["r_src"] for g in gains}, reverse=True)  # largest source on top, as in the paper
   targets = sorted({g["r_tgt"] for g in gains})
   n_tasks = len({g["task"] for g in gains})
+  # With one task, each cell also shows its paired bootstrap interval (bold: it excludes zero); a
+  # mean over several tasks has none (the per-task intervals are in heatmap_comparisons.md).
+  score_metric = _score_metric(rows) if n_tasks == 1 else None
+  lower = _lower_is_better_tasks(rows)
+  score_sign = -1.0 if lower else 1.0
+  over = f"{gains[0]['task']}, 95 % intervals" if n_tasks == 1 else f"mean over {n_tasks} tasks"
   matrices = {}
   for method in methods:
     mine = [g for g in gains if g["method"] == method]
@@ -223,10 +262,11 @@ def write_report(
       row_labels=sources,
       col_labels=targets,
       path=workdir / f"heatmap_{method}.png",
-      title=f"Post-Squeeze ({method}) against direct, mean over {n_tasks} task(s)",
+      title=f"Post-Squeeze ({method}) against direct, {over}",
       xlabel="target rank r_tgt",
       ylabel="source rank r_src",
       cbar_label="score gain (red = Post-Squeeze better)",
+      **_cell_intervals(records, score_metric, score_sign, method, sources, targets),
     )
     body = [[r_src, *matrix[i]] for i, r_src in enumerate(sources)]
     tables.atomic_write_text(
@@ -241,11 +281,12 @@ def write_report(
         row_labels=sources,
         col_labels=targets,
         path=workdir / f"heatmap_{method}_nll.png",
-        title=f"option NLL: direct minus Post-Squeeze ({method}), mean over {n_tasks} task(s)",
+        title=f"option NLL: direct minus Post-Squeeze ({method}), {over}",
         xlabel="target rank r_tgt",
         ylabel="source rank r_src",
         cbar_label="NLL difference (nats; red = Post-Squeeze lower)",
         fmt="{:+.3f}",
+        **_cell_intervals(records, "option_nll" if n_tasks == 1 else None, -1.0, method, sources, targets),
       )
       body = [[r_src, *nll_matrix[i]] for i, r_src in enumerate(sources)]
       tables.atomic_write_text(
@@ -273,7 +314,7 @@ def write_report(
       row_labels=sources,
       col_labels=targets,
       path=workdir / f"heatmap_{first}_vs_{second}.png",
-      title=f"Post-Squeeze {first} against {second}, mean over {n_tasks} task(s)",
+      title=f"Post-Squeeze {first} against {second}, {over}",
       xlabel="target rank r_tgt",
       ylabel="source rank r_src",
       cbar_label=f"score difference (red = {first} better)",

@@ -39,18 +39,26 @@ def plot_heatmap(
   ylabel: str,
   cbar_label: str,
   fmt: str = "{:+.1f}",
+  notes: np.ndarray | None = None,
+  bold: np.ndarray | None = None,
 ) -> None:
   """An annotated diverging heatmap, red = positive, blue = negative, white = 0; NaN cells left blank.
 
   values: (len(row_labels), len(col_labels)); rows are drawn top to bottom in the given order.
+  notes: strings of the same shape, a second line under each value (e.g. its 95 % interval; ""
+  for none); bold: booleans of the same shape, values drawn bold (e.g. the interval excludes 0).
   """
   values = np.asarray(values, dtype=float)
   if values.shape != (len(row_labels), len(col_labels)):
     raise ValueError(f"heatmap values have shape {values.shape}, labels need {(len(row_labels), len(col_labels))}")
+  for name, extra in (("notes", notes), ("bold", bold)):
+    if extra is not None and np.shape(extra) != values.shape:
+      raise ValueError(f"heatmap {name} have shape {np.shape(extra)}, the values {values.shape}")
   finite = values[np.isfinite(values)]
   limit = float(np.max(np.abs(finite))) if finite.size else 1.0
   limit = limit if limit > 0 else 1.0
-  fig, ax = plt.subplots(figsize=(1.0 + 0.8 * len(col_labels), 1.0 + 0.6 * len(row_labels)))
+  width, height = (1.3, 0.75) if notes is not None else (0.8, 0.6)
+  fig, ax = plt.subplots(figsize=(1.6 + width * len(col_labels), 1.0 + height * len(row_labels)))
   image = ax.imshow(np.ma.masked_invalid(values), cmap="RdBu_r", norm=mcolors.Normalize(-limit, limit), aspect="auto")
   ax.set_xticks(range(len(col_labels)), [str(c) for c in col_labels])
   ax.set_yticks(range(len(row_labels)), [str(r) for r in row_labels])
@@ -61,8 +69,17 @@ def plot_heatmap(
     for j in range(values.shape[1]):
       if np.isfinite(values[i, j]):
         strong = abs(values[i, j]) > 0.6 * limit  # white text on the dark ends of the colormap
+        text = fmt.format(values[i, j]) + (f"\n{notes[i][j]}" if notes is not None and notes[i][j] else "")
+        weight = "bold" if bold is not None and bold[i][j] else "normal"
         ax.text(
-          j, i, fmt.format(values[i, j]), ha="center", va="center", fontsize=8, color="white" if strong else "black"
+          j,
+          i,
+          text,
+          ha="center",
+          va="center",
+          fontsize=7 if notes is not None else 8,
+          fontweight=weight,
+          color="white" if strong else "black",
         )
   fig.colorbar(image, ax=ax, label=cbar_label)
   save_figure(fig, path)

@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from experiments import grid, plots, presets, results, tables
+from experiments import grid, plots, presets, results, stats, tables
 from experiments.cells import TRAIN_DIR, Cell, check_unique_names, claim_run_dir, run_dir
 from lora_squeeze import protocols
 from lora_squeeze.errors import UserInputError
@@ -730,3 +730,62 @@ def test_heatmap_gain_is_positive_where_post_squeeze_is_better_for_a_lower_is_be
     UserInputError, match=r"mix lower-is-better and higher-is-better scores \(\['accuracy', 'token_nll'\]\)"
   ):
     heatmap.gain_rows(mixed)
+
+
+@pytest.mark.parametrize("metric, sign", [("accuracy", 1.0), ("token_nll", -1.0)])
+def test_heatmap_cells_carry_their_paired_interval(tmp_path, metric, sign):
+  """With one task each Post-Squeeze cell is annotated with its bootstrap interval in the heatmap's
+  direction (Post-Squeeze better = positive) and drawn bold when the interval excludes zero."""
+  from lora_squeeze import bootstrap
+
+  rng = np.random.default_rng(0)
+  counts = rng.integers(5, 20, 60)
+
+  def items(level):
+    if metric == "accuracy":
+      return {"accuracy": (rng.random(60) < level).astype(float).tolist()}
+    return {"token_nll": ((level + rng.normal(0, 0.05, 60)) * counts).tolist(), "target_tokens": counts.tolist()}
+
+  good, same = (0.9, 0.5) if metric == "accuracy" else (2.0, 2.5), (0.5, 0.5) if metric == "accuracy" else (2.5, 2.5)
+  groups = {
+    ("t", "direct", 1, 1, None): {1: items(good[1]), 2: items(good[1])},
+    ("t", "post", 4, 1, "qr_core"): {1: items(good[0]), 2: items(good[0])},
+    ("t", "direct", 4, 4, None): {1: items(same[1]), 2: items(same[1])},
+    ("t", "post", 4, 4, "qr_core"): {1: items(same[0]), 2: items(same[0])},
+  }
+  pairs = [(("t", "post", 4, 1, "qr_core"), ("t", "direct", 1, 1, None))]
+  pairs.append((("t", "post", 4, 4, "qr_core"), ("t", "direct", 4, 4, None)))
+  records = stats.compare_groups(groups, pairs)
+  out = heatmap._cell_intervals(records, metric, sign, "qr_core", [4, 1], [1, 4])  # noqa: SLF001
+  c = bootstrap.compare_items(metric, list(groups[pairs[0][0]].values()), list(groups[pairs[0][1]].values()))
+  scale, digits = stats.METRICS[metric][1], stats.METRICS[metric][2]
+  low, high = sorted((sign * c.low * scale, sign * c.high * scale))
+  assert low > 0 and out["notes"][0, 0] == f"[{low:+.{digits}f}, {high:+.{digits}f}]"
+  assert out["bold"][0, 0] and out["notes"][0, 1] != "" and out["notes"][1, 0] == ""
+  assert not out["bold"][1].any()
+  assert heatmap._cell_intervals(records, None, sign, "qr_core", [4, 1], [1, 4]) == {}  # noqa: SLF001
+  values = np.array([[1.0, 0.0], [np.nan, np.nan]])
+  plots.plot_heatmap(
+    values,
+    row_labels=[4, 1],
+    col_labels=[1, 4],
+    path=tmp_path / "h.png",
+    title="t",
+    xlabel="x",
+    ylabel="y",
+    cbar_label="c",
+    **out,
+  )
+  assert _png(tmp_path / "h.png").std() > 0.01
+  with pytest.raises(ValueError, match=r"heatmap notes have shape \(1, 2\), the values \(2, 2\)"):
+    plots.plot_heatmap(
+      values,
+      row_labels=[4, 1],
+      col_labels=[1, 4],
+      path=tmp_path / "b.png",
+      title="t",
+      xlabel="x",
+      ylabel="y",
+      cbar_label="c",
+      notes=out["notes"][:1],
+    )
