@@ -200,7 +200,7 @@ def write_task_table(
 
 
 def write_comparisons(rows: Sequence[Row], workdir: pathlib.Path) -> list[dict]:
-  """heatmap_comparisons.md/.csv: every Post-Squeeze r_src -> r_tgt vs direct at r_tgt, and direct
+  """heatmap_comparisons.md/.csv/.png: every Post-Squeeze r_src -> r_tgt vs direct at r_tgt, and direct
   at every rank vs direct at the lowest, with paired bootstrap intervals over items and the sign
   per seed (experiments/stats.py); nothing without per-item scores."""
   rows = results.select(rows, study="heatmap")

@@ -1,4 +1,5 @@
-"""The studies' figures (matplotlib, headless): an annotated diverging heatmap and line plots."""
+"""The studies' figures (matplotlib, headless): an annotated diverging heatmap, line plots and
+interval (forest) plots of paired comparisons."""
 
 from __future__ import annotations
 
@@ -82,6 +83,43 @@ def plot_heatmap(
           color="white" if strong else "black",
         )
   fig.colorbar(image, ax=ax, label=cbar_label)
+  save_figure(fig, path)
+
+
+def plot_intervals(
+  rows: Sequence[tuple[str, Mapping[str, Any]]],
+  *,
+  path: pathlib.Path,
+  title: str,
+  xlabel: Mapping[str, str],
+  scale: Mapping[str, float] | None = None,
+) -> None:
+  """One panel per metric of `xlabel` (in its order), one line per (label, {metric: Comparison}):
+  the mean difference and its interval (low, high) times scale[metric]; blue where the interval
+  excludes zero, grey where it does not; rows top to bottom in the given order."""
+  metrics = [m for m in xlabel if any(m in c for _, c in rows)]
+  if not metrics:
+    raise ValueError(f"no comparison has any of the metrics {list(xlabel)}")
+  scale = scale or {}
+  fig, axes = plt.subplots(
+    1, len(metrics), figsize=(4.5 * len(metrics) + 3, 0.4 * len(rows) + 1.5), squeeze=False, sharey=True
+  )
+  for ax, metric in zip(axes[0], metrics):
+    k = scale.get(metric, 1.0)
+    for y, (_, comps) in enumerate(rows):
+      c = comps.get(metric)
+      if c is None:
+        continue
+      color = "tab:blue" if c.excludes_zero else "tab:gray"
+      ax.errorbar(
+        k * c.mean, y, xerr=[[k * (c.mean - c.low)], [k * (c.high - c.mean)]], fmt="o", color=color, capsize=3
+      )
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_xlabel(xlabel[metric])
+    ax.grid(axis="x", alpha=0.3)
+  axes[0][0].set_yticks(range(len(rows)), [label for label, _ in rows])
+  axes[0][0].invert_yaxis()
+  fig.suptitle(title)
   save_figure(fig, path)
 
 

@@ -27,7 +27,7 @@ Every row carries `optimizer_state` (a row without it, from before this axis, is
 Writes into --workdir: rows.json/rows.csv, protocol_table.csv (task x protocol, mean over seeds;
 an "average" row) and protocol_table.md (best trained protocol per row in bold; zero-shot is the
 reference); for scored tasks also protocol_table_nll.csv/.md (option NLL in nats, lowest in bold);
-with per-item scores protocol_comparisons.md/.csv (paired bootstrap intervals: each protocol
+with per-item scores protocol_comparisons.md/.csv/.png (paired bootstrap intervals: each protocol
 against direct, and with both states each protocol's project minus its reset).
 """
 
@@ -297,7 +297,7 @@ def state_pairs(tasks: Sequence[str], columns: Sequence[str]) -> list[tuple[tupl
 
 
 def write_comparisons(rows: Sequence[cells_lib.Row], workdir: pathlib.Path, *, columns: Sequence[str]) -> list[dict]:
-  """protocol_comparisons.md/.csv: each comparison of comparison_pairs, then (with two optimizer
+  """protocol_comparisons.md/.csv/.png: each comparison of comparison_pairs, then (with two optimizer
   states) each of state_pairs in a section of its own, with its paired bootstrap interval over
   items and sign per seed (experiments/stats.py); nothing without per-item scores."""
   rows = results_lib.select(rows, study="protocols")

@@ -41,25 +41,13 @@ def comparisons(evals: dict, baseline: str) -> dict[str, dict[str, bootstrap.Com
 
 def plot(runs: Sequence[tuple[str, dict]], baseline: str, path: pathlib.Path) -> None:
   """One panel per metric: a row per (run, tag), its mean difference and 95 % interval."""
-  import matplotlib.pyplot as plt  # plots sets the headless backend first
-
   metrics = sorted({m for _, comps in runs for c in comps.values() for m in c})
-  rows = [(label, tag, c) for label, comps in runs for tag, c in comps.items()]
-  size = (5 * len(metrics) + 2, 0.45 * len(rows) + 1.5)
-  fig, axes = plt.subplots(1, len(metrics), figsize=size, squeeze=False, sharey=True)
-  for ax, metric in zip(axes[0], metrics):
-    for y, (_, _, c) in enumerate(rows):
-      if metric not in c:
-        continue
-      comp = c[metric]
-      color = "tab:blue" if comp.excludes_zero else "tab:gray"
-      ax.errorbar(comp.mean, y, xerr=[[comp.mean - comp.low], [comp.high - comp.mean]], fmt="o", color=color, capsize=3)
-    ax.axvline(0, color="black", lw=0.8)
-    ax.set_xlabel(f"{metric} minus {baseline} (95 % CI; blue = excludes 0)")
-  axes[0][0].set_yticks(range(len(rows)), [f"{label}: {tag}" for label, tag, _ in rows])
-  axes[0][0].invert_yaxis()
-  fig.suptitle(f"each adapter minus {baseline}, paired bootstrap over the evaluation items")
-  plots.save_figure(fig, path)
+  plots.plot_intervals(
+    [(f"{label}: {tag}", c) for label, comps in runs for tag, c in comps.items()],
+    path=path,
+    title=f"each adapter minus {baseline}, paired bootstrap over the evaluation items",
+    xlabel={m: f"{m} minus {baseline} (95 % CI; blue = excludes 0)" for m in metrics},
+  )
 
 
 def main(argv: Sequence[str]) -> None:

@@ -132,8 +132,9 @@ def write_comparisons(
   sections: Sequence[tuple[str, Sequence[Mapping[str, Any]]]] = (),
 ) -> str:
   """<name>.md (comparison_table, under `title`, then one more table per (title, records) of
-  `sections`) and <name>.csv (comparison_rows of all of them) in `workdir`; returns the Markdown."""
-  from experiments import tables
+  `sections`), <name>.csv (comparison_rows of all of them) and <name>.png (each comparison's mean
+  and interval per metric, plots.plot_intervals) in `workdir`; returns the Markdown."""
+  from experiments import plots, tables
 
   note = (
     f"Mean over seeds and items, paired bootstrap {CONFIDENCE:.0%} interval over the evaluation items "
@@ -145,4 +146,12 @@ def write_comparisons(
   every = [*records, *(r for _, section in sections for r in section)]
   tables.atomic_write_text(pathlib.Path(workdir) / f"{name}.md", text)
   tables.write_csv(pathlib.Path(workdir) / f"{name}.csv", comparison_rows(every, label=label))
+  if every:
+    plots.plot_intervals(
+      [(label(r), {m: r[m] for m in METRICS if m in r}) for r in every],
+      path=pathlib.Path(workdir) / f"{name}.png",
+      title=title or name,
+      xlabel={m: f"{METRICS[m][0]}, 95 % interval (blue: excludes 0)" for m in METRICS},
+      scale={m: METRICS[m][1] for m in METRICS},
+    )
   return text

@@ -466,6 +466,7 @@ def test_protocol_comparisons_come_from_per_item_scores(tmp_path):
   }
   csv_text = (tmp_path / "protocol_comparisons.csv").read_text()
   assert csv_text.startswith("comparison,seeds,accuracy_mean,accuracy_low,accuracy_high,accuracy_signs,")
+  assert _png(tmp_path / "protocol_comparisons.png").std() > 0.01  # the same comparisons as a figure
 
 
 def test_retention_rows_expand_a_recorded_curve():

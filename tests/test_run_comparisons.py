@@ -38,3 +38,20 @@ def test_a_baseline_without_per_item_scores_is_named():
     match=r"baseline 'direct_r4' has no per-item scores; tags with them: \['direct_r1', 'r16', 'r16_to_r1'\]$",
   ):
     run_comparisons.comparisons(evals(), "direct_r4")
+
+
+def test_interval_plot_is_blue_only_where_the_interval_excludes_zero(tmp_path):
+  import matplotlib.image as mpimg
+
+  from experiments import plots
+
+  got = run_comparisons.comparisons(evals(), "direct_r1")
+  xlabel = {"accuracy": "accuracy"}
+  plots.plot_intervals(
+    [("same", {"accuracy": got["r16"]["accuracy"]})], path=tmp_path / "g.png", title="t", xlabel=xlabel
+  )
+  plots.plot_intervals([("better", got["r16_to_r1"])], path=tmp_path / "b.png", title="t", xlabel=xlabel)
+  blue = lambda p: (lambda im: ((im[..., 2] - im[..., 0]) > 0.3).sum())(mpimg.imread(p)[..., :3])  # noqa: E731
+  assert blue(tmp_path / "b.png") > 50 and blue(tmp_path / "g.png") == 0
+  with pytest.raises(ValueError, match=r"no comparison has any of the metrics \['option_nll'\]"):
+    plots.plot_intervals([("x", got["r16"])], path=tmp_path / "x.png", title="t", xlabel={"option_nll": "nll"})
