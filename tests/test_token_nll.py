@@ -295,6 +295,9 @@ def test_pilot_report_criterion_at_each_ranks_best_lr(tmp_path, spread, verdict)
     for (rank, lr), level in levels.items():
       shift = spread * (seed - 1) if rank == 16 else 0.0  # the seed moves only rank 16
       summed = (level + shift + rng.normal(0, 0.01, 30)) * np.array(counts)
+      # On the test split rank 1 is better at 1e-3 than at 3e-3: the report must keep dev's choice.
+      test_level = {(1, 0.001): 2.40, (1, 0.003): 2.45}.get((rank, lr), level)
+      test_summed = (test_level + shift + rng.normal(0, 0.01, 30)) * np.array(counts)
       records.append(
         {
           "name": f"F_r{rank}_lr{lr:g}_s{seed}",
@@ -308,11 +311,19 @@ def test_pilot_report_criterion_at_each_ranks_best_lr(tmp_path, spread, verdict)
           "zero_shot": None,
           "adapter": {"delta_w_fro": 1.0},
           "seconds": 10.0,
+          "test_source": "T",
+          "test_digest": "t",
+          "test_metrics": {"token_nll": float(test_summed.sum() / sum(counts))},
+          "test_per_item": {"token_nll": test_summed.tolist(), "target_tokens": counts},
         }
       )
   (tmp_path / "pilot.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
   text = pilot.report(tmp_path)
-  line = next(x for x in text.splitlines() if "best lr" in x)
+  line = next(x for x in text.splitlines() if "best lr" in x and ", on it:" in x)
+  on_test = next(x for x in text.splitlines() if "best lr" in x and ", on T:" in x)
+  test_by = {(r["rank"], r["lr"], r["seed"]): r["test_metrics"]["token_nll"] for r in records}
+  test_gaps = np.array([test_by[(16, 0.001, s)] - test_by[(1, 0.003, s)] for s in (0, 1, 2)])
+  assert "r16 at 0.001, r1 at 0.003" in on_test and f"mean {test_gaps.mean():+.4f}," in on_test
   assert "r16 at 0.001, r1 at 0.003" in line
   by = {(r["rank"], r["lr"], r["seed"]): r["metrics"]["token_nll"] for r in records}
   gaps = np.array([by[(16, 0.001, s)] - by[(1, 0.003, s)] for s in (0, 1, 2)])
