@@ -766,27 +766,8 @@ def test_heatmap_cells_carry_their_paired_interval(tmp_path, metric, sign):
   assert not out["bold"][1].any()
   assert heatmap._cell_intervals(records, None, sign, "qr_core", [4, 1], [1, 4]) == {}  # noqa: SLF001
   values = np.array([[1.0, 0.0], [np.nan, np.nan]])
-  plots.plot_heatmap(
-    values,
-    row_labels=[4, 1],
-    col_labels=[1, 4],
-    path=tmp_path / "h.png",
-    title="t",
-    xlabel="x",
-    ylabel="y",
-    cbar_label="c",
-    **out,
-  )
+  labels = {"row_labels": [4, 1], "col_labels": [1, 4], "title": "t", "xlabel": "x", "ylabel": "y", "cbar_label": "c"}
+  plots.plot_heatmap(values, path=tmp_path / "h.png", **labels, **out)
   assert _png(tmp_path / "h.png").std() > 0.01
   with pytest.raises(ValueError, match=r"heatmap notes have shape \(1, 2\), the values \(2, 2\)"):
-    plots.plot_heatmap(
-      values,
-      row_labels=[4, 1],
-      col_labels=[1, 4],
-      path=tmp_path / "b.png",
-      title="t",
-      xlabel="x",
-      ylabel="y",
-      cbar_label="c",
-      notes=out["notes"][:1],
-    )
+    plots.plot_heatmap(values, path=tmp_path / "b.png", **labels, notes=out["notes"][:1])
