@@ -92,6 +92,14 @@ def eval_digest(source: str | None = None) -> str:
   return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+def _ratio(gaps: np.ndarray) -> str:
+  """|mean| / seed std of the gaps, "n/a" with fewer than two seeds."""
+  if len(gaps) < 2:
+    return "n/a"
+  std = _std(gaps)
+  return f"{abs(gaps.mean()) / std:.2f}" if std > 0 else "inf"
+
+
 def _std(x: np.ndarray) -> float:
   return float(x.std(ddof=1)) if len(x) > 1 else float("nan")
 
@@ -242,7 +250,7 @@ def _criterion_lines(
   verdict = "met" if len(seeds) > 1 and favour > 0 and favour >= 3 * std else "not met"
   lines = [
     f"{title}: {metric} r{ranks[-1]} minus r{ranks[0]} per seed {seeds}: {np.round(gaps, 4).tolist()} "
-    f"(mean {gaps.mean():+.4f}, seed std {std:.4f}: mean/std {abs(gaps.mean()) / std if std > 0 else float('inf'):.2f}; "
+    f"(mean {gaps.mean():+.4f}, seed std {std:.4f}: mean/std {_ratio(gaps)}; "
     f"criterion |mean| >= 3 std in the higher rank's favour: {verdict})\n"
   ]
   digest = "test_digest" if prefix else "eval_digest"
@@ -271,7 +279,7 @@ def pair_gap(rows: list[dict], metrics: list[str], first: tuple[int, float], sec
     std = _std(gaps)
     lines.append(
       f"{name}: {m} per seed {seeds}: {np.round(gaps, 4).tolist()} (mean {gaps.mean():+.4f}, seed std {std:.4f}, "
-      f"mean/std {abs(gaps.mean()) / std if std > 0 else float('inf'):.2f}; {_better(m)} is better)\n"
+      f"mean/std {_ratio(gaps)}; {_better(m)} is better)\n"
     )
   high, low = [by[(*first, s)]["per_item"] for s in seeds], [by[(*second, s)]["per_item"] for s in seeds]
   parts = [
