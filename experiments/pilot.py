@@ -196,7 +196,35 @@ def report(workdir: pathlib.Path, pairs: tuple[str, ...] = ()) -> str:
       )
   text = "\n".join(lines)
   tables.atomic_write_text(workdir / "pilot.md", text)
+  plot_seeds(rows, metrics[0], workdir / "pilot.png")
   return text
+
+
+def plot_seeds(rows: list[dict], metric: str, path: pathlib.Path) -> None:
+  """pilot.png: per setting (Adafactor scale, rank, lr) each seed's score as a dot, labelled with
+  its seed, and the mean as a bar; one panel per split scored (the pilot's, and --test_source's)."""
+  from experiments import plots
+
+  plt = plots.plt
+  splits = [("", rows[0].get("source", "scored split"))]
+  if all("test_metrics" in r for r in rows):
+    splits.append(("test_", rows[0]["test_source"]))
+  settings = sorted({(r["mbps"], r["rank"], r["lr"]) for r in rows})
+  fig, axes = plt.subplots(1, len(splits), figsize=(4 + 4 * len(splits), 0.5 * len(settings) + 1.5), squeeze=False)
+  for ax, (prefix, name) in zip(axes[0], splits):
+    for y, setting in enumerate(settings):
+      mine = [r for r in rows if (r["mbps"], r["rank"], r["lr"]) == setting]
+      values = [r[f"{prefix}metrics"][metric] for r in mine]
+      ax.plot([np.mean(values)] * 2, [y - 0.3, y + 0.3], color="black", lw=2)
+      ax.scatter(values, [y] * len(values), color="tab:blue", zorder=3)
+      for r, v in zip(mine, values):
+        ax.annotate(str(r["seed"]), (v, y), textcoords="offset points", xytext=(0, 5), ha="center", fontsize=7)
+    ax.set_yticks(range(len(settings)), [f"{'T' if m else 'F'} r{rank} lr {lr:g}" for m, rank, lr in settings])
+    ax.invert_yaxis()
+    ax.set_xlabel(f"{metric} on {name} ({_better(metric)} is better; dots: seeds, bar: mean)")
+    ax.grid(axis="x", alpha=0.3)
+  fig.suptitle("pilot: each run's final score")
+  plots.save_figure(fig, path)
 
 
 def best_lr_gap(rows: list[dict], metrics: list[str]) -> list[str]:

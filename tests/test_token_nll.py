@@ -324,6 +324,7 @@ def test_pilot_report_criterion_at_each_ranks_best_lr(tmp_path, spread, verdict)
   test_by = {(r["rank"], r["lr"], r["seed"]): r["test_metrics"]["token_nll"] for r in records}
   test_gaps = np.array([test_by[(16, 0.001, s)] - test_by[(1, 0.003, s)] for s in (0, 1, 2)])
   assert "r16 at 0.001, r1 at 0.003" in on_test and f"mean {test_gaps.mean():+.4f}," in on_test
+  assert (tmp_path / "pilot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # seeds per setting, dev and test
   assert "r16 at 0.001, r1 at 0.003" in line
   by = {(r["rank"], r["lr"], r["seed"]): r["metrics"]["token_nll"] for r in records}
   gaps = np.array([by[(16, 0.001, s)] - by[(1, 0.003, s)] for s in (0, 1, 2)])
