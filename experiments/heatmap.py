@@ -249,7 +249,7 @@ def write_report(
   # With one task, each cell also shows its paired bootstrap interval (bold: it excludes zero); a
   # mean over several tasks has none (the per-task intervals are in heatmap_comparisons.md).
   score_metric = _score_metric(rows) if n_tasks == 1 else None
-  lower = _lower_is_better_tasks(rows)
+  lower = _lower_is_better_tasks(rows)  # score differences negated there: positive = better
   score_sign = -1.0 if lower else 1.0
   over = f"{gains[0]['task']}, 95 % intervals" if n_tasks == 1 else f"mean over {n_tasks} tasks"
   matrices = {}
@@ -296,7 +296,6 @@ def write_report(
   if len(methods) >= 2:
     first, second = methods[:2]
     by_key = {(g["task"], g["r_src"], g["r_tgt"], g["method"]): g["post_squeeze"] for g in gains}
-    lower = _lower_is_better_tasks(rows)  # their difference is second minus first: positive = first better
     diffs = [
       {
         "r_src": g["r_src"],
