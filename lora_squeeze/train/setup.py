@@ -37,10 +37,9 @@ def setup_from_config(
     config: a validated training config.
     workdir: the run folder.
     plan: the plan the run executes (stored with the config in the run's identity).
-    evaluate: overrides the task's evaluator (None = evaluate.make_evaluator on the eval split).
+    evaluate: overrides the task's evaluator (None = make_evaluator: the task's eval split).
     printer: progress lines.
   """
-  from lora_squeeze import evaluate as evaluate_lib
   from lora_squeeze.data import batching, registry as tasks
   from lora_squeeze.weights import tokenizer as tokenizer_lib
 
@@ -73,25 +72,7 @@ def setup_from_config(
     image_size=image_size,
   )
   if evaluate is None:
-    eval_split = task.load("eval", source=source, data_dir=data_dir)
-    n_eval = min(config.eval.examples or len(eval_split), len(eval_split))
-    # A float32 base takes the adapter folded in: one compiled forward pass for every rank a plan
-    # evaluates (a bfloat16 base would lose most of a small ΔW's bits, so it keeps the LoRA model).
-    plain_model = model_lib.make_model(config.model, text_only=text_only) if dtype == jnp.float32 else None
-    evaluate = evaluate_lib.make_evaluator(
-      model_for_rank,
-      base,
-      tokenizer,
-      task,
-      [eval_split[i] for i in range(n_eval)],
-      plain_model=plain_model,
-      max_len=config.max_len,
-      batch_size=config.eval.batch_size,
-      template=config.template,
-      buckets=tuple(config.buckets),
-      image_size=image_size,
-      progress=printer if multihost.is_writer() else None,  # progress lines: process 0's only
-    )
+    evaluate = make_evaluator(config, base=base, model_for_rank=model_for_rank, tokenizer=tokenizer, printer=printer)
   mesh_config = config.get("mesh", None) or {}
   mesh = sharding_lib.make_mesh(data=mesh_config.get("data", -1), fsdp=mesh_config.get("fsdp", 1))
   return RunSetup(
@@ -116,6 +97,51 @@ def setup_from_config(
     optimizer_state_at_squeeze=config.get("optimizer_state_at_squeeze", "reset"),
     squeeze_precision=config.squeeze.get("precision", "auto"),
     optimizer=optim.OptimizerOptions(**config.get("optim", {})),
+  )
+
+
+def make_evaluator(
+  config,
+  *,
+  base: Any,
+  model_for_rank: Callable[[int], Any],
+  tokenizer: Any,
+  data_source: str | None = None,
+  printer: Callable[[str], None] = print,
+) -> Evaluator:
+  """The evaluator of config's task on the eval split of `data_source` (None: config.data_source),
+  over already loaded base weights and tokenizer.
+
+  setup_from_config builds its run's evaluator with it; a caller that scores the same run on a
+  second split (experiments/pilot.py --test_source) passes the setup's base and model_for_rank and
+  another source instead of loading the model again.
+  """
+  from lora_squeeze import evaluate as evaluate_lib
+  from lora_squeeze.data import registry as tasks
+
+  task = tasks.get_task(config.task)
+  text_only = task.modality == "text"
+  source = (config.data_source if data_source is None else data_source) or None
+  eval_split = task.load("eval", source=source, data_dir=config.data_dir or None)
+  n_eval = min(config.eval.examples or len(eval_split), len(eval_split))
+  # A float32 base takes the adapter folded in: one compiled forward pass for every rank a plan
+  # evaluates (a bfloat16 base would lose most of a small ΔW's bits, so it keeps the LoRA model).
+  plain_model = (
+    model_lib.make_model(config.model, text_only=text_only) if jnp.dtype(config.dtype) == jnp.float32 else None
+  )
+  return evaluate_lib.make_evaluator(
+    model_for_rank,
+    base,
+    tokenizer,
+    task,
+    [eval_split[i] for i in range(n_eval)],
+    plain_model=plain_model,
+    max_len=config.max_len,
+    batch_size=config.eval.batch_size,
+    template=config.template,
+    buckets=tuple(config.buckets),
+    image_size=None if text_only else config.image_size,
+    progress=printer if multihost.is_writer() else None,  # progress lines: process 0's only
   )
 
 
