@@ -108,6 +108,26 @@ def _better(metric: str) -> str:
   return "lower" if metric in bootstrap.LOWER_IS_BETTER else "higher"
 
 
+def _scale(metric: str) -> float:
+  """The factor a metric is reported with (stats.METRICS: accuracy in points), 1 for others."""
+  return stats.METRICS.get(metric, ("", 1.0, 4))[1]
+
+
+def _gaps(pairs: list[tuple[dict, dict]], metric: str, prefix: str = "") -> np.ndarray:
+  """first minus second of each (first, second) record pair, from <prefix>metrics, in report units."""
+  return np.array([a[f"{prefix}metrics"][metric] - b[f"{prefix}metrics"][metric] for a, b in pairs]) * _scale(metric)
+
+
+def _bootstrap_line(pairs: list[tuple[dict, dict]], seeds: list, label: str = "", prefix: str = "") -> str:
+  """The paired bootstrap over the items of every seed's pair (<prefix>per_item), each metric both have."""
+  high, low = [a[f"{prefix}per_item"] for a, _ in pairs], [b[f"{prefix}per_item"] for _, b in pairs]
+  parts = [
+    f"{m} {label}{_formatted(m, bootstrap.compare_items(m, high, low))}"
+    for m in bootstrap.compared_metrics(*high, *low)
+  ]
+  return f"  paired bootstrap (seeds {seeds}): {'; '.join(parts)}\n"
+
+
 def parse_pair(text: str) -> tuple[tuple[int, float], tuple[int, float]]:
   """'16:0.0003-1:1e-3' -> ((16, 3e-4), (1, 1e-3))."""
   match = re.fullmatch(r"(\d+):([^:]+)-(\d+):([^:]+)", text)
@@ -132,7 +152,7 @@ def report(workdir: pathlib.Path, pairs: tuple[str, ...] = ()) -> str:
   for (mbps, rank, lr), rs in sorted(groups.items()):
     entry = {"multiply_by_parameter_scale": mbps, "rank": rank, "lr": lr, "seeds": len(rs)}
     for m in metrics:
-      values = np.array([r["metrics"][m] for r in rs]) * (100 if m == "accuracy" else 1)
+      values = np.array([r["metrics"][m] for r in rs]) * _scale(m)
       entry[m], entry[f"{m}_std"] = float(values.mean()), _std(values)
     entry["delta_w_fro"] = float(np.mean([r["adapter"]["delta_w_fro"] for r in rs]))
     entry["seconds"] = float(np.mean([r["seconds"] for r in rs]))
@@ -157,8 +177,7 @@ def report(workdir: pathlib.Path, pairs: tuple[str, ...] = ()) -> str:
       if not seeds:
         continue
       for m in metrics:
-        gaps = np.array([by[(hi, lr, s)]["metrics"][m] - by[(1, lr, s)]["metrics"][m] for s in seeds])
-        gaps *= 100 if m == "accuracy" else 1
+        gaps = _gaps([(by[(hi, lr, s)], by[(1, lr, s)]) for s in seeds], m)
         lines.append(
           f"mbps={mbps} lr={lr:g}: {m} r{hi} minus r1 per seed {seeds}: {np.round(gaps, 4).tolist()} "
           f"(mean {gaps.mean():+.4f}, std {_std(gaps):.4f}; {_better(m)} is better)\n"
@@ -171,13 +190,8 @@ def report(workdir: pathlib.Path, pairs: tuple[str, ...] = ()) -> str:
         if pair[0] == pair[1]:  # a seed whose two runs scored different questions is not paired by item
           digests.setdefault(pair[0], []).append(s)
       for digest, group in sorted(digests.items()):
-        high = [by[(hi, lr, s)]["per_item"] for s in group]
-        low = [by[(1, lr, s)]["per_item"] for s in group]
-        parts = [
-          f"{m} r{hi} - r1 {_formatted(m, bootstrap.compare_items(m, high, low))}"
-          for m in bootstrap.compared_metrics(*high, *low)
-        ]
-        lines.append(f"  paired bootstrap (seeds {group}, eval split {digest}): {'; '.join(parts)}\n")
+        line = _bootstrap_line([(by[(hi, lr, s)], by[(1, lr, s)]) for s in group], group, f"r{hi} - r1 ")
+        lines.append(line.replace(f"(seeds {group})", f"(seeds {group}, eval split {digest})"))
   lines += best_lr_gap(rows, metrics)
   for text in pairs:
     lines += pair_gap(rows, metrics, *parse_pair(text))
@@ -272,8 +286,7 @@ def _criterion_lines(
 ) -> list[str]:
   """The gap high minus low per seed from the records' <prefix>metrics, the verdict of the issue's
   criterion, and the paired bootstrap over <prefix>per_item (when every run scored the same items)."""
-  scale = 100 if metric == "accuracy" else 1
-  gaps = np.array([hi[f"{prefix}metrics"][metric] - lo[f"{prefix}metrics"][metric] for hi, lo in pairs]) * scale
+  gaps = _gaps(pairs, metric, prefix)
   favour, std = sign * gaps.mean(), _std(gaps)
   verdict = "met" if len(seeds) > 1 and favour > 0 and favour >= 3 * std else "not met"
   lines = [
@@ -283,12 +296,7 @@ def _criterion_lines(
   ]
   digest = "test_digest" if prefix else "eval_digest"
   if len({r.get(digest, "v0") for pair in pairs for r in pair}) == 1:
-    high, low = [hi[f"{prefix}per_item"] for hi, _ in pairs], [lo[f"{prefix}per_item"] for _, lo in pairs]
-    parts = [
-      f"{m} r{ranks[-1]} - r{ranks[0]} {_formatted(m, bootstrap.compare_items(m, high, low))}"
-      for m in bootstrap.compared_metrics(*high, *low)
-    ]
-    lines.append(f"  paired bootstrap (seeds {seeds}): {'; '.join(parts)}\n")
+    lines.append(_bootstrap_line(pairs, seeds, f"r{ranks[-1]} - r{ranks[0]} ", prefix))
   return lines
 
 
@@ -300,27 +308,22 @@ def pair_gap(rows: list[dict], metrics: list[str], first: tuple[int, float], sec
   name = f"r{first[0]}@{first[1]:g} - r{second[0]}@{second[1]:g}"
   if not seeds:
     return [f"{name}: no seed ran both\n"]
+  pairs = [(by[(*first, s)], by[(*second, s)]) for s in seeds]
   lines = []
   for m in metrics:
-    gaps = np.array([by[(*first, s)]["metrics"][m] - by[(*second, s)]["metrics"][m] for s in seeds])
-    gaps *= 100 if m == "accuracy" else 1
+    gaps = _gaps(pairs, m)
     std = _std(gaps)
     lines.append(
       f"{name}: {m} per seed {seeds}: {np.round(gaps, 4).tolist()} (mean {gaps.mean():+.4f}, seed std {std:.4f}, "
       f"mean/std {_ratio(gaps)}; {_better(m)} is better)\n"
     )
-  high, low = [by[(*first, s)]["per_item"] for s in seeds], [by[(*second, s)]["per_item"] for s in seeds]
-  parts = [
-    f"{m} {_formatted(m, bootstrap.compare_items(m, high, low))}" for m in bootstrap.compared_metrics(*high, *low)
-  ]
-  lines.append(f"  paired bootstrap (seeds {seeds}): {'; '.join(parts)}\n")
+  lines.append(_bootstrap_line(pairs, seeds))
   return lines
 
 
 def _formatted(metric: str, c: stats.Comparison) -> str:
-  if metric == "accuracy":
-    return stats.format_comparison(c, scale=100, digits=1)
-  return stats.format_comparison(c, digits=4)
+  _, scale, digits = stats.METRICS.get(metric, ("", 1.0, 4))
+  return stats.format_comparison(c, scale=scale, digits=digits)
 
 
 def main(argv):
