@@ -67,15 +67,28 @@ def test_target_positions_gathers_first_k_targets():
   positions, weights = train.target_positions(mask, 2)
   np.testing.assert_array_equal(positions, [[1, 3], [4, 0]])
   np.testing.assert_array_equal(weights, [[1, 1], [1, 0]])
+  # One group: both rows flattened (row 1 starts at 5), the first 4 targets in row-major order.
+  positions, weights = train.target_positions(mask, 4, groups=1)
+  np.testing.assert_array_equal(positions, [[1, 3, 4, 9]])
+  np.testing.assert_array_equal(weights, [[1, 1, 1, 1]])
+  positions, weights = train.target_positions(mask, 6, groups=1)
+  np.testing.assert_array_equal(weights, [[1, 1, 1, 1, 0, 0]])
+  with pytest.raises(ValueError, match="groups=3 must divide the batch size 2"):
+    train.target_positions(mask, 2, groups=3)
 
 
-def test_loss_matches_full_logits_reference(base):
-  """The gathered-rows loss equals cross-entropy on the full (B, T, V) logits of model.apply."""
+@pytest.mark.parametrize("groups", [None, 1, 3])
+def test_loss_matches_full_logits_reference(base, groups):
+  """The gathered-rows loss equals cross-entropy on the full (B, T, V) logits of model.apply, with
+  one gather per row (None), per block of rows (3 rows in 3 groups) or over the whole batch (1):
+  a block's flattened positions never predict a token from the previous row's last state."""
   model = model_lib.make_model("tiny", lora_rank=2)
   lora = model_lib.init_lora_params(model, base, key=jax.random.key(3))
   lora = jax.tree.map(lambda x: x + 0.05, lora)  # b != 0, so LoRA takes part
   batch = {k: jnp.asarray(np.stack([e[k] for e in copy_examples(3, 5)])) for k in ("tokens", "target_mask")}
-  loss, n = train.loss_fn(lora, base, batch, model=model, max_targets=MAX_TARGETS)
+  max_targets = train.targets_bucket(np.asarray(batch["target_mask"]), groups=groups)
+  assert max_targets == {None: 8, 1: 16, 3: 8}[groups]  # HALF = 5 targets per row
+  loss, n = train.loss_fn(lora, base, batch, model=model, max_targets=max_targets, groups=groups)
   logits = model.apply({"params": model_lib.merge_params(base, lora)}, batch["tokens"]).logits
   logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))
   nll = -jnp.take_along_axis(logp, batch["tokens"][:, 1:, None], -1)[..., 0]
@@ -304,10 +317,19 @@ def test_bad_batches_are_refused():
   train.check_batch(good, max_targets=3, step=0)
   with pytest.raises(ValueError, match="batch 5: a row has 3 target tokens > max_targets=2"):
     train.check_batch(good, max_targets=2, step=5)
+  train.check_batch(good, max_targets=5, step=0, groups=1)
+  with pytest.raises(ValueError, match="batch 7: a group of rows has 5 target tokens > max_targets=4"):
+    train.check_batch(good, max_targets=4, step=7, groups=1)
+  with pytest.raises(ValueError, match="batch 2: 2 rows cannot be split into groups=3 equal blocks"):
+    train.check_batch(good, max_targets=None, step=2, groups=3)
   with pytest.raises(ValueError, match=r"batch 0: target_mask\[:, 0\] is True"):
     train.check_batch({**good, "target_mask": np.ones((2, 4), bool)}, max_targets=None, step=0)
   assert train.targets_bucket(good["target_mask"]) == 8
-  assert train.targets_bucket(np.ones((1, 20), bool), minimum=8) == 32
+  assert train.targets_bucket(np.ones((1, 20), bool), minimum=8) == 24
+  assert train.targets_bucket(np.ones((1, 25), bool), minimum=8) == 32
+  assert train.targets_bucket(np.ones((4, 20), bool), groups=1) == 96  # 80 targets in one group
+  assert train.targets_bucket(np.ones((4, 20), bool), groups=2) == 48
+  assert [train.targets_bucket(np.ones((1, n), bool), minimum=1) for n in (1, 2, 3, 5, 7, 13)] == [1, 2, 3, 6, 8, 16]
 
 
 def test_bf16_base_keeps_float32_lora_and_optimizer_state(base):

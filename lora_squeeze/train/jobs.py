@@ -224,6 +224,7 @@ class Precompiler:
             warmup=stage.warmup,
             max_targets=max_targets,
             optimizer_options=ctx.setup.optimizer,
+            groups=ctx.mesh.devices.size,
           )
       except Exception as e:
         ctx.print(f"ahead-of-time compilation of the next stage failed ({e!r}); it compiles when it starts")
@@ -270,9 +271,20 @@ class StageTrainer:
       batch = setup.batches[pos.global_step - pos.data_start]
       step_lib.check_batch(batch, max_targets=setup.max_targets, step=pos.global_step)
       tokens = step_lib.batch_tokens(batch)
-      max_targets = setup.max_targets or step_lib.targets_bucket(batch["target_mask"])
+      # The loss gathers each device's rows together (step.target_nll): one block per device, K
+      # the bucket of the block with the most targets, or setup.max_targets per row of the block.
+      groups = ctx.mesh.devices.size
+      if setup.max_targets:
+        max_targets = setup.max_targets * (len(batch["target_mask"]) // groups)
+      else:
+        max_targets = step_lib.targets_bucket(batch["target_mask"], groups=groups)
       train_step = step_lib.make_train_step(
-        model, lr=item.lr, warmup=item.warmup, max_targets=max_targets, optimizer_options=setup.optimizer
+        model,
+        lr=item.lr,
+        warmup=item.warmup,
+        max_targets=max_targets,
+        optimizer_options=setup.optimizer,
+        groups=groups,
       )
       state, metrics = train_step(state, ctx.base, sharding_lib.shard_batch(batch, ctx.mesh))
       lr = float(schedule(pos.stage_step))
