@@ -105,7 +105,9 @@ def main() -> None:
   print("|---|---|---|")
   for name in variants:
     print(f"| {name} | {gathered[name]} | {statistics.median(times[name]):.3f} |")
-  print(f"per_row / per_block step time: {statistics.median(ratios):.2f}x (rounds: {min(ratios):.2f}-{max(ratios):.2f})")
+  print(
+    f"per_row / per_block step time: {statistics.median(ratios):.2f}x (rounds: {min(ratios):.2f}-{max(ratios):.2f})"
+  )
   record = {
     "args": vars(args),
     "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "loadavg_after": os.getloadavg()},
