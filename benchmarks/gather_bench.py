@@ -16,12 +16,11 @@ float rounding (the same sum in another order). Writes benchmarks/results/gather
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import pathlib
-import platform
 import statistics
 import time
+
+from benchmarks import record as record_lib
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "gather_bench.json"
 
@@ -110,17 +109,14 @@ def main() -> None:
   )
   record = {
     "args": vars(args),
-    "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "loadavg_after": os.getloadavg()},
+    "machine": record_lib.machine(),
     "targets_per_batch": targets,
     "gathered_per_batch": gathered,
     "step_s": times,
     "ratio_per_round": ratios,
     "ratio": statistics.median(ratios),
-    "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
   }
-  pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-  pathlib.Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
-  print(f"wrote {args.out}")
+  record_lib.write(args.out, record)
 
 
 if __name__ == "__main__":

@@ -23,11 +23,12 @@ import argparse
 import json
 import os
 import pathlib
-import platform
 import statistics
 import subprocess
 import sys
 import time
+
+from benchmarks import record as record_lib
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "malloc_bench.json"
 VARIANTS = {"default": None, "hugetlb": "glibc.malloc.hugetlb=1"}
@@ -134,20 +135,12 @@ def main() -> None:
   thp = pathlib.Path("/sys/kernel/mm/transparent_hugepage/enabled")
   record = {
     "args": {k: v for k, v in vars(args).items() if k not in ("child", "out")},
-    "machine": {
-      "platform": platform.platform(),
-      "cpus": os.cpu_count(),
-      "thp": thp.read_text().strip() if thp.exists() else None,
-      "loadavg_after": os.getloadavg(),
-    },
+    "machine": record_lib.machine(thp=thp.read_text().strip() if thp.exists() else None),
     "rows": rows,
     "summary": summary,
     "speedup": ratio,
-    "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
   }
-  pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-  pathlib.Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
-  print(f"wrote {args.out}")
+  record_lib.write(args.out, record)
 
 
 if __name__ == "__main__":
