@@ -183,7 +183,7 @@ class Precompiler:
             branch_rank = sub.rank
     return squeezes, None
 
-  def start(self, index: int, batch: Mapping[str, np.ndarray], max_targets: int) -> None:
+  def start(self, index: int, batch: Mapping[str, np.ndarray], max_targets: int, groups: int) -> None:
     ctx = self.ctx
     squeezes, stage = self.upcoming(index)
     precompile = ctx.setup.precompile
@@ -224,7 +224,7 @@ class Precompiler:
             warmup=stage.warmup,
             max_targets=max_targets,
             optimizer_options=ctx.setup.optimizer,
-            groups=ctx.mesh.devices.size,
+            groups=groups,
           )
       except Exception as e:
         ctx.print(f"ahead-of-time compilation of the next stage failed ({e!r}); it compiles when it starts")
@@ -304,7 +304,7 @@ class StageTrainer:
       now = time.perf_counter()
       if first:  # the first step of a stage includes compilation; not timed
         window_start = now
-        self.precompiler.start(index, batch, max_targets)
+        self.precompiler.start(index, batch, max_targets, groups)
       else:
         window_tokens += tokens
         window_steps += 1
