@@ -27,6 +27,7 @@ from absl import app
 
 from experiments import driver, grid, plots, presets, results, tables
 from experiments.cells import Cell, Row
+from lora_squeeze import allocator
 from lora_squeeze import protocols
 from lora_squeeze.errors import UserInputError
 
@@ -240,5 +241,6 @@ def run_study(
 
 
 if __name__ == "__main__":
+  allocator.restart_with_huge_pages()  # huge pages for XLA's host buffers (docs/training.md)
   driver.define_driver_flags()
   app.run(driver.driver_main(run_study))

@@ -28,6 +28,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments import stats, tables
+from lora_squeeze import allocator
 from lora_squeeze import bootstrap
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "pilot folder (pilot.jsonl, runs/)", required=True)
@@ -444,4 +445,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  allocator.restart_with_huge_pages()  # huge pages for XLA's host buffers (docs/training.md)
   app.run(main)

@@ -16,6 +16,8 @@ import sys
 from absl import app
 from absl import flags
 
+from lora_squeeze import allocator
+
 COMMANDS = {
   "train": ("lora_squeeze.train_cli", "train LoRA by a protocol config (direct, post/cont/in-squeeze)"),
   "squeeze": ("lora_squeeze.adapters.squeeze_cli", "change the rank of an existing adapter offline"),
@@ -32,7 +34,9 @@ def usage() -> str:
 
 
 def run(argv: list[str] | None = None) -> None:
-  """Dispatches `lora-squeeze <command> ...` to the command's module."""
+  """Dispatches `lora-squeeze <command> ...` to the command's module. From the command line (argv
+  None) the process first restarts itself with huge pages for large host buffers (allocator)."""
+  from_command_line = argv is None
   argv = list(sys.argv if argv is None else argv)
   if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
     print(usage())
@@ -42,6 +46,8 @@ def run(argv: list[str] | None = None) -> None:
     print(f"lora-squeeze: unknown command {command!r}; allowed: {', '.join(COMMANDS)}\n", file=sys.stderr)
     print(usage(), file=sys.stderr)
     sys.exit(2)
+  if from_command_line:
+    allocator.restart_with_huge_pages()  # before JAX is imported; glibc reads it at process start
   module = importlib.import_module(COMMANDS[command][0])
   program = f"lora-squeeze {command}"
   # absl's --help lists the key flags of the main module, which it names by sys.argv[0] (this

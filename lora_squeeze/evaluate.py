@@ -55,12 +55,14 @@ def slot_log_probs(
   slot_ids: jax.Array,
   images: jax.Array | None = None,
 ) -> jax.Array:
-  """log p(slot_ids[b, k] | tokens[b, : slot_positions[b, k] + 1]): tokens (B, T), slots (B, K) -> (B, K) float32."""
+  """log p(slot_ids[k] | the tokens of its row up to and including flat position slot_positions[k]):
+  tokens (B, T), slots (K,) with positions into the flattened (B * T) tokens -> (K,) float32."""
   hidden = model_lib.hidden_states(model, params, tokens, images=images)
+  b, t, d = hidden.shape
   softcap = model_lib.base_model(model).config.final_logit_softcap
-  logits = model_lib.logits_at(params, hidden, slot_positions, final_logit_softcap=softcap)
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  return jnp.take_along_axis(logp, slot_ids[..., None], axis=-1)[..., 0]
+  logits = model_lib.logits_at(params, hidden.reshape(1, b * t, d), slot_positions[None], final_logit_softcap=softcap)
+  logp = jax.nn.log_softmax(logits[0].astype(jnp.float32), axis=-1)
+  return jnp.take_along_axis(logp, slot_ids[:, None], axis=-1)[:, 0]
 
 
 def score_options(
@@ -165,8 +167,8 @@ def _score_rows(
       slot_log_probs(model, params, batch["tokens"], batch["slot_positions"], batch["slot_ids"], batch.get("images"))
     )
     for b, row_index in enumerate(members):
-      used = batch["slot_options"][b] >= 0
-      np.add.at(scores[rows[row_index].example], batch["slot_options"][b][used], logp[b][used])
+      mine = batch["slot_rows"] == b
+      np.add.at(scores[rows[row_index].example], batch["slot_options"][mine], logp[mine])
     done += len(members)
     if progress is not None and time.monotonic() - last > 10:
       last = time.monotonic()

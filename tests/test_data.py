@@ -401,6 +401,48 @@ def test_train_batches_are_a_pure_function_of_seed_and_step():
   assert a[0]["tokens"].tolist() != a[a.batches_per_epoch]["tokens"].tolist() or a.batches_per_epoch == 1
 
 
+def _scoring_row(example, n_tokens, n_slots, seed):
+  rng = np.random.default_rng(seed)
+  return batching.ScoringRow(
+    example=example,
+    tokens=rng.integers(1, 1000, n_tokens).astype(np.int32),
+    slot_positions=np.sort(rng.choice(n_tokens - 1, n_slots, replace=False)).astype(np.int32),
+    slot_ids=rng.integers(1, 1000, n_slots).astype(np.int32),
+    slot_options=rng.integers(0, 3, n_slots).astype(np.int32),
+  )
+
+
+def test_scoring_batches_flatten_every_real_slot_once_into_the_batch_positions():
+  counts = [1, 7, 3, 30, 2, 5, 11]
+  rows = [_scoring_row(i // 2, 10 + 7 * i, n, i) for i, n in enumerate(counts)]
+  seen = []
+  for members, batch in batching.scoring_batches(rows, batch_size=3, buckets=(32, 64)):
+    b, t = batch["tokens"].shape
+    k = batch["slot_ids"].shape[0]
+    real = batch["slot_rows"] >= 0
+    assert b == 3 and k == batching.gather_size(sum(counts[i] for i in members)) and real.sum() < k or k == 8
+    assert (batch["slot_options"] >= 0).tolist() == real.tolist()
+    for j, i in enumerate(members):
+      mine = batch["slot_rows"] == j
+      assert (batch["slot_positions"][mine] // t == j).all()
+      assert (batch["slot_positions"][mine] % t).tolist() == rows[i].slot_positions.tolist()
+      assert batch["slot_ids"][mine].tolist() == rows[i].slot_ids.tolist()
+      assert batch["slot_options"][mine].tolist() == rows[i].slot_options.tolist()
+      at = batch["tokens"].reshape(-1)[batch["slot_positions"][mine]]  # the flat position reads the row's token
+      assert at.tolist() == rows[i].tokens[rows[i].slot_positions].tolist()
+      seen.append(i)
+    assert real.sum() == sum(counts[i] for i in members)  # the padding rows' slots are not gathered
+  assert sorted(seen) == list(range(len(rows)))
+
+
+@pytest.mark.parametrize(
+  "n, size", [(0, 8), (8, 8), (9, 12), (12, 12), (13, 16), (17, 24), (25, 32), (33, 48), (384, 384), (385, 512)]
+)
+def test_gather_size_pads_to_two_to_the_k_or_three_halves_of_it(n, size):
+  assert batching.gather_size(n) == size
+  assert size - n < size / 3 or n < 8  # under a third of the gather is padding
+
+
 def test_scoring_rows_share_one_row_for_single_token_options(gemma3_tokenizer):
   tok = gemma3_tokenizer
   single = Example(example_id="s", prompt="Pick.", target="A", options=("A", "B", "C"), correct=(0,))

@@ -8,7 +8,10 @@ position t - 1; vision batches add 'images': (B, H, W, 3) uint8. T is the batch'
 Scoring batches (lora_squeeze.evaluate) carry option *slots*: slot k of a row asks for the
 log-probability of token `slot_ids[k]` at the position after `slot_positions[k]`, counted towards
 option `slot_options[k]` of example `row_example`. Options of one token each share one row (one
-forward pass scores them all); longer options get a row each.
+forward pass scores them all); longer options get a row each. A batch carries the slots of all its
+rows in one flat list (positions into the flattened (B * T) tokens), padded to gather_size: the
+unembedding then runs on about as many positions as there are slots, not on B times the longest
+row's count.
 """
 
 from __future__ import annotations
@@ -289,8 +292,16 @@ def target_row(tokenizer, example: Example, index: int, *, max_len: int, templat
   )
 
 
-def next_power_of_two(n: int) -> int:
-  return 1 << max(0, int(n) - 1).bit_length()
+def gather_size(n: int, *, minimum: int = 8) -> int:
+  """A static size for a gather of `n` positions: the smallest of `minimum`, 2^k and 3 * 2^(k-1)
+  (8, 12, 16, 24, 32, 48, ...) >= n, so a loop over batches compiles for a handful of sizes, not one
+  per batch, and under a third of
+  the gather is padding."""
+  k = minimum
+  while k < n:
+    power = 1 << (k.bit_length() - 1)  # the largest power of two <= k
+    k = 3 * power // 2 if k == power and power >= 2 else 2 * power
+  return k
 
 
 def scoring_batches(
@@ -302,10 +313,13 @@ def scoring_batches(
   image_size: int | None = None,
 ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
   """(row indices, batch) over `rows`, grouped by length bucket; the last batch of a bucket is
-  padded with copies of its first row (their indices are not returned) so shapes stay static.
+  padded with copies of its first row (their indices are not returned, their slots not gathered)
+  so shapes stay static.
 
-  batch: tokens (B, T), slot_positions / slot_ids / slot_options (B, K) with K a power of two
-  (slot_options -1 = unused slot), images (B, S, S, 3) when `images` is given.
+  batch: tokens (B, T); the slots of the batch's rows, flattened and padded to K = gather_size(their
+  number): slot_positions (K,) into the flattened (B * T) positions, slot_ids (K,), slot_rows (K,)
+  (the batch row, -1 = unused slot), slot_options (K,) (-1 = unused); images (B, S, S, 3) when
+  `images` is given.
   """
   order = sorted(range(len(rows)), key=lambda i: (bucket_length(len(rows[i].tokens), buckets), i))
   groups: dict[int, list[int]] = {}
@@ -315,13 +329,16 @@ def scoring_batches(
     for start in range(0, len(members), batch_size):
       chunk = members[start : start + batch_size]
       padded = chunk + [chunk[0]] * (batch_size - len(chunk))
-      k = next_power_of_two(max(len(rows[i].slot_ids) for i in padded))
-      batch = {
-        "tokens": pad_to([rows[i].tokens for i in padded], length),
-        "slot_positions": pad_to([rows[i].slot_positions for i in padded], k),
-        "slot_ids": pad_to([rows[i].slot_ids for i in padded], k),
-        "slot_options": pad_to([rows[i].slot_options for i in padded], k, -1),
+      k = gather_size(sum(len(rows[i].slot_ids) for i in chunk))
+      flat = {
+        "slot_positions": np.concatenate([b * length + rows[i].slot_positions for b, i in enumerate(chunk)]),
+        "slot_ids": np.concatenate([rows[i].slot_ids for i in chunk]),
+        "slot_rows": np.concatenate([np.full(len(rows[i].slot_ids), b) for b, i in enumerate(chunk)]),
+        "slot_options": np.concatenate([rows[i].slot_options for i in chunk]),
       }
+      batch = {"tokens": pad_to([rows[i].tokens for i in padded], length)}
+      for key, values in flat.items():
+        batch[key] = pad_to([values.astype(np.int32)], k, -1 if key in ("slot_rows", "slot_options") else 0)[0]
       if images is not None:
         batch["images"] = np.stack([resize_image(images[rows[i].example], image_size) for i in padded])
       yield np.asarray(chunk), batch

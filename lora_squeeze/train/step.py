@@ -35,6 +35,7 @@ from lora_squeeze import model as model_lib
 from lora_squeeze import param_trees
 from lora_squeeze import optim
 from lora_squeeze import sharding as sharding_lib
+from lora_squeeze.data import batching
 from lora_squeeze.param_trees import Params
 
 
@@ -297,15 +298,10 @@ def _group_counts(target_mask: np.ndarray, groups: int | None) -> np.ndarray:
 
 
 def targets_bucket(target_mask: np.ndarray, *, groups: int | None = None, minimum: int = 8) -> int:
-  """A static K for the loss gather: the smallest of `minimum`, 2^k and 3 * 2^(k-1) (8, 12, 16, 24,
-  32, 48, ...) >= the batch's most target tokens per group of rows (groups None: per row), so a
-  run compiles for a handful of K values, not one per batch, and pads at most a third."""
-  most = int(_group_counts(target_mask, groups).max())
-  k = minimum
-  while k < most:
-    power = 1 << (k.bit_length() - 1)  # the largest power of two <= k
-    k = 3 * power // 2 if k == power and power >= 2 else 2 * power
-  return k
+  """A static K for the loss gather: batching.gather_size (the smallest of `minimum`, 2^k and
+  3 * 2^(k-1)) of the batch's most target tokens per group of rows (groups None: per row), so a run
+  compiles for a handful of K values, not one per batch."""
+  return batching.gather_size(int(_group_counts(target_mask, groups).max()), minimum=minimum)
 
 
 def batch_dataset(examples: Sequence[Mapping[str, np.ndarray]], *, batch_size: int, seed: int) -> grain.MapDataset:
