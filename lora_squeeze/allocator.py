@@ -33,7 +33,10 @@ def wanted(environ=os.environ) -> bool:
   libc, version = platform.libc_ver()
   if libc != "glibc":
     return False
-  major, minor = (int(x) for x in version.split(".")[:2])
+  try:
+    major, minor = (int(x) for x in version.split(".")[:2])
+  except ValueError:  # a version string we cannot read: leave glibc alone
+    return False
   return (major, minor) >= (2, 35)
 
 
