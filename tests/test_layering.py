@@ -22,7 +22,7 @@ REPO_PACKAGES = ("lora_squeeze", "configs", "experiments", "benchmarks", "tests"
 # cycle); names are relative to lora_squeeze.
 LAYERS = (
   # What everything may raise and check with.
-  ("", "errors", "validation", "atomic", "orbax_paths", "bootstrap", "durations"),
+  ("", "errors", "validation", "atomic", "orbax_paths", "bootstrap", "durations", "allocator"),
   # Leaves: pure math and plans, file formats, run checkpoints, device meshes; task types.
   (
     "protocols",
