@@ -76,3 +76,15 @@ def driver_main(run_study: Callable[..., Any]) -> Callable[[Sequence[str]], None
       raise SystemExit(f"{pathlib.Path(argv[0]).name}: {e}") from None
 
   return main
+
+
+def run(run_study: Callable[..., Any]) -> None:
+  """A driver's `__main__`: restart with huge pages for XLA's host buffers (lora_squeeze.allocator,
+  before anything trains), define the shared flags, run driver_main(run_study) under absl."""
+  from absl import app
+
+  from lora_squeeze import allocator
+
+  allocator.restart_with_huge_pages()
+  define_driver_flags()
+  app.run(driver_main(run_study))

@@ -23,11 +23,9 @@ from collections.abc import Callable, Sequence
 
 import ml_collections
 import numpy as np
-from absl import app
 
 from experiments import driver, grid, plots, presets, results, tables
 from experiments.cells import Cell, Row
-from lora_squeeze import allocator
 from lora_squeeze import protocols
 from lora_squeeze.errors import UserInputError
 
@@ -241,6 +239,4 @@ def run_study(
 
 
 if __name__ == "__main__":
-  allocator.restart_with_huge_pages()  # huge pages for XLA's host buffers (docs/training.md)
-  driver.define_driver_flags()
-  app.run(driver.driver_main(run_study))
+  driver.run(run_study)

@@ -39,7 +39,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import ml_collections
-from absl import app
 
 from experiments import cells as cells_lib
 from experiments import driver
@@ -48,7 +47,6 @@ from experiments import presets
 from experiments import results as results_lib
 from experiments import tables
 from experiments import stats
-from lora_squeeze import allocator
 from lora_squeeze import opt_state_projection
 from lora_squeeze import protocols
 
@@ -344,6 +342,4 @@ def run_study(
 
 
 if __name__ == "__main__":
-  allocator.restart_with_huge_pages()  # huge pages for XLA's host buffers (docs/training.md)
-  driver.define_driver_flags()
-  app.run(driver.driver_main(run_study))
+  driver.run(run_study)

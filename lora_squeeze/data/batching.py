@@ -131,6 +131,11 @@ def buckets_for(max_len: int, buckets: Sequence[int] = DEFAULT_BUCKETS) -> tuple
   return tuple(sorted({b for b in buckets if b < max_len} | {max_len}))
 
 
+def concat_to(parts: Sequence[np.ndarray], length: int, value=0) -> np.ndarray:
+  """`parts` concatenated into one int32 (length,) array, right-padded with `value`."""
+  return pad_to([np.concatenate(parts).astype(np.int32)], length, value)[0]
+
+
 def resize_image(image, size: int) -> np.ndarray:
   """(H, W, 3) uint8 or an images.ImageFile (decoded now) -> (size, size, 3) uint8 (bilinear), the
   vision encoder's input size. The batchers call it per batch, so only a batch's images are decoded."""
@@ -330,15 +335,13 @@ def scoring_batches(
       chunk = members[start : start + batch_size]
       padded = chunk + [chunk[0]] * (batch_size - len(chunk))
       k = gather_size(sum(len(rows[i].slot_ids) for i in chunk))
-      flat = {
-        "slot_positions": np.concatenate([b * length + rows[i].slot_positions for b, i in enumerate(chunk)]),
-        "slot_ids": np.concatenate([rows[i].slot_ids for i in chunk]),
-        "slot_rows": np.concatenate([np.full(len(rows[i].slot_ids), b) for b, i in enumerate(chunk)]),
-        "slot_options": np.concatenate([rows[i].slot_options for i in chunk]),
+      batch = {
+        "tokens": pad_to([rows[i].tokens for i in padded], length),
+        "slot_positions": concat_to([b * length + rows[i].slot_positions for b, i in enumerate(chunk)], k),
+        "slot_ids": concat_to([rows[i].slot_ids for i in chunk], k),
+        "slot_rows": concat_to([np.full(len(rows[i].slot_ids), b) for b, i in enumerate(chunk)], k, -1),
+        "slot_options": concat_to([rows[i].slot_options for i in chunk], k, -1),
       }
-      batch = {"tokens": pad_to([rows[i].tokens for i in padded], length)}
-      for key, values in flat.items():
-        batch[key] = pad_to([values.astype(np.int32)], k, -1 if key in ("slot_rows", "slot_options") else 0)[0]
       if images is not None:
         batch["images"] = np.stack([resize_image(images[rows[i].example], image_size) for i in padded])
       yield np.asarray(chunk), batch
