@@ -12,7 +12,9 @@ Writes into --workdir: rows.json/rows.csv (every score, read back from the run f
 lr_sweep.csv (mean score per rank x lr and its standard error over seeds, App. B), lr_sweep.md
 (best bold), lr_sweep.png, lr_table.json (the best lr per rank for the training config's model, in
 the format of lora_squeeze/lr_table.json, which the training configs and the other studies'
-`lr_table` read) and, per task and averaged, sweep_only_r<src>_<task>.png (Fig. 3).
+`lr_table` read), per task and averaged, sweep_only_r<src>_<task>.png (Fig. 3), and
+lr_sweep_comparisons.md/.csv/.png (each lr against its rank's best, Post-Squeeze against direct
+training; paired bootstrap intervals over the evaluation items).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from collections.abc import Callable, Sequence
 import ml_collections
 import numpy as np
 
-from experiments import driver, grid, plots, presets, results, tables
+from experiments import driver, grid, plots, presets, results, stats, tables
 from experiments.cells import Cell, Row
 from lora_squeeze import protocols
 from lora_squeeze.errors import UserInputError
@@ -161,10 +163,48 @@ def write_sweep_report(rows: Sequence[Row], workdir: pathlib.Path, *, model: str
     path=workdir / "lr_sweep.png",
     title="LR sweep: mean score over tasks and seeds",
     xlabel="learning rate",
-    ylabel="score (%)",
+    ylabel=_score_label(sweep),
     x_scale="log10",
   )
   return best
+
+
+def write_comparisons(rows: Sequence[Row], workdir: pathlib.Path) -> list[dict]:
+  """lr_sweep_comparisons.md/.csv/.png: per task and rank, every lr against the rank's best lr
+  (best_lrs), and each Post-Squeeze r_src -> r_tgt (phase 2) against direct training at r_tgt at its
+  best lr and at r_src's lr (Fig. 3), with paired bootstrap intervals over the evaluation items and
+  the sign per seed (experiments/stats.py). Says whether the best lr is better than its neighbours
+  or only the highest mean of one draw; nothing without per-item scores."""
+  best = best_lrs(rows)
+  post = [r for r in results.select(rows, study="post") if r["rank"] != r["r_src"]]  # r_src itself: a sweep run
+  key = lambda r: (r["task"], r["study"], r["rank"], r["lr"])  # noqa: E731
+  grouped = stats.group_items([*results.select(rows, study="sweep"), *post], results.collect_items(workdir), key=key)
+  pairs = []
+  for task, study, rank, lr in sorted(grouped, key=lambda k: (k[0], k[1] == "post", k[2], k[3])):  # sweep first
+    best_key = (task, "sweep", rank, best.get(rank))
+    if study == "sweep" and lr != best.get(rank):
+      pairs.append(((task, study, rank, lr), best_key))
+    elif study == "post":
+      pairs += [((task, study, rank, lr), best_key), ((task, study, rank, lr), (task, "sweep", rank, lr))]
+  records = [r for r in stats.compare_groups(grouped, pairs) if r["treatment"] != r["baseline"]]
+  r_src = {r["lr"]: r["r_src"] for r in post}
+
+  def label(record):
+    (task, study, rank, lr), (_, _, _, base_lr) = record["treatment"], record["baseline"]
+    if study == "sweep":
+      return f"{task}: r{rank} lr {lr:g} vs lr {base_lr:g} (best)"
+    which = "best" if base_lr == best.get(rank) else f"r{r_src[lr]}'s"
+    return f"{task}: Post-Squeeze {r_src[lr]}→{rank} vs direct r{rank} at lr {base_lr:g} ({which})"
+
+  if records:
+    stats.write_comparisons(
+      workdir,
+      "lr_sweep_comparisons",
+      records,
+      label=label,
+      title="Each learning rate against the rank's best; Post-Squeeze against direct training at the target rank",
+    )
+  return records
 
 
 def write_fig3(rows: Sequence[Row], workdir: pathlib.Path, *, r_src: int) -> list[pathlib.Path]:
@@ -194,10 +234,17 @@ def write_fig3(rows: Sequence[Row], workdir: pathlib.Path, *, r_src: int) -> lis
       path=path,
       title=f"{name}: sweep only r={r_src}, Post-Squeeze the rest",
       xlabel="LoRA rank",
-      ylabel="score (%)",
+      ylabel=_score_label(rows),
     )
     written.append(path)
   return written
+
+
+def _score_label(rows: Sequence[Row]) -> str:
+  """The y axis of the score plots: the metric's title when every row has the same one (stats.METRICS)."""
+  metrics = {r.get("metric") for r in rows}
+  (metric,) = metrics if len(metrics) == 1 else (None,)
+  return stats.METRICS[metric][0] if metric in stats.METRICS else "score"
 
 
 def _xy(by_rank: dict[int, float]) -> tuple[list[int], list[float]]:
@@ -234,6 +281,7 @@ def run_study(
       )
       rows, unfinished = results.collect_rows(workdir)
     write_fig3(rows, workdir, r_src=study.source_rank)
+  write_comparisons(rows, workdir)
   tables.write_rows(workdir, rows, unfinished, log=log)
   return best
 

@@ -311,6 +311,53 @@ def test_lr_sweep_report_is_built_from_the_files(tmp_path):
   assert len(rows) == 2 * 3 * 2 + 2 * 3
 
 
+def test_lr_sweep_comparisons_come_from_per_item_scores(tmp_path):
+  """Of 200 items, r1 at lr 0.1 answers 20 more right than at lr 0.01 (both seeds); r2's best lr
+  (0.01) wins by one item; Post-Squeeze 2 -> 1 answers what direct r1 at lr 0.01 does. Only the
+  20-item gaps are called differences, and the report plots the metric, not a percentage."""
+  study = lr_sweep.get_config("tiny")
+  study.tasks, study.seeds, study.ranks, study.lrs, study.source_rank = ("a",), (1, 2), (1, 2), (0.01, 0.1), 2
+  base = np.tile([0.0, 1.0], 100)
+
+  def items(labels, coords):
+    out = base.copy()
+    rank = coords.get("rank", labels.get("rank"))
+    if labels["study"] == "sweep" and (rank, labels["lr"]) == (1, 0.1):
+      out[:40] = 1.0
+    if labels["study"] == "sweep" and (rank, labels["lr"]) == (2, 0.01):
+      out[0] = 1.0
+    return out
+
+  cells = [*lr_sweep.sweep_cells(study), *lr_sweep.post_cells(study, 0.01)]
+  _finish(tmp_path, cells, lambda labels, coords: 100 * items(labels, coords).mean())
+  for cell in cells:
+    path = run_dir(tmp_path, cell) / TRAIN_DIR / "results.json"
+    written = json.loads(path.read_text())
+    for tag, coords in cell.evals.items():
+      written["evals"][tag]["per_item"] = {"accuracy": items(cell.labels, coords).tolist()}
+    path.write_text(json.dumps(written))
+  assert lr_sweep.run_study(study, workdir=tmp_path, train=False, log=lambda line: None) == {1: 0.1, 2: 0.01}
+  lines = {
+    line.split(" | ")[0]: line
+    for line in (tmp_path / "lr_sweep_comparisons.md").read_text().splitlines()
+    if line.startswith("| a:")
+  }
+  assert re.fullmatch(
+    r"\| a: r1 lr 0\.01 vs lr 0\.1 \(best\) \| 1,2 \| \*\*-10\.0 \[-1\d\.\d, -(5|6|7)\.\d\] --\*\* \| worse \|",
+    lines["| a: r1 lr 0.01 vs lr 0.1 (best)"],
+  )
+  assert lines["| a: r2 lr 0.1 vs lr 0.01 (best)"].endswith("| no difference |")
+  assert lines["| a: Post-Squeeze 2→1 vs direct r1 at lr 0.1 (best)"].endswith("| worse |")
+  assert lines["| a: Post-Squeeze 2→1 vs direct r1 at lr 0.01 (r2's)"].endswith(
+    "| +0.0 [+0.0, +0.0] 00 | no difference |"
+  )
+  assert len(lines) == 4
+  assert (tmp_path / "lr_sweep_comparisons.csv").read_text().count("\n") == 1 + 4
+  assert _png(tmp_path / "lr_sweep_comparisons.png").std() > 0.01
+  assert lr_sweep._score_label(results.collect_rows(tmp_path)[0]) == "accuracy (points)"  # noqa: SLF001
+  assert lr_sweep._score_label([{"metric": "token_nll"}, {}]) == "score"  # noqa: SLF001
+
+
 def test_heatmap_gains_come_from_the_files(tmp_path):
   study = heatmap.get_config("tiny")
   study.tasks = ("a", "b")
