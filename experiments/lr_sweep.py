@@ -133,6 +133,7 @@ def write_sweep_report(rows: Sequence[Row], workdir: pathlib.Path, *, model: str
   lrs = sorted({lr for _, lr in means})
   best = best_lrs(rows)
   sem = seed_sem(sweep)
+  lower = results.lower_is_better(sweep)
   tables.write_csv(
     workdir / "lr_sweep.csv",
     [
@@ -143,14 +144,20 @@ def write_sweep_report(rows: Sequence[Row], workdir: pathlib.Path, *, model: str
   body = [[r, *(means.get((r, lr), math.nan) for lr in lrs), f"{best[r]:g}" if r in best else "none"] for r in ranks]
   bold = {(i, 1 + lrs.index(best[r])) for i, r in enumerate(ranks) if r in best}
   tables.atomic_write_text(
-    workdir / "lr_sweep.md", tables.markdown_table(["rank", *(f"lr {lr:g}" for lr in lrs), "best lr"], body, bold=bold)
+    workdir / "lr_sweep.md",
+    tables.markdown_table(
+      ["rank", *(f"lr {lr:g}" for lr in lrs), "best lr"], body, bold=bold, float_format="{:.4f}" if lower else "{:.1f}"
+    ),
   )
   tasks = sorted({r["task"] for r in sweep})
   seeds = sorted({r["seed"] for r in sweep})
   tables.write_json(
     workdir / "lr_table.json",
     {
-      "note": f"Best lr per rank by experiments.lr_sweep: highest mean score over tasks {tasks} and seeds {seeds}.",
+      "note": (
+        f"Best lr per rank by experiments.lr_sweep: {'lowest' if lower else 'highest'} mean score over tasks"
+        f" {tasks} and seeds {seeds}."
+      ),
       "grid": lrs,
       "lr": {model: {str(r): lr for r, lr in sorted(best.items())}},
     },

@@ -276,6 +276,18 @@ def test_lr_sweep_seed_sem_and_a_diverged_run_never_wins():
   assert lr_sweep.best_lrs(rows) == {1: 0.1}
 
 
+def test_lr_sweep_report_of_a_lower_is_better_metric(tmp_path):
+  """token_nll: the lowest mean wins, the table keeps 4 decimals (a .1f table shows 2.4 everywhere)."""
+  rows = [
+    {"study": "sweep", "task": "x", "metric": "token_nll", "rank": r, "lr": lr, "seed": 1, "score": v}
+    for r, lr, v in [(1, 0.001, 2.4157), (1, 0.003, 2.4263), (4, 0.001, 2.4120), (4, 0.003, 2.4667)]
+  ]
+  assert lr_sweep.write_sweep_report(rows, tmp_path, model="m") == {1: 0.001, 4: 0.001}
+  table = (tmp_path / "lr_sweep.md").read_text().splitlines()
+  assert table[2:] == ["| 1 | **2.4157** | 2.4263 | 0.001 |", "| 4 | **2.4120** | 2.4667 | 0.001 |"]
+  assert "lowest mean score" in json.loads((tmp_path / "lr_table.json").read_text())["note"]
+
+
 def _sweep_score(labels, coords):
   """Low ranks like a high lr, high ranks a low one (the paper's App. A trend); task b scores 10 more."""
   rank, lr = labels.get("rank"), labels["lr"]
