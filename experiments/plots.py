@@ -12,6 +12,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # Drivers run headless (CI, servers); must precede the pyplot import.
 import matplotlib.colors as mcolors  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -133,7 +134,7 @@ def plot_lines(
   x_scale: str = "log2",
 ) -> None:
   """One line with markers per series name -> (xs, ys); x_scale "log2" (ranks, ticks at the data)
-  or "log10" (learning rates)."""
+  or "log10" (learning rates, ticks at the data when there are at most 12)."""
   if x_scale not in ("log2", "log10"):
     raise ValueError(f"x_scale must be 'log2' or 'log10', got {x_scale!r}")
   fig, ax = plt.subplots(figsize=(5.5, 3.8))
@@ -141,6 +142,10 @@ def plot_lines(
     ax.plot(xs, ys, marker="o", markersize=3 if len(xs) > 12 else 6, label=name)
   if x_scale == "log10":
     ax.set_xscale("log")
+    ticks = sorted({x for xs, _ in series.values() for x in xs})
+    if 0 < len(ticks) <= 12:  # a sweep grid: label its values, not matplotlib's crowded minor ticks
+      ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+      ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
   else:
     ax.set_xscale("log", base=2)
     ticks = sorted({x for xs, _ in series.values() for x in xs})

@@ -225,6 +225,25 @@ def test_lines_plot_is_written(tmp_path):
   assert _png(tmp_path / "l.png").std() > 0.01
 
 
+def test_lines_plot_on_a_learning_rate_axis_labels_the_grid(tmp_path, monkeypatch):
+  """A log10 axis (an lr sweep) gets its ticks at the grid's values, written plainly, and no labelled
+  minor ticks in between (matplotlib's default crowded 3e-4..6e-4 into one unreadable run)."""
+  saved, save = [], plots.save_figure
+  monkeypatch.setattr(plots, "save_figure", lambda fig, path: (saved.append(fig), save(fig, path)))
+  plots.plot_lines(
+    {"r=1": ([3e-4, 1e-3, 3e-3], [2.44, 2.42, 2.43]), "r=16": ([3e-4, 1e-3], [2.41, 2.43])},
+    path=tmp_path / "lr.png",
+    title="t",
+    xlabel="learning rate",
+    ylabel="nll",
+    x_scale="log10",
+  )
+  assert _png(tmp_path / "lr.png").std() > 0.01
+  (ax,) = saved[0].axes
+  assert [t.get_text() for t in ax.get_xticklabels()] == ["0.0003", "0.001", "0.003"]
+  assert not any(t.get_text() for t in ax.get_xticklabels(minor=True))
+
+
 # --- drivers on result files written here ---------------------------------------------------------
 # These stand in for finished runs: the reports must come from the files alone.
 
