@@ -80,10 +80,12 @@ def check_unique_names(cells: Sequence[Cell]) -> None:
     seen.add(cell.name)
 
 
-def claim_run_dir(workdir: pathlib.Path, cell: Cell) -> pathlib.Path:
-  """Creates the run folder with its `cell.json`, or checks that an existing one was made by this cell.
+def check_run_dir(workdir: pathlib.Path, cell: Cell) -> pathlib.Path:
+  """The run folder of `cell`, after checking that an existing `cell.json` there was made by this cell.
 
-  A folder made by different overrides would silently mix two studies' results, so it is refused.
+  A folder made by another plan or other overrides (finished or not) would silently mix two studies'
+  results, or stand in for a run that never happened (e.g. a Post-Squeeze cell of the same name
+  that squeezed to fewer target ranks), so it is refused.
   """
   path = run_dir(workdir, cell)
   cell_file = path / CELL_FILE
@@ -94,9 +96,16 @@ def claim_run_dir(workdir: pathlib.Path, cell: Cell) -> pathlib.Path:
       if stored[field] != cell.record()[field]:
         raise UserInputError(
           f"run folder {str(path)!r} was made with {field} {stored[field]}, not {cell.record()[field]};"
-          " use another --workdir or delete that folder"
+          " use another --workdir or move that folder away"
         )
-  write_json(cell_file, cell.record())
+  return path
+
+
+def claim_run_dir(workdir: pathlib.Path, cell: Cell) -> pathlib.Path:
+  """Creates the run folder with its `cell.json`, or checks that an existing one was made by this
+  cell (check_run_dir)."""
+  path = check_run_dir(workdir, cell)
+  write_json(path / CELL_FILE, cell.record())
   return path
 
 

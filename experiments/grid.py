@@ -51,7 +51,8 @@ def run_cells(
   train_fn: Callable[[ml_collections.ConfigDict, protocols.Plan, pathlib.Path], None] = train_run,
   log: Callable[[str], None] = log_line,
 ) -> None:
-  """Trains every unfinished cell in order; finished ones (complete results file) are skipped.
+  """Trains every unfinished cell in order; finished ones (complete results file) are skipped. Every
+  existing run folder is first checked to be this cell's (same plan and overrides, check_run_dir).
 
   A half-finished cell is handed to `train_fn` again with the same run folder, where the trainer
   resumes from its last checkpoint. A run that diverges (FloatingPointError, e.g. the trainer's
@@ -60,6 +61,8 @@ def run_cells(
   from the seconds per unit of `Cell.cost` measured so far in this session.
   """
   cells_lib.check_unique_names(cells)
+  for cell in cells:  # before any training: a finished folder of another plan must not be skipped as done
+    cells_lib.check_run_dir(workdir, cell)
   todo = [c for c in cells if results.cell_results(cells_lib.run_dir(workdir, c)) is None]
   if len(todo) < len(cells):
     log(f"[grid] {len(cells) - len(todo)}/{len(cells)} cells already finished, skipped")

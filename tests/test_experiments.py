@@ -778,6 +778,24 @@ def test_archive_keeps_what_a_report_and_a_resume_need(tmp_path):
     driver.archive(workdir, workdir)
 
 
+def test_a_finished_cell_of_another_plan_is_refused_before_any_training(tmp_path):
+  """Adding ranks to a sweep keeps the Post-Squeeze cell's name but squeezes to more targets: the
+  finished folder of the old plan must not be skipped as done (the new targets would never run)."""
+  study = lr_sweep.get_config("tiny")
+  study.tasks, study.seeds, study.ranks, study.source_rank = ("a",), (1,), (1, 4), 4
+  (old,) = lr_sweep.post_cells(study, 0.1)
+  _finish(tmp_path, [old], lambda labels, coords: 50.0)
+  study.ranks = (1, 2, 4)
+  cells = [*lr_sweep.sweep_cells(study), *lr_sweep.post_cells(study, 0.1)]
+  assert cells[-1].name == old.name and cells[-1].plan != old.plan
+  trained, base = [], _base_config()
+  base.task = "a"
+  with pytest.raises(ValueError, match=r"run folder '.*/a/post/r4_lr0.1_s1' was made with plan .* move that folder"):
+    grid.run_cells(cells, workdir=tmp_path, base_config=base, train_fn=lambda *a: trained.append(a), log=print)
+  assert trained == []
+  assert json.loads((run_dir(tmp_path, old) / "cell.json").read_text())["plan"] == old.record()["plan"]
+
+
 def test_heatmap_gain_is_positive_where_post_squeeze_is_better_for_a_lower_is_better_score():
   # token_nll (lower is better): Post-Squeeze 2.0 against direct 2.5 is a gain of +0.5; accuracy
   # 60 against 55 a gain of +5. Means over the two seeds.
