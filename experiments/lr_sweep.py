@@ -191,8 +191,8 @@ def write_comparisons(rows: Sequence[Row], workdir: pathlib.Path) -> list[dict]:
     best_key = (task, "sweep", rank, best.get(rank))
     if study == "sweep" and lr != best.get(rank):
       pairs.append(((task, study, rank, lr), best_key))
-    elif study == "post":
-      pairs += [((task, study, rank, lr), best_key), ((task, study, rank, lr), (task, "sweep", rank, lr))]
+    elif study == "post":  # against the target's best lr and r_src's lr: one pair when they are the same
+      pairs += [((task, study, rank, lr), b) for b in dict.fromkeys([best_key, (task, "sweep", rank, lr)])]
   records = [r for r in stats.compare_groups(grouped, pairs) if r["treatment"] != r["baseline"]]
   r_src = {r["lr"]: r["r_src"] for r in post}
 
@@ -201,6 +201,7 @@ def write_comparisons(rows: Sequence[Row], workdir: pathlib.Path) -> list[dict]:
     if study == "sweep":
       return f"{task}: r{rank} lr {lr:g} vs lr {base_lr:g} (best)"
     which = "best" if base_lr == best.get(rank) else f"r{r_src[lr]}'s"
+    which = f"best, also r{r_src[lr]}'s" if base_lr == best.get(rank) == lr else which
     return f"{task}: Post-Squeeze {r_src[lr]}→{rank} vs direct r{rank} at lr {base_lr:g} ({which})"
 
   if records:

@@ -295,6 +295,33 @@ def test_lr_sweep_seed_sem_and_a_diverged_run_never_wins():
   assert lr_sweep.best_lrs(rows) == {1: 0.1}
 
 
+def test_lr_sweep_compares_post_squeeze_once_when_the_targets_best_lr_is_the_sources(tmp_path):
+  """r1 and r2 both do best at lr 0.01: Post-Squeeze 2 -> 1 against direct r1 at 0.01 is one row
+  (labelled as both), not the same comparison twice."""
+  study = lr_sweep.get_config("tiny")
+  study.tasks, study.seeds, study.ranks, study.lrs, study.source_rank = ("a",), (1,), (1, 2), (0.01, 0.1), 2
+  base = np.tile([0.0, 1.0], 50)
+
+  def items(labels, coords):
+    out = base.copy()
+    if labels["lr"] == 0.01:
+      out[:10] = 1.0
+    return out
+
+  cells = [*lr_sweep.sweep_cells(study), *lr_sweep.post_cells(study, 0.01)]
+  _finish(tmp_path, cells, lambda labels, coords: 100 * items(labels, coords).mean())
+  for cell in cells:
+    path = run_dir(tmp_path, cell) / TRAIN_DIR / "results.json"
+    written = json.loads(path.read_text())
+    for tag, coords in cell.evals.items():
+      written["evals"][tag]["per_item"] = {"accuracy": items(cell.labels, coords).tolist()}
+    path.write_text(json.dumps(written))
+  assert lr_sweep.run_study(study, workdir=tmp_path, train=False, log=lambda line: None) == {1: 0.01, 2: 0.01}
+  report = (tmp_path / "lr_sweep_comparisons.md").read_text()
+  post = [line for line in report.splitlines() if line.startswith("| a: Post-Squeeze")]
+  assert [line.split(" | ")[0] for line in post] == ["| a: Post-Squeeze 2→1 vs direct r1 at lr 0.01 (best, also r2's)"]
+
+
 def test_lr_sweep_report_of_a_lower_is_better_metric(tmp_path):
   """token_nll: the lowest mean wins, the table keeps 4 decimals (a .1f table shows 2.4 everywhere)."""
   rows = [
