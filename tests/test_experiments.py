@@ -272,6 +272,18 @@ def _finish(workdir, cells, score, retention_of=lambda r_src, r_tgt: r_tgt / r_s
     _write_results(run_dir(workdir, cell) / TRAIN_DIR, scores, squeezes, nlls)
 
 
+def _finish_per_item(workdir, cells, items):
+  """_finish with accuracy = mean of items(labels, coords) (0/1 per item), and those per-item
+  scores written into each evaluation (what the paired bootstrap reads)."""
+  _finish(workdir, cells, lambda labels, coords: 100 * items(labels, coords).mean())
+  for cell in cells:
+    path = run_dir(workdir, cell) / TRAIN_DIR / "results.json"
+    written = json.loads(path.read_text())
+    for tag, coords in cell.evals.items():
+      written["evals"][tag]["per_item"] = {"accuracy": items(cell.labels, coords).tolist()}
+    path.write_text(json.dumps(written))
+
+
 def test_lr_sweep_grid_is_complete_and_unique():
   study = lr_sweep.get_config("tiny")
   study.tasks, study.seeds, study.ranks, study.lrs = ("a", "b"), (1, 2), (4, 1, 2), (0.1, 0.01)
@@ -309,13 +321,7 @@ def test_lr_sweep_compares_post_squeeze_once_when_the_targets_best_lr_is_the_sou
     return out
 
   cells = [*lr_sweep.sweep_cells(study), *lr_sweep.post_cells(study, 0.01)]
-  _finish(tmp_path, cells, lambda labels, coords: 100 * items(labels, coords).mean())
-  for cell in cells:
-    path = run_dir(tmp_path, cell) / TRAIN_DIR / "results.json"
-    written = json.loads(path.read_text())
-    for tag, coords in cell.evals.items():
-      written["evals"][tag]["per_item"] = {"accuracy": items(cell.labels, coords).tolist()}
-    path.write_text(json.dumps(written))
+  _finish_per_item(tmp_path, cells, items)
   assert lr_sweep.run_study(study, workdir=tmp_path, train=False, log=lambda line: None) == {1: 0.01, 2: 0.01}
   report = (tmp_path / "lr_sweep_comparisons.md").read_text()
   post = [line for line in report.splitlines() if line.startswith("| a: Post-Squeeze")]
@@ -387,13 +393,7 @@ def test_lr_sweep_comparisons_come_from_per_item_scores(tmp_path):
     return out
 
   cells = [*lr_sweep.sweep_cells(study), *lr_sweep.post_cells(study, 0.01)]
-  _finish(tmp_path, cells, lambda labels, coords: 100 * items(labels, coords).mean())
-  for cell in cells:
-    path = run_dir(tmp_path, cell) / TRAIN_DIR / "results.json"
-    written = json.loads(path.read_text())
-    for tag, coords in cell.evals.items():
-      written["evals"][tag]["per_item"] = {"accuracy": items(cell.labels, coords).tolist()}
-    path.write_text(json.dumps(written))
+  _finish_per_item(tmp_path, cells, items)
   assert lr_sweep.run_study(study, workdir=tmp_path, train=False, log=lambda line: None) == {1: 0.1, 2: 0.01}
   lines = {
     line.split(" | ")[0]: line
