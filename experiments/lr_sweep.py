@@ -200,8 +200,10 @@ def write_comparisons(rows: Sequence[Row], workdir: pathlib.Path) -> list[dict]:
     (task, study, rank, lr), (_, _, _, base_lr) = record["treatment"], record["baseline"]
     if study == "sweep":
       return f"{task}: r{rank} lr {lr:g} vs lr {base_lr:g} (best)"
-    which = "best" if base_lr == best.get(rank) else f"r{r_src[lr]}'s"
-    which = f"best, also r{r_src[lr]}'s" if base_lr == best.get(rank) == lr else which
+    if base_lr != best.get(rank):
+      which = f"r{r_src[lr]}'s"
+    else:
+      which = f"best, also r{r_src[lr]}'s" if base_lr == lr else "best"
     return f"{task}: Post-Squeeze {r_src[lr]}→{rank} vs direct r{rank} at lr {base_lr:g} ({which})"
 
   if records:

@@ -140,15 +140,14 @@ def plot_lines(
   fig, ax = plt.subplots(figsize=(5.5, 3.8))
   for name, (xs, ys) in series.items():
     ax.plot(xs, ys, marker="o", markersize=3 if len(xs) > 12 else 6, label=name)
+  ticks = sorted({x for xs, _ in series.values() for x in xs})
   if x_scale == "log10":
     ax.set_xscale("log")
-    ticks = sorted({x for xs, _ in series.values() for x in xs})
     if 0 < len(ticks) <= 12:  # a sweep grid: label its values, not matplotlib's crowded minor ticks
       ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
       ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
   else:
     ax.set_xscale("log", base=2)
-    ticks = sorted({x for xs, _ in series.values() for x in xs})
     powers = [t for t in ticks if t > 0 and math.log2(t).is_integer()]
     ticks = powers if len(ticks) > 12 and powers else ticks  # dense curves: label the powers of two
     ax.set_xticks(ticks, [str(int(t)) if float(t).is_integer() else str(t) for t in ticks])
