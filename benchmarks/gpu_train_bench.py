@@ -2,7 +2,7 @@
 r = 16 on every target, batch 8 x 1024, bfloat16 base; steps/s, tokens/s, MFU and the cost of one
 rank change (squeeze 16 -> 8 + optimizer re-init + recompilation of the step).
 
-    python -m benchmarks.gpu_train_bench                  # both models, ~3 min on one H100-class GPU
+    python -m benchmarks.gpu_train_bench                  # both models, ~5 min on one H200
     python -m benchmarks.gpu_train_bench --models=gemma3_270m --steps=20
 
 The loop is the runner's: the state is donated, metrics are pulled to the host every 10th step
@@ -114,15 +114,18 @@ def bench_model(name: str, mesh, *, batch: int, length: int, steps: int, key) ->
   state = train.init_train_state(lora, optim.make_optimizer(LR, WARMUP), mesh)
   step = train.make_train_step(model, lr=LR, warmup=WARMUP, max_targets=TARGETS_PER_ROW)
   state, first_s = run_loop(step, state, base, data, 1)
+  print(f"{name}: first step (compilation) {first_s:.1f} s", flush=True)
   state, _ = run_loop(step, state, base, data, 3)  # warm
   state, seconds = run_loop(step, state, base, data, steps)
   step_s = seconds / steps
+  print(f"{name}: {step_s * 1e3:.1f} ms per step over {steps} steps", flush=True)
 
   # One rank change: squeeze (cold: compiles), fresh optimizer, first step at the new rank.
   start = time.perf_counter()
   new_lora, report = lora_tree.squeeze_tree(state.lora, R_TGT, method="qr_core", key=key)
   new_lora = jax.block_until_ready(sharding.shard_params(new_lora, mesh))
   squeeze_s = time.perf_counter() - start
+  print(f"{name}: squeeze {RANK} -> {R_TGT} {squeeze_s:.2f} s", flush=True)
   start = time.perf_counter()
   new_state = jax.block_until_ready(train.init_train_state(new_lora, optim.make_optimizer(LR, WARMUP), mesh))
   reinit_s = time.perf_counter() - start

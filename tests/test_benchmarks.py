@@ -3,6 +3,8 @@ never met a GPU in this project, so the session that gets one minutes of device 
 spend them on a crash. Run here on CPU with the tiny model, in a real subprocess."""
 
 import json
+import os
+import pathlib
 import subprocess
 import sys
 
@@ -49,3 +51,36 @@ def test_gpu_train_bench_runs_end_to_end_on_cpu(tmp_path):
 )
 def test_gpu_train_bench_peak_flops_by_device_kind(kind, peak):
   assert gpu_train_bench.peak_flops(kind) == peak
+
+
+def test_device_tensorflow_stand_in_carries_the_benchmarks_import_chain():
+  """The GPU image has no TensorFlow; benchmarks/device/run.sh puts a stand-in first on the path.
+  gemma/kauldron/clu must still import through it (an upgrade that needs more of TF fails here)."""
+  root = pathlib.Path(__file__).resolve().parents[1]
+  stub = root / "benchmarks" / "device" / "tensorflow_stub"
+  code = (
+    "import sys, tensorflow, benchmarks.gpu_train_bench, benchmarks.squeeze_bench, benchmarks.squeeze_precision_bench\n"
+    "print(tensorflow.__file__)"
+  )
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(stub), str(root)]))
+  done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert pathlib.Path(done.stdout.split()[-1]) == stub / "tensorflow" / "__init__.py"
+
+
+def test_device_run_script_refuses_an_unknown_stage_before_doing_anything(tmp_path):
+  root = pathlib.Path(__file__).resolve().parents[1]
+  env = dict(os.environ, OUT=str(tmp_path))
+  done = subprocess.run(
+    ["bash", str(root / "benchmarks" / "device" / "run.sh"), "precision", "bogus"],
+    capture_output=True,
+    text=True,
+    env=env,
+    cwd=root,
+    timeout=60,
+  )
+  assert done.returncode == 2
+  assert done.stderr.strip() == (
+    "error: unknown stage 'bogus' (allowed: train_270m train_1b precision precision_no_tf32 squeeze)"
+  )
+  assert list(tmp_path.iterdir()) == []  # nothing installed, nothing written
