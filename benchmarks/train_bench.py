@@ -276,9 +276,11 @@ def main_loop(args) -> None:
     ),
     "loop": rows,
   }
-  tmp = LOOP_RESULTS.with_name(LOOP_RESULTS.name + ".tmp")
+  out = pathlib.Path(args.loop_out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tmp = out.with_name(out.name + ".tmp")
   tmp.write_text(json.dumps(result, indent=2) + "\n")
-  os.replace(tmp, LOOP_RESULTS)
+  os.replace(tmp, out)
   print(
     f"load average at start {load[0]:.2f}, at end {os.getloadavg()[0]:.2f} ({os.cpu_count()} cpus, {jax.default_backend()})"
   )
@@ -290,7 +292,7 @@ def main_loop(args) -> None:
       f"{r['model']:<6} {r['batch']:>5} {r['length']:>4} {r['sync_median']:>12.1f} {r['deferred_median']:>16.1f} "
       f"{r['ratio_median']:>6.3f} [{r['ratio_ci95'][0]:.3f}, {r['ratio_ci95'][1]:.3f}]"
     )
-  print(f"wrote {LOOP_RESULTS}")
+  print(f"wrote {out}")
 
 
 def main() -> None:
@@ -304,6 +306,7 @@ def main() -> None:
   parser.add_argument("--loop-steps", type=int, default=50, help="steps per round of --loop")
   parser.add_argument("--rounds", type=int, default=10, help="paired rounds of --loop")
   parser.add_argument("--loop-lengths", default="32,128", help="sequence lengths of --loop (batch 8)")
+  parser.add_argument("--loop-out", default=str(LOOP_RESULTS), help="JSON path of --loop's results")
   args = parser.parse_args()
   if args.loop:
     main_loop(args)

@@ -81,6 +81,6 @@ def test_device_run_script_refuses_an_unknown_stage_before_doing_anything(tmp_pa
   )
   assert done.returncode == 2
   assert done.stderr.strip() == (
-    "error: unknown stage 'bogus' (allowed: train_270m train_1b precision precision_no_tf32 squeeze)"
+    "error: unknown stage 'bogus' (allowed: train_270m train_1b precision precision_no_tf32 squeeze loop)"
   )
   assert list(tmp_path.iterdir()) == []  # nothing installed, nothing written
