@@ -59,7 +59,8 @@ def test_device_tensorflow_stand_in_carries_the_benchmarks_import_chain():
   root = pathlib.Path(__file__).resolve().parents[1]
   stub = root / "benchmarks" / "device" / "tensorflow_stub"
   code = (
-    "import sys, tensorflow, benchmarks.gpu_train_bench, benchmarks.squeeze_bench, benchmarks.squeeze_precision_bench\n"
+    "import tensorflow, benchmarks.gpu_train_bench, benchmarks.squeeze_bench, benchmarks.squeeze_precision_bench\n"
+    "import benchmarks.train_bench, benchmarks.device.locate_float32_error\n"
     "print(tensorflow.__file__)"
   )
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(stub), str(root)]))
@@ -81,6 +82,6 @@ def test_device_run_script_refuses_an_unknown_stage_before_doing_anything(tmp_pa
   )
   assert done.returncode == 2
   assert done.stderr.strip() == (
-    "error: unknown stage 'bogus' (allowed: train_270m train_1b precision precision_no_tf32 squeeze loop)"
+    "error: unknown stage 'bogus' (allowed: train_270m train_1b precision precision_no_tf32 squeeze locate loop)"
   )
   assert list(tmp_path.iterdir()) == []  # nothing installed, nothing written

@@ -6,6 +6,8 @@
 #   precision_no_tf32     the same, float32 storage, 1 seed, with TF32 off in cuBLAS and JAX's
 #                         default matmul precision "highest" (the check the H200 run left open)
 #   squeeze               benchmarks/squeeze_bench.py --quick (did not finish in 140 s on an H200)
+#   locate                benchmarks/device/locate_float32_error.py, as is and with TF32 off: which
+#                         float32 operation (QR, core product, SVD by algorithm) loses accuracy
 #   loop                  benchmarks/train_bench.py --loop: per-step host sync against the runner's
 #                         deferred metrics (tiny model; the gain issue 13 expects on accelerators)
 # Every stage is bounded by `timeout`; one command may run at most 600 s there.
@@ -14,8 +16,8 @@ export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1
 stages=("$@")
 [ ${#stages[@]} -gt 0 ] || stages=(train_270m precision)
 for stage in "${stages[@]}"; do
-  case $stage in train_270m|train_1b|precision|precision_no_tf32|squeeze|loop) ;;
-    *) echo "error: unknown stage '$stage' (allowed: train_270m train_1b precision precision_no_tf32 squeeze loop)" >&2; exit 2 ;;
+  case $stage in train_270m|train_1b|precision|precision_no_tf32|squeeze|locate|loop) ;;
+    *) echo "error: unknown stage '$stage' (allowed: train_270m train_1b precision precision_no_tf32 squeeze locate loop)" >&2; exit 2 ;;
   esac
 done
 log=$OUT/log.txt
@@ -41,6 +43,10 @@ for stage in "${stages[@]}"; do
     squeeze)
       timeout -s ABRT 280 python3 -m benchmarks.squeeze_bench --quick --reps 3 \
         --out "$OUT/squeeze_bench_quick_h200.json" 2>&1 | filter | grep -E 'Whole|qr_core|svd|speed' ;;
+    locate)
+      timeout -s ABRT 100 python3 -m benchmarks.device.locate_float32_error --out "$OUT/locate_float32_error.json" 2>&1 | filter
+      NVIDIA_TF32_OVERRIDE=0 timeout -s ABRT 100 python3 -m benchmarks.device.locate_float32_error \
+        --out "$OUT/locate_float32_error_no_tf32.json" 2>&1 | filter ;;
     loop)
       timeout -s ABRT 200 python3 -m benchmarks.train_bench --loop --loop-out "$OUT/train_loop_bench_h200.json" 2>&1 | filter ;;
   esac
