@@ -1,6 +1,8 @@
 """Training throughput on an accelerator: Gemma 3 270M and 1B architectures (random weights), LoRA
 r = 16 on every target, batch 8 x 1024, bfloat16 base; steps/s, tokens/s, MFU and the cost of one
-rank change (squeeze 16 -> 8 + optimizer re-init + recompilation of the step).
+rank change (squeeze 16 -> 8 + optimizer re-init + recompilation of the step), cold; then the next
+one (8 -> 4) as the runner makes it with RunSetup.precompile (the squeeze and the rank-4 step
+compiled by a thread while rank 8 trains on): what is still exposed.
 
     python -m benchmarks.gpu_train_bench                  # both models, ~5 min on one H200
     python -m benchmarks.gpu_train_bench --models=gemma3_270m --steps=20
@@ -34,12 +36,14 @@ import math
 import os
 import pathlib
 import platform
+import threading
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_squeeze import checkpoint
 from lora_squeeze import lora_tree
 from lora_squeeze import model as model_lib
 from lora_squeeze import optim
@@ -47,7 +51,7 @@ from lora_squeeze import sharding
 from lora_squeeze import train
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "gpu_train_bench.json"
-LR, WARMUP, RANK, R_TGT, TARGETS_PER_ROW = 1e-3, 100, 16, 8, 8
+LR, WARMUP, RANK, R_TGT, R_AHEAD, TARGETS_PER_ROW = 1e-3, 100, 16, 8, 4, 8
 # Peak dense bfloat16 FLOP/s by a substring of jax.Device.device_kind (vendor data sheets).
 PEAK_BF16 = {
   "H200": 989e12,
@@ -137,6 +141,13 @@ def bench_model(name: str, mesh, *, batch: int, length: int, steps: int, key) ->
   new_state, seconds_new = run_loop(new_step, new_state, base, data, steps)
   recompile_s = max(first_new_s - seconds_new / steps, 0.0)
 
+  print(f"{name}: recompilation at rank {R_TGT} {recompile_s:.1f} s", flush=True)
+  steady_after = seconds_new / steps
+  ahead = rank_change_ahead(
+    name, mesh, new_state, base, data, steady_step_s=steady_after, cold_recompile_s=recompile_s, key=key
+  )
+  print(f"{name}: rank change {R_TGT} -> {R_AHEAD} compiled ahead: {ahead['exposed_s']:.2f} s exposed", flush=True)
+
   flops = step_flops(name, base, lora, batch=batch, length=length)
   peak = peak_flops(jax.devices()[0].device_kind)
   achieved = flops["flops_per_step"] / step_s
@@ -163,8 +174,60 @@ def bench_model(name: str, mesh, *, batch: int, length: int, steps: int, key) ->
       "first_step_s": first_new_s,
       "recompile_s": recompile_s,
       "total_s": squeeze_s + reinit_s + recompile_s,
-      "steady_step_s_after": seconds_new / steps,
+      "steady_step_s_after": steady_after,
     },
+    "rank_change_ahead": ahead,
+  }
+
+
+def rank_change_ahead(name, mesh, state, base, data, *, steady_step_s, cold_recompile_s, key) -> dict:
+  """The next rank change (R_TGT -> R_AHEAD) as the runner makes it with RunSetup.precompile: a
+  thread compiles the squeeze and the new rank's step while training goes on at the current rank
+  (for 1.5x the cold recompilation time); then squeeze, fresh optimizer, first step. exposed_s is
+  what the run still waits for; training_slowdown how much the compiling thread slowed the steps."""
+  model = model_lib.make_model(name, lora_rank=R_AHEAD)
+  step = train.make_train_step(
+    model_lib.make_model(name, lora_rank=R_TGT), lr=LR, warmup=WARMUP, max_targets=TARGETS_PER_ROW
+  )
+  steps_during = min(max(10, math.ceil(1.5 * cold_recompile_s / steady_step_s)), 5000)
+
+  def fresh(rank):
+    lora = model_lib.init_lora_params(model_lib.make_model(name, lora_rank=rank), base, key=key)
+    return train.init_train_state(sharding.shard_params(lora, mesh), optim.make_optimizer(LR, WARMUP), mesh)
+
+  def compile_ahead():
+    # Throw-away adapters of the right shapes and shardings: the training thread donates the real state.
+    lora_tree.squeeze_tree(fresh(R_TGT).lora, R_AHEAD, method="qr_core", key=key)
+    template = checkpoint.abstract_like(fresh(R_AHEAD))
+    train.compile_step(model, template, base, data, lr=LR, warmup=WARMUP, max_targets=TARGETS_PER_ROW)
+
+  thread = threading.Thread(target=compile_ahead, name="precompile")
+  thread.start()
+  state, training_s = run_loop(step, state, base, data, steps_during)
+  start = time.perf_counter()
+  thread.join()
+  waited_s = time.perf_counter() - start
+  start = time.perf_counter()
+  new_lora, _ = lora_tree.squeeze_tree(state.lora, R_AHEAD, method="qr_core", key=key)
+  new_lora = jax.block_until_ready(sharding.shard_params(new_lora, mesh))
+  squeeze_s = time.perf_counter() - start
+  start = time.perf_counter()
+  new_state = jax.block_until_ready(train.init_train_state(new_lora, optim.make_optimizer(LR, WARMUP), mesh))
+  reinit_s = time.perf_counter() - start
+  new_step = train.make_train_step(model, lr=LR, warmup=WARMUP, max_targets=TARGETS_PER_ROW)
+  _, first_s = run_loop(new_step, new_state, base, data, 1)
+  recompile_s = max(first_s - steady_step_s, 0.0)
+  return {
+    "r_src": R_TGT,
+    "r_tgt": R_AHEAD,
+    "steps_during_compile": steps_during,
+    "training_slowdown": training_s / (steps_during * steady_step_s),
+    "waited_for_compile_s": waited_s,
+    "squeeze_s": squeeze_s,
+    "optimizer_reinit_s": reinit_s,
+    "first_step_s": first_s,
+    "recompile_s": recompile_s,
+    "exposed_s": waited_s + squeeze_s + reinit_s + recompile_s,
   }
 
 
@@ -202,14 +265,15 @@ def main() -> None:
   print(f"{jax.devices()[0].device_kind} x {len(jax.devices())} ({jax.default_backend()})")
   print(
     f"{'model':<12} {'steps/s':>8} {'tokens/s':>10} {'TFLOP/step':>10} {'MFU':>6} {'compile s':>9} "
-    f"{'squeeze s':>9} {'recompile s':>11}"
+    f"{'squeeze s':>9} {'recompile s':>11} {'ahead: exposed s':>16}"
   )
   for r in rows:
     rc = r["rank_change"]
     mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
     print(
       f"{r['model']:<12} {r['steps_per_s']:>8.2f} {r['tokens_per_s']:>10.0f} {r['flops_per_step'] / 1e12:>10.2f} "
-      f"{mfu:>6} {r['first_step_s']:>9.1f} {rc['squeeze_s']:>9.2f} {rc['recompile_s']:>11.1f}"
+      f"{mfu:>6} {r['first_step_s']:>9.1f} {rc['squeeze_s']:>9.2f} {rc['recompile_s']:>11.1f} "
+      f"{r['rank_change_ahead']['exposed_s']:>16.2f}"
     )
   print(f"wrote {out}")
 

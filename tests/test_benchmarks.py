@@ -43,6 +43,10 @@ def test_gpu_train_bench_runs_end_to_end_on_cpu(tmp_path):
   change = row["rank_change"]
   assert (change["r_src"], change["r_tgt"], change["modules"]) == (16, 8, 5 * config.num_layers)
   assert change["total_s"] == pytest.approx(change["squeeze_s"] + change["optimizer_reinit_s"] + change["recompile_s"])
+  ahead = row["rank_change_ahead"]
+  assert (ahead["r_src"], ahead["r_tgt"]) == (8, 4) and ahead["steps_during_compile"] >= 10
+  parts = ahead["waited_for_compile_s"] + ahead["squeeze_s"] + ahead["optimizer_reinit_s"] + ahead["recompile_s"]
+  assert ahead["exposed_s"] == pytest.approx(parts)
 
 
 @pytest.mark.parametrize(
