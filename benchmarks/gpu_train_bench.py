@@ -106,7 +106,7 @@ def run_loop(step, state, base, data, steps: int):
   return state, time.perf_counter() - start
 
 
-def bench_model(name: str, mesh, *, batch: int, length: int, steps: int, key) -> dict:
+def bench_model(name: str, mesh, *, batch: int, length: int, steps: int, key, ahead_steps: int | None = None) -> dict:
   base = sharding.shard_params(model_lib.init_base_params(name, key=key, dtype=jnp.bfloat16), mesh)
   model = model_lib.make_model(name, lora_rank=RANK)
   lora = sharding.shard_params(model_lib.init_lora_params(model, base, key=key), mesh)
@@ -144,7 +144,15 @@ def bench_model(name: str, mesh, *, batch: int, length: int, steps: int, key) ->
   print(f"{name}: recompilation at rank {R_TGT} {recompile_s:.1f} s", flush=True)
   steady_after = seconds_new / steps
   ahead = rank_change_ahead(
-    name, mesh, new_state, base, data, steady_step_s=steady_after, cold_recompile_s=recompile_s, key=key
+    name,
+    mesh,
+    new_state,
+    base,
+    data,
+    steady_step_s=steady_after,
+    cold_recompile_s=recompile_s,
+    key=key,
+    steps_during=ahead_steps,
   )
   print(f"{name}: rank change {R_TGT} -> {R_AHEAD} compiled ahead: {ahead['exposed_s']:.2f} s exposed", flush=True)
 
@@ -180,16 +188,19 @@ def bench_model(name: str, mesh, *, batch: int, length: int, steps: int, key) ->
   }
 
 
-def rank_change_ahead(name, mesh, state, base, data, *, steady_step_s, cold_recompile_s, key) -> dict:
+def rank_change_ahead(
+  name, mesh, state, base, data, *, steady_step_s, cold_recompile_s, key, steps_during=None
+) -> dict:
   """The next rank change (R_TGT -> R_AHEAD) as the runner makes it with RunSetup.precompile: a
   thread compiles the squeeze and the new rank's step while training goes on at the current rank
-  (for 1.5x the cold recompilation time); then squeeze, fresh optimizer, first step. exposed_s is
+  (steps_during steps; default: for 1.5x the cold recompilation time); then squeeze, fresh optimizer, first step. exposed_s is
   what the run still waits for; training_slowdown how much the compiling thread slowed the steps."""
   model = model_lib.make_model(name, lora_rank=R_AHEAD)
   step = train.make_train_step(
     model_lib.make_model(name, lora_rank=R_TGT), lr=LR, warmup=WARMUP, max_targets=TARGETS_PER_ROW
   )
-  steps_during = min(max(10, math.ceil(1.5 * cold_recompile_s / steady_step_s)), 5000)
+  if steps_during is None:
+    steps_during = min(max(10, math.ceil(1.5 * cold_recompile_s / steady_step_s)), 5000)
 
   def fresh(rank):
     lora = model_lib.init_lora_params(model_lib.make_model(name, lora_rank=rank), base, key=key)
@@ -237,12 +248,20 @@ def main() -> None:
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--length", type=int, default=1024)
   parser.add_argument("--steps", type=int, default=30, help="timed steps per model")
+  parser.add_argument(
+    "--ahead-steps",
+    type=int,
+    default=None,
+    help="steps trained while the next rank compiles (default: 1.5x its cold time)",
+  )
   parser.add_argument("--out", default=str(RESULTS))
   args = parser.parse_args()
   key = jax.random.key(0)
   mesh = sharding.make_mesh()
   rows = [
-    bench_model(name, mesh, batch=args.batch, length=args.length, steps=args.steps, key=key)
+    bench_model(
+      name, mesh, batch=args.batch, length=args.length, steps=args.steps, key=key, ahead_steps=args.ahead_steps
+    )
     for name in args.models.split(",")
   ]
   result = {
@@ -254,7 +273,7 @@ def main() -> None:
       "devices": [str(d) for d in jax.devices()],
     },
     "command": "python -m benchmarks.gpu_train_bench "
-    + " ".join(f"--{k}={v}" for k, v in vars(args).items() if k != "out"),
+    + " ".join(f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k != "out" and v is not None),
     "rows": rows,
   }
   out = pathlib.Path(args.out)
