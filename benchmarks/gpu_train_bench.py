@@ -125,18 +125,8 @@ def bench_model(name: str, mesh, *, batch: int, length: int, steps: int, key, ah
   print(f"{name}: {step_s * 1e3:.1f} ms per step over {steps} steps", flush=True)
 
   # One rank change: squeeze (cold: compiles), fresh optimizer, first step at the new rank.
-  start = time.perf_counter()
-  new_lora, report = lora_tree.squeeze_tree(state.lora, R_TGT, method="qr_core", key=key)
-  new_lora = jax.block_until_ready(sharding.shard_params(new_lora, mesh))
-  squeeze_s = time.perf_counter() - start
+  new_step, new_state, report, squeeze_s, reinit_s, first_new_s = change_rank(name, mesh, state, base, data, R_TGT, key)
   print(f"{name}: squeeze {RANK} -> {R_TGT} {squeeze_s:.2f} s", flush=True)
-  start = time.perf_counter()
-  new_state = jax.block_until_ready(train.init_train_state(new_lora, optim.make_optimizer(LR, WARMUP), mesh))
-  reinit_s = time.perf_counter() - start
-  new_step = train.make_train_step(
-    model_lib.make_model(name, lora_rank=R_TGT), lr=LR, warmup=WARMUP, max_targets=TARGETS_PER_ROW
-  )
-  new_state, first_new_s = run_loop(new_step, new_state, base, data, 1)
   new_state, _ = run_loop(new_step, new_state, base, data, 3)
   new_state, seconds_new = run_loop(new_step, new_state, base, data, steps)
   recompile_s = max(first_new_s - seconds_new / steps, 0.0)
@@ -188,14 +178,31 @@ def bench_model(name: str, mesh, *, batch: int, length: int, steps: int, key, ah
   }
 
 
+def change_rank(name, mesh, state, base, data, rank, key):
+  """A rank change as the runner makes it: squeeze every module to `rank`, a fresh optimizer, the
+  first step at the new rank (compiling it unless compiled ahead). Returns (step, state after that
+  step, squeeze report, squeeze_s, optimizer re-init s, first step s)."""
+  start = time.perf_counter()
+  new_lora, report = lora_tree.squeeze_tree(state.lora, rank, method="qr_core", key=key)
+  new_lora = jax.block_until_ready(sharding.shard_params(new_lora, mesh))
+  squeeze_s = time.perf_counter() - start
+  start = time.perf_counter()
+  new_state = jax.block_until_ready(train.init_train_state(new_lora, optim.make_optimizer(LR, WARMUP), mesh))
+  reinit_s = time.perf_counter() - start
+  step = train.make_train_step(
+    model_lib.make_model(name, lora_rank=rank), lr=LR, warmup=WARMUP, max_targets=TARGETS_PER_ROW
+  )
+  new_state, first_s = run_loop(step, new_state, base, data, 1)
+  return step, new_state, report, squeeze_s, reinit_s, first_s
+
+
 def rank_change_ahead(
   name, mesh, state, base, data, *, steady_step_s, cold_recompile_s, key, steps_during=None
 ) -> dict:
   """The next rank change (R_TGT -> R_AHEAD) as the runner makes it with RunSetup.precompile: a
   thread compiles the squeeze and the new rank's step while training goes on at the current rank
-  (steps_during steps; default: for 1.5x the cold recompilation time); then squeeze, fresh optimizer, first step. exposed_s is
-  what the run still waits for; training_slowdown how much the compiling thread slowed the steps."""
-  model = model_lib.make_model(name, lora_rank=R_AHEAD)
+  (steps_during steps; default: for 1.5x the cold recompilation time); then change_rank. exposed_s
+  is what the run still waits for; training_slowdown how much the compiling thread slowed the steps."""
   step = train.make_train_step(
     model_lib.make_model(name, lora_rank=R_TGT), lr=LR, warmup=WARMUP, max_targets=TARGETS_PER_ROW
   )
@@ -210,6 +217,7 @@ def rank_change_ahead(
     # Throw-away adapters of the right shapes and shardings: the training thread donates the real state.
     lora_tree.squeeze_tree(fresh(R_TGT).lora, R_AHEAD, method="qr_core", key=key)
     template = checkpoint.abstract_like(fresh(R_AHEAD))
+    model = model_lib.make_model(name, lora_rank=R_AHEAD)
     train.compile_step(model, template, base, data, lr=LR, warmup=WARMUP, max_targets=TARGETS_PER_ROW)
 
   thread = threading.Thread(target=compile_ahead, name="precompile")
@@ -218,15 +226,7 @@ def rank_change_ahead(
   start = time.perf_counter()
   thread.join()
   waited_s = time.perf_counter() - start
-  start = time.perf_counter()
-  new_lora, _ = lora_tree.squeeze_tree(state.lora, R_AHEAD, method="qr_core", key=key)
-  new_lora = jax.block_until_ready(sharding.shard_params(new_lora, mesh))
-  squeeze_s = time.perf_counter() - start
-  start = time.perf_counter()
-  new_state = jax.block_until_ready(train.init_train_state(new_lora, optim.make_optimizer(LR, WARMUP), mesh))
-  reinit_s = time.perf_counter() - start
-  new_step = train.make_train_step(model, lr=LR, warmup=WARMUP, max_targets=TARGETS_PER_ROW)
-  _, first_s = run_loop(new_step, new_state, base, data, 1)
+  *_, squeeze_s, reinit_s, first_s = change_rank(name, mesh, state, base, data, R_AHEAD, key)
   recompile_s = max(first_s - steady_step_s, 0.0)
   return {
     "r_src": R_TGT,
